@@ -1,0 +1,121 @@
+"""The one interface every routing/cascading method decides through.
+
+A policy sees the tiers (names and prices), never a queue, a database or a model.
+- `plan(query)`: before any call, which tier goes first and which tiers may be used
+  at all (pre-call routers answer here; pruning hybrids narrow `allowed`).
+- `decide(query, attempts)`: after each call, accept the answer, escalate to
+  another tier, or reject (abstain), given every attempt so far.
+- `needs(tier)`: what a call on that tier must return (token log-probs, top-k,
+  extra samples, a self-verification), declared up front so a worker whose
+  backend cannot provide it refuses at start-up rather than mid-batch.
+- `params()`: the knobs, as plain JSON; `Policy(tiers, **params())` rebuilds it.
+
+The workers and the offline evaluator both drive policies through
+`router.cascade`, so what the evaluator reports is what the workers do.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Sequence
+
+from .attempt import Attempt, Query
+
+
+class PolicyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TierInfo:
+    name: str
+    index: int
+    price_in_per_mtok: float = 0.0
+    price_out_per_mtok: float = 0.0
+    price_per_call: float = 0.0
+
+
+@dataclass(frozen=True)
+class Needs:
+    signals: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    samples: int = 1
+    verify: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    first: int
+    # Tier indices the policy may use for this query, in the order it would climb
+    # them; None means every tier in portfolio order.
+    allowed: tuple[int, ...] | None = None
+    note: str = ""
+
+
+Action = Literal["accept", "escalate", "reject"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    next_tier: int | None = None
+    # Which attempt's answer becomes final on accept (index into attempts); the
+    # last one when None. Lets a policy return the best answer seen, not the latest.
+    answer_from: int | None = None
+    score: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    kind: Literal["float", "int", "choice", "per_tier_float", "tier_list"]
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+class Policy(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    knobs: ClassVar[tuple[Knob, ...]] = ()
+
+    def __init__(self, tiers: Sequence[TierInfo]):
+        if not tiers:
+            raise PolicyError("a policy needs at least one tier")
+        self.tiers = tuple(tiers)
+        self._by_name = {t.name: t for t in self.tiers}
+
+    # -- helpers for subclasses -------------------------------------------------
+    def tier_index(self, name: str, what: str = "tier") -> int:
+        t = self._by_name.get(name)
+        if t is None:
+            import difflib
+
+            near = difflib.get_close_matches(str(name), list(self._by_name), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise PolicyError(f"{what} {name!r} is not a tier of this portfolio{hint}; tiers: {', '.join(self._by_name)}")
+        return t.index
+
+    @property
+    def last(self) -> int:
+        return len(self.tiers) - 1
+
+    # -- the interface ----------------------------------------------------------
+    def needs(self, tier: int) -> Needs:
+        return Needs()
+
+    @abstractmethod
+    def plan(self, query: Query) -> Plan: ...
+
+    @abstractmethod
+    def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision: ...
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]: ...
+
+    def describe(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"

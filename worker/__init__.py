@@ -1,0 +1,1 @@
+"""Execution layer: the Celery app, the stage task, model backends, persistence."""

@@ -1,0 +1,106 @@
+"""The model backend interface: one tier's model, called once per attempt.
+
+A backend is built once per worker process from its tier's spec and reused for
+every job. `generate` either returns a result or raises one of the errors below,
+which decide what the stage task does next:
+- TransientBackendError: retried with backoff (a 429, a 5xx, a timeout), then
+  treated as a failure of this tier;
+- BackendFailure: this tier cannot answer this job (prompt too long, unknown
+  record, server unreachable after retries): the job falls back to the next tier
+  with the message recorded; on the last tier the job fails with it.
+- BackendConfigError: raised at construction; the worker refuses to start.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from router.attempt import Query, TokenLogprob
+from router.policy import Needs
+from router.portfolio import Tier
+
+
+class BackendConfigError(ValueError):
+    pass
+
+
+class BackendFailure(RuntimeError):
+    pass
+
+
+class TransientBackendError(BackendFailure):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class BackendResult:
+    text: str
+    tokens: list[TokenLogprob] | None = None  # per answer token, when the backend has them
+    stop: tuple[str, ...] = ()  # stop sequences used, dropped from answer-span signals
+    signals: dict[str, float] = field(default_factory=dict)  # recorded or extra-call signals (p_true, ...)
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    latency_ms: float | None = None
+    cost_usd: float | None = None  # None: computed from the tier's price and tokens
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the recorded `correct` of a replay
+
+
+class Backend(ABC):
+    kind: ClassVar[str]
+    # What it can return: subset of {"logprobs", "top_logprobs", "samples", "verify"}
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    # Celery pool that suits it: "threads" for I/O-bound, "solo" for an in-process model
+    pool: ClassVar[str] = "threads"
+
+    def __init__(self, tier: Tier):
+        self.tier = tier
+        self.options = tier.backend.options
+
+    def check_needs(self, needs: Needs) -> None:
+        wanted = set()
+        if needs.logprobs:
+            wanted.add("logprobs")
+        if needs.top_logprobs:
+            wanted.add("top_logprobs")
+        if needs.samples > 1:
+            wanted.add("samples")
+        if needs.verify:
+            wanted.add("verify")
+        missing = wanted - self.capabilities
+        if missing:
+            raise BackendConfigError(
+                f"tier {self.tier.name!r}: the policy needs {sorted(missing)} but the "
+                f"{self.kind} backend cannot provide it"
+            )
+
+    @abstractmethod
+    def generate(self, query: Query, needs: Needs) -> BackendResult: ...
+
+    def close(self) -> None:
+        pass
+
+
+def option(tier: Tier, key: str, typ: type | tuple[type, ...], default: Any = ..., *, where: str = "") -> Any:
+    """A backend option, type-checked, with an error naming the tier and key."""
+    opts = tier.backend.options
+    if key not in opts:
+        if default is ...:
+            raise BackendConfigError(f"tier {tier.name!r}: backend {tier.backend.kind!r} needs option {key!r}{where}")
+        return default
+    v = opts[key]
+    if not isinstance(v, typ) or (isinstance(v, bool) and typ in (int, float, (int, float))):
+        raise BackendConfigError(f"tier {tier.name!r}: backend option {key!r} has the wrong type: {v!r}")
+    return v
+
+
+def reject_unknown_options(tier: Tier, known: set[str]) -> None:
+    import difflib
+
+    for k in tier.backend.options:
+        if k not in known:
+            near = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; known: {', '.join(sorted(known))}"
+            raise BackendConfigError(f"tier {tier.name!r}: unknown {tier.backend.kind} backend option {k!r}{hint}")

@@ -1,0 +1,49 @@
+"""Settings from the environment (prefix CASCADE_) or a .env file.
+
+With no broker and no database configured the embedded mode is used: a SQLite
+file under `home` and Celery queues served by worker threads in-process.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", env_file=".env", extra="ignore")
+
+    broker_url: str | None = Field(None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset = embedded")
+    database_url: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://127.0.0.1/cascade; unset = SQLite under home")
+    portfolio: Path | None = Field(None, description="default portfolio file for `cascade worker` and `cascade run`")
+    home: Path = Field(Path("var"), description="state folder of the embedded mode (SQLite file, outputs)")
+    model_cache: Path = Field(Path.home() / ".cache" / "cascade-router" / "models", description="assembled local GGUF models")
+    redis_prefix: str = Field("", description="prefix of every Redis key the broker uses (isolates deployments)")
+    visibility_timeout: int = Field(3600, ge=5, description="seconds before an unacknowledged task is redelivered; above the longest task")
+    worker_concurrency: int = Field(1, ge=1)
+    chunk_size: int = Field(16, ge=1, le=1000, description="jobs per stage task when a batch is submitted")
+    backend_retries: int = Field(3, ge=0, le=10, description="retries of a transient backend error before falling back")
+    backend_retry_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each time")
+    backend_retry_max_delay: float = Field(30.0, ge=0)
+    model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'cascade.sqlite').resolve()}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "memory://"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
