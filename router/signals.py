@@ -70,13 +70,22 @@ def _entropy(top: Mapping[str, float]) -> float | None:
     return -sum((p / z) * math.log(p / z) for p in ps if p > 0)
 
 
+END_TOKENS = frozenset({"", "</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"})
+
+
 def answer_tokens(tokens: Sequence[TokenLogprob], stop: Sequence[str] = ()) -> list[TokenLogprob]:
-    """Tokens of the answer proper: trailing stop/end tokens and empty tokens dropped."""
-    stops = {s for s in stop} | {"", "</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"}
+    """Tokens of the answer proper: trailing stop/end tokens and whitespace-only tokens
+    dropped, and leading whitespace-only tokens too (after "A:" Qwen and SmolLM write
+    the space before a number as its own, near-certain token, which would otherwise
+    be the "first token" of every answer)."""
+    stops = set(stop) | END_TOKENS
     out = list(tokens)
     while out and (out[-1].token in stops or out[-1].token.strip() == ""):
         out.pop()
-    return out
+    start = 0
+    while start < len(out) and out[start].token.strip() == "":
+        start += 1
+    return out[start:]
 
 
 def from_tokens(tokens: Sequence[TokenLogprob], stop: Sequence[str] = ()) -> dict[str, float]:
