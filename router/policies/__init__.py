@@ -5,6 +5,8 @@ import difflib
 from typing import TYPE_CHECKING, Any
 
 from ..policy import Policy, PolicyError, TierInfo
+from .random_route import RandomRouting
+from .single import SingleModel
 from .threshold import ThresholdCascade
 
 if TYPE_CHECKING:
@@ -12,6 +14,8 @@ if TYPE_CHECKING:
 
 POLICIES: dict[str, type[Policy]] = {
     ThresholdCascade.name: ThresholdCascade,
+    SingleModel.name: SingleModel,
+    RandomRouting.name: RandomRouting,
 }
 
 __all__ = ["POLICIES", "PolicyError", "build_policy", "make_policy", "tier_infos"]
