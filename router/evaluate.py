@@ -263,7 +263,15 @@ def evaluate(
         if search:
             entry["search"] = search if not crossfit else {**search, "note": "fold 1 of the cross-fitting"}
         # parity
-        unreach = next((p["parity_unreachable"] for p in per if "parity_unreachable" in p), None)
+        if crossfit:
+            # the knobs each fold chose (None: target not reachable on that fold's tuning rows)
+            entry["fold_knobs"] = [
+                {"parity": p["parity"][0].params if "parity" in p else None,
+                 "frontier": [c[0].params if c is not None else None for c in p["frontier"]]}
+                for p in per
+            ]
+        unreach = next(((f"fold {i + 1}: " if crossfit else "") + p["parity_unreachable"]
+                        for i, p in enumerate(per) if "parity_unreachable" in p), None)
         if unreach is not None:
             entry["parity"] = {"reachable": False, "reason": unreach,
                                "target_accuracy": _r(best_train[0][1]) if not crossfit else None}
@@ -312,15 +320,14 @@ def evaluate(
                 "train_accuracy": _r(float(np.mean([c[0].train_accuracy for c in cells]))),
                 "_acc": s["_acc"], "_cost": s["_cost"],
             }
-            if crossfit:
-                pt["params_per_fold"] = [c[0].params for c in cells]
-            else:
+            if not crossfit:
                 pt["params"] = cells[0][0].params
             front.append(pt)
         pts = [(p["_cost"], p["_acc"]) for p in front]
         entry["frontier"] = [_strip(p) for p in front]
         if skipped:
-            entry["frontier_note"] = f"{skipped} of {points} budgets are below this policy's cheapest configuration"
+            entry["frontier_note"] = (f"{skipped} of {points} budgets are below this policy's cheapest configuration"
+                                      + (" in at least one fold" if crossfit else ""))
         if pts and c_hi > c_lo:
             entry["aiq"] = _r(metrics.aiq(pts, c_lo, c_hi))
         else:

@@ -424,7 +424,10 @@ class GridTuner(Tuner):
                 pol = make_policy(policy, self.infos, params)
             except PolicyError as e:
                 raise NotApplicable(f"policy {policy!r}: cannot build it for the grid: {e}") from None
-            s = summarize(simulate(pol, tiers, table.records), tiers)
+            try:
+                s = summarize(simulate(pol, tiers, table.records), tiers)
+            except (ValueError, KeyError, TypeError) as e:
+                raise NotApplicable(f"policy {policy!r} cannot be replayed on these records: {e}") from None
             self.configs.append(pol.params())
             acc.append(s["accuracy"])
             cost.append(s["cost"])

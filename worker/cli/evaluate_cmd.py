@@ -1,0 +1,49 @@
+"""`cascade evaluate`: offline cost/quality evaluation of policies on labelled data."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import user_errors
+
+
+@click.command("evaluate")
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="labelled traffic in the benchmarks format (.jsonl or .jsonl.gz)")
+@click.option("--policy", default="all", show_default=True,
+              help="a policy name, a variant (threshold-2tier, threshold-3plus) or 'all'")
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object on the last line")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="write <data>.png (cost-accuracy plot) and <data>.html into this folder")
+@click.option("--models", default=None, help="comma-separated subset of the file's models (default: all)")
+@click.option("--signal", type=click.Choice(["logprob", "p_true"]), default=None,
+              help="confidence signal (default: the one the file records)")
+@click.option("--points", default=24, show_default=True, type=click.IntRange(20, 200),
+              help="budgets on the frontier, from the cheapest to the most expensive single model")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 20),
+              help="folds of the cross-fitting, for files without both a train and a test split")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the folds and of random routing")
+def evaluate(data, policy, as_json, report_dir, models, signal, points, folds, seed):
+    """Fit each policy on the train split, replay it on the test split with the
+    workers' decision code, and compare it with the single models, random routing
+    at matched cost, a two-tier threshold cascade and the oracle."""
+    from router.evaluate import evaluate as run, render
+    from router.tuning import TuningError
+
+    with user_errors():
+        try:
+            res = run(data, policy, folds=folds, seed=seed, points=points,
+                      models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+                      signal=signal)
+        except TuningError as e:
+            raise click.ClickException(str(e)) from None
+        text = render(res)
+        click.echo(text)
+        if report_dir:
+            from router.report import write
+
+            png, page = write(res, report_dir, text)
+            click.echo(f"report: {page} (plot {png})")
+        if as_json:
+            click.echo(json.dumps(res, separators=(",", ":"), allow_nan=False))

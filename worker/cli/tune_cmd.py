@@ -1,0 +1,129 @@
+"""`cascade tune`: fit a policy's knobs on the train split and write a policy file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .common import user_errors
+
+
+def _mapping(text: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        model, sep, tier = part.partition("=")
+        if not sep or not model.strip() or not tier.strip():
+            raise click.BadParameter(f"expected model=tier, got {part!r}", param_hint="--tier-names")
+        out[model.strip()] = tier.strip()
+    return out
+
+
+@click.command("tune")
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="labelled traffic in the benchmarks format (.jsonl or .jsonl.gz)")
+@click.option("--policy", required=True, help="policy name (threshold, single, random, ...) or a threshold variant")
+@click.option("--budget", type=float, default=None,
+              help="mean cost per query to stay within (USD; share of strong calls if the file has no costs)")
+@click.option("--target-accuracy", type=float, default=None, help="train accuracy to reach at the lowest cost")
+@click.option("--match-best", is_flag=True, help="target = the train accuracy of the best single model")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="policy file to write (JSON)")
+@click.option("--fit-split", default="train", show_default=True,
+              help="rows to fit on: a split name, or 'all' for every row (files without a train split)")
+@click.option("--models", default=None, help="comma-separated subset of the file's models (default: all)")
+@click.option("--signal", type=click.Choice(["logprob", "p_true"]), default=None,
+              help="confidence signal (default: the one the file records)")
+@click.option("--tier-names", default=None,
+              help="model=tier,... : name the tiers as in your portfolio (default: tier name = model id)")
+@click.option("--chain", default=None, help="threshold: fix the chain (comma-separated tiers), fit only the thresholds")
+@click.option("--min-tiers", type=click.IntRange(1, 4), default=None, help="threshold: shortest chain searched (default 2)")
+@click.option("--max-tiers", type=click.IntRange(1, 4), default=None, help="threshold: longest chain searched (default 4)")
+@click.option("--no-prune", is_flag=True, help="threshold: also search models dominated on train")
+@click.option("--seed", default=0, show_default=True, type=int, help="random: seed of the per-query draw")
+def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, models, signal, tier_names, chain,
+         min_tiers, max_tiers, no_prune, seed):
+    """Fit POLICY on the train rows of DATA to a budget, a target accuracy or the
+    best single model, and write {"name", "params", "fitted"} to OUT; point a
+    portfolio at it with `[policy] file = "OUT"`."""
+    from router.evaluate import VARIANTS
+    from router.labelled import build_table, prepare, tier_infos
+    from router.tuning import Target, TuningError, make_tuner
+
+    given = [x is not None for x in (budget, target_accuracy)] + [match_best]
+    if sum(given) != 1:
+        raise click.UsageError("give exactly one of --budget, --target-accuracy, --match-best")
+    target = (Target.budget(budget) if budget is not None else
+              Target.accuracy(target_accuracy) if target_accuracy is not None else Target.match_best())
+    if target_accuracy is not None and not 0.0 <= target_accuracy <= 1.0:
+        raise click.BadParameter("must lie in [0, 1]", param_hint="--target-accuracy")
+    if budget is not None and budget < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--budget")
+    names = _mapping(tier_names)
+    with user_errors():
+        L = prepare(data, models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+                    signal=signal)
+        unknown = [m for m in names if m not in L.models]
+        if unknown:
+            raise click.ClickException(f"--tier-names: model(s) {unknown} are not evaluated; models: {', '.join(L.models)}")
+        if fit_split == "all":
+            rows = list(L.records)
+        else:
+            rows = [r for r in L.records if r.split == fit_split]
+            if not rows:
+                present = sorted({str(r.split) for r in L.records})
+                raise click.ClickException(
+                    f"{L.name} has no {fit_split!r} rows to fit on (splits: {', '.join(present)}); "
+                    f"use --fit-split with one of them, or --fit-split all to fit on every row")
+        variant = VARIANTS.get(policy)
+        name = variant.policy if variant else policy
+        opts: dict = dict(variant.options) if variant else {}
+        if name == "threshold":
+            if L.signal is not None:
+                opts["signal"] = L.signal
+            if chain:
+                opts = {"signal": opts.get("signal"), "chain": [c.strip() for c in chain.split(",") if c.strip()]}
+            if min_tiers is not None:
+                opts["min_tiers"] = min_tiers
+            if max_tiers is not None:
+                opts["max_tiers"] = max_tiers
+            if no_prune:
+                opts["prune"] = False
+        elif chain or min_tiers or max_tiers or no_prune:
+            raise click.UsageError("--chain, --min-tiers, --max-tiers and --no-prune apply to the threshold policy")
+        if name == "random":
+            opts["seed"] = seed
+        tiers = L.tiers(rows, names)
+        table = build_table(rows, tiers)
+        try:
+            fitted = make_tuner(name, table, tier_infos(tiers), **opts).select(target)
+        except TuningError as e:
+            raise click.ClickException(f"{L.name}: {policy}: {e}") from None
+        acc, cost = table.accuracy(), table.mean_cost()
+        b = max(range(len(tiers)), key=lambda i: (acc[i], -cost[i]))
+        doc = {
+            "name": fitted.policy,
+            "params": fitted.params,
+            "fitted": {
+                "data": L.path,
+                "target": target.as_json() | ({"resolved_accuracy": fitted.target_accuracy}
+                                              if target.kind == "match_best" else {}),
+                "split": fit_split,
+                "train_rows": fitted.train_rows,
+                "train_accuracy": fitted.train_accuracy,
+                "train_cost": fitted.train_cost,
+                "cost_unit": L.cost_unit,
+                "best_single_train": {"tier": tiers[b].name, "accuracy": float(acc[b]), "cost": float(cost[b])},
+                "tiers": {t.name: t.model for t in tiers},
+                "signal": L.signal,
+                **({"search": fitted.search} if fitted.search else {}),
+                **({"note": fitted.note} if fitted.note else {}),
+            },
+        }
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+        unit = "USD" if L.cost_unit == "usd" else "strong-call share"
+        click.echo(f"{fitted.policy}: {json.dumps(fitted.params)}")
+        click.echo(f"train ({fitted.train_rows} rows): accuracy {fitted.train_accuracy:.4f}, cost {fitted.train_cost:.6g} "
+                   f"{unit} per query; best single on train: {tiers[b].name} {acc[b]:.4f} at {cost[b]:.6g}")
+        click.echo(f"wrote {out}")
