@@ -38,7 +38,9 @@ def plot(res: dict[str, Any], path: Path) -> Path:
         v = metrics.hull(pts)
         style = "--" if e["baseline"] else "-"
         label = f"{e['name']}" + (f" (AIQ {e['aiq']:.3f})" if e.get("aiq") is not None else "")
-        ax.plot([p[0] for p in v], [p[1] for p in v], style, color=col, label=label, lw=1.8)
+        # wider lines first, so curves that coincide stay visible
+        ax.plot([p[0] for p in v], [p[1] for p in v], style, color=col, label=label,
+                lw=max(1.2, 4.0 - 0.7 * (ci - 1)), alpha=0.85)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=col, s=10, alpha=0.6)
         par = e.get("parity") or {}
         if par.get("reachable"):
