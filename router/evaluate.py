@@ -35,7 +35,7 @@ from .labelled import Labelled, Table, build_table, prepare, tier_infos
 from .policies import POLICIES, make_policy
 from .records import Record
 from .simulate import Outcome, TierModel, simulate
-from .tuning import NotApplicable, Target, TargetUnreachable, TuningError, make_tuner
+from .tuning import NotApplicable, Target, TargetUnreachable, TuningError, confirm, make_tuner
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def _run_fold(L: Labelled, train: list[Record], test: list[Record], variants: Se
             continue
         e["search"] = getattr(tuner, "search", None)
         try:
-            fp = tuner.select(Target.match_best())
+            fp = confirm(tuner.select(Target.match_best()), train, tiers)
             e["parity"] = (fp, run(v.policy, fp.params))
             if v.policy != "random":
                 fr = rnd.select(Target.budget(max(fp.train_cost, float(cost_tr.min()))))
@@ -315,9 +315,7 @@ def evaluate(
             s = _summary(outs, tiers0)
             pt: dict[str, Any] = {
                 "target_cost": _r(float(np.mean([f.budgets[j] for f in fold_runs]))),
-                "cost": s["cost"], "accuracy": s["accuracy"],
-                "train_cost": _r(float(np.mean([c[0].train_cost for c in cells]))),
-                "train_accuracy": _r(float(np.mean([c[0].train_accuracy for c in cells]))),
+                "cost": s["cost"], "accuracy": s["accuracy"], "calls": s["calls"],
                 "_acc": s["_acc"], "_cost": s["_cost"],
             }
             if not crossfit:

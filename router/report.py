@@ -113,11 +113,11 @@ def page(res: dict[str, Any], image: str, text: str) -> str:
     for e in res["policies"]:
         if not e["applicable"] or not e["frontier"]:
             continue
-        rows = [[_fmt(p["target_cost"], cs), _fmt(p["train_accuracy"]), _fmt(p["cost"], cs), _fmt(p["accuracy"]),
+        rows = [[_fmt(p["target_cost"], cs), _fmt(p["cost"], cs), _fmt(p["accuracy"]),
                  f"<code>{html.escape(json.dumps(p.get('params', 'per fold: see fold_knobs')))}</code>"]
                 for p in e["frontier"]]
         fronts.append(f"<details><summary>{html.escape(e['name'])}: {len(rows)} frontier points</summary>"
-                      + _table(["train budget", "train accuracy", "test cost", "test accuracy", "knobs"], rows)
+                      + _table(["train budget", "test cost", "test accuracy", "knobs"], rows)
                       + "</details>")
     sp = res["split"]
     split = (f"knobs fitted on train ({sp['train']} rows), scored on test ({sp['test']} rows)"

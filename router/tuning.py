@@ -36,6 +36,7 @@ their train accuracy and cost, then `select(target)` picks one):
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -460,10 +461,26 @@ def make_tuner(policy: str, table: Table, infos: Sequence[TierInfo], **options: 
     return GridTuner(table, infos, policy=policy, **options)
 
 
+def confirm(fitted: Fitted, records: Sequence[Record], tiers: Sequence[TierModel]) -> Fitted:
+    """Replay the fitted knobs on the rows they were fitted on with `router.simulate`
+    and report simulate's train accuracy and cost (the search's own figures only
+    choose knobs). A disagreement is a bug in the search, raised, never hidden."""
+    from .metrics import summarize
+    from .policies import make_policy
+
+    s = summarize(simulate(make_policy(fitted.policy, tier_infos(tiers), fitted.params), tiers, records), tiers)
+    if abs(s["accuracy"] - fitted.train_accuracy) > 1e-9 or abs(s["cost"] - fitted.train_cost) > 1e-9 * max(1.0, abs(s["cost"])):
+        raise RuntimeError(
+            f"internal error: tuning estimated accuracy {fitted.train_accuracy!r} / cost {fitted.train_cost!r} for "
+            f"{fitted.policy} {fitted.params}, router.simulate gives {s['accuracy']!r} / {s['cost']!r}")
+    return dataclasses.replace(fitted, train_accuracy=s["accuracy"], train_cost=s["cost"])
+
+
 def fit(policy: str, train_records: Sequence[Record], tiers: Sequence[TierModel], target: Target,
         **options: Any) -> Fitted:
-    """Fit `policy`'s knobs on `train_records` (and nothing else) to `target`."""
+    """Fit `policy`'s knobs on `train_records` (and nothing else) to `target`; the
+    returned train accuracy and cost are replayed with `router.simulate`."""
     if not train_records:
         raise TuningError("no train rows to fit on")
     table = build_table(train_records, tiers)
-    return make_tuner(policy, table, tier_infos(tiers), **options).select(target)
+    return confirm(make_tuner(policy, table, tier_infos(tiers), **options).select(target), train_records, tiers)

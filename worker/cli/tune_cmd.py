@@ -49,7 +49,7 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
     portfolio at it with `[policy] file = "OUT"`."""
     from router.evaluate import VARIANTS
     from router.labelled import build_table, prepare, tier_infos
-    from router.tuning import Target, TuningError, make_tuner
+    from router.tuning import Target, TuningError, confirm, make_tuner
 
     given = [x is not None for x in (budget, target_accuracy)] + [match_best]
     if sum(given) != 1:
@@ -97,7 +97,7 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
         tiers = L.tiers(rows, names)
         table = build_table(rows, tiers)
         try:
-            fitted = make_tuner(name, table, tier_infos(tiers), **opts).select(target)
+            fitted = confirm(make_tuner(name, table, tier_infos(tiers), **opts).select(target), rows, tiers)
         except TuningError as e:
             raise click.ClickException(f"{L.name}: {policy}: {e}") from None
         acc, cost = table.accuracy(), table.mean_cost()
