@@ -128,7 +128,7 @@ def _run_fold(L: Labelled, train: list[Record], test: list[Record], variants: Se
 
     singles = [run("single", {"tier": t.name}) for t in tiers]
     acc_tr, cost_tr = train_table.accuracy(), train_table.mean_cost()
-    b = int(np.argmax(acc_tr))
+    b = min(range(len(tiers)), key=lambda i: (-acc_tr[i], cost_tr[i], i))  # best on train; ties: cheaper
     strong = next((t.model for t in tiers if t.price.per_call > 0), None)
     fold = _Fold(tiers, train_table, test_table, test,
                  budgets(float(cost_tr.min()), float(cost_tr.max()), points),
