@@ -1,0 +1,320 @@
+"""llamacpp backend: a GGUF model inside the worker process (llama-cpp-python).
+
+One model per backend, loaded once when the worker builds it; every job is a
+greedy (or sampled, with temperature > 0) decode that returns the answer with
+each generated token's log-probability, and its top-k alternatives when the
+policy asks for them.
+
+Options (portfolio `[tiers.backend]`):
+  model            a pack name (tiny | small | medium) or a pack model name, found
+                   in the model cache by `worker.modelpack` (prepared by
+                   `cascade models prepare`)
+  model_path       or: any GGUF file
+  n_ctx            context size in tokens (default 1024)
+  n_threads        CPU threads (default: CASCADE_MODEL_THREADS, else all cores)
+  n_batch          prompt-processing batch (default 256)
+  max_tokens       answer length limit (default 32)
+  stop             stop sequences, e.g. ["\\n"] (default none)
+  mode             completion (default): the prompt as is, or through
+                   prompt_template; chat: the model's chat template
+  prompt_template  completion mode: text with {prompt} where the job's prompt
+                   goes (e.g. a few-shot "Q: ...\\nA:" block)
+  system           chat mode: a system message
+  temperature      0 (default) = greedy
+  seed             sampling seed when temperature > 0 (default 0)
+  top_logprobs     alternatives per token to return even when the policy does
+                   not ask (default 0)
+  warm_prefix      evaluate the prompt_template's text before {prompt} at load, so
+                   the first job does not pay for it (default true)
+  cpu_lock         take turns on the CPU with the other llama.cpp models of this
+                   process (default true). The embedded mode runs every tier's
+                   worker in one process; each model uses all cores, and two
+                   models decoding at once on the same cores slow each other down
+                   far more than 2x (OpenMP threads spin at their barriers). In the
+                   distributed mode (one model per process) the lock is free.
+
+The decode is our own small loop over llama.cpp's logits rather than
+`create_completion(logprobs=...)`: that path needs `logits_all=True` (an
+n_ctx x vocab float array) and sorts the whole vocabulary in Python for every
+token; here only the last position's logits are read, and the shared prompt
+prefix (e.g. the few-shot block) stays in the KV cache between jobs.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from router.attempt import Query, TokenLogprob
+from router.policy import Needs
+from router.portfolio import Tier
+
+from .base import Backend, BackendConfigError, BackendFailure, BackendResult, option, reject_unknown_options
+
+_OPTIONS = {"model", "model_path", "n_ctx", "n_threads", "n_batch", "max_tokens", "stop", "mode",
+            "prompt_template", "system", "temperature", "seed", "top_logprobs", "warm_prefix", "cpu_lock"}
+# one llama.cpp computation at a time in this process (see the cpu_lock option)
+CPU_LOCK = threading.Lock()
+
+
+_patched = False
+
+
+def _import_llama():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise BackendConfigError(
+            f"the llamacpp backend needs llama-cpp-python: pip install -e '.[local]' ({e})"
+        ) from None
+    disable_extra_buffers()
+    return llama_cpp
+
+
+def disable_extra_buffers() -> None:
+    """Load models without llama.cpp's "extra buffer types" (weight repacking, AMX).
+
+    A llama-cpp-python built with -march=native on a CPU that reports AMX (Sapphire
+    Rapids and later) routes quantized matmuls through AMX tiles; in some virtual
+    machines (seen on Firecracker guests) the first `ldtilecfg` then dies with a
+    general protection fault, i.e. the worker segfaults on its first token. Plain
+    CPU buffers avoid that at a small speed cost. Set CASCADE_LLAMA_EXTRA_BUFFERS=1
+    to keep them (e.g. on bare metal). Process-wide, idempotent.
+    """
+    global _patched
+    if _patched or os.environ.get("CASCADE_LLAMA_EXTRA_BUFFERS", "") in ("1", "true", "yes"):
+        return
+    import llama_cpp.llama_cpp as low
+
+    original = low.llama_model_default_params
+
+    def default_params():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = default_params
+    _patched = True
+
+
+class LlamaCppBackend(Backend):
+    kind = "llamacpp"
+    capabilities = frozenset({"logprobs", "top_logprobs"})
+    pool = "solo"
+
+    def __init__(self, tier: Tier):
+        super().__init__(tier)
+        reject_unknown_options(tier, _OPTIONS)
+        name = option(tier, "model", str, None)
+        path = option(tier, "model_path", str, None)
+        if (name is None) == (path is None):
+            raise BackendConfigError(f"tier {tier.name!r}: the llamacpp backend needs exactly one of "
+                                     f"'model' (tiny | small | medium, see `cascade models list`) or 'model_path'")
+        self.n_ctx = option(tier, "n_ctx", int, 1024)
+        self.n_batch = option(tier, "n_batch", int, 256)
+        self.max_tokens = option(tier, "max_tokens", int, 32)
+        self.temperature = float(option(tier, "temperature", (int, float), 0.0))
+        self.seed = option(tier, "seed", int, 0)
+        self.top_k_default = option(tier, "top_logprobs", int, 0)
+        self.mode = option(tier, "mode", str, "completion")
+        self.system = option(tier, "system", str, None)
+        self.template = option(tier, "prompt_template", str, None)
+        self.warm_prefix = option(tier, "warm_prefix", bool, True)
+        self.cpu_lock = option(tier, "cpu_lock", bool, True)
+        stop = option(tier, "stop", (list, str), [])
+        self.stop = tuple([stop] if isinstance(stop, str) else stop)
+        from worker.settings import get_settings
+
+        settings = get_settings()
+        threads = option(tier, "n_threads", int, None)
+        self.n_threads = threads or settings.model_threads or os.cpu_count() or 1
+        for key, v, low in (("n_ctx", self.n_ctx, 16), ("n_batch", self.n_batch, 1), ("max_tokens", self.max_tokens, 1),
+                            ("n_threads", self.n_threads, 1), ("top_logprobs", self.top_k_default, 0)):
+            if v < low:
+                raise BackendConfigError(f"tier {tier.name!r}: backend option {key!r} must be >= {low}, got {v}")
+        if self.mode not in ("completion", "chat"):
+            raise BackendConfigError(f"tier {tier.name!r}: backend option 'mode' must be 'completion' or 'chat', "
+                                     f"got {self.mode!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise BackendConfigError(f"tier {tier.name!r}: backend option 'stop' must be non-empty strings")
+        if self.template is not None and "{prompt}" not in self.template:
+            raise BackendConfigError(f"tier {tier.name!r}: backend option 'prompt_template' must contain {{prompt}}")
+        if self.template is not None and self.mode == "chat":
+            raise BackendConfigError(f"tier {tier.name!r}: 'prompt_template' is for mode = \"completion\"; "
+                                     f"in chat mode use 'system'")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise BackendConfigError(f"tier {tier.name!r}: backend option 'temperature' must be >= 0")
+
+        if name is not None:
+            from worker import modelpack
+
+            try:
+                self.path = modelpack.resolve(name, settings.model_cache)
+                self.model_name = modelpack.spec(name).model
+            except modelpack.ModelPackError as e:
+                raise BackendConfigError(f"tier {tier.name!r}: {e}") from None
+        else:
+            self.path = Path(path).expanduser()
+            self.model_name = self.path.stem
+            if not self.path.is_file():
+                raise BackendConfigError(f"tier {tier.name!r}: model file {self.path} does not exist; fix "
+                                         f"'model_path', or use model = \"tiny\" | \"small\" | \"medium\" "
+                                         f"after `cascade models prepare`")
+        self._lock = threading.Lock()
+        self._llm = self._load()
+        self._rng = None
+        if self.template and self.warm_prefix:
+            self._warm(self.template.split("{prompt}", 1)[0])
+
+    def _cpu(self):
+        return CPU_LOCK if self.cpu_lock else contextlib.nullcontext()
+
+    def _warm(self, prefix: str) -> None:
+        tokens = self._llm.tokenize(prefix.encode("utf-8"), add_bos=True, special=False)
+        if not 1 < len(tokens) < self.n_ctx:
+            return  # too long: the job that uses it gets the clear error
+        with self._lock, self._cpu():
+            self._llm.reset()
+            self._llm.eval(tokens[:-1])  # the last token may merge with the prompt's first
+
+    # -- loading -----------------------------------------------------------------
+    def _load(self):
+        llama_cpp = _import_llama()
+        try:
+            llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=min(self.n_batch, self.n_ctx),
+                                  n_threads=self.n_threads, n_threads_batch=self.n_threads, logits_all=False,
+                                  verbose=False)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise BackendConfigError(
+                f"tier {self.tier.name!r}: llama.cpp cannot load model file {self.path}: {e}; if it is a pack "
+                f"model run `cascade models prepare`, else check that the file is a GGUF model"
+            ) from None
+        self._n_vocab = llm.n_vocab()
+        self._eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, t))
+        self._logits_ptr = lambda: llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        self._chat = None
+        if self.mode == "chat":
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            template = llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                llm.close()
+                raise BackendConfigError(f"tier {self.tier.name!r}: model {self.path} has no chat template; "
+                                         f"use mode = \"completion\"")
+            piece = lambda t: llm.detokenize([t], special=True).decode("utf-8", errors="ignore")  # noqa: E731
+            self._chat = Jinja2ChatFormatter(template=template, eos_token=piece(llm.token_eos()),
+                                             bos_token=piece(llm.token_bos()) if llm.token_bos() >= 0 else "")
+        return llm
+
+    def close(self) -> None:
+        with self._lock:
+            llm, self._llm = getattr(self, "_llm", None), None
+            if llm is not None:
+                llm.close()
+
+    # -- one job -------------------------------------------------------------------
+    def _prompt_tokens(self, query: Query) -> list[int]:
+        llm = self._llm
+        if self._chat is not None:
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+                {"role": "user", "content": query.prompt}]
+            text = self._chat(messages=messages).prompt
+            return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        text = self.template.replace("{prompt}", query.prompt) if self.template else query.prompt
+        # the job's text is data: special-token markup in it is not interpreted
+        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def generate(self, query: Query, needs: Needs) -> BackendResult:
+        import numpy as np
+
+        top_k = max(needs.top_logprobs, self.top_k_default)
+        with self._lock, self._cpu():
+            llm = self._llm
+            if llm is None:
+                raise BackendFailure(f"tier {self.tier.name!r}: the model {self.model_name} was closed")
+            started = time.perf_counter()
+            prompt = self._prompt_tokens(query)
+            n_prompt = len(prompt)
+            if n_prompt >= self.n_ctx:
+                raise BackendFailure(
+                    f"prompt too long: {n_prompt} tokens, but model {self.model_name} runs with a context of "
+                    f"{self.n_ctx} tokens (backend option n_ctx of tier {self.tier.name!r}); shorten the prompt "
+                    f"or raise n_ctx"
+                )
+            budget = min(self.max_tokens, self.n_ctx - n_prompt)
+            try:
+                # keep the longest shared prefix (few-shot block) in the KV cache; decode at least one token
+                prev = llm.input_ids[: llm.n_tokens].tolist()
+                keep = 0
+                for a, b in zip(prev, prompt):
+                    if a != b:
+                        break
+                    keep += 1
+                keep = min(keep, n_prompt - 1)
+                llm.n_tokens = keep  # eval() drops the KV cells from here on
+                llm.eval(prompt[keep:])
+                out: list[int] = []
+                toks: list[TokenLogprob] = []
+                text = ""
+                finished = False
+                for _ in range(budget):
+                    logits = np.ctypeslib.as_array(self._logits_ptr(), shape=(self._n_vocab,)).astype(np.float64)
+                    m = logits.max()
+                    logprobs = logits - (m + math.log(float(np.exp(logits - m).sum())))
+                    tok = self._pick(logits, np)
+                    top: dict[str, float] = {}
+                    if top_k:
+                        idx = np.argpartition(-logprobs, top_k)[:top_k] if top_k < self._n_vocab else np.arange(self._n_vocab)
+                        for i in idx[np.argsort(-logprobs[idx])]:
+                            top.setdefault(self._piece(int(i)), float(logprobs[i]))
+                    lp = float(logprobs[tok])
+                    toks.append(TokenLogprob(self._piece(tok), lp, top))
+                    if self._eog(tok):
+                        finished = True
+                        break
+                    out.append(tok)
+                    text = llm.detokenize(out, prev_tokens=prompt).decode("utf-8", errors="ignore")
+                    cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+                    if cut >= 0:
+                        text = text[:cut]
+                        finished = True
+                        break
+                    if len(out) < budget:
+                        llm.eval([tok])
+            except BackendFailure:
+                raise
+            except Exception as e:  # a decode failure must not take the worker down
+                llm.reset()
+                raise BackendFailure(f"llama.cpp failed on this prompt with model {self.model_name}: "
+                                     f"{type(e).__name__}: {e}") from None
+            latency_ms = (time.perf_counter() - started) * 1000
+        return BackendResult(
+            text=text.strip(),
+            tokens=toks,
+            stop=self.stop,
+            tokens_in=n_prompt,
+            tokens_out=len(toks),
+            latency_ms=latency_ms,
+            cost_usd=None,
+            meta={"finish_reason": "stop" if finished else "length", "model": self.model_name},
+        )
+
+    def _pick(self, logits, np) -> int:
+        if self.temperature <= 0:
+            return int(np.argmax(logits))
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        z = logits / self.temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        return int(self._rng.choice(len(p), p=p))
+
+    def _piece(self, tok: int) -> str:
+        return self._llm.detokenize([tok], special=True).decode("utf-8", errors="replace")
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_name, "path": str(self.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads}

@@ -1,0 +1,84 @@
+"""The embedded mode: real Celery workers, one per tier, as threads of this
+process, consuming real queues on the in-memory transport. The stage task code
+is the same as in the distributed mode; only the broker and database differ."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+from celery.worker import WorkController
+from celery.worker import state as worker_state
+
+from router.portfolio import Portfolio
+
+from .celery_app import make_app, runtime_of
+
+log = logging.getLogger("cascade.embedded")
+
+
+class _Controller(WorkController):
+    def __init__(self, *a, **kw):
+        self.ready = threading.Event()
+        super().__init__(*a, **kw)
+
+    def on_consumer_ready(self, consumer):
+        self.ready.set()
+
+
+class EmbeddedWorkers:
+    """Context manager: start a worker thread per tier; stop them all on exit."""
+
+    def __init__(self, app: Celery, portfolio: Portfolio, *, concurrency: int = 1, start_timeout: float = 120):
+        self.app = app
+        self.portfolio = portfolio
+        self.concurrency = concurrency
+        self.start_timeout = start_timeout
+        self.controllers: list[_Controller] = []
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def __enter__(self) -> "EmbeddedWorkers":
+        rt = runtime_of(self.app)
+        rt.add_portfolio(self.portfolio)
+        for tier in self.portfolio.tiers:
+            rt.backend(tier)  # load models now, not inside the first job
+            for n in range(self.concurrency):
+                # One app per worker thread: a worker's queue selection is stored on
+                # its app, and the solo pool runs tasks with the thread's current app.
+                tier_app = make_app(self.app.cascade_settings)
+                tier_app.cascade_runtime = rt
+                ctl = _Controller(
+                    app=tier_app, hostname=f"{tier.name}-{n}@embedded", pool="solo", concurrency=1,
+                    queues=[tier.queue_name], loglevel=logging.WARNING, ready_callback=None,
+                    without_heartbeat=True, without_mingle=True, without_gossip=True,
+                )
+                t = threading.Thread(target=self._run, args=(ctl,), name=f"cascade-{tier.name}-{n}", daemon=True)
+                self.controllers.append(ctl)
+                self.threads.append(t)
+                t.start()
+        for ctl, t in zip(self.controllers, self.threads):
+            if not ctl.ready.wait(self.start_timeout) or not t.is_alive():
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"embedded worker {ctl.hostname} did not start: {self.errors or 'timeout'}")
+        return self
+
+    def _run(self, ctl: _Controller) -> None:
+        ctl.app.set_current()
+        try:
+            ctl.start()
+        except BaseException as e:  # surfaced by alive()
+            self.errors.append(e)
+            log.exception("embedded worker %s stopped", ctl.hostname)
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self.threads)
+
+    def __exit__(self, *exc) -> None:
+        # should_terminate is process-wide: it stops every embedded worker at once
+        worker_state.should_terminate = 0
+        for t in self.threads:
+            t.join(30)
+        worker_state.should_terminate = None
+        self.controllers.clear()
+        self.threads.clear()

@@ -1,0 +1,145 @@
+"""One stage: the jobs of one message, at one tier.
+
+Load the jobs, call the tier's backend for each (with bounded retries), compute
+the signals, ask the policy through `router.cascade` (the same code the offline
+evaluator runs), then write every attempt and its consequence in one transaction
+and return the messages to send next. No Celery here: the task wraps this.
+
+Redelivery is safe by construction: a job already final is skipped; a job that
+already has an attempt at this tier is not called again (its stored decision
+stands, and its next message is sent again, which is harmless).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import structlog
+
+from router import cascade
+from router import signals as sig
+from router.attempt import Attempt, Query
+from router.policy import Needs, Plan
+from router.portfolio import Tier
+
+from .backends import Backend, BackendFailure, TransientBackendError
+from .runtime import Runtime
+from .settings import Settings
+from .store import FINAL, QUEUED, StageOutcome, attempt_from_row
+
+log = structlog.get_logger("cascade.stage")
+
+
+@dataclass(frozen=True)
+class Message:
+    tier: str
+    queue: str
+    job_ids: tuple[str, ...]
+
+
+def query_of(job: dict[str, Any]) -> Query:
+    inp = job["input"]
+    return Query(id=str(inp.get("id", job["id"])), prompt=inp["prompt"], category=inp.get("category"),
+                 meta={k: v for k, v in inp.items() if k not in ("id", "prompt", "category")})
+
+
+def plan_of(job: dict[str, Any]) -> Plan:
+    p = job["plan"] or {}
+    allowed = p.get("allowed")
+    return Plan(first=p["first"], allowed=None if allowed is None else tuple(allowed), note=p.get("note", ""))
+
+
+def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: Needs,
+                 settings: Settings) -> tuple[Attempt, dict[str, Any]]:
+    """One attempt at this tier: retries transient errors with doubling backoff
+    (honouring a server's Retry-After), and turns a failure into a failed attempt."""
+    started = time.perf_counter()
+    delay = settings.backend_retry_backoff
+    tries = 0
+    while True:
+        try:
+            r = backend.generate(query, needs)
+            break
+        except TransientBackendError as e:
+            tries += 1
+            if tries > settings.backend_retries:
+                return _failed(tier, index, backend, f"{e} (gave up after {tries} tries)", started), {"tries": tries}
+            wait = min(settings.backend_retry_max_delay, e.retry_after if e.retry_after is not None else delay)
+            log.warning("backend.retry", tier=tier.name, error=str(e), attempt=tries, wait_s=wait)
+            time.sleep(wait)
+            delay *= 2
+        except BackendFailure as e:
+            return _failed(tier, index, backend, str(e), started), {"tries": tries + 1}
+    signals = sig.from_tokens(r.tokens, r.stop) if r.tokens else {}
+    signals.update({k: v for k, v in r.signals.items() if sig.get(r.signals, k) is not None})
+    cost = r.cost_usd if r.cost_usd is not None else tier.price.cost(r.tokens_in, r.tokens_out)
+    latency = r.latency_ms if r.latency_ms is not None else (time.perf_counter() - started) * 1000
+    attempt = Attempt(tier.name, index, _model_name(backend), r.text, signals, float(cost), float(latency),
+                      r.tokens_in, r.tokens_out)
+    return attempt, {**r.meta, "tries": tries + 1}
+
+
+def _model_name(backend: Backend) -> str:
+    return str(backend.options.get("model") or backend.options.get("model_path") or backend.kind)
+
+
+def _failed(tier: Tier, index: int, backend: Backend, error: str, started: float) -> Attempt:
+    return Attempt(tier.name, index, _model_name(backend), None, {}, 0.0,
+                   (time.perf_counter() - started) * 1000, error=error)
+
+
+def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[Message]:
+    store = rt.store
+    jobs, prior = store.load_stage(job_ids)
+    if len(jobs) != len(set(job_ids)):
+        log.error("stage.unknown_jobs", tier=tier_name, missing=sorted(set(job_ids) - {j["id"] for j in jobs}))
+    todo: list[dict] = []
+    resend: dict[str, list[str]] = {}
+    for job in jobs:
+        if job["status"] in FINAL:
+            continue
+        if any(a["tier"] == tier_name for a in prior[job["id"]]):
+            # done here before (a redelivery): make sure the job's next message exists
+            if job["current_tier"] != tier_name:
+                resend.setdefault(job["current_tier"], []).append(job["id"])
+            continue
+        if job["current_tier"] != tier_name:
+            log.warning("stage.stale_message", job=job["id"], tier=tier_name, job_tier=job["current_tier"])
+            continue
+        todo.append(job)
+    store.mark_running([j["id"] for j in todo if j["status"] == QUEUED])
+
+    outcomes: list[StageOutcome] = []
+    for job in todo:
+        loaded = rt.loaded(job["portfolio"])
+        portfolio, policy = loaded.portfolio, loaded.policy
+        tier = portfolio.tier(tier_name)
+        index = portfolio.index(tier_name)
+        query = query_of(job)
+        attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings)
+        history = [attempt_from_row(a) for a in prior[job["id"]]] + [attempt]
+        d = cascade.step(policy, query, plan_of(job), history)
+        o = StageOutcome(job["id"], job["batch_id"], len(history) - 1, attempt, d.action, d.reason, meta)
+        if d.action == "escalate":
+            o.next_tier = portfolio.tiers[d.next_tier].name
+        else:
+            o.total_cost = sum(a.cost_usd for a in history)
+            if d.action == "accept":
+                final = cascade.final_attempt(history, d)
+                o.final_answer, o.final_tier = final.text, final.tier
+            else:
+                o.error = d.reason
+        outcomes.append(o)
+
+    applied = store.record_stage(outcomes)
+    for o in applied:
+        if o.decision == "escalate":
+            resend.setdefault(o.next_tier, []).append(o.job_id)
+    portfolio_of = {j["id"]: j["portfolio"] for j in jobs}
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for tier, ids in resend.items():
+        for job_id in ids:
+            queue = rt.loaded(portfolio_of[job_id]).portfolio.tier(tier).queue_name
+            grouped.setdefault((tier, queue), []).append(job_id)
+    return [Message(tier, queue, tuple(ids)) for (tier, queue), ids in grouped.items()]

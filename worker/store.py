@@ -1,0 +1,426 @@
+"""Persistence: the only module that speaks SQL. PostgreSQL (or SQLite in the
+embedded mode) is the source of truth; Redis only carries messages.
+
+Idempotency lives here, in the statements themselves:
+- one attempt row per (job, tier): `INSERT .. ON CONFLICT DO NOTHING`, so a
+  redelivered task cannot record (or charge) the same call twice;
+- finalizing is `UPDATE jobs .. WHERE status IN ('queued', 'running')`: only the
+  first final write wins, and the batch counters move only when it did;
+- job rows are committed before any task naming them is sent.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from router.attempt import Attempt
+
+metadata = MetaData()
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+OPEN = (QUEUED, RUNNING)
+FINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+_json = JSON().with_variant(postgresql.JSONB(), "postgresql")
+_ts = DateTime(timezone=True)
+
+portfolios = Table(
+    "portfolios",
+    metadata,
+    Column("digest", String(32), primary_key=True),
+    Column("spec", _json, nullable=False),
+    Column("created_at", _ts, nullable=False),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("tenant", String(200), nullable=False, default="default"),
+    Column("portfolio", String(32), ForeignKey("portfolios.digest"), nullable=False),
+    Column("source", Text),
+    Column("total", Integer, nullable=False, default=0),
+    Column("done", Integer, nullable=False, default=0),
+    Column("succeeded", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("cancelled", Integer, nullable=False, default=0),
+    Column("total_cost", Float(53), nullable=False, default=0.0),
+    Column("created_at", _ts, nullable=False),
+    Column("updated_at", _ts, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("tenant", String(200), nullable=False, default="default"),
+    Column("batch_id", String(200), ForeignKey("batches.id"), nullable=True),
+    Column("item_key", String(200), nullable=True),
+    Column("seq", Integer, nullable=False, default=0),
+    Column("portfolio", String(32), ForeignKey("portfolios.digest"), nullable=False),
+    Column("input", _json, nullable=False),
+    Column("plan", _json, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("current_tier", String(64), nullable=True),
+    Column("final_answer", Text, nullable=True),
+    Column("final_tier", String(64), nullable=True),
+    Column("total_cost", Float(53), nullable=False, default=0.0),
+    Column("error", Text, nullable=True),
+    Column("created_at", _ts, nullable=False),
+    Column("started_at", _ts, nullable=True),
+    Column("finished_at", _ts, nullable=True),
+    Column("updated_at", _ts, nullable=False),
+    UniqueConstraint("batch_id", "item_key", name="uq_jobs_batch_item"),
+    Index("ix_jobs_batch_status", "batch_id", "status"),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(200), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("tier", String(64), nullable=False),
+    Column("tier_index", Integer, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("answer", Text, nullable=True),
+    Column("signals", _json, nullable=False),
+    Column("tokens_in", Integer, nullable=True),
+    Column("tokens_out", Integer, nullable=True),
+    Column("cost_usd", Float(53), nullable=False, default=0.0),
+    Column("latency_ms", Float(53), nullable=True),
+    Column("decision", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("meta", _json, nullable=False),
+    Column("created_at", _ts, nullable=False),
+    UniqueConstraint("job_id", "tier", name="uq_attempts_job_tier"),
+)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- engine -------------------------------------------------------------------
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _sqlite_connect(dbapi_conn, _record) -> None:
+    # Transactions are begun by _sqlite_begin, not by the driver's implicit BEGIN.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    # WAL lets the in-process tier workers read while one writes; busy_timeout
+    # makes a writer wait for the lock instead of failing.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A writer takes the lock up front (BEGIN IMMEDIATE): two in-process writers
+    # then queue on busy_timeout instead of failing a lock upgrade mid-transaction.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+
+
+def engine_for(url: str) -> Engine:
+    with _engines_lock:
+        eng = _engines.get(url)
+        if eng is None:
+            if url.startswith("sqlite"):
+                from pathlib import Path
+
+                path = url.split("///", 1)[-1]
+                if path and path != ":memory:":
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+                event.listen(eng, "connect", _sqlite_connect)
+                event.listen(eng, "begin", _sqlite_begin)
+            else:
+                eng = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            _engines[url] = eng
+        return eng
+
+
+def dispose_all() -> None:
+    with _engines_lock:
+        for eng in _engines.values():
+            eng.dispose()
+        _engines.clear()
+
+
+def _insert(conn: Connection, table: Table):
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = engine_for(url)
+
+    def tx(self):
+        """A write transaction (committed on success, rolled back on error)."""
+        return self.engine.execution_options(write=True).begin()
+
+    # -- portfolios / batches / jobs -------------------------------------------
+    def save_portfolio(self, digest: str, spec: dict[str, Any]) -> None:
+        with self.tx() as c:
+            c.execute(_insert(c, portfolios).values(digest=digest, spec=spec, created_at=now())
+                      .on_conflict_do_nothing(index_elements=["digest"]))
+
+    def portfolio_spec(self, digest: str) -> dict[str, Any]:
+        with self.engine.connect() as c:
+            spec = c.execute(select(portfolios.c.spec).where(portfolios.c.digest == digest)).scalar_one_or_none()
+        if spec is None:
+            raise LookupError(f"portfolio {digest} is not in the database")
+        return spec
+
+    def ensure_batch(self, batch_id: str, portfolio: str, source: str | None, tenant: str = "default") -> dict:
+        """Create the batch, or return the existing one (a re-run resumes it)."""
+        with self.tx() as c:
+            t = now()
+            c.execute(_insert(c, batches).values(
+                id=batch_id, tenant=tenant, portfolio=portfolio, source=source, total=0, done=0, succeeded=0,
+                failed=0, cancelled=0, total_cost=0.0, created_at=t, updated_at=t,
+            ).on_conflict_do_nothing(index_elements=["id"]))
+            return dict(c.execute(select(batches).where(batches.c.id == batch_id)).mappings().one())
+
+    def add_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert jobs (skipping ones already there); count new ones into the batch.
+
+        Each row: id, item_key, seq, portfolio, input, plan, status, current_tier,
+        and for rows rejected at submission: error (status failed).
+        Returns how many rows were new.
+        """
+        if not rows:
+            return 0
+        t = now()
+        full = []
+        for r in rows:
+            full.append({
+                "tenant": "default", "batch_id": batch_id, "item_key": None, "seq": 0, "plan": None,
+                "current_tier": None, "final_answer": None, "final_tier": None, "total_cost": 0.0,
+                "error": None, "started_at": None, "finished_at": t if r.get("status") in FINAL else None,
+                "created_at": t, "updated_at": t, **r,
+            })
+        new = 0
+        failed = 0
+        with self.tx() as c:
+            for i in range(0, len(full), 1000):
+                part = full[i : i + 1000]
+                ins = _insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id, jobs.c.status)
+                got = c.execute(ins, part).all()
+                new += len(got)
+                failed += sum(1 for g in got if g.status == FAILED)
+            if batch_id is not None and new:
+                c.execute(update(batches).where(batches.c.id == batch_id).values(
+                    total=batches.c.total + new, done=batches.c.done + failed,
+                    failed=batches.c.failed + failed, updated_at=t))
+        return new
+
+    def open_jobs(self, batch_id: str) -> list[tuple[str, str]]:
+        """(job id, current tier) of the batch's unfinished jobs, in input order."""
+        with self.engine.connect() as c:
+            q = (select(jobs.c.id, jobs.c.current_tier).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
+                 .order_by(jobs.c.seq))
+            return [(r.id, r.current_tier) for r in c.execute(q)]
+
+    def batch(self, batch_id: str) -> dict | None:
+        with self.engine.connect() as c:
+            r = c.execute(select(batches).where(batches.c.id == batch_id)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    def batch_tiers(self, batch_id: str) -> list[dict]:
+        """Per tier: calls, accepted, escalated/failed, cost and model time."""
+        with self.engine.connect() as c:
+            q = (select(attempts.c.tier, attempts.c.tier_index, attempts.c.decision,
+                        func.count().label("n"), func.sum(attempts.c.cost_usd).label("cost"),
+                        func.sum(attempts.c.latency_ms).label("latency_ms"))
+                 .select_from(attempts.join(jobs, jobs.c.id == attempts.c.job_id))
+                 .where(jobs.c.batch_id == batch_id)
+                 .group_by(attempts.c.tier, attempts.c.tier_index, attempts.c.decision))
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def batch_jobs(self, batch_id: str) -> list[dict]:
+        with self.engine.connect() as c:
+            q = select(jobs).where(jobs.c.batch_id == batch_id).order_by(jobs.c.seq)
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def attempts_of(self, job_ids: Sequence[str]) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {j: [] for j in job_ids}
+        with self.engine.connect() as c:
+            for i in range(0, len(job_ids), 1000):
+                q = (select(attempts).where(attempts.c.job_id.in_(job_ids[i : i + 1000]))
+                     .order_by(attempts.c.job_id, attempts.c.step))
+                for r in c.execute(q).mappings():
+                    out[r["job_id"]].append(dict(r))
+        return out
+
+    def job(self, job_id: str) -> dict | None:
+        with self.engine.connect() as c:
+            r = c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    # -- the stage task's reads and writes ------------------------------------
+    def load_stage(self, job_ids: Sequence[str]) -> tuple[list[dict], dict[str, list[dict]]]:
+        """The jobs of one stage message and their attempts so far (call order)."""
+        with self.engine.connect() as c:
+            rows = [dict(r) for r in c.execute(
+                select(jobs.c.id, jobs.c.batch_id, jobs.c.portfolio, jobs.c.input, jobs.c.plan,
+                       jobs.c.status, jobs.c.current_tier).where(jobs.c.id.in_(list(job_ids)))).mappings()]
+            ats: dict[str, list[dict]] = {r["id"]: [] for r in rows}
+            if rows:
+                for a in c.execute(select(attempts).where(attempts.c.job_id.in_(list(ats)))
+                                   .order_by(attempts.c.job_id, attempts.c.step)).mappings():
+                    ats[a["job_id"]].append(dict(a))
+        order = {j: i for i, j in enumerate(job_ids)}
+        rows.sort(key=lambda r: order[r["id"]])
+        return rows, ats
+
+    def mark_running(self, job_ids: Sequence[str]) -> None:
+        if not job_ids:
+            return
+        t = now()
+        with self.tx() as c:
+            c.execute(update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status == QUEUED)
+                      .values(status=RUNNING, started_at=t, updated_at=t))
+
+    def record_stage(self, outcomes: Sequence["StageOutcome"]) -> list["StageOutcome"]:
+        """Write one stage's attempts and their consequences in one transaction.
+
+        Returns the outcomes that took effect. An outcome whose (job, tier)
+        attempt already existed (a duplicate delivery that raced this one) is
+        dropped: the first writer's row and decision stand.
+        """
+        if not outcomes:
+            return []
+        t = now()
+        applied: list[StageOutcome] = []
+        counters: dict[str | None, dict[str, float]] = {}
+        with self.tx() as c:
+            ins = _insert(c, attempts).on_conflict_do_nothing(index_elements=["job_id", "tier"]).returning(attempts.c.job_id)
+            inserted = {r.job_id for r in c.execute(ins, [o.attempt_row(t) for o in outcomes]).all()}
+            # lock order: job ids sorted, then the batch row, so writers never deadlock
+            for o in sorted((o for o in outcomes if o.job_id in inserted), key=lambda o: o.job_id):
+                if o.decision == "escalate":
+                    res = c.execute(update(jobs).where(jobs.c.id == o.job_id, jobs.c.status.in_(OPEN))
+                                    .values(status=RUNNING, current_tier=o.next_tier, updated_at=t))
+                    if res.rowcount:
+                        applied.append(o)
+                    continue
+                status = SUCCEEDED if o.decision == "accept" else FAILED
+                res = c.execute(update(jobs).where(jobs.c.id == o.job_id, jobs.c.status.in_(OPEN)).values(
+                    status=status, final_answer=o.final_answer, final_tier=o.final_tier,
+                    total_cost=o.total_cost, error=o.error, finished_at=t, updated_at=t))
+                if res.rowcount:
+                    applied.append(o)
+                    k = counters.setdefault(o.batch_id, {"done": 0, SUCCEEDED: 0, FAILED: 0, "cost": 0.0})
+                    k["done"] += 1
+                    k[status] += 1
+                    k["cost"] += o.total_cost
+            for batch_id, k in sorted(counters.items(), key=lambda kv: str(kv[0])):
+                if batch_id is None:
+                    continue
+                c.execute(update(batches).where(batches.c.id == batch_id).values(
+                    done=batches.c.done + k["done"], succeeded=batches.c.succeeded + k[SUCCEEDED],
+                    failed=batches.c.failed + k[FAILED], total_cost=batches.c.total_cost + k["cost"],
+                    updated_at=t))
+        return applied
+
+    def fail_open_jobs(self, job_ids: Sequence[str], error: str) -> int:
+        """Fail the still-open ones of these jobs (an internal error): nothing hangs forever."""
+        t = now()
+        failed = 0
+        with self.tx() as c:
+            rows = c.execute(update(jobs).where(jobs.c.id.in_(sorted(job_ids)), jobs.c.status.in_(OPEN))
+                             .values(status=FAILED, error=error, finished_at=t, updated_at=t)
+                             .returning(jobs.c.batch_id)).all()
+            per_batch: dict[str, int] = {}
+            for r in rows:
+                if r.batch_id is not None:
+                    per_batch[r.batch_id] = per_batch.get(r.batch_id, 0) + 1
+            for batch_id, n in sorted(per_batch.items()):
+                c.execute(update(batches).where(batches.c.id == batch_id).values(
+                    done=batches.c.done + n, failed=batches.c.failed + n, updated_at=t))
+            failed = len(rows)
+        return failed
+
+    def cancel_batch(self, batch_id: str) -> int:
+        t = now()
+        with self.tx() as c:
+            n = c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
+                          .values(status=CANCELLED, finished_at=t, updated_at=t, error="cancelled")).rowcount
+            if n:
+                c.execute(update(batches).where(batches.c.id == batch_id).values(
+                    done=batches.c.done + n, cancelled=batches.c.cancelled + n, updated_at=t))
+        return n
+
+
+@dataclass
+class StageOutcome:
+    """One job's result at one tier: its attempt, and what the policy decided."""
+
+    job_id: str
+    batch_id: str | None
+    step: int
+    attempt: Attempt
+    decision: str  # accept | escalate | reject
+    reason: str
+    meta: dict[str, Any]
+    next_tier: str | None = None
+    final_answer: str | None = None
+    final_tier: str | None = None
+    total_cost: float = 0.0
+    error: str | None = None
+
+    def attempt_row(self, t: datetime) -> dict[str, Any]:
+        a = self.attempt
+        return {
+            "job_id": self.job_id, "tier": a.tier, "tier_index": a.tier_index, "step": self.step,
+            "model": a.model, "answer": a.text, "signals": dict(a.signals), "tokens_in": a.tokens_in,
+            "tokens_out": a.tokens_out, "cost_usd": a.cost_usd, "latency_ms": a.latency_ms,
+            "decision": self.decision, "reason": self.reason, "error": a.error,
+            "meta": json.loads(json.dumps(self.meta, default=float)), "created_at": t,
+        }
+
+
+def attempt_from_row(r: dict[str, Any]) -> Attempt:
+    return Attempt(
+        tier=r["tier"], tier_index=r["tier_index"], model=r["model"], text=r["answer"],
+        signals=r["signals"] or {}, cost_usd=r["cost_usd"], latency_ms=r["latency_ms"],
+        tokens_in=r["tokens_in"], tokens_out=r["tokens_out"], error=r["error"],
+    )
+
+
+def iter_chunks(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
