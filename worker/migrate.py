@@ -7,14 +7,13 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-import migrations
-
 from .store import engine_for
 
 
 def _config(url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # `migrations/` sits beside `worker/`, in a checkout and in site-packages alike
+    cfg.set_main_option("script_location", str(Path(__file__).resolve().parents[1] / "migrations"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

@@ -69,7 +69,7 @@ class ReplayBackend(Backend):
         if rec.id == query.id and rec.prompt != query.prompt:
             raise BackendFailure(f"replay: row {query.id!r} of {self.path} has another prompt than the job")
         resp = rec.responses.get(self.model)
-        if resp is None or resp.text is None and resp.correct is None:
+        if resp is None:  # the same rule as router.records.attempt_from_response
             raise BackendFailure(f"replay: model {self.model!r} has no recorded response for row {rec.id!r}")
         if self.sleep and resp.latency_ms:
             time.sleep(resp.latency_ms / 1000)

@@ -18,3 +18,14 @@ def user_errors():
         yield
     except (PortfolioError, RecordsError, BackendConfigError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+
+
+def load_portfolio_option(path):
+    """The portfolio given with --portfolio, else $CASCADE_PORTFOLIO; a clear error if neither."""
+    from router.portfolio import load_portfolio
+    from worker.settings import get_settings
+
+    path = path or get_settings().portfolio
+    if not path:
+        raise click.ClickException("no portfolio: pass --portfolio FILE or set CASCADE_PORTFOLIO")
+    return load_portfolio(path)

@@ -1,0 +1,56 @@
+"""`cascade status [BATCH]`: a batch's progress, per-tier counts and cost."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from worker.settings import get_settings
+
+
+@click.command()
+@click.argument("batch_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+def status(batch_id, as_json) -> None:
+    """Show BATCH (or list the recent batches)."""
+    from sqlalchemy import select
+
+    from worker.migrate import current
+    from worker.store import Store, batches
+
+    settings = get_settings()
+    if current(settings.db_url) is None:
+        raise click.ClickException("the database has no schema yet: nothing has run (or run `cascade db upgrade`)")
+    store = Store(settings.db_url)
+    if batch_id is None:
+        with store.engine.connect() as c:
+            rows = c.execute(select(batches).order_by(batches.c.created_at.desc()).limit(20)).mappings().all()
+        for b in rows:
+            click.echo(f"{b['id']}  {b['done']}/{b['total']} done  {b['failed']} failed  ${b['total_cost']:.6g}  {b['created_at']:%Y-%m-%d %H:%M}")
+        if not rows:
+            click.echo("no batches yet")
+        return
+    b = store.batch(batch_id)
+    if b is None:
+        raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
+    tiers: dict[str, dict] = {}
+    for r in store.batch_tiers(batch_id):
+        t = tiers.setdefault(r["tier"], {"tier": r["tier"], "index": r["tier_index"], "calls": 0, "accept": 0,
+                                          "escalate": 0, "reject": 0, "cost_usd": 0.0, "model_ms": 0.0})
+        t["calls"] += r["n"]
+        t[r["decision"]] += r["n"]
+        t["cost_usd"] += r["cost"] or 0.0
+        t["model_ms"] += r["latency_ms"] or 0.0
+    per_tier = sorted(tiers.values(), key=lambda t: t["index"])
+    if as_json:
+        out = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in b.items()}
+        out["tiers"] = per_tier
+        click.echo(json.dumps(out))
+        return
+    state = "finished" if b["done"] >= b["total"] else "in progress"
+    click.echo(f"batch {b['id']} ({state}): {b['done']}/{b['total']} done, {b['succeeded']} succeeded, "
+               f"{b['failed']} failed, {b['cancelled']} cancelled, cost ${b['total_cost']:.6g}")
+    click.echo(f"{'tier':<16}{'calls':>8}{'accept':>8}{'escalate':>10}{'reject':>8}{'cost $':>12}{'model s':>10}")
+    for t in per_tier:
+        click.echo(f"{t['tier']:<16}{t['calls']:>8}{t['accept']:>8}{t['escalate']:>10}{t['reject']:>8}"
+                   f"{t['cost_usd']:>12.6g}{t['model_ms'] / 1000:>10.1f}")

@@ -1,0 +1,50 @@
+"""`cascade worker --tier NAME`: the worker pool of one tier (distributed mode)."""
+from __future__ import annotations
+
+import click
+
+from worker.cli.common import load_portfolio_option, user_errors
+from worker.settings import get_settings
+
+
+@click.command()
+@click.option("--tier", "tier_name", required=True, help="the tier whose queue this pool consumes")
+@click.option("--portfolio", "portfolio_path", type=click.Path(dir_okay=False), help="portfolio file (default: $CASCADE_PORTFOLIO)")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), help="parallel jobs (threads pool; default $CASCADE_WORKER_CONCURRENCY)")
+@click.option("--pool", type=click.Choice(["threads", "solo"]), help="default: what the backend suits (solo for in-process models)")
+@click.option("--events", is_flag=True, help="send task events (for Flower; costs throughput)")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> None:
+    """Consume only TIER's queue; pools of different tiers scale independently."""
+    from worker.celery_app import make_app, runtime_of
+    from worker.migrate import current
+
+    settings = get_settings()
+    if settings.embedded:
+        raise click.ClickException(
+            "no broker configured: set CASCADE_BROKER_URL (and CASCADE_DATABASE_URL) for the distributed "
+            "mode; in the embedded mode `cascade run` serves the tiers itself")
+    with user_errors():
+        portfolio = load_portfolio_option(portfolio_path)
+        tier = portfolio.tier(tier_name)
+        if current(settings.db_url) is None:
+            raise click.ClickException("the database has no schema: run `cascade db upgrade` first")
+        app = make_app(settings)
+        rt = runtime_of(app)
+        loaded = rt.add_portfolio(portfolio)
+        rt.store.save_portfolio(portfolio.digest, portfolio.spec())
+        backend = rt.backend(tier)  # a local model loads once, here, before any job
+        backend.check_needs(loaded.policy.needs(portfolio.index(tier.name)))
+    pool = pool or backend.pool
+    if backend.pool == "solo" and pool != "solo":
+        raise click.ClickException(f"the {backend.kind} backend holds one model per process: use --pool solo "
+                                   "and start more processes to scale")
+    conc = 1 if pool == "solo" else (concurrency or settings.worker_concurrency)
+    app.set_default()
+    app.set_current()
+    argv = ["worker", "-Q", tier.queue_name, "-n", f"{tier.name}@%h", "-P", pool, "-c", str(conc),
+            "--without-gossip", "--without-mingle", "-l", loglevel]
+    if events:
+        argv.append("-E")
+    click.echo(f"tier {tier.name}: queue {tier.queue_name}, backend {backend.kind}, pool {pool} x{conc}", err=True)
+    app.worker_main(argv)
