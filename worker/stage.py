@@ -59,7 +59,9 @@ def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: 
     tries = 0
     while True:
         try:
+            call_started = time.perf_counter()
             r = backend.generate(query, needs)
+            backend_ms = (time.perf_counter() - call_started) * 1000
             break
         except TransientBackendError as e:
             tries += 1
@@ -77,7 +79,8 @@ def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: 
     latency = r.latency_ms if r.latency_ms is not None else (time.perf_counter() - started) * 1000
     attempt = Attempt(tier.name, index, _model_name(backend), r.text, signals, float(cost), float(latency),
                       r.tokens_in, r.tokens_out)
-    return attempt, {**r.meta, "tries": tries + 1}
+    # backend_ms: wall time of the successful call here (a replay's latency_ms is the recorded one)
+    return attempt, {**r.meta, "tries": tries + 1, "backend_ms": backend_ms}
 
 
 def _model_name(backend: Backend) -> str:
