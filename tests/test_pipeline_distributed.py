@@ -96,7 +96,7 @@ def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, worker
     w.start("t0")
     victim = w.start("t1")
     w.start("t2")
-    n = 120
+    n = 60
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
     app = make_app(settings)
     rep = run_batch(items, portfolio, settings=settings, batch_id="crash", progress=False, wait=False, app=app)
@@ -105,10 +105,10 @@ def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, worker
     while time.time() < deadline:
         with store.engine.connect() as c:
             done_t1 = c.execute(select(func.count()).select_from(attempts).where(attempts.c.tier == "t1")).scalar()
-        if done_t1 >= 6:
+        if done_t1 >= 4:
             break
         time.sleep(0.2)
-    assert done_t1 >= 6, w.logs()
+    assert done_t1 >= 4, w.logs()
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert store.batch("crash")["done"] < n  # the kill really was mid-batch

