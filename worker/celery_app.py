@@ -29,7 +29,11 @@ def make_app(settings: Settings | None = None) -> Celery:
     app = Celery("cascade", set_as_current=False)
     transport: dict = {"visibility_timeout": settings.visibility_timeout}
     if settings.broker.startswith(("redis://", "rediss://", "unix://")):
-        transport.update(health_check_interval=25, socket_timeout=30, socket_connect_timeout=10)
+        transport.update(health_check_interval=25, socket_timeout=30, socket_connect_timeout=10,
+                         # sweep for a dead worker's unacked messages every few seconds (kombu's
+                         # default scans only every ~100 s), so recovery takes about one visibility timeout
+                         unacked_restore_interval=max(1, min(10, settings.visibility_timeout // 10)),
+                         unacked_restore_throttle=1)
         if settings.redis_prefix:
             transport["global_keyprefix"] = settings.redis_prefix
     if settings.broker.startswith("memory://"):
