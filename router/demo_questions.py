@@ -258,19 +258,31 @@ def generate(n: int, seed: int = 0, families: list[str] | None = None, prefix: s
     seen = {q for q, _ in FEW_SHOT_EXAMPLES}
     out: list[Question] = []
     for fam in plan:
-        level, make = FAMILIES[fam]
-        for _ in range(200):
-            prompt, answer, kind = make(r)
-            if prompt not in seen:
+        level = FAMILIES[fam][0]
+        # a family out of new questions gives way to another of its level, then to any family
+        same = [f for f, (fl, _) in FAMILIES.items() if fl == level and f != fam]
+        others = [f for f, (fl, _) in FAMILIES.items() if fl != level]
+        r.shuffle(same)
+        r.shuffle(others)
+        for cand in [fam] + same + others:
+            made = _new_question(r, cand, seen)
+            if made is not None:
+                fam, (prompt, answer, kind) = cand, made
                 break
-        else:  # this family has no new question left: take one from any family of its level
-            fam = r.choice([f for f, (fl, _) in FAMILIES.items() if fl == level and f != fam] or [fam])
-            prompt, answer, kind = FAMILIES[fam][1](r)
-            if prompt in seen:
-                continue
+        else:
+            raise ValueError(f"cannot generate {n} distinct questions")
         seen.add(prompt)
-        out.append(Question(f"{prefix}{len(out):04d}", prompt, answer, kind, fam, level))
+        out.append(Question(f"{prefix}{len(out):04d}", prompt, answer, kind, fam, FAMILIES[fam][0]))
     return out
+
+
+def _new_question(r: random.Random, fam: str, seen: set[str]) -> tuple[str, str, str] | None:
+    make = FAMILIES[fam][1]
+    for _ in range(200):
+        prompt, answer, kind = make(r)
+        if prompt not in seen:
+            return prompt, answer, kind
+    return None
 
 
 # -- answer extraction and grading ---------------------------------------------------
