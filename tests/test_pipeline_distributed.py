@@ -15,7 +15,7 @@ from router.policies import build_policy
 from router.portfolio import load_portfolio
 from router.records import load_dataset
 from router.simulate import simulate, tiers_of
-from tests.conftest import write_portfolio
+from conftest import write_portfolio
 from worker.batch import read_items, run_batch
 from worker.celery_app import make_app, send_stage
 from worker.store import Store, attempts, jobs

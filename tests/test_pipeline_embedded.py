@@ -18,7 +18,7 @@ from router.policies import build_policy
 from router.portfolio import load_portfolio
 from router.records import load_dataset
 from router.simulate import simulate, tiers_of
-from tests.conftest import REPO, write_portfolio
+from conftest import REPO, write_portfolio
 from worker.batch import read_items, run_batch
 from worker.settings import Settings
 

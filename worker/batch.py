@@ -104,9 +104,10 @@ def items_from_dicts(rows: Iterable[dict[str, Any]]) -> list[Item]:
     return items
 
 
-def default_batch_id(source: str, portfolio: Portfolio) -> str:
+def default_batch_id(source: str, portfolio: Portfolio, selection: str = "") -> str:
+    """Same input, selection and portfolio -> same batch, so a re-run resumes it."""
     stem = Path(source).name.split(".")[0][:40] or "batch"
-    h = hashlib.sha256(f"{Path(source).resolve()}\n{portfolio.digest}".encode()).hexdigest()[:10]
+    h = hashlib.sha256(f"{Path(source).resolve()}\n{portfolio.digest}\n{selection}".encode()).hexdigest()[:10]
     return f"{stem}-{h}"
 
 

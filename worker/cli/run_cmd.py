@@ -38,7 +38,7 @@ def run(input_path, portfolio_path, out_path, batch_id, split, limit, chunk, tim
         items = read_items(input_path, split=split, limit=limit)
         if not items:
             raise click.ClickException(f"{input_path}: no rows" + (f" with split {split!r}" if split else ""))
-        batch_id = batch_id or default_batch_id(input_path, portfolio)
+        batch_id = batch_id or default_batch_id(input_path, portfolio, f"split={split} limit={limit}")
         report = run_batch(items, portfolio, settings=settings, batch_id=batch_id, source=str(input_path),
                            progress=not quiet, wait=not no_wait, timeout=timeout)
     if no_wait:
