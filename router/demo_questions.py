@@ -66,12 +66,12 @@ NOUNS = ["cat", "dog", "book", "tree", "car", "apple", "bird", "house", "pen", "
 
 
 def _tens(r: random.Random):
-    a = r.randrange(2, 10)
+    a = r.randrange(2, 20)
     return f"What is {a} times 10?", str(a * 10), "number"
 
 
 def _double(r: random.Random):
-    a = r.randrange(2, 10)
+    a = r.randrange(2, 13)
     return f"What is {a} + {a}?", str(a + a), "number"
 
 
@@ -212,6 +212,17 @@ FEW_SHOT_EXAMPLES: list[tuple[str, str]] = [
     ("What is 23 times 41?", "943"),
     ("What month comes after December?", "January"),
     ("How many hours are in 2 days?", "48"),
+    # more of the trivial kinds: with them the 135M model answers those more often and more surely
+    ("What is 6 + 6?", "12"),
+    ("What is 5 times 10?", "50"),
+    ("What is the plural of bag?", "bags"),
+    ("What is 2 + 7?", "9"),
+    ("What day comes after Wednesday?", "Thursday"),
+    ("What is 9 + 9?", "18"),
+    ("What is 8 times 10?", "80"),
+    ("What is the plural of egg?", "eggs"),
+    ("What is 5 + 3?", "8"),
+    ("What is 1 + 6?", "7"),
 ]
 INSTRUCTION = "Answer each question with just the answer."
 
