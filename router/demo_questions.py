@@ -212,7 +212,13 @@ FEW_SHOT_EXAMPLES: list[tuple[str, str]] = [
     ("What is 23 times 41?", "943"),
     ("What month comes after December?", "January"),
     ("How many hours are in 2 days?", "48"),
-    # more of the trivial kinds: with them the 135M model answers those more often and more surely
+]
+# The tiny tier's block: the same, then more of the trivial kinds. With them the 135M model
+# answers those more often and more surely (measured on the calibration set: 90 right of
+# 200 instead of 82, and 60 instead of 50 answers it can accept at 97% precision); the
+# 0.5B model does worse with them (they pull its answers to the harder kinds off), so the
+# other tiers keep the plain block.
+TINY_EXTRA_EXAMPLES: list[tuple[str, str]] = [
     ("What is 6 + 6?", "12"),
     ("What is 5 times 10?", "50"),
     ("What is the plural of bag?", "bags"),
@@ -234,6 +240,7 @@ def few_shot_prompt(examples: list[tuple[str, str]] | None = None) -> str:
 
 
 FEW_SHOT = few_shot_prompt()
+FEW_SHOT_TINY = few_shot_prompt(FEW_SHOT_EXAMPLES + TINY_EXTRA_EXAMPLES)
 STOP = ("\n",)
 
 
@@ -266,7 +273,7 @@ def generate(n: int, seed: int = 0, families: list[str] | None = None, prefix: s
             r.shuffle(fams)
             plan += [fams[i % len(fams)] for i in range(count)]
     r.shuffle(plan)
-    seen = {q for q, _ in FEW_SHOT_EXAMPLES}
+    seen = {q for q, _ in FEW_SHOT_EXAMPLES + TINY_EXTRA_EXAMPLES}
     out: list[Question] = []
     for fam in plan:
         level = FAMILIES[fam][0]

@@ -21,7 +21,7 @@ def test_levels_follow_the_weights_and_prompts_are_unique():
     assert Counter(q.level for q in qs) == dq.level_counts(60) == {1: 21, 2: 18, 3: 12, 4: 9}
     assert len({q.prompt for q in qs}) == 60
     assert len({q.id for q in qs}) == 60
-    examples = {p for p, _ in dq.FEW_SHOT_EXAMPLES}
+    examples = {p for p, _ in dq.FEW_SHOT_EXAMPLES + dq.TINY_EXTRA_EXAMPLES}
     assert not examples & {q.prompt for q in qs}
     # every family of a level is used before one is used twice
     fams = Counter(q.family for q in qs)
@@ -66,14 +66,16 @@ def test_gold_answers_are_right():
 
 
 def test_few_shot_examples_are_right_too():
-    for prompt, answer in dq.FEW_SHOT_EXAMPLES:
+    for prompt, answer in dq.FEW_SHOT_EXAMPLES + dq.TINY_EXTRA_EXAMPLES:
         q = dq.Question("x", prompt, answer, "number" if answer.isdigit() else "word", "ex", 0)
         assert _check(q).lower() == answer.lower()
 
 
 def test_few_shot_template():
-    assert dq.FEW_SHOT.count("{prompt}") == 1
-    assert dq.FEW_SHOT.endswith("Q: {prompt}\nA:")
+    for block in (dq.FEW_SHOT, dq.FEW_SHOT_TINY):
+        assert block.count("{prompt}") == 1
+        assert block.endswith("Q: {prompt}\nA:")
+    assert dq.FEW_SHOT_TINY.startswith(dq.FEW_SHOT.split("Q: {prompt}")[0])
     assert dq.STOP == ("\n",)
 
 

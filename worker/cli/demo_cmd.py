@@ -36,7 +36,7 @@ def tier_spec(name: str, threads: int) -> dict[str, Any]:
     return {
         "name": name,
         "backend": {"kind": "llamacpp", "model": name, "n_ctx": 1024, "n_threads": threads, "max_tokens": 8,
-                    "stop": list(dq.STOP), "prompt_template": dq.FEW_SHOT},
+                    "stop": list(dq.STOP), "prompt_template": dq.FEW_SHOT_TINY if name == "tiny" else dq.FEW_SHOT},
         "price": {"input_per_mtok": PRICES[name], "output_per_mtok": PRICES[name]},
     }
 
