@@ -34,12 +34,14 @@ def build_backend(tier: Tier) -> Backend:
 
 
 def validate_portfolio(portfolio: Portfolio, *, build: bool = False) -> None:
-    """Check every tier's backend kind (and, with build, its options by building it)."""
+    """Check every tier's backend kind and cheap options (with build: by building it,
+    which loads a local model; the submitter never does that)."""
     from router.policies import build_policy
 
     policy = build_policy(portfolio)
     for i, tier in enumerate(portfolio.tiers):
         cls = backend_class(tier.backend.kind)
+        cls.check_options(tier)
         if build:
             b = cls(tier)
             b.check_needs(policy.needs(i))

@@ -59,6 +59,10 @@ class Backend(ABC):
         self.tier = tier
         self.options = tier.backend.options
 
+    @classmethod
+    def check_options(cls, tier: Tier) -> None:
+        """Cheap checks a submitter can run without loading a model (default: none)."""
+
     def check_needs(self, needs: Needs) -> None:
         wanted = set()
         if needs.logprobs:

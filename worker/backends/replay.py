@@ -59,6 +59,10 @@ class ReplayBackend(Backend):
                 f"models there: {', '.join(self.ds.models)}"
             )
 
+    @classmethod
+    def check_options(cls, tier: Tier) -> None:
+        cls(tier)  # cheap: the file is parsed once per process and cached
+
     def generate(self, query: Query, needs: Needs) -> BackendResult:
         i = self.by_id.get(query.id)
         if i is None:
