@@ -172,3 +172,37 @@ def test_not_a_gguf_file_is_a_config_error(tmp_path):
 def test_bad_options_are_config_errors(opts, match):
     with pytest.raises(BackendConfigError, match=match):
         build_backend(tier(**opts))
+
+
+# -- through the pipeline (embedded Celery workers) ------------------------------------------
+
+@pytest.mark.models
+def test_too_long_prompt_fails_its_job_and_falls_back_without_crashing_the_worker(tmp_path):
+    from router.portfolio import parse_portfolio
+    from worker.batch import run_batch
+    from worker.settings import Settings
+
+    pf = parse_portfolio({
+        "tiers": [
+            {"name": "short", "backend": {"kind": "llamacpp", "model": "tiny", "n_ctx": 128, "max_tokens": 4,
+                                          "stop": ["\n"], "n_threads": 2}},
+            {"name": "long", "backend": {"kind": "llamacpp", "model": "tiny", "n_ctx": 1024, "max_tokens": 4,
+                                         "stop": ["\n"], "n_threads": 2}},
+        ],
+        "policy": {"name": "threshold", "params": {"signal": "mean_logprob", "thresholds": {"short": -100.0}}},
+    }, where="test portfolio")
+    items = [{"id": "fits", "prompt": "Q: What is 2 + 2?\nA:"},
+             {"id": "medium-long", "prompt": "word " * 300},  # too long for 'short', fits 'long'
+             {"id": "too-long", "prompt": "word " * 1500},  # too long for both
+             {"id": "after", "prompt": "Q: What is 3 + 3?\nA:"}]
+    settings = Settings(broker_url=None, database_url=None, home=tmp_path, chunk_size=4)
+    rep = run_batch(items, pf, settings=settings, batch_id="ctx", progress=False, timeout=300)
+    jobs = {j["id"]: j for j in rep.jobs}
+    assert jobs["fits"]["status"] == "succeeded" and jobs["fits"]["final_tier"] == "short"
+    assert jobs["after"]["status"] == "succeeded"  # the worker kept serving
+    ml = jobs["medium-long"]
+    assert ml["status"] == "succeeded" and ml["final_tier"] == "long"
+    assert "prompt too long" in ml["attempts"][0]["error"] and ml["attempts"][0]["decision"] == "escalate"
+    tl = jobs["too-long"]
+    assert tl["status"] == "failed" and "prompt too long" in tl["error"] and "n_ctx" in tl["error"]
+    assert [a["tier"] for a in tl["attempts"]] == ["short", "long"]

@@ -210,3 +210,93 @@ def test_bad_options_are_config_errors():
         build_backend(tier("http://127.0.0.1:1/v1", endpoint="embeddings"))
     with pytest.raises(BackendConfigError, match="read_timeout"):
         build_backend(tier("http://127.0.0.1:1/v1", read_timeout=0))
+
+
+# -- through the pipeline: retries, then escalation, all recorded in `attempts` --------------
+
+def _settings(tmp_path):
+    from worker.settings import Settings
+
+    return Settings(broker_url=None, database_url=None, home=tmp_path, backend_retries=2,
+                    backend_retry_backoff=0.01, backend_retry_max_delay=0.05, chunk_size=4)
+
+
+def _portfolio(remote: dict, local: dict):
+    from router.portfolio import parse_portfolio
+
+    return parse_portfolio({
+        "tiers": [
+            {"name": "remote", "backend": {"kind": "openai", "model": "tiny", "max_tokens": 6, **remote},
+             "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}},
+            {"name": "local", "backend": {"kind": "openai", "model": "tiny", "max_tokens": 6, "logprobs": True,
+                                          "endpoint": "completions", "prompt_template": FEW_SHOT, "stop": ["\n"],
+                                          **local},
+             "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2}},
+        ],
+        "policy": {"name": "threshold", "params": {"signal": "mean_logprob", "thresholds": {"remote": -1.0}}},
+    }, where="test portfolio")
+
+
+ITEMS = [{"id": "a", "prompt": "What is 2 + 3?"}, {"id": "b", "prompt": "What day comes after Friday?"}]
+
+
+def _check_escalated(report, address: str, what: str):
+    assert [j["status"] for j in report.jobs] == ["succeeded", "succeeded"]
+    for j in report.jobs:
+        assert j["final_tier"] == "local" and j["answer"]
+        first, second = j["attempts"]
+        assert first["tier"] == "remote" and first["answer"] is None
+        assert address in first["error"] and what in first["error"] and "gave up after 3 tries" in first["error"]
+        assert first["decision"] == "escalate" and "remote failed" in first["reason"]
+        assert first["cost_usd"] == 0
+        assert second["tier"] == "local" and second["error"] is None and second["decision"] == "accept"
+        assert second["tokens_in"] and second["tokens_out"] and second["cost_usd"] > 0
+        assert "mean_logprob" in second["signals"]  # logprobs asked for and turned into signals
+        assert j["cost_usd"] == pytest.approx(first["cost_usd"] + second["cost_usd"])
+
+
+@pytest.mark.models
+def test_pipeline_5xx_retries_then_escalates(server, tmp_path):
+    from worker.batch import run_batch
+
+    with FlakyProxy(server.base_url, always_fail=True, status=503, retry_after="0") as proxy:
+        pf = _portfolio({"base_url": proxy.base_url}, {"base_url": server.base_url})
+        rep = run_batch(ITEMS, pf, settings=_settings(tmp_path), batch_id="flaky", progress=False, timeout=120)
+    _check_escalated(rep, proxy.base_url, "HTTP 503")
+    assert proxy.requests == 3 * len(ITEMS)  # one call + 2 retries per job
+
+
+@pytest.mark.models
+def test_pipeline_read_timeout_retries_then_escalates(server, tmp_path):
+    from worker.batch import run_batch
+
+    with FlakyProxy(server.base_url, stall=2.0) as proxy:
+        pf = _portfolio({"base_url": proxy.base_url, "read_timeout": 0.3}, {"base_url": server.base_url})
+        rep = run_batch(ITEMS, pf, settings=_settings(tmp_path), batch_id="slow", progress=False, timeout=120)
+    _check_escalated(rep, proxy.base_url, "read_timeout")
+
+
+@pytest.mark.models
+def test_pipeline_stopped_server_retries_then_escalates(server, tmp_path):
+    from worker import modelpack
+    from worker.batch import run_batch
+
+    stopped = LlamaServer(modelpack.resolve("tiny")).start()
+    stopped.stop()  # it ran, and now nothing listens at its address
+    pf = _portfolio({"base_url": stopped.base_url, "connect_timeout": 1}, {"base_url": server.base_url})
+    rep = run_batch(ITEMS, pf, settings=_settings(tmp_path), batch_id="stopped", progress=False, timeout=120)
+    _check_escalated(rep, stopped.base_url, "cannot connect")
+
+
+def test_pipeline_unreachable_last_tier_fails_the_job_naming_the_address(tmp_path):
+    from router.portfolio import parse_portfolio
+    from worker.batch import run_batch
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    pf = parse_portfolio({"tiers": [{"name": "only", "backend": {"kind": "openai", "base_url": url, "model": "m"}}],
+                          "policy": {"name": "threshold"}}, where="test portfolio")
+    rep = run_batch(ITEMS[:1], pf, settings=_settings(tmp_path), batch_id="down", progress=False, timeout=60)
+    [job] = rep.jobs
+    assert job["status"] == "failed" and url in job["error"]
+    [attempt] = job["attempts"]
+    assert url in attempt["error"] and "gave up after 3 tries" in attempt["error"]

@@ -23,10 +23,10 @@ from .common import user_errors
 TIERS = ("tiny", "small", "medium")
 # Configured prices (USD per 1M tokens, input and output alike): plausible, not real.
 PRICES = {"tiny": 0.02, "small": 0.08, "medium": 0.25}
-# Calibrated with `cascade demo --calibrate` (200 questions, seed 1000, keep 0.97);
+# Calibrated with `cascade demo --calibrate` (200 questions, seed 1000, keep 0.96);
 # see docs/local-models.md for the run that produced them.
-SIGNAL = "sum_logprob"
-THRESHOLDS = {"tiny": -0.35, "small": -0.6}
+SIGNAL = "min_logprob"
+THRESHOLDS = {"tiny": -0.1999, "small": -0.592}
 CALIBRATION_SEED = 1000
 
 
@@ -205,7 +205,7 @@ def measure(questions, chain: list[str], threads: int, progress: bool) -> list[d
                                                 "thresholds, write them as a policy file, and stop")
 @click.option("--calibration-n", type=click.IntRange(10, 5000), default=200, show_default=True)
 @click.option("--calibration-seed", type=int, default=CALIBRATION_SEED, show_default=True)
-@click.option("--keep", type=click.FloatRange(0.5, 1.0), default=0.97, show_default=True,
+@click.option("--keep", type=click.FloatRange(0.5, 1.0), default=0.96, show_default=True,
               help="calibration: accuracy to keep, as a share of the last tier's")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, baseline, calibrate, calibration_n,
@@ -290,7 +290,7 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
             # always embedded, in a throwaway SQLite: the demo never touches a configured broker or database
             settings = Settings(broker_url=None, database_url=None, home=Path(tmp),
                                 model_cache=base.model_cache, model_threads=threads,
-                                worker_concurrency=1)
+                                worker_concurrency=1, chunk_size=4)
             click.echo(f"cascade: {n} questions through {' -> '.join(chain_l)} (embedded Celery workers)", err=True)
             t0 = time.perf_counter()
             rep = run_batch(items, cascade_pf, settings=settings, batch_id="demo-cascade", progress=not quiet)
