@@ -214,10 +214,10 @@ FEW_SHOT_EXAMPLES: list[tuple[str, str]] = [
     ("How many hours are in 2 days?", "48"),
 ]
 # The tiny tier's block: the same, then more of the trivial kinds. With them the 135M model
-# answers those more often and more surely (measured on the calibration set: 90 right of
-# 200 instead of 82, and 60 instead of 50 answers it can accept at 97% precision); the
-# 0.5B model does worse with them (they pull its answers to the harder kinds off), so the
-# other tiers keep the plain block.
+# answers those more often and more surely (measured on a calibration set: 90 right of 200
+# instead of 82, and 60 instead of 50 answers it can accept at 97% precision). They made no
+# difference to the 0.5B model (157 vs 159 right of 200), so the other tiers keep the
+# shorter block.
 TINY_EXTRA_EXAMPLES: list[tuple[str, str]] = [
     ("What is 6 + 6?", "12"),
     ("What is 5 times 10?", "50"),
