@@ -48,3 +48,10 @@ def test_demo_rejects_an_unknown_tier():
 
     res = CliRunner().invoke(cli, ["demo", "--chain", "tiny,huge"])
     assert res.exit_code != 0 and "unknown tier 'huge'" in res.output
+
+
+def test_demo_rejects_a_threshold_for_a_tier_outside_the_chain():
+    from worker.cli import cli
+
+    res = CliRunner().invoke(cli, ["demo", "--threshold", "medium=-1"])
+    assert res.exit_code != 0 and "thresholds are for the tiers before the last" in res.output

@@ -243,6 +243,9 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
             sig_name = signal
         for opt in threshold_opts:
             k, _, v = opt.partition("=")
+            if k.strip() not in chain_l[:-1]:
+                raise click.BadParameter(f"{opt!r}: thresholds are for the tiers before the last: "
+                                         f"{', '.join(chain_l[:-1]) or '(none)'}", param_hint="--threshold")
             try:
                 ths[k.strip()] = float(v)
             except ValueError:
