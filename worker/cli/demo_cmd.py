@@ -227,7 +227,6 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
                 raise click.BadParameter(f"unknown tier {t!r}; the demo's tiers: {', '.join(TIERS)}", param_hint="--chain")
         if len(set(chain_l)) != len(chain_l) or not chain_l:
             raise click.BadParameter("name each tier once", param_hint="--chain")
-        check_models(chain_l)
         threads = threads or base.model_threads or None
         import os
 
@@ -250,6 +249,7 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
                 ths[k.strip()] = float(v)
             except ValueError:
                 raise click.BadParameter(f"{opt!r}: expected TIER=NUMBER", param_hint="--threshold") from None
+        check_models(chain_l)
         models = {t: modelpack.spec(t).model for t in TIERS}
         home = Path(base.home)
         table_path = out or home / "demo" / f"demo-n{n}-seed{seed}.txt"
