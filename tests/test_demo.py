@@ -25,7 +25,7 @@ def test_demo_runs_the_cascade_and_the_baseline_and_writes_the_table(tmp_path):
     for r in cascade:
         assert r["status"] == "succeeded"
         assert r["attempts"][0]["tier"] == "tiny"
-        assert all(a["latency_ms"] > 0 and "sum_logprob" in a["signals"] for a in r["attempts"])
+        assert all(a["latency_ms"] > 0 and "logprob" in a["signals"] for a in r["attempts"])
     assert all([a["tier"] for a in r["attempts"]] == ["medium"] for r in medium)
 
 
