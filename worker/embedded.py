@@ -40,9 +40,10 @@ class EmbeddedWorkers:
 
     def __enter__(self) -> "EmbeddedWorkers":
         rt = runtime_of(self.app)
-        rt.add_portfolio(self.portfolio)
-        for tier in self.portfolio.tiers:
-            rt.backend(tier)  # load models now, not inside the first job
+        policy = rt.add_portfolio(self.portfolio).policy
+        for i, tier in enumerate(self.portfolio.tiers):
+            # load models now, not inside the first job; refuse what the policy needs but cannot get
+            rt.backend(tier).check_needs(policy.needs(i))
             for n in range(self.concurrency):
                 # One app per worker thread: a worker's queue selection is stored on
                 # its app, and the solo pool runs tasks with the thread's current app.
@@ -80,5 +81,6 @@ class EmbeddedWorkers:
         for t in self.threads:
             t.join(30)
         worker_state.should_terminate = None
+        runtime_of(self.app).close()  # unload models now, not at garbage collection
         self.controllers.clear()
         self.threads.clear()

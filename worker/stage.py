@@ -84,7 +84,9 @@ def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: 
 
 
 def _model_name(backend: Backend) -> str:
-    return str(backend.options.get("model") or backend.options.get("model_path") or backend.kind)
+    # the backend's own name for its model (a pack name like "tiny" resolves to the real one)
+    name = getattr(backend, "model_name", None)
+    return str(name or backend.options.get("model") or backend.options.get("model_path") or backend.kind)
 
 
 def _failed(tier: Tier, index: int, backend: Backend, error: str, started: float) -> Attempt:

@@ -6,7 +6,7 @@ import math
 from typing import Any, Sequence
 
 from ..attempt import Attempt, Query
-from ..policy import Decision, Knob, Plan, Policy, PolicyError, TierInfo
+from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
 from ..signals import check_signal_name, get
 
 
@@ -53,6 +53,10 @@ class ThresholdCascade(Policy):
                 f"no threshold for tier(s) {missing}: every tier but the last of the chain needs one "
                 f"(set `threshold = ...` on the tier or policy.thresholds)"
             )
+
+    def needs(self, tier: int) -> Needs:
+        # naming the signal lets a backend ask for what computes it (token log-probs)
+        return Needs(signals=(self.signal,))
 
     def plan(self, query: Query) -> Plan:
         return Plan(first=self.chain[0], allowed=self.chain)

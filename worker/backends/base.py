@@ -59,6 +59,12 @@ class Backend(ABC):
         self.tier = tier
         self.options = tier.backend.options
 
+    def provides(self, signal: str) -> bool:
+        """Whether this backend's results can carry this signal."""
+        if signal == "p_true":
+            return "verify" in self.capabilities
+        return "logprobs" in self.capabilities
+
     @classmethod
     def check_options(cls, tier: Tier) -> None:
         """Cheap checks a submitter can run without loading a model (default: none)."""
@@ -73,6 +79,12 @@ class Backend(ABC):
             wanted.add("samples")
         if needs.verify:
             wanted.add("verify")
+        for name in needs.signals:
+            if not self.provides(name):
+                raise BackendConfigError(
+                    f"tier {self.tier.name!r}: the policy reads the signal {name!r}, which the "
+                    f"{self.kind} backend cannot produce"
+                )
         missing = wanted - self.capabilities
         if missing:
             raise BackendConfigError(

@@ -59,6 +59,10 @@ class ReplayBackend(Backend):
                 f"models there: {', '.join(self.ds.models)}"
             )
 
+    def provides(self, signal: str) -> bool:
+        # recorded confidences only; a file may still lack them on some rows (then absent)
+        return signal in ("logprob", "p_true")
+
     @classmethod
     def check_options(cls, tier: Tier) -> None:
         cls(tier)  # cheap: the file is parsed once per process and cached
