@@ -16,7 +16,7 @@ from router.portfolio import load_portfolio
 from router.records import load_dataset
 from router.simulate import simulate, tiers_of
 from conftest import write_portfolio
-from worker.batch import read_items, run_batch
+from worker.batch import job_results, read_items, run_batch, wait_for
 from worker.celery_app import make_app, send_stage
 from worker.store import Store, attempts, jobs
 
@@ -31,17 +31,17 @@ def offline(portfolio, bench, split, n):
     return rows, simulate(build_policy(portfolio), tiers_of(portfolio), rows)
 
 
-def assert_matches_offline(report, outcomes):
-    assert [j["id"] for j in report.jobs] == [o.id for o in outcomes]
-    for j, o in zip(report.jobs, outcomes):
+def assert_matches_offline(db_jobs, outcomes):
+    assert [j["id"] for j in db_jobs] == [o.id for o in outcomes]
+    for j, o in zip(db_jobs, outcomes):
         assert (j["status"], j["final_tier"], j["answer"], j["cost_usd"], j["correct"]) == (
             o.status, o.final_tier, o.answer, o.cost_usd, o.correct), j["id"]
         assert [a["tier"] for a in j["attempts"]] == o.calls
-    db_counts = Counter(j["final_tier"] for j in report.jobs)
+    db_counts = Counter(j["final_tier"] for j in db_jobs)
     assert db_counts == Counter(o.final_tier for o in outcomes)
-    db_cost = sum(j["cost_usd"] for j in report.jobs)
+    db_cost = sum(j["cost_usd"] for j in db_jobs)
     assert db_cost == sum(o.cost_usd for o in outcomes)
-    assert sum(j["correct"] for j in report.jobs) == sum(o.correct for o in outcomes)
+    assert sum(j["correct"] for j in db_jobs) == sum(o.correct for o in outcomes)
 
 
 def assert_exactly_once(store: Store, batch_id: str, n: int):
@@ -63,13 +63,21 @@ def assert_exactly_once(store: Store, batch_id: str, n: int):
         assert b["total_cost"] == pytest.approx(sum(per_job.values()), rel=1e-9)
 
 
-def test_1000_rows_three_tiers_equal_offline(bench, distributed, workers, tmp_path):
-    settings, _ = distributed
+def three_tiers(bench, tmp_path, workers, *worker_args, slow_middle=False):
+    """A 3-tier replay portfolio (the middle tier waiting its recorded latency if
+    slow_middle) and one worker process per tier."""
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    if slow_middle:
+        path.write_text(path.read_text().replace('model = "llama3.1-70b" }', 'model = "llama3.1-70b", sleep = true }'))
     portfolio = load_portfolio(path)
     w = workers(path)
-    for t in portfolio.tiers:
-        w.start(t.name)
+    procs = {t.name: w.start(t.name, *worker_args) for t in portfolio.tiers}
+    return portfolio, w, procs
+
+
+def test_1000_rows_three_tiers_equal_offline(bench, distributed, workers, tmp_path):
+    settings, _ = distributed
+    portfolio, w, _ = three_tiers(bench, tmp_path, workers)
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=1000)
     try:
         report = run_batch(items, portfolio, settings=settings, batch_id="it-1000", progress=False, timeout=300)
@@ -80,26 +88,20 @@ def test_1000_rows_three_tiers_equal_offline(bench, distributed, workers, tmp_pa
     assert len(report.jobs) == 1000
     # the cascade really cascades here: every tier answers some
     assert set(Counter(o.final_tier for o in outcomes)) == {"t0", "t1", "t2"}
-    assert_matches_offline(report, outcomes)
+    assert_matches_offline(report.jobs, outcomes)
     assert_exactly_once(Store(settings.db_url), "it-1000", 1000)
 
 
 def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, workers, tmp_path):
     settings, _ = distributed
     settings = settings.model_copy(update={"chunk_size": 2})
-    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
     # the middle tier waits the recorded latency, so the kill lands mid-batch
-    text = path.read_text().replace('model = "llama3.1-70b" }', 'model = "llama3.1-70b", sleep = true }')
-    path.write_text(text)
-    portfolio = load_portfolio(path)
-    w = workers(path)
-    w.start("t0")
-    victim = w.start("t1")
-    w.start("t2")
+    portfolio, w, procs = three_tiers(bench, tmp_path, workers, slow_middle=True)
+    victim = procs["t1"]
     n = 60
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
     app = make_app(settings)
-    rep = run_batch(items, portfolio, settings=settings, batch_id="crash", progress=False, wait=False, app=app)
+    run_batch(items, portfolio, settings=settings, batch_id="crash", progress=False, wait=False, app=app)
     store = Store(settings.db_url)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -113,22 +115,16 @@ def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, worker
     victim.wait()
     assert store.batch("crash")["done"] < n  # the kill really was mid-batch
     w.start("t1")
-    from worker.batch import job_results, wait_for
-
     wait_for(store, "crash", progress=False, timeout=300)
-    report = type(rep)(rep.batch_id, store.batch("crash"), rep.submitted, job_results(store, "crash"))
     _, outcomes = offline(portfolio, bench, "test", n)
-    assert_matches_offline(report, outcomes)
+    assert_matches_offline(job_results(store, "crash"), outcomes)
     assert_exactly_once(store, "crash", n)
 
 
 def test_duplicated_messages_change_nothing(bench, distributed, workers, tmp_path):
     settings, _ = distributed
-    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
-    portfolio = load_portfolio(path)
-    w = workers(path)
-    for t in portfolio.tiers:
-        w.start(t.name, "-c", "3")  # three threads per tier: duplicates race each other
+    # three threads per tier: duplicates race each other
+    portfolio, w, _ = three_tiers(bench, tmp_path, workers, "-c", "3")
     n = 200
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
     app = make_app(settings)
@@ -139,14 +135,8 @@ def test_duplicated_messages_change_nothing(bench, distributed, workers, tmp_pat
     for _ in range(3):
         for i in range(0, n, 16):
             send_stage(app, "t0", portfolio.tier("t0").queue_name, ids[i : i + 16])
-    from worker.batch import job_results, wait_for
-
     wait_for(store, "dup", progress=False, timeout=300)
     time.sleep(1.0)  # let stray duplicates drain; they must not change anything
     _, outcomes = offline(portfolio, bench, "test", n)
-
-    class R:
-        jobs = job_results(store, "dup")
-
-    assert_matches_offline(R, outcomes)
+    assert_matches_offline(job_results(store, "dup"), outcomes)
     assert_exactly_once(store, "dup", n)
