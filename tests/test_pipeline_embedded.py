@@ -173,3 +173,24 @@ def test_failing_tier_falls_back_and_last_tier_failure_fails_the_job(bench, tmp_
     outcomes = simulate(build_policy(portfolio), tiers_of(portfolio), load_dataset(data).records)
     assert [(j["status"], j["final_tier"], j["cost_usd"]) for j in report.jobs] == [
         (o.status, o.final_tier, o.cost_usd) for o in outcomes]
+
+
+def test_cancel_stops_unfinished_jobs_and_keeps_finished_ones(bench, tmp_path):
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    portfolio = load_portfolio(path)
+    home = tmp_path / "h"
+    settings = Settings(home=home)
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=200)
+    # submitted, mostly never worked on: the embedded workers stop when run_batch returns
+    run_batch(items, portfolio, settings=settings, batch_id="c", progress=False, wait=False)
+    p = cascade("cancel", "c", home=home)
+    from worker.store import Store
+
+    store = Store(settings.db_url)
+    b = store.batch("c")
+    n = int(p.stdout.split(":")[1].split()[0])
+    assert n > 0 and b["cancelled"] == n and b["done"] == b["total"] == 200
+    assert b["succeeded"] + b["cancelled"] == 200
+    statuses = {j["status"] for j in store.batch_jobs("c")}
+    assert statuses <= {"succeeded", "cancelled"}
+    assert "no batch 'nope'" in cascade("cancel", "nope", home=home, check=False).stderr
