@@ -207,6 +207,13 @@ class Store:
         self.url = url
         self.engine = engine_for(url)
 
+    def read(self):
+        """A connection for reads. On PostgreSQL in autocommit: no BEGIN/ROLLBACK round
+        trips around the one or two SELECTs of a stage (each reads committed rows)."""
+        if self.engine.dialect.name == "postgresql":
+            return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        return self.engine.connect()
+
     def tx(self):
         """A write transaction (committed on success, rolled back on error)."""
         return self.engine.execution_options(write=True).begin()
@@ -218,7 +225,7 @@ class Store:
                       .on_conflict_do_nothing(index_elements=["digest"]))
 
     def portfolio_spec(self, digest: str) -> dict[str, Any]:
-        with self.engine.connect() as c:
+        with self.read() as c:
             spec = c.execute(select(portfolios.c.spec).where(portfolios.c.digest == digest)).scalar_one_or_none()
         if spec is None:
             raise LookupError(f"portfolio {digest} is not in the database")
@@ -269,19 +276,19 @@ class Store:
 
     def open_jobs(self, batch_id: str) -> list[tuple[str, str]]:
         """(job id, current tier) of the batch's unfinished jobs, in input order."""
-        with self.engine.connect() as c:
+        with self.read() as c:
             q = (select(jobs.c.id, jobs.c.current_tier).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
                  .order_by(jobs.c.seq))
             return [(r.id, r.current_tier) for r in c.execute(q)]
 
     def batch(self, batch_id: str) -> dict | None:
-        with self.engine.connect() as c:
+        with self.read() as c:
             r = c.execute(select(batches).where(batches.c.id == batch_id)).mappings().one_or_none()
             return dict(r) if r else None
 
     def batch_tiers(self, batch_id: str) -> list[dict]:
         """Per tier: calls, accepted, escalated/failed, cost and model time."""
-        with self.engine.connect() as c:
+        with self.read() as c:
             q = (select(attempts.c.tier, attempts.c.tier_index, attempts.c.decision,
                         func.count().label("n"), func.sum(attempts.c.cost_usd).label("cost"),
                         func.sum(attempts.c.latency_ms).label("latency_ms"))
@@ -291,13 +298,13 @@ class Store:
             return [dict(r) for r in c.execute(q).mappings()]
 
     def batch_jobs(self, batch_id: str) -> list[dict]:
-        with self.engine.connect() as c:
+        with self.read() as c:
             q = select(jobs).where(jobs.c.batch_id == batch_id).order_by(jobs.c.seq)
             return [dict(r) for r in c.execute(q).mappings()]
 
     def attempts_of(self, job_ids: Sequence[str]) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {j: [] for j in job_ids}
-        with self.engine.connect() as c:
+        with self.read() as c:
             for i in range(0, len(job_ids), 1000):
                 q = (select(attempts).where(attempts.c.job_id.in_(job_ids[i : i + 1000]))
                      .order_by(attempts.c.job_id, attempts.c.step))
@@ -306,14 +313,14 @@ class Store:
         return out
 
     def job(self, job_id: str) -> dict | None:
-        with self.engine.connect() as c:
+        with self.read() as c:
             r = c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one_or_none()
             return dict(r) if r else None
 
     # -- the stage task's reads and writes ------------------------------------
     def load_stage(self, job_ids: Sequence[str]) -> tuple[list[dict], dict[str, list[dict]]]:
         """The jobs of one stage message and their attempts so far (call order)."""
-        with self.engine.connect() as c:
+        with self.read() as c:
             rows = [dict(r) for r in c.execute(
                 select(jobs.c.id, jobs.c.batch_id, jobs.c.portfolio, jobs.c.input, jobs.c.plan,
                        jobs.c.status, jobs.c.current_tier).where(jobs.c.id.in_(list(job_ids)))).mappings()]
