@@ -140,3 +140,17 @@ def test_duplicated_messages_change_nothing(bench, distributed, workers, tmp_pat
     _, outcomes = offline(portfolio, bench, "test", n)
     assert_matches_offline(job_results(store, "dup"), outcomes)
     assert_exactly_once(store, "dup", n)
+
+
+def test_worker_for_an_unknown_tier_names_it(bench, distributed, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    _, env = distributed
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    p = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--tier", "t9", "--portfolio", str(path)],
+                       env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "unknown tier 't9'" in p.stderr and "tiers: t0, t1, t2" in p.stderr, p.stderr
