@@ -51,11 +51,12 @@ def plan_of(job: dict[str, Any]) -> Plan:
 
 
 def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: Needs,
-                 settings: Settings) -> tuple[Attempt, dict[str, Any]]:
+                 settings: Settings, retries: int | None = None) -> tuple[Attempt, dict[str, Any]]:
     """One attempt at this tier: retries transient errors with doubling backoff
     (honouring a server's Retry-After), and turns a failure into a failed attempt."""
     started = time.perf_counter()
     delay = settings.backend_retry_backoff
+    retries = settings.backend_retries if retries is None else retries
     tries = 0
     while True:
         try:
@@ -65,8 +66,9 @@ def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: 
             break
         except TransientBackendError as e:
             tries += 1
-            if tries > settings.backend_retries:
-                return _failed(tier, index, backend, f"{e} (gave up after {tries} tries)", started), {"tries": tries}
+            if tries > retries:
+                return _failed(tier, index, backend, f"{e} (gave up after {tries} {'try' if tries == 1 else 'tries'})", started), {
+                    "tries": tries, "gave_up": True}
             wait = min(settings.backend_retry_max_delay, e.retry_after if e.retry_after is not None else delay)
             log.warning("backend.retry", tier=tier.name, error=str(e), attempt=tries, wait_s=wait)
             time.sleep(wait)
@@ -116,13 +118,19 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[Messa
     store.mark_running([j["id"] for j in todo if j["status"] == QUEUED])
 
     outcomes: list[StageOutcome] = []
+    # Once a job of this message exhausted its retries on a transient error (the
+    # server is down or overloaded), the others get one try each: they fall back
+    # to the next tier now instead of each waiting out the whole backoff.
+    gave_up = False
     for job in todo:
         loaded = rt.loaded(job["portfolio"])
         portfolio, policy = loaded.portfolio, loaded.policy
         tier = portfolio.tier(tier_name)
         index = portfolio.index(tier_name)
         query = query_of(job)
-        attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings)
+        attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings,
+                                     retries=0 if gave_up else None)
+        gave_up = gave_up or bool(meta.get("gave_up"))
         history = [attempt_from_row(a) for a in prior[job["id"]]] + [attempt]
         d = cascade.step(policy, query, plan_of(job), history)
         o = StageOutcome(job["id"], job["batch_id"], len(history) - 1, attempt, d.action, d.reason, meta)
