@@ -154,3 +154,36 @@ def test_worker_for_an_unknown_tier_names_it(bench, distributed, tmp_path):
                        env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "unknown tier 't9'" in p.stderr and "tiers: t0, t1, t2" in p.stderr, p.stderr
+
+
+def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, workers, tmp_path):
+    import subprocess
+    import sys
+
+    import redis
+
+    from conftest import REDIS, REPO
+
+    settings, env = distributed
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    portfolio = load_portfolio(path)
+    n = 50
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
+    run_batch(items, portfolio, settings=settings, batch_id="lost", progress=False, wait=False)
+    r = redis.Redis.from_url(REDIS)
+    lost = sum(r.delete(f"{settings.redis_prefix}{t.queue_name}") for t in portfolio.tiers)
+    assert lost == 1  # every first stage sat in the first tier's queue; now gone
+    w = workers(path)
+    for t in portfolio.tiers:
+        w.start(t.name)
+    store = Store(settings.db_url)
+    time.sleep(3)
+    assert store.batch("lost")["done"] == 0  # nothing left to deliver
+    p = subprocess.run([sys.executable, "-m", "worker.cli", "resume", "lost"], env={**os.environ, **env},
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"of {n} unfinished jobs sent again" in p.stdout
+    wait_for(store, "lost", progress=False, timeout=120)
+    _, outcomes = offline(portfolio, bench, "test", n)
+    assert_matches_offline(job_results(store, "lost"), outcomes)
+    assert_exactly_once(store, "lost", n)

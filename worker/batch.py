@@ -122,7 +122,7 @@ class Submitted:
 def submit(app, portfolio: Portfolio, items: Sequence[Item], batch_id: str, *, source: str | None,
            chunk_size: int) -> Submitted:
     """Commit the batch's jobs, then send the first stage of every unfinished one."""
-    from .celery_app import runtime_of, send_stage
+    from .celery_app import runtime_of
 
     rt = runtime_of(app)
     store = rt.store
@@ -149,7 +149,18 @@ def submit(app, portfolio: Portfolio, items: Sequence[Item], batch_id: str, *, s
             row.update(input=it.data, plan=plan, status=QUEUED, current_tier=portfolio.tiers[start.tier].name)
         rows.append(row)
     new = store.add_jobs(batch_id, rows)
-    open_jobs = store.open_jobs(batch_id)
+    sent, messages = resend_open(app, portfolio, batch_id, chunk_size=chunk_size)
+    return Submitted(batch_id, new, sent, messages)
+
+
+def resend_open(app, portfolio: Portfolio, batch_id: str, *, chunk_size: int,
+                idle_before=None) -> tuple[int, int]:
+    """Send the current stage of the batch's unfinished jobs (of those idle since
+    `idle_before`, if given). Safe at any time: a stage is idempotent, so a job
+    whose message still exists is only looked at twice. Returns (jobs, messages)."""
+    from .celery_app import runtime_of, send_stage
+
+    open_jobs = runtime_of(app).store.open_jobs(batch_id, idle_before=idle_before)
     by_tier: dict[str, list[str]] = {}
     for job_id, tier in open_jobs:
         by_tier.setdefault(tier, []).append(job_id)
@@ -159,7 +170,7 @@ def submit(app, portfolio: Portfolio, items: Sequence[Item], batch_id: str, *, s
         for chunk in iter_chunks(ids, chunk_size):
             send_stage(app, tier, queue, chunk)
             messages += 1
-    return Submitted(batch_id, new, len(open_jobs), messages)
+    return len(open_jobs), messages
 
 
 def wait_for(store: Store, batch_id: str, *, progress: bool = True, alive=None, timeout: float | None = None,

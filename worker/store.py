@@ -274,11 +274,14 @@ class Store:
                     failed=batches.c.failed + failed, updated_at=t))
         return new
 
-    def open_jobs(self, batch_id: str) -> list[tuple[str, str]]:
-        """(job id, current tier) of the batch's unfinished jobs, in input order."""
+    def open_jobs(self, batch_id: str, *, idle_before: datetime | None = None) -> list[tuple[str, str]]:
+        """(job id, current tier) of the batch's unfinished jobs, in input order;
+        with idle_before, only those not updated since then."""
         with self.read() as c:
             q = (select(jobs.c.id, jobs.c.current_tier).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
                  .order_by(jobs.c.seq))
+            if idle_before is not None:
+                q = q.where(jobs.c.updated_at < idle_before)
             return [(r.id, r.current_tier) for r in c.execute(q)]
 
     def batch(self, batch_id: str) -> dict | None:

@@ -13,6 +13,7 @@ _COMMANDS = {
     "worker": ("worker.cli.worker_cmd:worker", "start the worker pool of one tier (distributed mode)"),
     "status": ("worker.cli.status_cmd:status", "show a batch's progress, per-tier counts and cost"),
     "cancel": ("worker.cli.cancel_cmd:cancel", "cancel a batch's unfinished jobs"),
+    "resume": ("worker.cli.resume_cmd:resume", "send again the current stage of a batch's unfinished jobs"),
     "db": ("worker.cli.db_cmd:db", "database migrations"),
     "bench": ("worker.cli.bench_cmd:bench", "benchmarks, reported as ratios against a baseline in the same run"),
     "demo": ("worker.cli.demo_cmd:demo", "real local models tiny -> small -> medium on a generated question set"),
