@@ -1,6 +1,7 @@
 """`cascade run INPUT.jsonl --portfolio FILE --out OUT.jsonl`: a batch, resumable."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -48,8 +49,10 @@ def run(input_path, portfolio_path, out_path, batch_id, split, limit, chunk, tim
     out = Path(out_path) if out_path else settings.home / f"{Path(input_path).name.split('.')[0]}.results.jsonl"
     write_results(report.jobs, out)
     b = report.batch
+    # fsum of the jobs' costs: exact and independent of the order jobs finished in
+    cost = math.fsum(j["cost_usd"] for j in report.jobs)
     click.echo(f"batch {batch_id}: {b['total']} items, {b['succeeded']} succeeded, {b['failed']} failed, "
-               f"{b['cancelled']} cancelled; cost ${b['total_cost']:.6g}")
+               f"{b['cancelled']} cancelled; cost ${cost:.6g}")
     counts = report.tier_counts()
     click.echo("answered at: " + ", ".join(f"{t.name} {counts.get(t.name, 0)}" for t in portfolio.tiers))
     graded = [j["correct"] for j in report.jobs if j["correct"] is not None]
