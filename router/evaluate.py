@@ -382,6 +382,8 @@ def _knobs(entry: dict[str, Any]) -> str:
         return " + ".join(f"{w:.2f} {t}" for t, w in p["weights"].items())
     if entry["policy"] == "single":
         return p["tier"]
+    if hasattr(POLICIES.get(entry["policy"]), "brief"):
+        return POLICIES[entry["policy"]].brief(p)
     return json.dumps(p, sort_keys=True)
 
 

@@ -443,7 +443,15 @@ TUNERS: dict[str, Callable[..., Tuner]] = {
     "threshold": ThresholdTuner,
     "single": SingleTuner,
     "random": RandomTuner,
+    "cascade-routing": lambda *a, **k: _more().CascadeRoutingTuner(*a, **k),
+    "automix": lambda *a, **k: _more().AutoMixTuner(*a, **k),
 }
+
+
+def _more():  # tuners in router.tuning_more (imported late: it imports this module)
+    from . import tuning_more
+
+    return tuning_more
 
 
 def make_tuner(policy: str, table: Table, infos: Sequence[TierInfo], **options: Any) -> Tuner:

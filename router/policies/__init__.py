@@ -5,6 +5,8 @@ import difflib
 from typing import TYPE_CHECKING, Any
 
 from ..policy import Policy, PolicyError, TierInfo
+from .automix import AutoMix
+from .cascade_routing import CascadeRouting
 from .random_route import RandomRouting
 from .single import SingleModel
 from .threshold import ThresholdCascade
@@ -16,6 +18,8 @@ POLICIES: dict[str, type[Policy]] = {
     ThresholdCascade.name: ThresholdCascade,
     SingleModel.name: SingleModel,
     RandomRouting.name: RandomRouting,
+    CascadeRouting.name: CascadeRouting,
+    AutoMix.name: AutoMix,
 }
 
 __all__ = ["POLICIES", "PolicyError", "build_policy", "make_policy", "tier_infos"]

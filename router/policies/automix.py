@@ -1,0 +1,143 @@
+"""AutoMix (Aggarwal, Madaan et al., NeurIPS 2024), POMDP-lite meta-verifier.
+
+The tier's self-verification probability (`p_true`) is binned; per non-last tier
+of the chain the fitted params (router.tuning_more fits them on train) hold, for
+the hidden states relative to the next tier of the chain
+    good     = this tier right,
+    needy    = this tier wrong, the next right,
+    hopeless = both wrong,
+their prior, P(bin | state), the mean accuracy gain of escalating in each state
+(good: <= 0, needy: about +1, hopeless: about 0) and the next tier's mean cost.
+Given the bin, the posterior over states gives the expected gain of escalating;
+the query escalates when  E[gain | bin] - lam * cost_next > 0, else it stops on
+this tier's answer. An absent signal leaves the prior as it is (no observation).
+Chains longer than two tiers apply the rule step by step.
+"""
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from typing import Any, Mapping, Sequence
+
+from ..attempt import Attempt, Query
+from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
+from ..signals import check_signal_name, get
+
+STATES = ("good", "needy", "hopeless")
+
+
+def _num(x: Any, what: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise PolicyError(f"{what} must be a number, got {x!r}") from None
+    if not math.isfinite(v):
+        raise PolicyError(f"{what} must be finite, got {x!r}")
+    return v
+
+
+class _Step:
+    def __init__(self, tier: str, d: Mapping[str, Any]):
+        w = f"steps[{tier!r}]"
+        if not isinstance(d, Mapping):
+            raise PolicyError(f"{w} must be an object")
+        for key in ("edges", "prior", "likelihood", "gain", "cost"):
+            if key not in d:
+                raise PolicyError(f"{w} lacks {key!r}")
+        self.edges = [_num(x, f"{w}.edges") for x in d["edges"]]
+        if any(b < a for a, b in zip(self.edges, self.edges[1:])):
+            raise PolicyError(f"{w}.edges must be sorted")
+        k = len(self.edges) + 1
+        try:
+            self.prior = {s: _num(d["prior"][s], f"{w}.prior.{s}") for s in STATES}
+            self.gain = {s: _num(d["gain"][s], f"{w}.gain.{s}") for s in STATES}
+            self.lik = {s: [_num(x, f"{w}.likelihood.{s}") for x in d["likelihood"][s]] for s in STATES}
+        except (KeyError, TypeError):
+            raise PolicyError(f"{w}: prior, gain and likelihood need the states {', '.join(STATES)}") from None
+        if any(len(v) != k for v in self.lik.values()):
+            raise PolicyError(f"{w}: each likelihood needs len(edges) + 1 = {k} values")
+        if any(v < 0 for v in self.prior.values()) or sum(self.prior.values()) <= 0:
+            raise PolicyError(f"{w}.prior must be >= 0 and not all 0")
+        self.cost = _num(d["cost"], f"{w}.cost")
+        self.raw = d
+
+    def expected_gain(self, value: float | None) -> tuple[float, int | None]:
+        b = None if value is None else bisect_right(self.edges, value)
+        post = {s: self.prior[s] * (1.0 if b is None else self.lik[s][b]) for s in STATES}
+        z = sum(post.values())
+        if z <= 0:
+            post, z = dict(self.prior), sum(self.prior.values())
+        return sum(post[s] * self.gain[s] for s in STATES) / z, b
+
+
+class AutoMix(Policy):
+    name = "automix"
+    summary = "AutoMix: escalate when the self-verification bin makes the expected gain beat lam x the next cost"
+    knobs = (
+        Knob("lam", "float", "price of quality: escalate when E[gain | bin] - lam*cost_next > 0", low=0.0),
+        Knob("chain", "tier_list", "the tiers climbed, cheapest first (two in AutoMix)"),
+        Knob("signal", "choice", "the self-verification signal that is binned (p_true)"),
+    )
+
+    def __init__(
+        self,
+        tiers: Sequence[TierInfo],
+        steps: Mapping[str, Any] | None = None,
+        lam: float = 0.0,
+        chain: Sequence[str] | None = None,
+        signal: str = "p_true",
+    ):
+        super().__init__(tiers)
+        try:
+            self.signal = check_signal_name(signal)
+        except ValueError as e:
+            raise PolicyError(str(e)) from None
+        self.lam = _num(lam, "lam")
+        if self.lam < 0:
+            raise PolicyError(f"lam must be >= 0, got {lam!r}")
+        names = list(chain) if chain is not None else [t.name for t in self.tiers]
+        if not names:
+            raise PolicyError("chain is empty")
+        self.chain = tuple(self.tier_index(n, "chain tier") for n in names)
+        if len(set(self.chain)) != len(self.chain):
+            raise PolicyError(f"chain names a tier twice: {names}")
+        self.steps: dict[int, _Step] = {}
+        for name, d in (steps or {}).items():
+            self.steps[self.tier_index(name, "step for tier")] = _Step(name, d)
+        missing = [self.tiers[i].name for i in self.chain[:-1] if i not in self.steps]
+        if missing:
+            raise PolicyError(f"no fitted step for tier(s) {missing}: every tier but the last of the chain needs one "
+                              f"(run `cascade tune --policy automix`)")
+
+    def needs(self, tier: int) -> Needs:
+        return Needs(signals=(self.signal,))
+
+    def plan(self, query: Query) -> Plan:
+        return Plan(first=self.chain[0], allowed=self.chain)
+
+    def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
+        cur = attempts[-1]
+        pos = self.chain.index(cur.tier_index)
+        if pos == len(self.chain) - 1:
+            return Decision("accept", "last tier of the chain")
+        st = self.steps[cur.tier_index]
+        value = get(cur.signals, self.signal)
+        g, b = st.expected_gain(value)
+        score = g - self.lam * st.cost
+        seen = f"{self.signal} missing" if b is None else f"{self.signal}={value:.3g} (bin {b})"
+        if score > 0:
+            return Decision("escalate", f"{seen}: E[gain]={g:.3g} - lam*cost > 0", next_tier=self.chain[pos + 1],
+                            score=value)
+        return Decision("accept", f"{seen}: E[gain]={g:.3g} - lam*cost <= 0", score=value)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "signal": self.signal,
+            "lam": self.lam,
+            "chain": [self.tiers[i].name for i in self.chain],
+            "steps": {self.tiers[i].name: dict(self.steps[i].raw) for i in self.chain[:-1]},
+        }
+
+    @staticmethod
+    def brief(params: Mapping[str, Any]) -> str:
+        return f"lam={float(params['lam']):.4g}: " + " > ".join(params["chain"])

@@ -1,0 +1,165 @@
+"""Cascade routing (Dekoninck, Baader & Vechev, ICML 2025), simplified to the
+cascade setting with post-hoc quality estimates.
+
+Per chain tier the fitted params hold (router.tuning_more fits them on train):
+- a calibrated post-hoc quality estimate q(signal) = P(correct | the tier's own
+  confidence): a step function, `levels[bisect_right(edges, signal)]`, and
+  `missing` when the signal is absent;
+- an ex-ante distribution of that estimate before the tier is run: `dist`, pairs
+  [value, weight] (the train rows' calibrated values; its mean is about the
+  tier's train accuracy), per category in `by_category` where the train data had
+  enough rows of the category;
+- `cost`: the tier's mean train cost.
+
+After each call, with q_best the highest estimate among the attempts so far, every
+untried chain tier j after the current one is scored
+    gain_j - lam * cost_j,   gain_j = E[max(q_best, Q_j)] - q_best
+(Q_j drawn from j's ex-ante distribution, assumed independent of what was seen).
+The best-scoring tier is called next if its score is > 0; otherwise the query
+stops and the answer of the attempt with the highest estimated quality is
+returned (`answer_from`), not necessarily the last one.
+"""
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from typing import Any, Mapping, Sequence
+
+from ..attempt import Attempt, Query
+from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
+from ..signals import check_signal_name, get
+
+
+def _num(x: Any, what: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise PolicyError(f"{what} must be a number, got {x!r}") from None
+    if not math.isfinite(v):
+        raise PolicyError(f"{what} must be finite, got {x!r}")
+    return v
+
+
+def _dist(pairs: Any, what: str) -> tuple[tuple[float, float], ...]:
+    try:
+        out = tuple((_num(v, what), _num(w, what)) for v, w in pairs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, PolicyError):
+            raise
+        raise PolicyError(f"{what} must be a list of [value, weight] pairs") from None
+    if not out or any(w < 0 for _, w in out) or sum(w for _, w in out) <= 0:
+        raise PolicyError(f"{what} needs at least one pair and positive weights")
+    z = sum(w for _, w in out)
+    return tuple((v, w / z) for v, w in out)
+
+
+class _Estimates:
+    """One tier's fitted quality and cost estimates (validated)."""
+
+    def __init__(self, tier: str, d: Mapping[str, Any]):
+        if not isinstance(d, Mapping):
+            raise PolicyError(f"estimates for tier {tier!r} must be an object")
+        w = f"estimates[{tier!r}]"
+        for key in ("cost", "edges", "levels", "missing", "dist"):
+            if key not in d:
+                raise PolicyError(f"{w} lacks {key!r}")
+        self.cost = _num(d["cost"], f"{w}.cost")
+        self.edges = [_num(x, f"{w}.edges") for x in d["edges"]]
+        self.levels = [_num(x, f"{w}.levels") for x in d["levels"]]
+        if len(self.levels) != len(self.edges) + 1:
+            raise PolicyError(f"{w}: levels needs len(edges) + 1 = {len(self.edges) + 1} values, got {len(self.levels)}")
+        if any(b < a for a, b in zip(self.edges, self.edges[1:])):
+            raise PolicyError(f"{w}.edges must be sorted")
+        self.missing = _num(d["missing"], f"{w}.missing")
+        self.dist = _dist(d["dist"], f"{w}.dist")
+        self.by_category = {str(c): _dist(p, f"{w}.by_category[{c!r}]") for c, p in (d.get("by_category") or {}).items()}
+        self.raw = d
+
+    def post(self, value: float | None) -> float:
+        if value is None:
+            return self.missing
+        return self.levels[bisect_right(self.edges, value)]
+
+    def gain(self, q_best: float, category: str | None) -> float:
+        dist = self.by_category.get(category, self.dist) if category is not None else self.dist
+        return sum(w * (v - q_best) for v, w in dist if v > q_best)
+
+
+class CascadeRouting(Policy):
+    name = "cascade-routing"
+    summary = "cascade routing: call the next model while its expected quality gain beats lam x its cost"
+    knobs = (
+        Knob("lam", "float", "price of quality: stop when max_j E[max(q_best, Q_j)] - q_best - lam*c_j <= 0", low=0.0),
+        Knob("chain", "tier_list", "the tiers that may be called, cheapest first (default: every estimated tier)"),
+        Knob("signal", "choice", "the confidence signal the post-hoc estimates read"),
+    )
+
+    def __init__(
+        self,
+        tiers: Sequence[TierInfo],
+        estimates: Mapping[str, Any] | None = None,
+        lam: float = 0.0,
+        signal: str = "logprob",
+        chain: Sequence[str] | None = None,
+    ):
+        super().__init__(tiers)
+        try:
+            self.signal = check_signal_name(signal)
+        except ValueError as e:
+            raise PolicyError(str(e)) from None
+        self.lam = _num(lam, "lam")
+        if self.lam < 0:
+            raise PolicyError(f"lam must be >= 0, got {lam!r}")
+        if not estimates:
+            raise PolicyError("cascade-routing needs fitted `estimates` per tier (run `cascade tune --policy cascade-routing`)")
+        self.est: dict[int, _Estimates] = {}
+        for name, d in estimates.items():
+            self.est[self.tier_index(name, "estimates for tier")] = _Estimates(name, d)
+        names = list(chain) if chain is not None else [t.name for t in self.tiers if t.index in self.est]
+        if not names:
+            raise PolicyError("chain is empty")
+        self.chain = tuple(self.tier_index(n, "chain tier") for n in names)
+        if len(set(self.chain)) != len(self.chain):
+            raise PolicyError(f"chain names a tier twice: {names}")
+        missing = [self.tiers[i].name for i in self.chain if i not in self.est]
+        if missing:
+            raise PolicyError(f"no estimates for chain tier(s) {missing}")
+
+    def needs(self, tier: int) -> Needs:
+        return Needs(signals=(self.signal,))
+
+    def plan(self, query: Query) -> Plan:
+        return Plan(first=self.chain[0], allowed=self.chain)
+
+    def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
+        qs = [self.est[a.tier_index].post(get(a.signals, self.signal)) for a in attempts]
+        best = max(range(len(qs)), key=lambda i: (qs[i], i))  # ties: the later attempt
+        qb = qs[best]
+        tried = {a.tier_index for a in attempts}
+        pos = self.chain.index(attempts[-1].tier_index)
+        score, nxt = 0.0, None
+        for j in self.chain[pos + 1:]:
+            if j in tried:
+                continue
+            e = self.est[j]
+            s = e.gain(qb, query.category) - self.lam * e.cost
+            if s > score:
+                score, nxt = s, j
+        if nxt is not None:
+            return Decision("escalate", f"q_best={qb:.3g}; {self.tiers[nxt].name}: gain - lam*cost = {score:.3g} > 0",
+                            next_tier=nxt, score=qb)
+        return Decision("accept", f"no tier left worth its cost; best estimate q={qb:.3g} "
+                                  f"from {attempts[best].tier}", answer_from=best, score=qb)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "signal": self.signal,
+            "lam": self.lam,
+            "chain": [self.tiers[i].name for i in self.chain],
+            "estimates": {self.tiers[i].name: dict(self.est[i].raw) for i in self.chain},
+        }
+
+    @staticmethod
+    def brief(params: Mapping[str, Any]) -> str:
+        """One line for tables (the estimates are long)."""
+        return f"lam={float(params['lam']):.4g}: " + " > ".join(params["chain"])
