@@ -445,7 +445,15 @@ TUNERS: dict[str, Callable[..., Tuner]] = {
     "random": RandomTuner,
     "cascade-routing": lambda *a, **k: _more().CascadeRoutingTuner(*a, **k),
     "automix": lambda *a, **k: _more().AutoMixTuner(*a, **k),
+    "router": lambda *a, **k: _precall().RouterTuner(*a, **k),
+    "select-then-route": lambda *a, **k: _precall().SelectThenRouteTuner(*a, **k),
 }
+
+
+def _precall():  # tuners in router.precall_tuning (imported late: it imports this module)
+    from . import precall_tuning
+
+    return precall_tuning
 
 
 def _more():  # tuners in router.tuning_more (imported late: it imports this module)

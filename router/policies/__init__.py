@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 from ..policy import Policy, PolicyError, TierInfo
 from .automix import AutoMix
 from .cascade_routing import CascadeRouting
+from .precall_router import PrecallRouter
 from .random_route import RandomRouting
+from .select_then_route import SelectThenRoute
 from .single import SingleModel
 from .threshold import ThresholdCascade
 
@@ -20,6 +22,8 @@ POLICIES: dict[str, type[Policy]] = {
     RandomRouting.name: RandomRouting,
     CascadeRouting.name: CascadeRouting,
     AutoMix.name: AutoMix,
+    PrecallRouter.name: PrecallRouter,
+    SelectThenRoute.name: SelectThenRoute,
 }
 
 __all__ = ["POLICIES", "PolicyError", "build_policy", "make_policy", "tier_infos"]

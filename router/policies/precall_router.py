@@ -1,0 +1,149 @@
+"""Pre-call learned router (RouteLLM / Hybrid LLM style, methods 8 and 9).
+
+Before any call, a per-model logistic regression on features of the query text
+alone (`router.features`: hashed words and bigrams of the prompt, log prompt
+length, the category one-hot when known) predicts p_m = P(model m answers
+correctly | query). The query goes to the cheapest model (params `order`,
+cheapest first) with p_m >= alpha; if none reaches alpha, to the model with the
+highest p_m (ties: the cheaper). Exactly one model is called (the others are
+only a fallback should that call fail). With two models this is Hybrid LLM's
+"small model if p >= threshold" and RouteLLM's threshold alpha.
+
+Params (JSON): alpha; order (tier names, cheapest first); features
+{buckets, categories}; models {tier: {bias, w: [[column, weight], ...]}} (the
+non-zero weights, rounded). The tuner (`RouterTuner`) fits the weights on the
+train rows only and sweeps alpha.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..attempt import Attempt, Query
+from ..features import DEFAULT_BUCKETS, QueryFeaturizer, sigmoid
+from ..policy import Decision, Knob, Plan, Policy, PolicyError, TierInfo
+
+WEIGHT_DECIMALS = 4
+
+
+class PrecallRouter(Policy):
+    name = "router"
+    summary = "pre-call learned router: cheapest model whose predicted P(correct | query) >= alpha"
+    knobs = (
+        Knob("alpha", "float", "route to the cheapest model whose predicted success >= alpha", low=0.0, high=1.0),
+        Knob("order", "tier_list", "the routable tiers, cheapest first"),
+        Knob("models", "choice", "per tier: the logistic regression's bias and weights (fitted by the tuner)"),
+    )
+
+    def __init__(self, tiers: Sequence[TierInfo], alpha: float = 0.5, order: Sequence[str] | None = None,
+                 models: Mapping[str, Mapping[str, Any]] | None = None, features: Mapping[str, Any] | None = None):
+        super().__init__(tiers)
+        try:
+            self.alpha = float(alpha)
+        except (TypeError, ValueError):
+            raise PolicyError(f"alpha must be a number, got {alpha!r}") from None
+        if math.isnan(self.alpha):
+            raise PolicyError("alpha is NaN")
+        if not models:
+            raise PolicyError("policy 'router' needs `models` (fit them with `cascade tune --policy router`)")
+        names = list(order) if order is not None else [t.name for t in self.tiers if t.name in models]
+        if not names:
+            raise PolicyError("order is empty")
+        self.order = tuple(self.tier_index(n, "order tier") for n in names)
+        if len(set(self.order)) != len(self.order):
+            raise PolicyError(f"order names a tier twice: {names}")
+        feats = dict(features or {})
+        unknown = set(feats) - {"buckets", "categories"}
+        if unknown:
+            raise PolicyError(f"features: unknown key(s) {sorted(unknown)}; known: buckets, categories")
+        try:
+            self.featurizer = QueryFeaturizer.shared(feats.get("buckets", DEFAULT_BUCKETS), feats.get("categories", ()))
+        except (TypeError, ValueError) as e:
+            raise PolicyError(f"features: {e}") from None
+        d = self.featurizer.dim
+        self.W = np.zeros((len(self.order), d))
+        self.b = np.zeros(len(self.order))
+        for j, name in enumerate(names):
+            m = models.get(name)
+            if m is None:
+                raise PolicyError(f"models: no model for tier {name!r} of the order")
+            try:
+                self.b[j] = float(m.get("bias", 0.0))
+                for col, w in m.get("w", ()):
+                    if not 0 <= int(col) < d:
+                        raise PolicyError(f"models[{name!r}]: column {col} outside 0..{d - 1}")
+                    self.W[j, int(col)] = float(w)
+            except (TypeError, ValueError, AttributeError):
+                raise PolicyError(f"models[{name!r}] must be {{'bias': number, 'w': [[column, weight], ...]}}") from None
+        extra = [n for n in models if n not in names]
+        if extra:
+            self.tier_index(extra[0], "models tier")  # an unknown name is an error; a known one is just unused
+        self._models = {n: {"bias": float(models[n].get("bias", 0.0)),
+                            "w": [[int(c), float(w)] for c, w in models[n].get("w", ())]} for n in names}
+        self._fallback = tuple(t.index for t in self.tiers if t.index not in self.order)
+        feats_key = json.dumps(self.params()["features"], sort_keys=True)
+        self._caches = []
+        for n in names:
+            fp = hashlib.sha256((feats_key + json.dumps(self._models[n], sort_keys=True)).encode()).hexdigest()
+            if fp not in PrecallRouter._pcache and len(PrecallRouter._pcache) >= 64:
+                PrecallRouter._pcache.clear()
+            self._caches.append(PrecallRouter._pcache.setdefault(fp, {}))
+
+    # predictions per (tier model, query), shared by the instances an evaluation builds
+    # for one fitted model at many alphas; keyed by the model's content, so exact
+    _pcache: dict[str, dict[tuple[str, str | None], float]] = {}
+
+    def probs(self, query: Query) -> list[float]:
+        """Predicted P(correct) per tier of `order` (the same arithmetic the tuner replays)."""
+        key = (query.prompt, query.category)
+        got = [c.get(key) for c in self._caches]
+        if None not in got:
+            return got
+        p = [float(v) for v in self._probs(query)]
+        for c, v in zip(self._caches, p):
+            if len(c) >= 1 << 16:
+                c.clear()
+            c[key] = v
+        return p
+
+    def _probs(self, query: Query) -> np.ndarray:
+        idx, vals = self.featurizer(query.prompt, query.category)
+        # row by row (elementwise product, then a sum along each row): a tier's value does
+        # not depend on which other tiers are routable, so the tuner's replay is exact
+        return sigmoid((self.W[:, idx] * vals).sum(axis=1) + self.b)
+
+    def route(self, query: Query) -> tuple[int, float]:
+        """Position in `order` of the routed tier, and its predicted success."""
+        p = self.probs(query)
+        for pos, v in enumerate(p):
+            if v >= self.alpha:
+                return pos, v
+        pos = max(range(len(p)), key=p.__getitem__)  # the first of equal maxima
+        return pos, p[pos]
+
+    def plan(self, query: Query) -> Plan:
+        pos, p = self.route(query)
+        first = self.order[pos]
+        rest = tuple(i for i in self.order if i != first) + self._fallback
+        return Plan(first=first, allowed=(first,) + rest, note=f"p={p:.3f}")
+
+    def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
+        return Decision("accept", "routed before the call" if len(attempts) == 1 else "fallback tier")
+
+    @staticmethod
+    def brief(params: Mapping[str, Any]) -> str:
+        """One line for the evaluate table (the weights are left out)."""
+        return f"alpha={float(params['alpha']):.3g} over " + " < ".join(params["order"])
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "order": [self.tiers[i].name for i in self.order],
+            "features": {"buckets": self.featurizer.buckets, "categories": list(self.featurizer.categories)},
+            "models": self._models,
+        }
+
