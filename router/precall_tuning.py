@@ -11,6 +11,7 @@ import numpy as np
 
 from .features import DEFAULT_BUCKETS, QueryFeaturizer, fit_logistic, sigmoid
 from .labelled import CONFIDENCE_SIGNALS, Table
+from .policies.precall_router import weights_text
 from .policy import TierInfo
 from .tuning import NotApplicable, Tuner, TuningError, _select
 
@@ -74,7 +75,7 @@ class RouterTuner(Tuner):
         for j, name in enumerate(names):
             w = np.round(W[j], WEIGHT_DECIMALS)
             models[name] = {"bias": round(float(b[j]), WEIGHT_DECIMALS),
-                            "w": [[int(c), float(w[c])] for c in np.flatnonzero(w)]}
+                            "w": weights_text((c, w[c]) for c in np.flatnonzero(w))}
         self.base = {"order": names, "features": {"buckets": buckets, "categories": cats}, "models": models}
         # in-sample predictions with the policy's own arithmetic on the rounded weights
         pol = make_policy("router", infos, {"alpha": 0.5, **self.base})

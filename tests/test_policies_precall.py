@@ -97,7 +97,7 @@ def test_router_alpha_sweeps_from_cheap_to_dear():
     infos = tier_infos(TIERS)
     base = {k: v for k, v in f.params.items() if k != "alpha"}
     base["order"] = ["small", "big"]
-    base["models"] = {m: f.params["models"].get(m, {"bias": 0.0, "w": []}) for m in base["order"]}
+    base["models"] = {m: f.params["models"].get(m, {"bias": 0.0, "w": ""}) for m in base["order"]}
     costs = [summarize(simulate(make_policy("router", infos, {**base, "alpha": a}), TIERS, train), TIERS)["cost"]
              for a in (0.0, 0.5, 1.01)]
     assert costs[0] == pytest.approx(1e-5) and costs[0] <= costs[1] <= costs[2]

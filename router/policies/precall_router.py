@@ -10,9 +10,10 @@ only a fallback should that call fail). With two models this is Hybrid LLM's
 "small model if p >= threshold" and RouteLLM's threshold alpha.
 
 Params (JSON): alpha; order (tier names, cheapest first); features
-{buckets, categories}; models {tier: {bias, w: [[column, weight], ...]}} (the
-non-zero weights, rounded). The tuner (`RouterTuner`) fits the weights on the
-train rows only and sweeps alpha.
+{buckets, categories}; models {tier: {bias, w: "column:weight ..."}} (the
+non-zero weights, rounded to 4 decimals, as one compact string). The tuner
+(`router.precall_tuning.RouterTuner`) fits the weights on the train rows only
+and sweeps alpha.
 """
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ from ..features import DEFAULT_BUCKETS, QueryFeaturizer, sigmoid
 from ..policy import Decision, Knob, Plan, Policy, PolicyError, TierInfo
 
 WEIGHT_DECIMALS = 4
+
+
+def weights_text(pairs) -> str:
+    """Sparse weights as one compact JSON string: "column:weight column:weight ..."."""
+    return " ".join(f"{int(c)}:{float(w)!r}" for c, w in pairs)
+
+
+def weight_pairs(w: str | Sequence[Sequence[float]]) -> list[tuple[int, float]]:
+    """The inverse of `weights_text` (a list of [column, weight] pairs is accepted too)."""
+    if isinstance(w, str):
+        return [(int(c), float(v)) for c, v in (t.split(":") for t in w.split())]
+    return [(int(c), float(v)) for c, v in w]
 
 
 class PrecallRouter(Policy):
@@ -67,23 +80,24 @@ class PrecallRouter(Policy):
         d = self.featurizer.dim
         self.W = np.zeros((len(self.order), d))
         self.b = np.zeros(len(self.order))
+        self._models = {}
         for j, name in enumerate(names):
             m = models.get(name)
             if m is None:
                 raise PolicyError(f"models: no model for tier {name!r} of the order")
             try:
                 self.b[j] = float(m.get("bias", 0.0))
-                for col, w in m.get("w", ()):
-                    if not 0 <= int(col) < d:
-                        raise PolicyError(f"models[{name!r}]: column {col} outside 0..{d - 1}")
-                    self.W[j, int(col)] = float(w)
+                pairs = weight_pairs(m.get("w", ""))
             except (TypeError, ValueError, AttributeError):
-                raise PolicyError(f"models[{name!r}] must be {{'bias': number, 'w': [[column, weight], ...]}}") from None
+                raise PolicyError(f"models[{name!r}] must be {{'bias': number, 'w': 'column:weight ...'}}") from None
+            for col, w in pairs:
+                if not 0 <= col < d:
+                    raise PolicyError(f"models[{name!r}]: column {col} outside 0..{d - 1}")
+                self.W[j, col] = w
+            self._models[name] = {"bias": float(self.b[j]), "w": weights_text(pairs)}
         extra = [n for n in models if n not in names]
         if extra:
             self.tier_index(extra[0], "models tier")  # an unknown name is an error; a known one is just unused
-        self._models = {n: {"bias": float(models[n].get("bias", 0.0)),
-                            "w": [[int(c), float(w)] for c, w in models[n].get("w", ())]} for n in names}
         self._fallback = tuple(t.index for t in self.tiers if t.index not in self.order)
         feats_key = json.dumps(self.params()["features"], sort_keys=True)
         self._caches = []
