@@ -194,3 +194,28 @@ def test_cancel_stops_unfinished_jobs_and_keeps_finished_ones(bench, tmp_path):
     statuses = {j["status"] for j in store.batch_jobs("c")}
     assert statuses <= {"succeeded", "cancelled"}
     assert "no batch 'nope'" in cascade("cancel", "nope", home=home, check=False).stderr
+
+
+@pytest.mark.parametrize("policy", ["threshold", "cascade-routing", "automix", "router", "select-then-route"])
+def test_every_tuned_policy_runs_in_the_workers_as_in_the_evaluator(bench, tmp_path, policy):
+    """Fit on train, load the policy into a replay portfolio, run test rows through
+    the embedded workers: the same decisions as router.simulate, row for row."""
+    from router.portfolio import parse_portfolio
+    from router.simulate import TierModel
+    from router.tuning import Target, fit
+
+    data = bench / "rc-triviaqa.jsonl.gz"
+    models = ["gpt-4o-mini", "llama3.1-70b", "llama3.1-405b"]
+    ds = load_dataset(data)
+    tiers = [TierModel(f"t{i}", m) for i, m in enumerate(models)]
+    fitted = fit(policy, ds.split("train"), tiers, Target.budget(4e-4))
+    portfolio = parse_portfolio({
+        "policy": {"name": policy, "params": fitted.params},
+        "tiers": [{"name": t.name, "backend": {"kind": "replay", "file": str(data), "model": t.model}} for t in tiers],
+    }, where="tuned")
+    rows = ds.split("test")[:80]
+    report = run_batch(read_items(data, split="test", limit=80), portfolio, settings=Settings(home=tmp_path / "h"),
+                       batch_id=policy, progress=False, timeout=120)
+    outcomes = simulate(build_policy(portfolio), tiers_of(portfolio), rows)
+    assert [(j["status"], j["final_tier"], j["answer"], j["cost_usd"], [a["tier"] for a in j["attempts"]])
+            for j in report.jobs] == [(o.status, o.final_tier, o.answer, o.cost_usd, o.calls) for o in outcomes]
