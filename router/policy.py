@@ -100,6 +100,26 @@ class Policy(ABC):
             raise PolicyError(f"{what} {name!r} is not a tier of this portfolio{hint}; tiers: {', '.join(self._by_name)}")
         return t.index
 
+    def tier_list(self, names: Sequence[str] | None, what: str = "chain") -> tuple[int, ...]:
+        """Tier names -> indices, in order; an empty list, an unknown tier or a
+        repeated one is an error naming `what`."""
+        if isinstance(names, str) or not names:
+            raise PolicyError(f"{what} must be a non-empty list of tiers")
+        chain = tuple(self.tier_index(str(n), f"{what} tier") for n in names)
+        if len(set(chain)) != len(chain):
+            raise PolicyError(f"{what} names a tier twice: {list(names)}")
+        return chain
+
+    @staticmethod
+    def signal_name(name: str) -> str:
+        """A known confidence signal name, or a PolicyError naming the near miss."""
+        from .signals import check_signal_name
+
+        try:
+            return check_signal_name(name)
+        except ValueError as e:
+            raise PolicyError(str(e)) from None
+
     @property
     def last(self) -> int:
         return len(self.tiers) - 1

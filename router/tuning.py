@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
@@ -463,7 +462,7 @@ def _more():  # tuners in router.tuning_more (imported late: it imports this mod
 
 
 def make_tuner(policy: str, table: Table, infos: Sequence[TierInfo], **options: Any) -> Tuner:
-    from .policies import POLICIES, make_policy  # noqa: F401  (validates the name)
+    from .policies import POLICIES
 
     if policy not in POLICIES:
         import difflib

@@ -23,7 +23,6 @@ search's figures are simulate's by construction (`confirm` re-checks them).
 from __future__ import annotations
 
 import itertools
-from bisect import bisect_right
 from typing import Any, Sequence
 
 import numpy as np

@@ -28,7 +28,7 @@ from router.portfolio import load_portfolio
 from router.records import load_dataset
 
 from .batch import Item, submit, wait_for
-from .celery_app import NOOP_TASK, make_app, runtime_of, send_stage
+from .celery_app import NOOP_TASK, make_app, runtime_of
 from .migrate import upgrade
 from .settings import Settings
 

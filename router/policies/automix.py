@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from ..attempt import Attempt, Query
 from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
-from ..signals import check_signal_name, get
+from ..signals import get
 
 STATES = ("good", "needy", "hopeless")
 
@@ -88,19 +88,11 @@ class AutoMix(Policy):
         signal: str = "p_true",
     ):
         super().__init__(tiers)
-        try:
-            self.signal = check_signal_name(signal)
-        except ValueError as e:
-            raise PolicyError(str(e)) from None
+        self.signal = self.signal_name(signal)
         self.lam = _num(lam, "lam")
         if self.lam < 0:
             raise PolicyError(f"lam must be >= 0, got {lam!r}")
-        names = list(chain) if chain is not None else [t.name for t in self.tiers]
-        if not names:
-            raise PolicyError("chain is empty")
-        self.chain = tuple(self.tier_index(n, "chain tier") for n in names)
-        if len(set(self.chain)) != len(self.chain):
-            raise PolicyError(f"chain names a tier twice: {names}")
+        self.chain = self.tier_list(list(chain) if chain is not None else [t.name for t in self.tiers])
         self.steps: dict[int, _Step] = {}
         for name, d in (steps or {}).items():
             self.steps[self.tier_index(name, "step for tier")] = _Step(name, d)

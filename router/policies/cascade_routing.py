@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 from ..attempt import Attempt, Query
 from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
-from ..signals import check_signal_name, get
+from ..signals import get
 
 
 def _num(x: Any, what: str) -> float:
@@ -103,10 +103,7 @@ class CascadeRouting(Policy):
         chain: Sequence[str] | None = None,
     ):
         super().__init__(tiers)
-        try:
-            self.signal = check_signal_name(signal)
-        except ValueError as e:
-            raise PolicyError(str(e)) from None
+        self.signal = self.signal_name(signal)
         self.lam = _num(lam, "lam")
         if self.lam < 0:
             raise PolicyError(f"lam must be >= 0, got {lam!r}")
@@ -115,12 +112,8 @@ class CascadeRouting(Policy):
         self.est: dict[int, _Estimates] = {}
         for name, d in estimates.items():
             self.est[self.tier_index(name, "estimates for tier")] = _Estimates(name, d)
-        names = list(chain) if chain is not None else [t.name for t in self.tiers if t.index in self.est]
-        if not names:
-            raise PolicyError("chain is empty")
-        self.chain = tuple(self.tier_index(n, "chain tier") for n in names)
-        if len(set(self.chain)) != len(self.chain):
-            raise PolicyError(f"chain names a tier twice: {names}")
+        self.chain = self.tier_list(list(chain) if chain is not None
+                                    else [t.name for t in self.tiers if t.index in self.est])
         missing = [self.tiers[i].name for i in self.chain if i not in self.est]
         if missing:
             raise PolicyError(f"no estimates for chain tier(s) {missing}")

@@ -63,12 +63,9 @@ class PrecallRouter(Policy):
             raise PolicyError("alpha is NaN")
         if not models:
             raise PolicyError("policy 'router' needs `models` (fit them with `cascade tune --policy router`)")
-        names = list(order) if order is not None else [t.name for t in self.tiers if t.name in models]
-        if not names:
-            raise PolicyError("order is empty")
-        self.order = tuple(self.tier_index(n, "order tier") for n in names)
-        if len(set(self.order)) != len(self.order):
-            raise PolicyError(f"order names a tier twice: {names}")
+        self.order = self.tier_list(list(order) if order is not None
+                                    else [t.name for t in self.tiers if t.name in models], "order")
+        names = [self.tiers[i].name for i in self.order]
         feats = dict(features or {})
         unknown = set(feats) - {"buckets", "categories"}
         if unknown:

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from ..attempt import Attempt, Query
 from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
-from ..signals import check_signal_name, get
+from ..signals import get
 
 
 class SelectThenRoute(Policy):
@@ -44,13 +44,10 @@ class SelectThenRoute(Policy):
         if not default:
             raise PolicyError("policy 'select-then-route' needs `default`: the shortlist for queries "
                               "without a known category (fit it with `cascade tune --policy select-then-route`)")
-        self.default = self._chain(default, "default")
-        self.shortlists = {str(c): self._chain(v, f"shortlists[{c!r}]") for c, v in (shortlists or {}).items()}
+        self.default = self.tier_list(default, "default")
+        self.shortlists = {str(c): self.tier_list(v, f"shortlists[{c!r}]") for c, v in (shortlists or {}).items()}
         if signal is not None:
-            try:
-                signal = check_signal_name(signal)
-            except ValueError as e:
-                raise PolicyError(str(e)) from None
+            signal = self.signal_name(signal)
             if threshold is None:
                 raise PolicyError("a `threshold` is needed with a `signal`")
         self.signal = signal
@@ -63,14 +60,6 @@ class SelectThenRoute(Policy):
             if math.isnan(self.threshold):
                 raise PolicyError("threshold is NaN")
         self.delta = None if delta is None else float(delta)
-
-    def _chain(self, names: Sequence[str], what: str) -> tuple[int, ...]:
-        if isinstance(names, str) or not names:
-            raise PolicyError(f"{what} must be a non-empty list of tiers")
-        chain = tuple(self.tier_index(str(n), f"{what} tier") for n in names)
-        if len(set(chain)) != len(chain):
-            raise PolicyError(f"{what} names a tier twice: {list(names)}")
-        return chain
 
     def shortlist(self, query: Query) -> tuple[int, ...]:
         if query.category is not None and query.category in self.shortlists:

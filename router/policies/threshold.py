@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from ..attempt import Attempt, Query
 from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
-from ..signals import check_signal_name, get
+from ..signals import get
 
 
 class ThresholdCascade(Policy):
@@ -27,16 +27,8 @@ class ThresholdCascade(Policy):
         chain: Sequence[str] | None = None,
     ):
         super().__init__(tiers)
-        try:
-            self.signal = check_signal_name(signal)
-        except ValueError as e:
-            raise PolicyError(str(e)) from None
-        names = list(chain) if chain is not None else [t.name for t in self.tiers]
-        if not names:
-            raise PolicyError("chain is empty")
-        self.chain = tuple(self.tier_index(n, "chain tier") for n in names)
-        if len(set(self.chain)) != len(self.chain):
-            raise PolicyError(f"chain names a tier twice: {names}")
+        self.signal = self.signal_name(signal)
+        self.chain = self.tier_list(list(chain) if chain is not None else [t.name for t in self.tiers])
         self.thresholds: dict[int, float] = {}
         for name, value in (thresholds or {}).items():
             idx = self.tier_index(name, "threshold for tier")
