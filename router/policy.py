@@ -139,3 +139,22 @@ class Policy(ABC):
 
     def describe(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
+
+class ChainPolicy(Policy):
+    """A policy that climbs `self.chain` (tier indices, cheapest first) reading one
+    confidence signal: it starts at the chain's first tier, may use only the chain,
+    and declares its signal so a backend can produce it."""
+
+    chain: tuple[int, ...]
+    signal: str
+
+    def needs(self, tier: int) -> Needs:
+        return Needs(signals=(self.signal,))
+
+    def plan(self, query: Query) -> Plan:
+        return Plan(first=self.chain[0], allowed=self.chain)
+
+    def rest_of_chain(self, attempt: Attempt) -> tuple[int, ...]:
+        """The chain's tiers after this attempt's (empty on the last tier)."""
+        return self.chain[self.chain.index(attempt.tier_index) + 1 :]

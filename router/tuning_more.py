@@ -38,6 +38,14 @@ def _r(x: float) -> float:
     return float(round(float(x), 6))
 
 
+def _given_chain(chain: Sequence[str], by_name: dict[str, int]) -> tuple[int, ...]:
+    """A chain the user named (--chain), as tier indices; unknown names are an error."""
+    bad = [c for c in chain if c not in by_name]
+    if bad:
+        raise TuningError(f"chain tier(s) {bad} are not tiers here; tiers: {', '.join(by_name)}")
+    return tuple(by_name[c] for c in chain)
+
+
 def _pool(table: Table, infos: Sequence[TierInfo], prune: bool) -> tuple[list[int], list[str]]:
     """Tiers not dominated on train (cost, accuracy), in cost order, at most MAX_SEARCHED_MODELS."""
     acc, cost = table.accuracy(), table.mean_cost()
@@ -185,10 +193,7 @@ class CascadeRoutingTuner(_SweepTuner):
         by_name = {t.name: t.index for t in infos}
         self.search: dict[str, Any] = {"signal": self.signal, "bins": bins}
         if chain is not None:
-            bad = [c for c in chain if c not in by_name]
-            if bad:
-                raise TuningError(f"chain tier(s) {bad} are not tiers here; tiers: {', '.join(by_name)}")
-            chains = [tuple(by_name[c] for c in chain)]
+            chains = [_given_chain(chain, by_name)]
         else:
             pool, pruned = _pool(table, infos, prune)
             self.search.update({"models": [infos[i].name for i in pool], "pruned": pruned})
@@ -259,10 +264,7 @@ class AutoMixTuner(_SweepTuner):
         by_name = {t.name: t.index for t in infos}
         self.search: dict[str, Any] = {"signal": "p_true", "bins": bins}
         if chain is not None:
-            bad = [c for c in chain if c not in by_name]
-            if bad:
-                raise TuningError(f"chain tier(s) {bad} are not tiers here; tiers: {', '.join(by_name)}")
-            chains = [tuple(by_name[c] for c in chain)]
+            chains = [_given_chain(chain, by_name)]
         else:
             pool, pruned = _pool(table, infos, prune)
             self.search.update({"models": [infos[i].name for i in pool], "pruned": pruned})

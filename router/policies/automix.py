@@ -20,7 +20,7 @@ from bisect import bisect_right
 from typing import Any, Mapping, Sequence
 
 from ..attempt import Attempt, Query
-from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
+from ..policy import ChainPolicy, Decision, Knob, PolicyError, TierInfo
 from ..signals import get
 
 STATES = ("good", "needy", "hopeless")
@@ -70,7 +70,7 @@ class _Step:
         return sum(post[s] * self.gain[s] for s in STATES) / z, b
 
 
-class AutoMix(Policy):
+class AutoMix(ChainPolicy):
     name = "automix"
     summary = "AutoMix: escalate when the self-verification bin makes the expected gain beat lam x the next cost"
     knobs = (
@@ -101,16 +101,10 @@ class AutoMix(Policy):
             raise PolicyError(f"no fitted step for tier(s) {missing}: every tier but the last of the chain needs one "
                               f"(run `cascade tune --policy automix`)")
 
-    def needs(self, tier: int) -> Needs:
-        return Needs(signals=(self.signal,))
-
-    def plan(self, query: Query) -> Plan:
-        return Plan(first=self.chain[0], allowed=self.chain)
-
     def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
         cur = attempts[-1]
-        pos = self.chain.index(cur.tier_index)
-        if pos == len(self.chain) - 1:
+        later = self.rest_of_chain(cur)
+        if not later:
             return Decision("accept", "last tier of the chain")
         st = self.steps[cur.tier_index]
         value = get(cur.signals, self.signal)
@@ -118,7 +112,7 @@ class AutoMix(Policy):
         score = g - self.lam * st.cost
         seen = f"{self.signal} missing" if b is None else f"{self.signal}={value:.3g} (bin {b})"
         if score > 0:
-            return Decision("escalate", f"{seen}: E[gain]={g:.3g} - lam*cost > 0", next_tier=self.chain[pos + 1],
+            return Decision("escalate", f"{seen}: E[gain]={g:.3g} - lam*cost > 0", next_tier=later[0],
                             score=value)
         return Decision("accept", f"{seen}: E[gain]={g:.3g} - lam*cost <= 0", score=value)
 

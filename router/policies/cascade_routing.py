@@ -26,7 +26,7 @@ from bisect import bisect_right
 from typing import Any, Mapping, Sequence
 
 from ..attempt import Attempt, Query
-from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
+from ..policy import ChainPolicy, Decision, Knob, PolicyError, TierInfo
 from ..signals import get
 
 
@@ -85,7 +85,7 @@ class _Estimates:
         return sum(w * (v - q_best) for v, w in dist if v > q_best)
 
 
-class CascadeRouting(Policy):
+class CascadeRouting(ChainPolicy):
     name = "cascade-routing"
     summary = "cascade routing: call the next model while its expected quality gain beats lam x its cost"
     knobs = (
@@ -118,20 +118,13 @@ class CascadeRouting(Policy):
         if missing:
             raise PolicyError(f"no estimates for chain tier(s) {missing}")
 
-    def needs(self, tier: int) -> Needs:
-        return Needs(signals=(self.signal,))
-
-    def plan(self, query: Query) -> Plan:
-        return Plan(first=self.chain[0], allowed=self.chain)
-
     def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
         qs = [self.est[a.tier_index].post(get(a.signals, self.signal)) for a in attempts]
         best = max(range(len(qs)), key=lambda i: (qs[i], i))  # ties: the later attempt
         qb = qs[best]
         tried = {a.tier_index for a in attempts}
-        pos = self.chain.index(attempts[-1].tier_index)
         score, nxt = 0.0, None
-        for j in self.chain[pos + 1:]:
+        for j in self.rest_of_chain(attempts[-1]):
             if j in tried:
                 continue
             e = self.est[j]

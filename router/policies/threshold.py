@@ -6,11 +6,11 @@ import math
 from typing import Any, Sequence
 
 from ..attempt import Attempt, Query
-from ..policy import Decision, Knob, Needs, Plan, Policy, PolicyError, TierInfo
+from ..policy import ChainPolicy, Decision, Knob, PolicyError, TierInfo
 from ..signals import get
 
 
-class ThresholdCascade(Policy):
+class ThresholdCascade(ChainPolicy):
     name = "threshold"
     summary = "sequential cascade: accept when the tier's confidence signal >= its threshold"
     knobs = (
@@ -46,19 +46,12 @@ class ThresholdCascade(Policy):
                 f"(set `threshold = ...` on the tier or policy.thresholds)"
             )
 
-    def needs(self, tier: int) -> Needs:
-        # naming the signal lets a backend ask for what computes it (token log-probs)
-        return Needs(signals=(self.signal,))
-
-    def plan(self, query: Query) -> Plan:
-        return Plan(first=self.chain[0], allowed=self.chain)
-
     def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
         cur = attempts[-1]
-        pos = self.chain.index(cur.tier_index)
-        if pos == len(self.chain) - 1:
+        later = self.rest_of_chain(cur)
+        if not later:
             return Decision("accept", "last tier of the chain")
-        nxt = self.chain[pos + 1]
+        nxt = later[0]
         value = get(cur.signals, self.signal)
         th = self.thresholds[cur.tier_index]
         if value is None:
