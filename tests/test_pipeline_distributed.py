@@ -187,3 +187,28 @@ def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, 
     _, outcomes = offline(portfolio, bench, "test", n)
     assert_matches_offline(job_results(store, "lost"), outcomes)
     assert_exactly_once(store, "lost", n)
+
+
+def test_workers_resend_lost_messages_by_themselves(bench, distributed, workers, tmp_path):
+    """A message Redis lost (here: the whole queue deleted) is found by the tier
+    workers' sweeper once the job has been idle a visibility timeout (10 s here)."""
+    import redis
+
+    from conftest import REDIS
+
+    settings, _ = distributed
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    portfolio = load_portfolio(path)
+    n = 40
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
+    run_batch(items, portfolio, settings=settings, batch_id="swept", progress=False, wait=False)
+    r = redis.Redis.from_url(REDIS)
+    assert r.delete(f"{settings.redis_prefix}{portfolio.tier('t0').queue_name}") == 1
+    w = workers(path)
+    for t in portfolio.tiers:
+        w.start(t.name)
+    store = Store(settings.db_url)
+    wait_for(store, "swept", progress=False, timeout=120)
+    _, outcomes = offline(portfolio, bench, "test", n)
+    assert_matches_offline(job_results(store, "swept"), outcomes)
+    assert_exactly_once(store, "swept", n)

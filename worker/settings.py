@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     backend_retries: int = Field(3, ge=0, le=10, description="retries of a transient backend error before falling back")
     backend_retry_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each time")
     backend_retry_max_delay: float = Field(30.0, ge=0)
+    sweep_interval: float = Field(0, ge=0, description="seconds between a tier worker's sweeps for jobs whose message was lost; 0 = visibility_timeout/2, at most 60")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
 
     @property

@@ -284,6 +284,19 @@ class Store:
                 q = q.where(jobs.c.updated_at < idle_before)
             return [(r.id, r.current_tier) for r in c.execute(q)]
 
+    def claim_stale(self, tier: str, idle_before: datetime, limit: int = 1000) -> list[tuple[str, str]]:
+        """Open jobs waiting at `tier` not updated since `idle_before`, stamped now so
+        that one sweeper (of however many) re-sends each, once per idle period.
+        Returns (job id, portfolio digest)."""
+        t = now()
+        with self.tx() as c:
+            ids = select(jobs.c.id).where(jobs.c.current_tier == tier, jobs.c.status.in_(OPEN),
+                                          jobs.c.updated_at < idle_before).order_by(jobs.c.updated_at).limit(limit)
+            rows = c.execute(update(jobs).where(jobs.c.id.in_(ids.scalar_subquery()), jobs.c.status.in_(OPEN),
+                                                jobs.c.updated_at < idle_before)
+                             .values(updated_at=t).returning(jobs.c.id, jobs.c.portfolio)).all()
+        return [(r.id, r.portfolio) for r in rows]
+
     def batch(self, batch_id: str) -> dict | None:
         with self.read() as c:
             r = c.execute(select(batches).where(batches.c.id == batch_id)).mappings().one_or_none()

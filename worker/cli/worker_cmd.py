@@ -42,6 +42,10 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> No
     conc = 1 if pool == "solo" else (concurrency or settings.worker_concurrency)
     app.set_default()
     app.set_current()
+    from worker.sweeper import Sweeper
+
+    interval = settings.sweep_interval or max(1.0, min(60.0, settings.visibility_timeout / 2))
+    Sweeper(app, tier, interval=interval, idle=settings.visibility_timeout, chunk_size=settings.chunk_size).start()
     argv = ["worker", "-Q", tier.queue_name, "-n", f"{tier.name}@%h", "-P", pool, "-c", str(conc),
             "--without-gossip", "--without-mingle", "-l", loglevel]
     if events:

@@ -1,0 +1,71 @@
+"""The sweeper: a tier worker's background thread that re-sends the stage of jobs
+whose message was lost.
+
+Redis loses a message in two known ways: a restart without AOF, and a worker
+killed in the instant between popping a message and registering it as
+unacknowledged (kombu's ack emulation is not atomic). PostgreSQL still holds the
+job as open, so every `sweep_interval` each tier worker claims the open jobs
+waiting at its tier that nothing has touched for longer than the visibility
+timeout, and sends their stage again. It skips a sweep while the tier's queue has
+messages waiting (a backlog is not a loss), and the claim is one guarded UPDATE,
+so with many workers each job is re-sent once. Stages are idempotent: a job whose
+message was only slow is looked at twice, never run twice.
+"""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import structlog
+
+from router.portfolio import Tier
+
+from .celery_app import runtime_of, send_stage
+from .store import iter_chunks, now
+
+log = structlog.get_logger("cascade.sweeper")
+
+
+class Sweeper(threading.Thread):
+    def __init__(self, app, tier: Tier, *, interval: float, idle: float, chunk_size: int):
+        super().__init__(name=f"sweeper-{tier.name}", daemon=True)
+        self.app = app
+        self.tier = tier
+        self.interval = interval
+        self.idle = idle
+        self.chunk_size = chunk_size
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception as e:  # the database or broker is away: try again next time
+                log.warning("sweep.failed", tier=self.tier.name, error=str(e))
+
+    def queued(self) -> int:
+        with self.app.connection_for_read() as conn:
+            try:
+                return conn.default_channel.queue_declare(self.tier.queue_name, passive=True).message_count
+            except conn.channel_errors:
+                return 0  # Redis keeps no empty list: "no such queue" is an empty queue
+
+    def sweep(self) -> int:
+        if self.queued():
+            return 0
+        rt = runtime_of(self.app)
+        claimed = rt.store.claim_stale(self.tier.name, now() - timedelta(seconds=self.idle))
+        if not claimed:
+            return 0
+        by_queue: dict[str, list[str]] = {}
+        for job_id, digest in claimed:
+            queue = rt.loaded(digest).portfolio.tier(self.tier.name).queue_name
+            by_queue.setdefault(queue, []).append(job_id)
+        for queue, ids in by_queue.items():
+            for chunk in iter_chunks(ids, self.chunk_size):
+                send_stage(self.app, self.tier.name, queue, chunk)
+        log.warning("sweep.resent", tier=self.tier.name, jobs=len(claimed))
+        return len(claimed)
+
+    def stop(self) -> None:
+        self.stopped.set()
