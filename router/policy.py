@@ -15,6 +15,7 @@ The workers and the offline evaluator both drive policies through
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Sequence
@@ -24,6 +25,19 @@ from .attempt import Attempt, Query
 
 class PolicyError(ValueError):
     pass
+
+
+def finite_number(x: Any, what: str, *, low: float | None = None) -> float:
+    """A policy parameter as a finite float (at least `low`), or a PolicyError naming it."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise PolicyError(f"{what} must be a number, got {x!r}") from None
+    if not math.isfinite(v):
+        raise PolicyError(f"{what} must be finite, got {x!r}")
+    if low is not None and v < low:
+        raise PolicyError(f"{what} must be >= {low:g}, got {x!r}")
+    return v
 
 
 @dataclass(frozen=True)

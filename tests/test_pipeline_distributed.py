@@ -156,24 +156,34 @@ def test_worker_for_an_unknown_tier_names_it(bench, distributed, tmp_path):
     assert "unknown tier 't9'" in p.stderr and "tiers: t0, t1, t2" in p.stderr, p.stderr
 
 
+def submit_then_lose_the_queue(bench, settings, tmp_path, batch_id: str, n: int):
+    """Submit n jobs with no worker running, then delete the queue holding all their
+    messages, as a Redis restart without AOF would."""
+    import redis
+
+    from conftest import REDIS
+
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    portfolio = load_portfolio(path)
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
+    run_batch(items, portfolio, settings=settings, batch_id=batch_id, progress=False, wait=False)
+    r = redis.Redis.from_url(REDIS)
+    lost = sum(r.delete(f"{settings.redis_prefix}{t.queue_name}") for t in portfolio.tiers)
+    assert lost == 1  # every first stage sat in the first tier's queue; now gone
+    return path, portfolio
+
+
 def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, workers, tmp_path):
     import subprocess
     import sys
 
-    import redis
-
-    from conftest import REDIS, REPO
+    from conftest import REPO
 
     settings, env = distributed
-    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
-    portfolio = load_portfolio(path)
     n = 50
-    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
-    run_batch(items, portfolio, settings=settings, batch_id="lost", progress=False, wait=False)
-    r = redis.Redis.from_url(REDIS)
-    lost = sum(r.delete(f"{settings.redis_prefix}{t.queue_name}") for t in portfolio.tiers)
-    assert lost == 1  # every first stage sat in the first tier's queue; now gone
+    path, portfolio = submit_then_lose_the_queue(bench, settings, tmp_path, "lost", n)
     w = workers(path)
+    w.env["CASCADE_SWEEP_INTERVAL"] = "3600"  # no sweeper: only `cascade resume` can recover them
     for t in portfolio.tiers:
         w.start(t.name)
     store = Store(settings.db_url)
@@ -192,18 +202,9 @@ def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, 
 def test_workers_resend_lost_messages_by_themselves(bench, distributed, workers, tmp_path):
     """A message Redis lost (here: the whole queue deleted) is found by the tier
     workers' sweeper once the job has been idle a visibility timeout (10 s here)."""
-    import redis
-
-    from conftest import REDIS
-
     settings, _ = distributed
-    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
-    portfolio = load_portfolio(path)
     n = 40
-    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
-    run_batch(items, portfolio, settings=settings, batch_id="swept", progress=False, wait=False)
-    r = redis.Redis.from_url(REDIS)
-    assert r.delete(f"{settings.redis_prefix}{portfolio.tier('t0').queue_name}") == 1
+    path, portfolio = submit_then_lose_the_queue(bench, settings, tmp_path, "swept", n)
     w = workers(path)
     for t in portfolio.tiers:
         w.start(t.name)

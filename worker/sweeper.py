@@ -14,6 +14,7 @@ message was only slow is looked at twice, never run twice.
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import structlog
@@ -34,10 +35,10 @@ class Sweeper(threading.Thread):
         self.interval = interval
         self.idle = idle
         self.chunk_size = chunk_size
-        self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(self.interval):
+        while True:  # a daemon thread: it ends with the worker process
+            time.sleep(self.interval)
             try:
                 self.sweep()
             except Exception as e:  # the database or broker is away: try again next time
@@ -66,6 +67,3 @@ class Sweeper(threading.Thread):
                 send_stage(self.app, self.tier.name, queue, chunk)
         log.warning("sweep.resent", tier=self.tier.name, jobs=len(claimed))
         return len(claimed)
-
-    def stop(self) -> None:
-        self.stopped.set()

@@ -15,25 +15,14 @@ Chains longer than two tiers apply the rule step by step.
 """
 from __future__ import annotations
 
-import math
 from bisect import bisect_right
 from typing import Any, Mapping, Sequence
 
 from ..attempt import Attempt, Query
-from ..policy import ChainPolicy, Decision, Knob, PolicyError, TierInfo
+from ..policy import ChainPolicy, Decision, Knob, PolicyError, TierInfo, finite_number
 from ..signals import get
 
 STATES = ("good", "needy", "hopeless")
-
-
-def _num(x: Any, what: str) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise PolicyError(f"{what} must be a number, got {x!r}") from None
-    if not math.isfinite(v):
-        raise PolicyError(f"{what} must be finite, got {x!r}")
-    return v
 
 
 class _Step:
@@ -44,21 +33,21 @@ class _Step:
         for key in ("edges", "prior", "likelihood", "gain", "cost"):
             if key not in d:
                 raise PolicyError(f"{w} lacks {key!r}")
-        self.edges = [_num(x, f"{w}.edges") for x in d["edges"]]
+        self.edges = [finite_number(x, f"{w}.edges") for x in d["edges"]]
         if any(b < a for a, b in zip(self.edges, self.edges[1:])):
             raise PolicyError(f"{w}.edges must be sorted")
         k = len(self.edges) + 1
         try:
-            self.prior = {s: _num(d["prior"][s], f"{w}.prior.{s}") for s in STATES}
-            self.gain = {s: _num(d["gain"][s], f"{w}.gain.{s}") for s in STATES}
-            self.lik = {s: [_num(x, f"{w}.likelihood.{s}") for x in d["likelihood"][s]] for s in STATES}
+            self.prior = {s: finite_number(d["prior"][s], f"{w}.prior.{s}") for s in STATES}
+            self.gain = {s: finite_number(d["gain"][s], f"{w}.gain.{s}") for s in STATES}
+            self.lik = {s: [finite_number(x, f"{w}.likelihood.{s}") for x in d["likelihood"][s]] for s in STATES}
         except (KeyError, TypeError):
             raise PolicyError(f"{w}: prior, gain and likelihood need the states {', '.join(STATES)}") from None
         if any(len(v) != k for v in self.lik.values()):
             raise PolicyError(f"{w}: each likelihood needs len(edges) + 1 = {k} values")
         if any(v < 0 for v in self.prior.values()) or sum(self.prior.values()) <= 0:
             raise PolicyError(f"{w}.prior must be >= 0 and not all 0")
-        self.cost = _num(d["cost"], f"{w}.cost")
+        self.cost = finite_number(d["cost"], f"{w}.cost")
         self.raw = d
 
     def expected_gain(self, value: float | None) -> tuple[float, int | None]:
@@ -89,9 +78,7 @@ class AutoMix(ChainPolicy):
     ):
         super().__init__(tiers)
         self.signal = self.signal_name(signal)
-        self.lam = _num(lam, "lam")
-        if self.lam < 0:
-            raise PolicyError(f"lam must be >= 0, got {lam!r}")
+        self.lam = finite_number(lam, "lam", low=0.0)
         self.chain = self.tier_list(list(chain) if chain is not None else [t.name for t in self.tiers])
         self.steps: dict[int, _Step] = {}
         for name, d in (steps or {}).items():

@@ -21,28 +21,17 @@ returned (`answer_from`), not necessarily the last one.
 """
 from __future__ import annotations
 
-import math
 from bisect import bisect_right
 from typing import Any, Mapping, Sequence
 
 from ..attempt import Attempt, Query
-from ..policy import ChainPolicy, Decision, Knob, PolicyError, TierInfo
+from ..policy import ChainPolicy, Decision, Knob, PolicyError, TierInfo, finite_number
 from ..signals import get
-
-
-def _num(x: Any, what: str) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise PolicyError(f"{what} must be a number, got {x!r}") from None
-    if not math.isfinite(v):
-        raise PolicyError(f"{what} must be finite, got {x!r}")
-    return v
 
 
 def _dist(pairs: Any, what: str) -> tuple[tuple[float, float], ...]:
     try:
-        out = tuple((_num(v, what), _num(w, what)) for v, w in pairs)
+        out = tuple((finite_number(v, what), finite_number(w, what)) for v, w in pairs)
     except (TypeError, ValueError) as e:
         if isinstance(e, PolicyError):
             raise
@@ -63,14 +52,14 @@ class _Estimates:
         for key in ("cost", "edges", "levels", "missing", "dist"):
             if key not in d:
                 raise PolicyError(f"{w} lacks {key!r}")
-        self.cost = _num(d["cost"], f"{w}.cost")
-        self.edges = [_num(x, f"{w}.edges") for x in d["edges"]]
-        self.levels = [_num(x, f"{w}.levels") for x in d["levels"]]
+        self.cost = finite_number(d["cost"], f"{w}.cost")
+        self.edges = [finite_number(x, f"{w}.edges") for x in d["edges"]]
+        self.levels = [finite_number(x, f"{w}.levels") for x in d["levels"]]
         if len(self.levels) != len(self.edges) + 1:
             raise PolicyError(f"{w}: levels needs len(edges) + 1 = {len(self.edges) + 1} values, got {len(self.levels)}")
         if any(b < a for a, b in zip(self.edges, self.edges[1:])):
             raise PolicyError(f"{w}.edges must be sorted")
-        self.missing = _num(d["missing"], f"{w}.missing")
+        self.missing = finite_number(d["missing"], f"{w}.missing")
         self.dist = _dist(d["dist"], f"{w}.dist")
         self.by_category = {str(c): _dist(p, f"{w}.by_category[{c!r}]") for c, p in (d.get("by_category") or {}).items()}
         self.raw = d
@@ -104,9 +93,7 @@ class CascadeRouting(ChainPolicy):
     ):
         super().__init__(tiers)
         self.signal = self.signal_name(signal)
-        self.lam = _num(lam, "lam")
-        if self.lam < 0:
-            raise PolicyError(f"lam must be >= 0, got {lam!r}")
+        self.lam = finite_number(lam, "lam", low=0.0)
         if not estimates:
             raise PolicyError("cascade-routing needs fitted `estimates` per tier (run `cascade tune --policy cascade-routing`)")
         self.est: dict[int, _Estimates] = {}
