@@ -9,6 +9,7 @@ demo: setup
 	.venv/bin/cascade demo
 
 test: setup
+	.venv/bin/lint-imports --no-cache
 	.venv/bin/pytest -q -ra
 
 bench: setup

@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 # llama-cpp-python compiles from source the first time (5-12 minutes); pip caches the wheel
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[local,dev,ops]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[local,dev,ops,report]'
 .venv/bin/cascade models prepare

@@ -10,12 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CASCADE_SHARED", REPO.parent / "shared"))
-BENCH = SHARED / "benchmarks"
-PG_ADMIN = os.environ.get("CASCADE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-REDIS = os.environ.get("CASCADE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+from helpers.env import BENCH, PG_ADMIN, REDIS, REPO
 
 
 @pytest.fixture(scope="session")
@@ -127,15 +122,3 @@ def workers(distributed, tmp_path):
     yield factory
     for w in made:
         w.stop_all()
-
-
-def write_portfolio(path: Path, bench: Path, models: list[str], thresholds: list[float], data="rc-mmlu.jsonl.gz",
-                    signal="logprob", names=None) -> Path:
-    names = names or [f"t{i}" for i in range(len(models))]
-    lines = [f'[policy]\nname = "threshold"\nsignal = "{signal}"\n']
-    for i, (name, model) in enumerate(zip(names, models)):
-        lines.append(f'[[tiers]]\nname = "{name}"\n'
-                     + (f"threshold = {thresholds[i]}\n" if i < len(thresholds) else "")
-                     + f'backend = {{ kind = "replay", file = "{bench / data}", model = "{model}" }}\n')
-    path.write_text("\n".join(lines))
-    return path

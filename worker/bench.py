@@ -24,13 +24,18 @@ from typing import Callable
 import redis
 from sqlalchemy import create_engine, text
 
-from router.portfolio import load_portfolio
-from router.records import load_dataset
+from router.core.portfolio import load_portfolio
+from router.core.records import load_dataset
 
-from .batch import Item, submit, wait_for
-from .celery_app import NOOP_TASK, make_app, runtime_of
+from .batch import submit, wait_for
+from .bench_app import NOOP_QUEUE, NOOP_TASK
+from .celery_app import make_app
+from .dispatch import Dispatcher
+from .items import Item
 from .migrate import upgrade
+from .runtime import Runtime
 from .settings import Settings
+from .store import dispose_all
 
 BENCH_MODELS = ("llama3.2-3b", "llama3.1-70b", "llama3.1-405b")
 BENCH_THRESHOLDS = (-0.3, -0.2)
@@ -98,11 +103,13 @@ def run_pipeline_bench(cfg: BenchConfig) -> dict:
         stack.callback(_drop, admin, dbname)
         stack.callback(_clear_prefix, r, prefix)
         upgrade(db_url)
-        app = make_app(settings)
+        runtime = Runtime(settings)
+        app = make_app(settings, runtime)
+        dispatcher = Dispatcher(app, cfg.chunk)
 
         # -- baseline: N no-op tasks through one worker process ------------------
         cfg.log(f"baseline: {cfg.jobs} no-op Celery tasks")
-        noop = _spawn(["celery", "-A", "worker.celery_app:app", "worker", "-Q", "bench.noop", "-P", "threads",
+        noop = _spawn(["celery", "-A", "worker.bench_app:app", "worker", "-Q", NOOP_QUEUE, "-P", "threads",
                        "-c", str(cfg.concurrency), "--without-gossip", "--without-mingle", "-l", "WARNING",
                        "-n", f"noop-{tag}@%h"], env, tmp / "noop.log")
         stack.callback(_stop, [noop])
@@ -110,7 +117,7 @@ def run_pipeline_bench(cfg: BenchConfig) -> dict:
         key = f"{prefix}bench-noop-count"
         t0 = time.perf_counter()
         for _ in range(cfg.jobs):
-            app.send_task(NOOP_TASK, args=[key], queue="bench.noop", routing_key="bench.noop")
+            app.send_task(NOOP_TASK, args=[key], queue=NOOP_QUEUE, routing_key=NOOP_QUEUE)
         while int(r.get(key) or 0) < cfg.jobs:
             time.sleep(0.005)
         noop_s = time.perf_counter() - t0
@@ -128,9 +135,9 @@ def run_pipeline_bench(cfg: BenchConfig) -> dict:
                       {"id": f"{rows[i % len(rows)].id}~{i}", "prompt": rows[i % len(rows)].prompt})
                  for i in range(cfg.jobs)]
         cfg.log(f"pipeline: {cfg.jobs} replay jobs, {len(procs)} tiers, chunks of {cfg.chunk}")
-        store = runtime_of(app).store
+        store = runtime.store
         t0 = time.perf_counter()
-        submit(app, portfolio, items, "bench", source=str(cfg.data), chunk_size=cfg.chunk)
+        submit(runtime, dispatcher, portfolio, items, "bench", source=str(cfg.data))
         b = wait_for(store, "bench", progress=False, poll=0.01)
         pipe_s = time.perf_counter() - t0
         if b["succeeded"] != cfg.jobs:
@@ -142,10 +149,11 @@ def run_pipeline_bench(cfg: BenchConfig) -> dict:
         # -- overhead: jobs one at a time ----------------------------------------
         cfg.log(f"overhead: {cfg.latency_jobs} jobs one at a time")
         overheads = []
+        single_sender = Dispatcher(app, 1)
         for i in range(cfg.latency_jobs):
             it = items[i]
             single = Item(f"lat-{i}", i + 1, {**it.data, "id": it.data["id"]})
-            submit(app, portfolio, [single], f"lat-{i}", source=None, chunk_size=1)
+            submit(runtime, single_sender, portfolio, [single], f"lat-{i}", source=None)
             while store.batch(f"lat-{i}")["done"] < 1:
                 time.sleep(0.001)
             job = store.batch_jobs(f"lat-{i}")[0]
@@ -164,8 +172,6 @@ def run_pipeline_bench(cfg: BenchConfig) -> dict:
 
 
 def _drop(admin, dbname: str) -> None:
-    from .store import dispose_all
-
     dispose_all()
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))

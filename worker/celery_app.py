@@ -10,23 +10,21 @@ Settings that guard against lost or duplicated work (see docs/operations.md):
 """
 from __future__ import annotations
 
-import hashlib
-from typing import Sequence
-
 from celery import Celery
 from sqlalchemy.exc import OperationalError
 
+from .dispatch import STAGE_TASK, Dispatcher
+from .runtime import Runtime
 from .settings import Settings, get_settings
+from .stage import run_stage
 
-STAGE_TASK = "cascade.stage"
-NOOP_TASK = "cascade.noop"
 DEFAULT_QUEUE = "cascade.default"
 DB_RETRIES = 8
 
 
-def make_app(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    app = Celery("cascade", set_as_current=False)
+def base_app(settings: Settings, name: str = "cascade") -> Celery:
+    """A Celery app with this project's reliability settings and no tasks."""
+    app = Celery(name, set_as_current=False)
     transport: dict = {"visibility_timeout": settings.visibility_timeout}
     if settings.broker.startswith(("redis://", "rediss://", "unix://")):
         transport.update(health_check_interval=25, socket_timeout=30, socket_connect_timeout=10,
@@ -58,16 +56,21 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_send_sent_event=False,
     )
-    app.cascade_settings = settings
-    app.cascade_runtime = None
+    return app
+
+
+def make_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Celery:
+    """The production app: one task, the stage, bound to `runtime` (built here when
+    not given; it connects to nothing until the first stage runs)."""
+    settings = settings or get_settings()
+    rt = runtime or Runtime(settings)
+    app = base_app(settings)
+    dispatcher = Dispatcher(app, settings.chunk_size)
 
     @app.task(name=STAGE_TASK, bind=True, shared=False, acks_late=True, max_retries=DB_RETRIES, ignore_result=True)
     def stage(self, tier: str, job_ids: list[str]) -> int:
-        from .stage import run_stage
-
-        rt = runtime_of(self.app)
         try:
-            messages = run_stage(rt, tier, job_ids)
+            sends = run_stage(rt, tier, job_ids)
         except OperationalError as e:
             # the database is away for a moment: try the whole (idempotent) stage again
             if self.request.retries < DB_RETRIES:
@@ -79,47 +82,10 @@ def make_app(settings: Settings | None = None) -> Celery:
             # leave them running forever (the message is acked on failure).
             rt.store.fail_open_jobs(job_ids, f"internal error at tier {tier}: {type(e).__name__}: {e}")
             raise
-        for m in messages:
-            send_stage(self.app, m.tier, m.queue, m.job_ids)
+        dispatcher.send(sends)
         return len(job_ids)
 
-    @app.task(name=NOOP_TASK, shared=False, ignore_result=True)
-    def noop(counter_key: str | None = None) -> None:
-        """Does nothing (the benchmark's baseline and a liveness canary); counts itself if asked."""
-        if counter_key:
-            _redis(app).incr(counter_key)
-
     return app
-
-
-def _redis(app: Celery):
-    client = getattr(app, "_cascade_redis", None)
-    if client is None:
-        import redis
-
-        client = app._cascade_redis = redis.Redis.from_url(app.cascade_settings.broker)
-    return client
-
-
-def runtime_of(app: Celery):
-    if app.cascade_runtime is None:
-        from .runtime import Runtime
-
-        app.cascade_runtime = Runtime(app.cascade_settings)
-    return app.cascade_runtime
-
-
-def task_id(tier: str, job_ids: Sequence[str]) -> str:
-    """Derived from (job, tier): a duplicate message carries the same id."""
-    if len(job_ids) == 1:
-        return f"{job_ids[0]}@{tier}"
-    digest = hashlib.sha256("\n".join(job_ids).encode()).hexdigest()[:10]
-    return f"{job_ids[0]}+{len(job_ids) - 1}@{tier}#{digest}"
-
-
-def send_stage(app: Celery, tier: str, queue: str, job_ids: Sequence[str]) -> None:
-    app.send_task(STAGE_TASK, args=[tier, list(job_ids)], queue=queue, routing_key=queue,
-                  task_id=task_id(tier, job_ids))
 
 
 # `celery -A worker.celery_app flower` and `cascade worker` use this one.

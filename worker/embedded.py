@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery import Celery
 from celery.worker import WorkController
 from celery.worker import state as worker_state
 
-from router.portfolio import Portfolio
+from router.core.portfolio import Portfolio
 
-from .celery_app import make_app, runtime_of
+from .celery_app import make_app
+from .runtime import Runtime
 
 log = logging.getLogger("cascade.embedded")
 
@@ -29,8 +29,8 @@ class _Controller(WorkController):
 class EmbeddedWorkers:
     """Context manager: start a worker thread per tier; stop them all on exit."""
 
-    def __init__(self, app: Celery, portfolio: Portfolio, *, concurrency: int = 1, start_timeout: float = 120):
-        self.app = app
+    def __init__(self, runtime: Runtime, portfolio: Portfolio, *, concurrency: int = 1, start_timeout: float = 120):
+        self.runtime = runtime
         self.portfolio = portfolio
         self.concurrency = concurrency
         self.start_timeout = start_timeout
@@ -39,16 +39,15 @@ class EmbeddedWorkers:
         self.errors: list[BaseException] = []
 
     def __enter__(self) -> "EmbeddedWorkers":
-        rt = runtime_of(self.app)
-        policy = rt.add_portfolio(self.portfolio).policy
+        rt = self.runtime
+        policy = rt.add_portfolio(self.portfolio).built_policy
         for i, tier in enumerate(self.portfolio.tiers):
             # load models now, not inside the first job; refuse what the policy needs but cannot get
             rt.backend(tier).check_needs(policy.needs(i))
             for n in range(self.concurrency):
                 # One app per worker thread: a worker's queue selection is stored on
                 # its app, and the solo pool runs tasks with the thread's current app.
-                tier_app = make_app(self.app.cascade_settings)
-                tier_app.cascade_runtime = rt
+                tier_app = make_app(rt.settings, rt)
                 ctl = _Controller(
                     app=tier_app, hostname=f"{tier.name}-{n}@embedded", pool="solo", concurrency=1,
                     queues=[tier.queue_name], loglevel=logging.WARNING, ready_callback=None,
@@ -81,6 +80,5 @@ class EmbeddedWorkers:
         for t in self.threads:
             t.join(30)
         worker_state.should_terminate = None
-        runtime_of(self.app).close()  # unload models now, not at garbage collection
         self.controllers.clear()
         self.threads.clear()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 
 from .store import engine_for
 
@@ -26,7 +27,5 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 
 def current(url: str) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     with engine_for(url).connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()

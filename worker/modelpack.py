@@ -16,6 +16,7 @@ need `llm`).
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -25,11 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from tqdm import tqdm
+
+from router.core.errors import UserError
+
+from .settings import get_settings
+
 FIX_PREPARE = "run `cascade models prepare`"
 _CHUNK = 8 << 20
 
 
-class ModelPackError(ValueError):
+class ModelPackError(UserError):
     """A model of the pack is missing, corrupt or unknown; the message says how to fix it."""
 
 
@@ -109,8 +116,6 @@ PACK: dict[str, ModelSpec] = {
 
 
 def default_cache_dir() -> Path:
-    from .settings import get_settings
-
     return Path(get_settings().model_cache).expanduser()
 
 
@@ -120,8 +125,6 @@ def spec(name: str) -> ModelSpec:
     for s in PACK.values():
         if key in {s.name, s.model.lower(), s.filename.lower(), *s.aliases}:
             return s
-    import difflib
-
     names = [s.name for s in PACK.values()] + [s.model for s in PACK.values()]
     near = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -241,8 +244,6 @@ class Prepared:
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
                 leave=True, dynamic_ncols=True)
 

@@ -1,47 +1,42 @@
 """What a worker process builds once and reuses for every job: the store, the
-portfolios jobs were submitted with (by digest), their policies, and one backend
-per tier (a local model is loaded once, not per job)."""
+portfolios jobs were submitted with (by digest, each with its policy built once),
+and one backend per tier (a local model is loaded once, not per job).
+
+It is passed explicitly: to the Celery app's stage task (`make_app(settings,
+runtime)`), to the submitter and to the sweeper; nothing hangs it on the app."""
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 
-from router.policies import build_policy
-from router.policy import Policy
-from router.portfolio import Portfolio, Tier, portfolio_from_spec
+from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
 
 from .backends import Backend, build_backend
 from .settings import Settings
 from .store import Store
 
 
-@dataclass(frozen=True)
-class Loaded:
-    portfolio: Portfolio
-    policy: Policy
-
-
 class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = Store(settings.db_url)
-        self._portfolios: dict[str, Loaded] = {}
+        self._portfolios: dict[str, Portfolio] = {}
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
 
-    def add_portfolio(self, portfolio: Portfolio) -> Loaded:
+    def add_portfolio(self, portfolio: Portfolio) -> Portfolio:
         with self._lock:
-            got = self._portfolios.get(portfolio.digest)
-            if got is None:
-                got = self._portfolios[portfolio.digest] = Loaded(portfolio, build_policy(portfolio))
-            return got
+            return self._portfolios.setdefault(portfolio.digest, portfolio)
 
-    def loaded(self, digest: str) -> Loaded:
+    def portfolio(self, digest: str) -> Portfolio:
+        """The portfolio jobs were submitted with (read from the store the first time)."""
         got = self._portfolios.get(digest)
         if got is None:
             got = self.add_portfolio(portfolio_from_spec(self.store.portfolio_spec(digest)))
         return got
+
+    def queue_of(self, digest: str, tier: str) -> str:
+        return self.portfolio(digest).tier(tier).queue_name
 
     @staticmethod
     def _backend_key(tier: Tier) -> str:

@@ -12,42 +12,23 @@ stands, and its next message is sent again, which is harmless).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import structlog
 
-from router import cascade
-from router import signals as sig
-from router.attempt import Attempt, Query
-from router.policy import Needs, Plan
-from router.portfolio import Tier
+from router.core import cascade
+from router.core import signals as sig
+from router.core.attempt import Attempt, Query
+from router.core.policy import Needs
+from router.core.portfolio import Tier
 
 from .backends import Backend, BackendFailure, TransientBackendError
+from .jobs import FINAL, QUEUED, StageOutcome, attempt_from_row, plan_of, query_of
+from .logs import context
 from .runtime import Runtime
 from .settings import Settings
-from .store import FINAL, QUEUED, StageOutcome, attempt_from_row
 
 log = structlog.get_logger("cascade.stage")
-
-
-@dataclass(frozen=True)
-class Message:
-    tier: str
-    queue: str
-    job_ids: tuple[str, ...]
-
-
-def query_of(job: dict[str, Any]) -> Query:
-    inp = job["input"]
-    return Query(id=str(inp.get("id", job["id"])), prompt=inp["prompt"], category=inp.get("category"),
-                 meta={k: v for k, v in inp.items() if k not in ("id", "prompt", "category")})
-
-
-def plan_of(job: dict[str, Any]) -> Plan:
-    p = job["plan"] or {}
-    allowed = p.get("allowed")
-    return Plan(first=p["first"], allowed=None if allowed is None else tuple(allowed), note=p.get("note", ""))
 
 
 def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: Needs,
@@ -96,7 +77,8 @@ def _failed(tier: Tier, index: int, backend: Backend, error: str, started: float
                    (time.perf_counter() - started) * 1000, error=error)
 
 
-def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[Message]:
+def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple[str, str, str]]:
+    """Run one stage message; returns the stages to send next as (job id, tier, queue)."""
     store = rt.store
     jobs, prior = store.load_stage(job_ids)
     if len(jobs) != len(set(job_ids)):
@@ -123,16 +105,17 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[Messa
     # to the next tier now instead of each waiting out the whole backoff.
     gave_up = False
     for job in todo:
-        loaded = rt.loaded(job["portfolio"])
-        portfolio, policy = loaded.portfolio, loaded.policy
+        portfolio = rt.portfolio(job["portfolio"])
+        policy = portfolio.built_policy
         tier = portfolio.tier(tier_name)
         index = portfolio.index(tier_name)
-        query = query_of(job)
-        attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings,
-                                     retries=0 if gave_up else None)
+        query = query_of(job["id"], job["input"])
+        with context(job=job["id"], batch=job["batch_id"], tier=tier_name):  # on every log line of this call
+            attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings,
+                                         retries=0 if gave_up else None)
         gave_up = gave_up or bool(meta.get("gave_up"))
         history = [attempt_from_row(a) for a in prior[job["id"]]] + [attempt]
-        d = cascade.step(policy, query, plan_of(job), history)
+        d = cascade.step(policy, query, plan_of(job["plan"]), history)
         o = StageOutcome(job["id"], job["batch_id"], len(history) - 1, attempt, d.action, d.reason, meta)
         if d.action == "escalate":
             o.next_tier = portfolio.tiers[d.next_tier].name
@@ -150,9 +133,4 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[Messa
         if o.decision == "escalate":
             resend.setdefault(o.next_tier, []).append(o.job_id)
     portfolio_of = {j["id"]: j["portfolio"] for j in jobs}
-    grouped: dict[tuple[str, str], list[str]] = {}
-    for tier, ids in resend.items():
-        for job_id in ids:
-            queue = rt.loaded(portfolio_of[job_id]).portfolio.tier(tier).queue_name
-            grouped.setdefault((tier, queue), []).append(job_id)
-    return [Message(tier, queue, tuple(ids)) for (tier, queue), ids in grouped.items()]
+    return [(job_id, tier, rt.queue_of(portfolio_of[job_id], tier)) for tier, ids in resend.items() for job_id in ids]

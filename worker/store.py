@@ -10,11 +10,10 @@ Idempotency lives here, in the statements themselves:
 """
 from __future__ import annotations
 
-import json
 import threading
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from sqlalchemy import (
     JSON,
@@ -40,13 +39,18 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from router.attempt import Attempt
+from .jobs import (
+    CANCELLED,
+    FAILED,
+    FINAL,
+    OPEN,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    StageOutcome,
+)
 
 metadata = MetaData()
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-OPEN = (QUEUED, RUNNING)
-FINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 _json = JSON().with_variant(postgresql.JSONB(), "postgresql")
 _ts = DateTime(timezone=True)
@@ -159,8 +163,6 @@ def engine_for(url: str) -> Engine:
         eng = _engines.get(url)
         if eng is None:
             if url.startswith("sqlite"):
-                from pathlib import Path
-
                 path = url.split("///", 1)[-1]
                 if path and path != ":memory:":
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -361,7 +363,7 @@ class Store:
             c.execute(update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status == QUEUED)
                       .values(status=RUNNING, started_at=t, updated_at=t))
 
-    def record_stage(self, outcomes: Sequence["StageOutcome"]) -> list["StageOutcome"]:
+    def record_stage(self, outcomes: Sequence[StageOutcome]) -> list[StageOutcome]:
         """Write one stage's attempts and their consequences in one transaction.
 
         Returns the outcomes that took effect. An outcome whose (job, tier)
@@ -399,7 +401,7 @@ class Store:
         return applied
 
     @staticmethod
-    def _guarded(c: Connection, outs: list["StageOutcome"], t: datetime, params, stmt) -> list["StageOutcome"]:
+    def _guarded(c: Connection, outs: list[StageOutcome], t: datetime, params, stmt) -> list[StageOutcome]:
         """One executemany of a guarded UPDATE; which rows took effect, from the row count
         (all of them, the usual case) or, when some did not, from the stamp it wrote."""
         if not outs:
@@ -439,43 +441,3 @@ class Store:
                     done=batches.c.done + n, cancelled=batches.c.cancelled + n, updated_at=t))
         return n
 
-
-@dataclass
-class StageOutcome:
-    """One job's result at one tier: its attempt, and what the policy decided."""
-
-    job_id: str
-    batch_id: str | None
-    step: int
-    attempt: Attempt
-    decision: str  # accept | escalate | reject
-    reason: str
-    meta: dict[str, Any]
-    next_tier: str | None = None
-    final_answer: str | None = None
-    final_tier: str | None = None
-    total_cost: float = 0.0
-    error: str | None = None
-
-    def attempt_row(self, t: datetime) -> dict[str, Any]:
-        a = self.attempt
-        return {
-            "job_id": self.job_id, "tier": a.tier, "tier_index": a.tier_index, "step": self.step,
-            "model": a.model, "answer": a.text, "signals": dict(a.signals), "tokens_in": a.tokens_in,
-            "tokens_out": a.tokens_out, "cost_usd": a.cost_usd, "latency_ms": a.latency_ms,
-            "decision": self.decision, "reason": self.reason, "error": a.error,
-            "meta": json.loads(json.dumps(self.meta, default=float)), "created_at": t,
-        }
-
-
-def attempt_from_row(r: dict[str, Any]) -> Attempt:
-    return Attempt(
-        tier=r["tier"], tier_index=r["tier_index"], model=r["model"], text=r["answer"],
-        signals=r["signals"] or {}, cost_usd=r["cost_usd"], latency_ms=r["latency_ms"],
-        tokens_in=r["tokens_in"], tokens_out=r["tokens_out"], error=r["error"],
-    )
-
-
-def iter_chunks(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]

@@ -18,23 +18,26 @@ import time
 from datetime import timedelta
 
 import structlog
+from celery import Celery
 
-from router.portfolio import Tier
+from router.core.portfolio import Tier
 
-from .celery_app import runtime_of, send_stage
-from .store import iter_chunks, now
+from .dispatch import Dispatcher
+from .runtime import Runtime
+from .store import now
 
 log = structlog.get_logger("cascade.sweeper")
 
 
 class Sweeper(threading.Thread):
-    def __init__(self, app, tier: Tier, *, interval: float, idle: float, chunk_size: int):
+    def __init__(self, app: Celery, runtime: Runtime, tier: Tier, *, interval: float, idle: float, chunk_size: int):
         super().__init__(name=f"sweeper-{tier.name}", daemon=True)
         self.app = app
+        self.runtime = runtime
+        self.dispatcher = Dispatcher(app, chunk_size)
         self.tier = tier
         self.interval = interval
         self.idle = idle
-        self.chunk_size = chunk_size
 
     def run(self) -> None:
         while True:  # a daemon thread: it ends with the worker process
@@ -54,16 +57,11 @@ class Sweeper(threading.Thread):
     def sweep(self) -> int:
         if self.queued():
             return 0
-        rt = runtime_of(self.app)
+        rt = self.runtime
         claimed = rt.store.claim_stale(self.tier.name, now() - timedelta(seconds=self.idle))
         if not claimed:
             return 0
-        by_queue: dict[str, list[str]] = {}
-        for job_id, digest in claimed:
-            queue = rt.loaded(digest).portfolio.tier(self.tier.name).queue_name
-            by_queue.setdefault(queue, []).append(job_id)
-        for queue, ids in by_queue.items():
-            for chunk in iter_chunks(ids, self.chunk_size):
-                send_stage(self.app, self.tier.name, queue, chunk)
+        t = self.tier.name
+        self.dispatcher.send((job_id, t, rt.queue_of(digest, t)) for job_id, digest in claimed)
         log.warning("sweep.resent", tier=self.tier.name, jobs=len(claimed))
         return len(claimed)

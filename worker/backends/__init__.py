@@ -5,9 +5,15 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from router.portfolio import Portfolio, Tier
+from router.core.portfolio import Portfolio, Tier
 
-from .base import Backend, BackendConfigError, BackendFailure, BackendResult, TransientBackendError
+from .base import (
+    Backend,
+    BackendConfigError,
+    BackendFailure,
+    BackendResult,
+    TransientBackendError,
+)
 
 _KINDS = {
     "replay": "worker.backends.replay:ReplayBackend",
@@ -36,9 +42,8 @@ def build_backend(tier: Tier) -> Backend:
 def validate_portfolio(portfolio: Portfolio, *, build: bool = False) -> None:
     """Check every tier's backend kind and cheap options (with build: by building it,
     which loads a local model; the submitter never does that)."""
-    from router.policies import build_policy
-
-    policy = build_policy(portfolio)
+    
+    policy = portfolio.built_policy
     for i, tier in enumerate(portfolio.tiers):
         cls = backend_class(tier.backend.kind)
         cls.check_options(tier)

@@ -12,21 +12,23 @@ which decide what the stage task does next:
 """
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from router.attempt import Query, TokenLogprob
-from router.policy import Needs
-from router.portfolio import Tier
+from router.core.attempt import Query, TokenLogprob
+from router.core.errors import CascadeError, UserError
+from router.core.policy import Needs
+from router.core.portfolio import Tier
 
 
-class BackendConfigError(ValueError):
-    pass
+class BackendConfigError(UserError):
+    """A tier's backend options cannot work (checked before any job is sent)."""
 
 
-class BackendFailure(RuntimeError):
-    pass
+class BackendFailure(CascadeError):
+    """A call failed for good: recorded as a failed attempt; the job falls back."""
 
 
 class TransientBackendError(BackendFailure):
@@ -113,8 +115,6 @@ def option(tier: Tier, key: str, typ: type | tuple[type, ...], default: Any = ..
 
 
 def reject_unknown_options(tier: Tier, known: set[str]) -> None:
-    import difflib
-
     for k in tier.backend.options:
         if k not in known:
             near = difflib.get_close_matches(k, sorted(known), n=1)

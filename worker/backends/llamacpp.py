@@ -54,14 +54,26 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from router.attempt import Query, TokenLogprob
-from router.policy import Needs
-from router.portfolio import Tier
+import numpy as np
 
-from .base import Backend, BackendConfigError, BackendFailure, BackendResult, option, reject_unknown_options
+from router.core.attempt import Query, TokenLogprob
+from router.core.policy import Needs
+from router.core.portfolio import Tier
+from worker import modelpack
+from worker.settings import get_settings
+
+from .base import (
+    Backend,
+    BackendConfigError,
+    BackendFailure,
+    BackendResult,
+    option,
+    reject_unknown_options,
+)
 
 _OPTIONS = {"model", "model_path", "n_ctx", "n_threads", "n_batch", "max_tokens", "stop", "mode",
             "prompt_template", "system", "temperature", "seed", "top_logprobs", "warm_prefix", "cpu_lock"}
@@ -73,8 +85,6 @@ class _ComputeThread:
     """One thread that runs the llama.cpp work handed to it, in order."""
 
     def __init__(self, name: str):
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._ident: int | None = None
 
@@ -104,7 +114,7 @@ _patched = False
 
 def _import_llama():
     try:
-        import llama_cpp
+        import llama_cpp  # deferred: a heavy optional dependency (the `local` extra), loaded only by llamacpp tiers
     except ImportError as e:
         raise BackendConfigError(
             f"the llamacpp backend needs llama-cpp-python: pip install -e '.[local]' ({e})"
@@ -126,7 +136,7 @@ def disable_extra_buffers() -> None:
     global _patched
     if _patched or os.environ.get("CASCADE_LLAMA_EXTRA_BUFFERS", "") in ("1", "true", "yes"):
         return
-    import llama_cpp.llama_cpp as low
+    import llama_cpp.llama_cpp as low  # deferred: llama_cpp is optional (see _import_llama)
 
     original = low.llama_model_default_params
 
@@ -165,8 +175,6 @@ class LlamaCppBackend(Backend):
         self.cpu_lock = option(tier, "cpu_lock", bool, True)
         stop = option(tier, "stop", (list, str), [])
         self.stop = tuple([stop] if isinstance(stop, str) else stop)
-        from worker.settings import get_settings
-
         settings = get_settings()
         threads = option(tier, "n_threads", int, None)
         self.n_threads = threads or settings.model_threads or os.cpu_count() or 1
@@ -188,8 +196,6 @@ class LlamaCppBackend(Backend):
             raise BackendConfigError(f"tier {tier.name!r}: backend option 'temperature' must be >= 0")
 
         if name is not None:
-            from worker import modelpack
-
             try:
                 self.path = modelpack.resolve(name, settings.model_cache)
                 self.model_name = modelpack.spec(name).model
@@ -233,7 +239,7 @@ class LlamaCppBackend(Backend):
         self._logits_ptr = lambda: llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         self._chat = None
         if self.mode == "chat":
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # deferred: llama_cpp is optional
 
             template = llm.metadata.get("tokenizer.chat_template")
             if not template:
@@ -269,8 +275,6 @@ class LlamaCppBackend(Backend):
         return self._compute.run(self._generate, query, top_k)
 
     def _generate(self, query: Query, top_k: int) -> BackendResult:
-        import numpy as np
-
         # on the compute thread: one job at a time
         llm = self._llm
         if llm is None:

@@ -44,13 +44,20 @@ from typing import Any
 
 import httpx
 
-from router.attempt import Query, TokenLogprob
-from router.policy import Needs
-from router.portfolio import Tier
-from router.signals import SIGNALS
+from router.core.attempt import Query, TokenLogprob
+from router.core.policy import Needs
+from router.core.portfolio import Tier
+from router.core.signals import SIGNALS
 
-from .base import (Backend, BackendConfigError, BackendFailure, BackendResult, TransientBackendError, option,
-                   reject_unknown_options)
+from .base import (
+    Backend,
+    BackendConfigError,
+    BackendFailure,
+    BackendResult,
+    TransientBackendError,
+    option,
+    reject_unknown_options,
+)
 
 _OPTIONS = {"base_url", "model", "api_key_env", "endpoint", "prompt_template", "system", "max_tokens", "stop",
             "temperature", "connect_timeout", "read_timeout", "logprobs", "top_logprobs", "retries", "backoff",

@@ -7,16 +7,25 @@ recorded latency, default false).
 """
 from __future__ import annotations
 
+import difflib
 import threading
 import time
 from functools import lru_cache
 
-from router.attempt import Query
-from router.policy import Needs
-from router.portfolio import Tier
-from router.records import Dataset, RecordsError, load_dataset
+from router.core.attempt import Query
+from router.core.policy import Needs
+from router.core.portfolio import Tier
+from router.core.records import Dataset, RecordsError, load_dataset
+from router.core.signals import from_record
 
-from .base import Backend, BackendConfigError, BackendFailure, BackendResult, option, reject_unknown_options
+from .base import (
+    Backend,
+    BackendConfigError,
+    BackendFailure,
+    BackendResult,
+    option,
+    reject_unknown_options,
+)
 
 _lock = threading.Lock()
 
@@ -50,8 +59,6 @@ class ReplayBackend(Backend):
         except RecordsError as e:
             raise BackendConfigError(f"tier {tier.name!r}: replay file: {e}") from None
         if self.model not in self.ds.models:
-            import difflib
-
             near = difflib.get_close_matches(self.model, self.ds.models, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise BackendConfigError(
@@ -81,8 +88,6 @@ class ReplayBackend(Backend):
             raise BackendFailure(f"replay: model {self.model!r} has no recorded response for row {rec.id!r}")
         if self.sleep and resp.latency_ms:
             time.sleep(resp.latency_ms / 1000)
-        from router.signals import from_record
-
         return BackendResult(
             text=resp.text or "",
             signals=from_record(resp.logprob, resp.p_true),

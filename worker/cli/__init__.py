@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 
 import click
+
+from router.core.errors import UserError
+from worker.logs import configure_logging
 
 _COMMANDS = {
     "run": ("worker.cli.run_cmd:run", "run a JSONL batch through the tiers and write the results"),
@@ -49,12 +53,34 @@ def _fail(msg: str) -> None:
 
 
 @click.group(cls=_Lazy)
-def cli() -> None:
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto", show_default=True,
+              help="log lines: readable on a terminal, JSON otherwise (auto), or as given")
+def cli(log_format: str) -> None:
     """Cascade Router: answer each LLM request with the cheapest model confident enough."""
+    configure_logging(None if log_format == "auto" else log_format == "json", level="WARNING")
 
 
 def main() -> None:
+    """Run the command. A user's mistake (a `UserError` that a subcommand did not
+    already turn into a message) is one line and exit 2; anything else is a bug,
+    reported as one with its traceback and exit 70 (EX_SOFTWARE)."""
     try:
-        cli(standalone_mode=True)
+        code = cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except Exception:
+        traceback.print_exc()
+        click.echo("internal error: this is a bug in Cascade Router, not a problem with your input; "
+                   "please report it with the traceback above", err=True)
+        sys.exit(70)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from worker.bench import BenchConfig, run_pipeline_bench
+
 
 def _default_data() -> Path:
     shared = os.environ.get("CASCADE_SHARED")
@@ -31,8 +33,6 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
 def pipeline(jobs, chunk, latency_jobs, concurrency, data, pg_admin_url, redis_url, as_json) -> None:
     """N replay jobs through Redis + PostgreSQL with a worker per tier vs N no-op Celery tasks."""
-    from worker.bench import BenchConfig, run_pipeline_bench
-
     data = Path(data) if data else _default_data()
     if not data.exists():
         raise click.ClickException(f"replay data {data} not found: pass --data FILE (benchmarks format)")

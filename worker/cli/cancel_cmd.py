@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
+from worker.migrate import current
 from worker.settings import get_settings
+from worker.store import Store
 
 
 @click.command()
@@ -14,9 +16,6 @@ def cancel(batch_id) -> None:
     A stage already calling a model finishes its call (its attempt is recorded and
     costed) but can no longer change the job; queued stages skip cancelled jobs.
     """
-    from worker.migrate import current
-    from worker.store import Store
-
     settings = get_settings()
     if current(settings.db_url) is None:
         raise click.ClickException("the database has no schema yet: nothing to cancel")

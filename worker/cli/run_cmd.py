@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from worker.batch import default_batch_id, run_batch, write_results
 from worker.cli.common import load_portfolio_option, user_errors
+from worker.items import read_items
 from worker.settings import get_settings
 
 
@@ -29,8 +31,6 @@ def run(input_path, portfolio_path, out_path, batch_id, split, limit, chunk, tim
     becomes a failed item whose error names the line; the others still run.
     Re-running the same command skips finished items and resumes the rest.
     """
-    from worker.batch import default_batch_id, read_items, run_batch, write_results
-
     settings = get_settings()
     if chunk:
         settings = settings.model_copy(update={"chunk_size": chunk})

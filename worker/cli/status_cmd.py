@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 
 import click
+from sqlalchemy import select
 
+from worker.migrate import current
 from worker.settings import get_settings
+from worker.store import Store, batches
 
 
 @click.command()
@@ -13,10 +16,6 @@ from worker.settings import get_settings
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
 def status(batch_id, as_json) -> None:
     """Show BATCH (or list the recent batches)."""
-    from sqlalchemy import select
-
-    from worker.migrate import current
-    from worker.store import Store, batches
 
     settings = get_settings()
     if current(settings.db_url) is None:

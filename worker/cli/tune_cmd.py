@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
+
+from router.core.policy import tier_infos
+from router.core.policyfile import TunedPolicy, write_policy_file
+from router.lab.evaluate import VARIANTS
+from router.lab.labelled import build_table, prepare
+from router.lab.tuners import confirm, make_tuner
+from router.lab.tuning import Target, TuningError
 
 from .common import user_errors
 
@@ -47,10 +53,6 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
     """Fit POLICY on the train rows of DATA to a budget, a target accuracy or the
     best single model, and write {"name", "params", "fitted"} to OUT; point a
     portfolio at it with `[policy] file = "OUT"`."""
-    from router.evaluate import VARIANTS
-    from router.labelled import build_table, prepare, tier_infos
-    from router.tuning import Target, TuningError, confirm, make_tuner
-
     given = [x is not None for x in (budget, target_accuracy)] + [match_best]
     if sum(given) != 1:
         raise click.UsageError("give exactly one of --budget, --target-accuracy, --match-best")
@@ -102,10 +104,10 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
             raise click.ClickException(f"{L.name}: {policy}: {e}") from None
         acc, cost = table.accuracy(), table.mean_cost()
         b = max(range(len(tiers)), key=lambda i: (acc[i], -cost[i]))
-        doc = {
-            "name": fitted.policy,
-            "params": fitted.params,
-            "fitted": {
+        tuned = TunedPolicy(
+            name=fitted.policy,
+            params=fitted.params,
+            fitted={
                 "data": L.path,
                 "target": target.as_json() | ({"resolved_accuracy": fitted.target_accuracy}
                                               if target.kind == "match_best" else {}),
@@ -120,8 +122,8 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
                 **({"search": fitted.search} if fitted.search else {}),
                 **({"note": fitted.note} if fitted.note else {}),
             },
-        }
-        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+        )
+        write_policy_file(out, tuned)
         unit = "USD" if L.cost_unit == "usd" else "strong-call share"
         click.echo(f"{fitted.policy}: {json.dumps(fitted.params)}")
         click.echo(f"train ({fitted.train_rows} rows): accuracy {fitted.train_accuracy:.4f}, cost {fitted.train_cost:.6g} "

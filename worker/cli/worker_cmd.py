@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import click
+from celery.signals import setup_logging
 
+from worker.celery_app import make_app
 from worker.cli.common import load_portfolio_option, user_errors
+from worker.logs import configure_logging
+from worker.migrate import current
+from worker.runtime import Runtime
 from worker.settings import get_settings
+from worker.sweeper import Sweeper
 
 
 @click.command()
@@ -16,9 +22,6 @@ from worker.settings import get_settings
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> None:
     """Consume only TIER's queue; pools of different tiers scale independently."""
-    from worker.celery_app import make_app, runtime_of
-    from worker.migrate import current
-
     settings = get_settings()
     if settings.embedded:
         raise click.ClickException(
@@ -29,12 +32,12 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> No
         tier = portfolio.tier(tier_name)
         if current(settings.db_url) is None:
             raise click.ClickException("the database has no schema: run `cascade db upgrade` first")
-        app = make_app(settings)
-        rt = runtime_of(app)
-        loaded = rt.add_portfolio(portfolio)
+        rt = Runtime(settings)
+        app = make_app(settings, rt)
+        rt.add_portfolio(portfolio)
         rt.store.save_portfolio(portfolio.digest, portfolio.spec())
         backend = rt.backend(tier)  # a local model loads once, here, before any job
-        backend.check_needs(loaded.policy.needs(portfolio.index(tier.name)))
+        backend.check_needs(portfolio.built_policy.needs(portfolio.index(tier.name)))
     pool = pool or backend.pool
     if backend.pool == "solo" and pool != "solo":
         raise click.ClickException(f"the {backend.kind} backend holds one model per process: use --pool solo "
@@ -42,10 +45,14 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> No
     conc = 1 if pool == "solo" else (concurrency or settings.worker_concurrency)
     app.set_default()
     app.set_current()
-    from worker.sweeper import Sweeper
+    log_format = click.get_current_context().find_root().params.get("log_format", "auto")
 
+    def _logging(**_kw):  # Celery's own loggers go through structlog too, in one format
+        configure_logging(None if log_format == "auto" else log_format == "json", level=loglevel)
+
+    setup_logging.connect(_logging, weak=False)  # a local function: a weak reference would be collected
     interval = settings.sweep_interval or max(1.0, min(60.0, settings.visibility_timeout / 2))
-    Sweeper(app, tier, interval=interval, idle=settings.visibility_timeout, chunk_size=settings.chunk_size).start()
+    Sweeper(app, rt, tier, interval=interval, idle=settings.visibility_timeout, chunk_size=settings.chunk_size).start()
     argv = ["worker", "-Q", tier.queue_name, "-n", f"{tier.name}@%h", "-P", pool, "-c", str(conc),
             "--without-gossip", "--without-mingle", "-l", loglevel]
     if events:

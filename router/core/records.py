@@ -1,0 +1,235 @@
+"""Recorded traffic in the benchmarks format (one query per line, every model's
+response nested): the replay backend serves it and the evaluator learns from it.
+It is also the documented format for a user's own logged, labelled traffic.
+
+    {"id": str, "prompt": str, "split": "train"|"test"|null, "category": str|null,
+     "gold": str|null, "responses": {model: {"text", "correct", "cost_usd",
+     "latency_ms", "tokens_in", "tokens_out", "logprob", "p_true"}}}
+
+Every missing or malformed field is an error naming the file, line and field.
+A model absent from a row, and `null` values, mean "not recorded", never zero.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from . import signals as sig
+from .attempt import Attempt, Query
+from .errors import RecordsError
+
+RESPONSE_FIELDS = ("text", "correct", "cost_usd", "latency_ms", "tokens_in", "tokens_out", "logprob", "p_true", "signals")
+
+
+@dataclass(frozen=True)
+class Response:
+    text: str | None
+    correct: float | None
+    cost_usd: float | None
+    latency_ms: float | None
+    tokens_in: int | None
+    tokens_out: int | None
+    logprob: float | None
+    p_true: float | None
+    # further named confidence signals (router.core.signals names), e.g. from token log-probs
+    signals: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    prompt: str
+    split: str | None
+    category: str | None
+    gold: str | None
+    responses: Mapping[str, Response]
+    line: int = 0
+
+    def query(self) -> Query:
+        return Query(self.id, self.prompt, self.category)
+
+
+@dataclass
+class Dataset:
+    path: str
+    records: list[Record]
+    models: list[str]  # in first-seen order
+    models_meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def split(self, name: str | None) -> list[Record]:
+        return [r for r in self.records if name is None or r.split == name]
+
+    @property
+    def splits(self) -> list[str]:
+        seen: list[str] = []
+        for r in self.records:
+            if r.split is not None and r.split not in seen:
+                seen.append(r.split)
+        return seen
+
+
+def open_text(path: str | Path):
+    p = Path(path)
+    if p.suffix == ".gz":
+        return gzip.open(p, "rt", encoding="utf-8")
+    return open(p, encoding="utf-8")
+
+
+def _num(v: Any, where: str, name: str, *, integer: bool = False) -> float | int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RecordsError(f"{where}: {name} must be a number or null, got {v!r}")
+    if integer:
+        if isinstance(v, float) and not v.is_integer():
+            raise RecordsError(f"{where}: {name} must be a whole number, got {v!r}")
+        return int(v)
+    return float(v)
+
+
+def parse_response(raw: Any, where: str) -> Response:
+    if not isinstance(raw, dict):
+        raise RecordsError(f"{where}: expected an object, got {type(raw).__name__}")
+    unknown = set(raw) - set(RESPONSE_FIELDS)
+    if unknown:
+        raise RecordsError(f"{where}: unknown field(s) {sorted(unknown)}; known: {', '.join(RESPONSE_FIELDS)}")
+    text = raw.get("text")
+    if text is not None and not isinstance(text, str):
+        raise RecordsError(f"{where}: text must be a string or null")
+    correct = _num(raw.get("correct"), where, "correct")
+    if correct is not None and not (0.0 <= correct <= 1.0):
+        raise RecordsError(f"{where}: correct must lie in [0, 1], got {correct}")
+    cost = _num(raw.get("cost_usd"), where, "cost_usd")
+    if cost is not None and (not math.isfinite(cost) or cost < 0):
+        raise RecordsError(f"{where}: cost_usd must be a finite number >= 0, got {cost}")
+    # Confidences may legitimately be -inf/NaN in logged data; they are kept here
+    # and dropped as "absent" by router.signals, never turned into a number.
+    return Response(
+        text=text,
+        correct=correct,
+        cost_usd=cost,
+        latency_ms=_num(raw.get("latency_ms"), where, "latency_ms"),
+        tokens_in=_num(raw.get("tokens_in"), where, "tokens_in", integer=True),
+        tokens_out=_num(raw.get("tokens_out"), where, "tokens_out", integer=True),
+        logprob=_num(raw.get("logprob"), where, "logprob"),
+        p_true=_num(raw.get("p_true"), where, "p_true"),
+        signals=_signals(raw.get("signals"), where),
+    )
+
+
+def _signals(raw: Any, where: str) -> dict[str, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecordsError(f"{where}: signals must be an object of signal name -> number")
+    out = {}
+    for name, v in raw.items():
+        try:
+            sig.check_signal_name(name)
+        except sig.SignalError as e:
+            raise RecordsError(f"{where}: signals: {e}") from None
+        x = _num(v, where, f"signals.{name}")
+        if x is not None:
+            out[name] = x
+    return out
+
+
+def parse_record(raw: Any, where: str, line: int = 0) -> Record:
+    if not isinstance(raw, dict):
+        raise RecordsError(f"{where}: expected a JSON object per line")
+    for key in ("id", "prompt", "responses"):
+        if key not in raw:
+            raise RecordsError(f"{where}: missing field {key!r}")
+    rid = raw["id"]
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+        raise RecordsError(f"{where}: id must be a non-empty string")
+    if not isinstance(raw["prompt"], str):
+        raise RecordsError(f"{where}: prompt must be a string")
+    if not isinstance(raw["responses"], dict) or not raw["responses"]:
+        raise RecordsError(f"{where}: responses must be a non-empty object of model -> response")
+    split = raw.get("split")
+    if split is not None and not isinstance(split, str):
+        raise RecordsError(f"{where}: split must be a string or null")
+    responses = {
+        str(m): parse_response(r, f"{where}: responses[{m!r}]") for m, r in raw["responses"].items()
+    }
+    gold = raw.get("gold")
+    return Record(
+        id=str(rid),
+        prompt=raw["prompt"],
+        split=split,
+        category=raw.get("category"),
+        gold=None if gold is None else str(gold),
+        responses=responses,
+        line=line,
+    )
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    with open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, line
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    p = Path(path)
+    if not p.exists():
+        raise RecordsError(f"no such data file: {str(p)!r}")
+    records: list[Record] = []
+    models: list[str] = []
+    seen_ids: dict[str, int] = {}
+    try:
+        for n, line in iter_lines(p):
+            where = f"{p.name}:{n}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordsError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            rec = parse_record(raw, where, n)
+            if rec.id in seen_ids:
+                raise RecordsError(f"{where}: id {rec.id!r} already used on line {seen_ids[rec.id]}")
+            seen_ids[rec.id] = n
+            for m in rec.responses:
+                if m not in models:
+                    models.append(m)
+            records.append(rec)
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise RecordsError(f"{p}: cannot read: {e}") from None
+    if not records:
+        raise RecordsError(f"{p}: no rows")
+    meta_path = p.with_name(p.name.removesuffix(".gz").removesuffix(".jsonl") + ".models.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else []
+    return Dataset(str(p), records, models, meta)
+
+
+def attempt_from_response(
+    tier: str, tier_index: int, model: str, resp: Response | None, *, price=None
+) -> Attempt:
+    """The attempt a replayed call yields: recorded text, cost and confidences.
+
+    A model not recorded for this row is a failed call (the worker falls back),
+    never an empty answer. Cost: the recorded `cost_usd`; where the source did not
+    record one, the tier's price applied to the recorded tokens (0 without a price).
+    """
+    if resp is None:
+        return Attempt(tier, tier_index, model, None, error=f"no recorded response of model {model!r}")
+    cost = resp.cost_usd
+    if cost is None:
+        cost = price.cost(resp.tokens_in, resp.tokens_out) if price is not None else 0.0
+    return Attempt(
+        tier=tier,
+        tier_index=tier_index,
+        model=model,
+        text=resp.text,
+        signals={**{k: v for k, v in resp.signals.items() if sig.get(resp.signals, k) is not None},
+                 **sig.from_record(resp.logprob, resp.p_true)},
+        cost_usd=cost,
+        latency_ms=resp.latency_ms,
+        tokens_in=resp.tokens_in,
+        tokens_out=resp.tokens_out,
+    )

@@ -1,0 +1,175 @@
+"""Test helpers: a real OpenAI-compatible server (llama-cpp-python's, with the tiny
+model) in a subprocess on 127.0.0.1, and a small HTTP proxy in front of it that can
+answer 5xx, stall, or forward."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+
+from helpers.env import REPO as ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# llama-cpp-python's server, started through a wrapper that applies the same
+# "no extra buffer types" fix as the llamacpp backend (see worker/backends/llamacpp.py).
+_LAUNCH = (
+    "import runpy, sys; sys.path.insert(0, {root!r});"
+    "from worker.backends.llamacpp import disable_extra_buffers; disable_extra_buffers();"
+    "sys.argv = ['llama_cpp.server'] + sys.argv[1:];"
+    "runpy.run_module('llama_cpp.server', run_name='__main__')"
+)
+
+
+class LlamaServer:
+    def __init__(self, model_path: Path, port: int | None = None, n_ctx: int = 512):
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.cmd = [sys.executable, "-c", _LAUNCH.format(root=str(ROOT)), "--model", str(model_path),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", "1",
+                    "--model_alias", "tiny", "--verbose", "False"]
+        self.proc: subprocess.Popen | None = None
+        self.logfile = None
+
+    def start(self, timeout: float = 90.0) -> "LlamaServer":
+        import tempfile
+
+        # a file, not a pipe: llama.cpp's load log would fill a pipe nobody reads and block the server
+        self.logfile = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.logfile, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}:\n{self.output()[-2000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"llama_cpp.server did not come up on port {self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.logfile is not None:
+            self.logfile.close()
+            self.logfile = None
+
+    def output(self) -> str:
+        if self.logfile is None:
+            return ""
+        self.logfile.seek(0)
+        return self.logfile.read().decode(errors="replace")
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class _TestHTTPServer:
+    """A threaded HTTP server on 127.0.0.1 whose POSTs go to `self.handle`."""
+
+    def __init__(self):
+        self.requests = 0
+        self.bodies: list[dict] = []
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with outer._lock:
+                    outer.requests += 1
+                    n = outer.requests
+                    try:
+                        outer.bodies.append(json.loads(raw))
+                    except ValueError:
+                        outer.bodies.append({})
+                status, headers, payload = outer.handle(n, self.path, raw)
+                try:
+                    self.send_response(status)
+                    for k, v in {"Content-Type": "application/json", **headers}.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (read timeout)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def handle(self, n: int, path: str, raw: bytes) -> tuple[int, dict, bytes]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FlakyProxy(_TestHTTPServer):
+    """Forwards POSTs to `upstream`, except: the first `fail_first` requests (or all,
+    with always_fail) get `status` (with `retry_after` if set); with `stall` set every
+    request waits that long first."""
+
+    def __init__(self, upstream: str, *, fail_first: int = 0, status: int = 503, retry_after: str | None = None,
+                 stall: float = 0.0, always_fail: bool = False):
+        super().__init__()
+        self.upstream = upstream.rstrip("/")
+        self.fail_first, self.status, self.retry_after = fail_first, status, retry_after
+        self.stall, self.always_fail = stall, always_fail
+
+    def handle(self, n, path, raw):
+        if self.stall:
+            time.sleep(self.stall)
+        if self.always_fail or n <= self.fail_first:
+            headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
+            return self.status, headers, json.dumps({"error": {"message": "server overloaded (test proxy)"}}).encode()
+        try:
+            r = httpx.post(self.upstream + path.removeprefix("/v1"), content=raw,
+                           headers={"content-type": "application/json"}, timeout=60)
+            return r.status_code, {}, r.content
+        except httpx.HTTPError as e:
+            return 502, {}, json.dumps({"error": {"message": f"upstream: {e}"}}).encode()
+
+
+class CannedServer(_TestHTTPServer):
+    """Answers every POST with one fixed JSON body (parsing tests without a model)."""
+
+    def __init__(self, body: dict | str, status: int = 200, headers: dict | None = None):
+        super().__init__()
+        self.body = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.status, self.headers = status, headers or {}
+
+    def handle(self, n, path, raw):
+        return self.status, self.headers, self.body

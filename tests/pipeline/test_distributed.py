@@ -1,0 +1,214 @@
+"""The pipeline on real Redis + PostgreSQL with one `cascade worker` process per
+tier: results equal the offline simulation exactly, and a killed worker loses
+and duplicates nothing."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+from helpers.portfolios import write_portfolio
+from sqlalchemy import func, select
+
+from router.core.portfolio import load_portfolio
+from router.core.records import load_dataset
+from router.lab.simulate import simulate, tiers_of
+from worker.batch import job_results, run_batch, wait_for
+from worker.celery_app import make_app
+from worker.dispatch import Dispatcher
+from worker.items import read_items
+from worker.store import Store, attempts, jobs
+
+pytestmark = pytest.mark.services
+
+MODELS = ["llama3.2-3b", "llama3.1-70b", "llama3.1-405b"]
+
+
+def offline(portfolio, bench, split, n):
+    ds = load_dataset(bench / "rc-mmlu.jsonl.gz")
+    rows = ds.split(split)[:n]
+    return rows, simulate(portfolio.built_policy, tiers_of(portfolio), rows)
+
+
+def assert_matches_offline(db_jobs, outcomes):
+    assert [j["id"] for j in db_jobs] == [o.id for o in outcomes]
+    for j, o in zip(db_jobs, outcomes):
+        assert (j["status"], j["final_tier"], j["answer"], j["cost_usd"], j["correct"]) == (
+            o.status, o.final_tier, o.answer, o.cost_usd, o.correct), j["id"]
+        assert [a["tier"] for a in j["attempts"]] == o.calls
+    db_counts = Counter(j["final_tier"] for j in db_jobs)
+    assert db_counts == Counter(o.final_tier for o in outcomes)
+    db_cost = sum(j["cost_usd"] for j in db_jobs)
+    assert db_cost == sum(o.cost_usd for o in outcomes)
+    assert sum(j["correct"] for j in db_jobs) == sum(o.correct for o in outcomes)
+
+
+def assert_exactly_once(store: Store, batch_id: str, n: int):
+    b = store.batch(batch_id)
+    assert (b["total"], b["done"]) == (n, n)
+    with store.engine.connect() as c:
+        statuses = Counter(dict(c.execute(select(jobs.c.status, func.count()).where(jobs.c.batch_id == batch_id)
+                                          .group_by(jobs.c.status)).all()))
+        assert statuses["succeeded"] == b["succeeded"] and statuses["failed"] == b["failed"]
+        assert sum(statuses.values()) == n
+        # one accepting attempt per succeeded job, never two
+        accepts = c.execute(select(attempts.c.job_id, func.count()).where(attempts.c.decision == "accept")
+                            .group_by(attempts.c.job_id).having(func.count() > 1)).all()
+        assert accepts == []
+        # each job's cost is the sum of its attempts, counted once
+        per_job = dict(c.execute(select(attempts.c.job_id, func.sum(attempts.c.cost_usd)).group_by(attempts.c.job_id)).all())
+        for jid, cost in c.execute(select(jobs.c.id, jobs.c.total_cost).where(jobs.c.batch_id == batch_id)).all():
+            assert cost == pytest.approx(per_job[jid], rel=1e-12, abs=1e-15)
+        assert b["total_cost"] == pytest.approx(sum(per_job.values()), rel=1e-9)
+
+
+def three_tiers(bench, tmp_path, workers, *worker_args, slow_middle=False):
+    """A 3-tier replay portfolio (the middle tier waiting its recorded latency if
+    slow_middle) and one worker process per tier."""
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    if slow_middle:
+        path.write_text(path.read_text().replace('model = "llama3.1-70b" }', 'model = "llama3.1-70b", sleep = true }'))
+    portfolio = load_portfolio(path)
+    w = workers(path)
+    procs = {t.name: w.start(t.name, *worker_args) for t in portfolio.tiers}
+    return portfolio, w, procs
+
+
+def test_1000_rows_three_tiers_equal_offline(bench, distributed, workers, tmp_path):
+    settings, _ = distributed
+    portfolio, w, _ = three_tiers(bench, tmp_path, workers)
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=1000)
+    try:
+        report = run_batch(items, portfolio, settings=settings, batch_id="it-1000", progress=False, timeout=300)
+    except Exception:
+        print(w.logs())
+        raise
+    _, outcomes = offline(portfolio, bench, "test", 1000)
+    assert len(report.jobs) == 1000
+    # the cascade really cascades here: every tier answers some
+    assert set(Counter(o.final_tier for o in outcomes)) == {"t0", "t1", "t2"}
+    assert_matches_offline(report.jobs, outcomes)
+    assert_exactly_once(Store(settings.db_url), "it-1000", 1000)
+
+
+def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, workers, tmp_path):
+    settings, _ = distributed
+    settings = settings.model_copy(update={"chunk_size": 2})
+    # the middle tier waits the recorded latency, so the kill lands mid-batch
+    portfolio, w, procs = three_tiers(bench, tmp_path, workers, slow_middle=True)
+    victim = procs["t1"]
+    n = 60
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
+    run_batch(items, portfolio, settings=settings, batch_id="crash", progress=False, wait=False)
+    store = Store(settings.db_url)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with store.engine.connect() as c:
+            done_t1 = c.execute(select(func.count()).select_from(attempts).where(attempts.c.tier == "t1")).scalar()
+        if done_t1 >= 4:
+            break
+        time.sleep(0.2)
+    assert done_t1 >= 4, w.logs()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert store.batch("crash")["done"] < n  # the kill really was mid-batch
+    w.start("t1")
+    wait_for(store, "crash", progress=False, timeout=300)
+    _, outcomes = offline(portfolio, bench, "test", n)
+    assert_matches_offline(job_results(store, "crash"), outcomes)
+    assert_exactly_once(store, "crash", n)
+
+
+def test_duplicated_messages_change_nothing(bench, distributed, workers, tmp_path):
+    settings, _ = distributed
+    # three threads per tier: duplicates race each other
+    portfolio, w, _ = three_tiers(bench, tmp_path, workers, "-c", "3")
+    n = 200
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
+    store = Store(settings.db_url)
+    run_batch(items, portfolio, settings=settings, batch_id="dup", progress=False, wait=False)
+    sender = Dispatcher(make_app(settings), 16)
+    # every job's first stage delivered three more times, while the batch runs
+    ids = [f"dup:{it.key}" for it in items]
+    for _ in range(3):
+        for i in range(0, n, 16):
+            sender.send_one("t0", portfolio.tier("t0").queue_name, ids[i : i + 16])
+    wait_for(store, "dup", progress=False, timeout=300)
+    time.sleep(1.0)  # let stray duplicates drain; they must not change anything
+    _, outcomes = offline(portfolio, bench, "test", n)
+    assert_matches_offline(job_results(store, "dup"), outcomes)
+    assert_exactly_once(store, "dup", n)
+
+
+def test_worker_for_an_unknown_tier_names_it(bench, distributed, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers.env import REPO
+
+    _, env = distributed
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    p = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--tier", "t9", "--portfolio", str(path)],
+                       env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "unknown tier 't9'" in p.stderr and "tiers: t0, t1, t2" in p.stderr, p.stderr
+
+
+def submit_then_lose_the_queue(bench, settings, tmp_path, batch_id: str, n: int):
+    """Submit n jobs with no worker running, then delete the queue holding all their
+    messages, as a Redis restart without AOF would."""
+    import redis
+    from helpers.env import REDIS
+
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    portfolio = load_portfolio(path)
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
+    run_batch(items, portfolio, settings=settings, batch_id=batch_id, progress=False, wait=False)
+    r = redis.Redis.from_url(REDIS)
+    lost = sum(r.delete(f"{settings.redis_prefix}{t.queue_name}") for t in portfolio.tiers)
+    assert lost == 1  # every first stage sat in the first tier's queue; now gone
+    return path, portfolio
+
+
+def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, workers, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers.env import REPO
+
+    settings, env = distributed
+    n = 50
+    path, portfolio = submit_then_lose_the_queue(bench, settings, tmp_path, "lost", n)
+    w = workers(path)
+    w.env["CASCADE_SWEEP_INTERVAL"] = "3600"  # no sweeper: only `cascade resume` can recover them
+    for t in portfolio.tiers:
+        w.start(t.name)
+    store = Store(settings.db_url)
+    time.sleep(3)
+    assert store.batch("lost")["done"] == 0  # nothing left to deliver
+    p = subprocess.run([sys.executable, "-m", "worker.cli", "resume", "lost"], env={**os.environ, **env},
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"of {n} unfinished jobs sent again" in p.stdout
+    wait_for(store, "lost", progress=False, timeout=120)
+    _, outcomes = offline(portfolio, bench, "test", n)
+    assert_matches_offline(job_results(store, "lost"), outcomes)
+    assert_exactly_once(store, "lost", n)
+
+
+def test_workers_resend_lost_messages_by_themselves(bench, distributed, workers, tmp_path):
+    """A message Redis lost (here: the whole queue deleted) is found by the tier
+    workers' sweeper once the job has been idle a visibility timeout (10 s here)."""
+    settings, _ = distributed
+    n = 40
+    path, portfolio = submit_then_lose_the_queue(bench, settings, tmp_path, "swept", n)
+    w = workers(path)
+    for t in portfolio.tiers:
+        w.start(t.name)
+    store = Store(settings.db_url)
+    wait_for(store, "swept", progress=False, timeout=120)
+    _, outcomes = offline(portfolio, bench, "test", n)
+    assert_matches_offline(job_results(store, "swept"), outcomes)
+    assert_exactly_once(store, "swept", n)

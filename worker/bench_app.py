@@ -1,0 +1,30 @@
+"""The benchmark's baseline: a Celery app with one no-op task, kept apart from the
+production app so tier workers never run it. `cascade bench pipeline` starts a
+worker on it (`celery -A worker.bench_app:app`) to measure Celery's own
+per-message cost on the same broker, in the same run."""
+from __future__ import annotations
+
+import redis
+from celery import Celery
+
+from .celery_app import base_app
+from .settings import Settings, get_settings
+
+NOOP_TASK = "cascade.bench.noop"
+NOOP_QUEUE = "cascade.bench.noop"
+
+
+def make_noop_app(settings: Settings) -> Celery:
+    app = base_app(settings, "cascade-bench")
+    clients: list[redis.Redis] = []  # made on first use: the broker may not be Redis where this is imported
+
+    @app.task(name=NOOP_TASK, shared=False, ignore_result=True)
+    def noop(counter_key: str) -> None:
+        if not clients:
+            clients.append(redis.Redis.from_url(settings.broker))
+        clients[0].incr(counter_key)
+
+    return app
+
+
+app = make_noop_app(get_settings())

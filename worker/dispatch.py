@@ -1,0 +1,51 @@
+"""Sending stages: the one place a stage message leaves, whoever sends it (the
+submitter, a stage escalating, the sweeper, `cascade resume`).
+
+Jobs are grouped by (tier, queue) and chunked, so a batch travels as few messages
+(one message, one read, one transaction per chunk per tier). A message's task id
+is derived from its (jobs, tier), so a duplicate send carries the same id.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Sequence
+
+from celery import Celery
+
+STAGE_TASK = "cascade.stage"
+
+
+def task_id(tier: str, job_ids: Sequence[str]) -> str:
+    if len(job_ids) == 1:
+        return f"{job_ids[0]}@{tier}"
+    digest = hashlib.sha256("\n".join(job_ids).encode()).hexdigest()[:10]
+    return f"{job_ids[0]}+{len(job_ids) - 1}@{tier}#{digest}"
+
+
+def chunks(seq: Sequence[str], n: int) -> Iterable[Sequence[str]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+class Dispatcher:
+    def __init__(self, app: Celery, chunk_size: int):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.app = app
+        self.chunk_size = chunk_size
+
+    def send_one(self, tier: str, queue: str, job_ids: Sequence[str]) -> None:
+        self.app.send_task(STAGE_TASK, args=[tier, list(job_ids)], queue=queue, routing_key=queue,
+                           task_id=task_id(tier, job_ids))
+
+    def send(self, targets: Iterable[tuple[str, str, str]]) -> int:
+        """Send the stage of each (job id, tier, queue); returns the number of messages."""
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for job_id, tier, queue in targets:
+            grouped.setdefault((tier, queue), []).append(job_id)
+        messages = 0
+        for (tier, queue), ids in grouped.items():
+            for chunk in chunks(ids, self.chunk_size):
+                self.send_one(tier, queue, chunk)
+                messages += 1
+        return messages

@@ -1,0 +1,103 @@
+"""A job as the execution layer sees it: its status, and the codecs between its
+database row and the decision core's types (Query, Plan, Attempt), in one place.
+
+    submit:  item -> new_job_row (plan computed by router.core.cascade.start)
+    stage:   row -> query_of / plan_of / attempts_of ... -> StageOutcome -> row
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from router.core import cascade
+from router.core.attempt import Attempt, Query
+from router.core.policy import Plan
+from router.core.portfolio import Portfolio
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+# Plain strings for SQL: a driver binds an enum member by its name, not its value.
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in JobStatus)
+OPEN = (QUEUED, RUNNING)
+FINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
+def query_of(job_id: str, inp: dict[str, Any]) -> Query:
+    """The query a policy sees, from a job's stored input."""
+    return Query(id=str(inp.get("id", job_id)), prompt=inp["prompt"], category=inp.get("category"),
+                 meta={k: v for k, v in inp.items() if k not in ("id", "prompt", "category")})
+
+
+def plan_to_row(plan: Plan) -> dict[str, Any]:
+    return {"first": plan.first, "allowed": None if plan.allowed is None else list(plan.allowed), "note": plan.note}
+
+
+def plan_of(row: dict[str, Any] | None) -> Plan:
+    p = row or {}
+    allowed = p.get("allowed")
+    return Plan(first=p["first"], allowed=None if allowed is None else tuple(allowed), note=p.get("note", ""))
+
+
+def new_job_row(job_id: str, item_key: str, seq: int, portfolio: Portfolio, data: dict[str, Any]) -> dict[str, Any]:
+    """A queued job with its plan: the pre-call decision runs here, in the submitter,
+    before the first stage is sent."""
+    start = cascade.start(portfolio.built_policy, query_of(job_id, data))
+    return {"id": job_id, "item_key": item_key, "seq": seq, "portfolio": portfolio.digest, "input": data,
+            "plan": plan_to_row(start.plan), "status": QUEUED, "current_tier": portfolio.tiers[start.tier].name}
+
+
+def failed_job_row(job_id: str, item_key: str, seq: int, portfolio: Portfolio, error: str) -> dict[str, Any]:
+    """An input line that cannot be a job, kept as a failed job naming the problem."""
+    return {"id": job_id, "item_key": item_key, "seq": seq, "portfolio": portfolio.digest, "input": {"line": seq},
+            "status": FAILED, "error": error}
+
+
+def attempt_from_row(r: dict[str, Any]) -> Attempt:
+    return Attempt(
+        tier=r["tier"], tier_index=r["tier_index"], model=r["model"], text=r["answer"],
+        signals=r["signals"] or {}, cost_usd=r["cost_usd"], latency_ms=r["latency_ms"],
+        tokens_in=r["tokens_in"], tokens_out=r["tokens_out"], error=r["error"],
+    )
+
+
+@dataclass
+class StageOutcome:
+    """One job's result at one tier: its attempt, and what the policy decided."""
+
+    job_id: str
+    batch_id: str | None
+    step: int
+    attempt: Attempt
+    decision: str  # accept | escalate | reject
+    reason: str
+    meta: dict[str, Any]
+    next_tier: str | None = None
+    final_answer: str | None = None
+    final_tier: str | None = None
+    total_cost: float = 0.0
+    error: str | None = None
+
+    def attempt_row(self, t: datetime) -> dict[str, Any]:
+        a = self.attempt
+        return {
+            "job_id": self.job_id, "tier": a.tier, "tier_index": a.tier_index, "step": self.step,
+            "model": a.model, "answer": a.text, "signals": dict(a.signals), "tokens_in": a.tokens_in,
+            "tokens_out": a.tokens_out, "cost_usd": a.cost_usd, "latency_ms": a.latency_ms,
+            "decision": self.decision, "reason": self.reason, "error": a.error,
+            "meta": json.loads(json.dumps(self.meta, default=float)), "created_at": t,
+        }
