@@ -10,6 +10,7 @@ from .automix import AutoMix
 from .cascade_routing import CascadeRouting
 from .logistic_router import LogisticRouter
 from .random_route import RandomRouting
+from .rational import RationalCascade
 from .select_then_route import SelectThenRoute
 from .single import SingleModel
 from .threshold import ThresholdCascade
@@ -22,6 +23,7 @@ POLICIES: dict[str, type[Policy]] = {
     AutoMix.name: AutoMix,
     LogisticRouter.name: LogisticRouter,
     SelectThenRoute.name: SelectThenRoute,
+    RationalCascade.name: RationalCascade,
 }
 
 __all__ = ["POLICIES", "make_policy"]

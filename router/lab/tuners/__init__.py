@@ -26,14 +26,18 @@ from .cascade_routing import CascadeRoutingTuner
 from .grid import GridTuner
 from .logistic_router import LogisticRouterTuner
 from .random_route import RandomTuner
+from .rational import RationalTuner
 from .select_then_route import SelectThenRouteTuner
 from .single import SingleTuner
 from .threshold import ThresholdTuner
+from .threshold_ltt import RiskControlledThreshold, RiskSpec
 
 TUNERS: dict[str, Callable[..., Tuner]] = {
     t.policy: t for t in (ThresholdTuner, SingleTuner, RandomTuner, CascadeRoutingTuner, AutoMixTuner,
-                          LogisticRouterTuner, SelectThenRouteTuner)
+                          LogisticRouterTuner, SelectThenRouteTuner, RationalTuner)
 }
+# policies whose knobs Learn then Test can certify (`risk=RiskSpec(...)` among the tuning options)
+RISK_TUNERS: dict[str, Callable[..., Tuner]] = {"threshold": RiskControlledThreshold}
 
 
 def make_tuner(policy: str, table: Table, infos: Sequence[TierInfo], **options: Any) -> Tuner:
@@ -41,6 +45,14 @@ def make_tuner(policy: str, table: Table, infos: Sequence[TierInfo], **options: 
         near = difflib.get_close_matches(policy, list(POLICIES), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise TuningError(f"unknown policy {policy!r}{hint}; known: {', '.join(POLICIES)}")
+    spec = options.pop("risk", None)
+    if spec is not None:
+        if not isinstance(spec, RiskSpec):
+            raise TuningError(f"the risk option takes a RiskSpec, got {type(spec).__name__}")
+        if policy not in RISK_TUNERS:
+            raise TuningError(f"policy {policy!r} has no risk-controlled tuner; those that have one: "
+                              f"{', '.join(RISK_TUNERS)}")
+        return RISK_TUNERS[policy](table, infos, risk_spec=spec, **options)
     t = TUNERS.get(policy)
     if t is not None:
         return t(table, infos, **options)
