@@ -38,7 +38,7 @@ from router.core.records import Record
 from . import metrics
 from .labelled import Labelled, Table, build_table, prepare
 from .simulate import Outcome, TierModel, simulate
-from .tuners import TUNERS, confirm, make_tuner
+from .tuners import RISK_TUNERS, TUNERS, RiskSpec, confirm, make_tuner
 from .tuning import NotApplicable, Target, TargetUnreachable, TuningError
 
 
@@ -67,8 +67,23 @@ VARIANTS: dict[str, Variant] = {
 BASELINES = ("threshold-2tier", "random")
 
 
-def variants_for(policy: str) -> list[Variant]:
-    """The entries a `--policy` value evaluates, baselines appended."""
+def risk_variants(risk: RiskSpec) -> list[Variant]:
+    """`<policy>-ltt`: the policy's knobs certified by Learn then Test at `risk`."""
+    return [Variant(f"{p}-ltt", p, {"risk": risk},
+                    f"{p}: knobs certified by Learn then Test: loss against the reference <= {risk.alpha:g} "
+                    f"with probability >= {1 - risk.delta:g}") for p in RISK_TUNERS]
+
+
+def variants_for(policy: str, risk: RiskSpec | None = None) -> list[Variant]:
+    """The entries a `--policy` value evaluates, baselines appended; with `risk`,
+    the risk-controlled variant of every policy that has one (for `all`, or that policy)."""
+    if risk is not None:
+        extra = [v for v in risk_variants(risk) if policy in ("all", v.policy, v.name)]
+        if not extra:
+            raise TuningError(f"policy {policy!r} has no risk-controlled tuner; those that have one: "
+                              f"{', '.join(RISK_TUNERS)}")
+        base = variants_for(extra[0].policy if policy == extra[0].name else policy)
+        return [v for v in base if not v.baseline] + extra + [v for v in base if v.baseline]
     if policy == "all":
         names = ["threshold", "threshold-3plus", "single"] + [p for p in POLICIES if p not in ("threshold", "single", "random")]
     elif policy == "threshold":
@@ -144,7 +159,7 @@ def _run_fold(L: Labelled, train: list[Record], test: list[Record], variants: Se
             opts = dict(v.options)
             if v.policy == "random":
                 opts["seed"] = seed
-            if v.policy == "threshold" and L.signal is not None:
+            if v.policy in ("threshold", "rational") and L.signal is not None:
                 opts["signal"] = L.signal
             tuner = make_tuner(v.policy, train_table, infos, **opts)
         except NotApplicable as err:
@@ -196,12 +211,13 @@ def evaluate(
     points: int = 24,
     models: Sequence[str] | None = None,
     signal: str | None = None,
+    risk: RiskSpec | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `policy` (a name, a variant or "all") on a labelled file; returns the
     JSON-ready result (see docs/evaluation.md for every key)."""
     L = prepare(data, models=models, signal=signal)
-    variants = variants_for(policy)
+    variants = variants_for(policy, risk)
     if L.split_mode() == "train/test":
         train, test = L.train_test()
         splits = [(train, test)]
@@ -306,6 +322,8 @@ def evaluate(
                 par["random_at_matched_cost"] = {"accuracy": rs["accuracy"], "cost": rs["cost"],
                                                  "accuracy_delta": round6(rs["_acc"] - best["accuracy"])}
             entry["parity"] = par
+            if "risk" in v.options:
+                entry["risk"] = _risk_on_test(v.options["risk"], fits, [p["parity"][1] for p in per], fold_runs)
         # frontier
         front = []
         skipped = 0
@@ -366,6 +384,26 @@ def evaluate(
     return out
 
 
+def _risk_on_test(spec: RiskSpec, fits: Sequence[Any], outcomes: Sequence[list[Outcome]],
+                  folds: Sequence[_Fold]) -> dict[str, Any]:
+    """The certified bound beside the loss against the reference measured on test."""
+    losses, refs, certified = [], [], []
+    for f, outs, fold in zip(fits, outcomes, folds):
+        rc = f.search["risk_control"]
+        ref = [t.name for t in fold.tiers].index(rc["reference"])
+        got = np.array([o.correct if o.correct is not None else 0.0 for o in outs])
+        losses.append(np.clip(fold.test_table.correct[ref] - got, 0.0, 1.0))
+        refs.append(rc["reference"])
+        certified.append(len(f.params["chain"]) > 1)
+    loss = float(np.concatenate(losses).mean())
+    return {"alpha": spec.alpha, "delta": spec.delta, "procedure": spec.procedure, "reference": refs[0] if
+            len(set(refs)) == 1 else refs, "certified": all(certified), "test_loss": round6(loss),
+            "within_bound": loss <= spec.alpha, "guarantee": fits[0].note,
+            "calibration": {k: fits[0].search["risk_control"].get(k) for k in
+                            ("calibration_rows", "calibration_losses", "p_value", "upper_bound", "zero_loss_rows",
+                             "rows_needed")}}
+
+
 # -- text rendering -----------------------------------------------------------
 def _f(x: Any, spec: str, width: int) -> str:
     if x is None:
@@ -378,7 +416,7 @@ def _knobs(entry: dict[str, Any]) -> str:
     p = par.get("params") or (par.get("params_per_fold") or [None])[0]
     if not p:
         return ""
-    if entry["policy"] == "threshold":
+    if entry["policy"] in ("threshold", "rational"):
         ths = p["thresholds"]
         return " > ".join(f"{t}" + (f"@{ths[t]:.3g}" if t in ths else "") for t in p["chain"])
     if entry["policy"] == "random":
@@ -448,6 +486,11 @@ def render(res: dict[str, Any]) -> str:
         if rl:
             row += f"{_f(e.get('apgr'), '.4f', 8)}{_f(e.get('cpt50'), '.3f', 7)}{_f(e.get('cpt80'), '.3f', 7)}"
         L.append(row + "   " + _knobs(e))
+    for e in res["policies"]:
+        rk = e.get("risk")
+        if rk:
+            L.append(f"{e['name']}: loss against {rk['reference']} on test {rk['test_loss']:.4f} "
+                     f"({'within' if rk['within_bound'] else 'ABOVE'} the bound {rk['alpha']:g}); {rk['guarantee']}")
     L.append("* baseline.  Δacc = test accuracy - best single's; cost ratio = test cost / best single's;")
     L.append("  random@cost = test accuracy of random routing fitted to the same train cost;")
     L.append(f"  AIQ = mean accuracy of the test frontier ({res['points']} budgets fitted on train) over the "

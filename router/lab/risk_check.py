@@ -18,6 +18,7 @@ import numpy as np
 
 from router.core.policy import tier_infos
 from router.lab.labelled import build_table, prepare
+from router.lab.risk import RiskError
 from router.lab.tuners.threshold_ltt import RiskControlledThreshold, RiskSpec, losses_against, subtable, threshold_rows
 from router.lab.tuning import Target
 
@@ -26,13 +27,13 @@ def coverage(data: str | Path, spec: RiskSpec, *, resplits: int = 200, train_row
              seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     L = prepare(data)
     if L.signal is None:
-        raise ValueError(f"{L.name}: no confidence signal is recorded, so a threshold cascade cannot run")
+        raise RiskError(f"{L.name}: no confidence signal is recorded, so a threshold cascade cannot run")
     rows = L.records
     splits = {r.split for r in rows}
     if train_rows is None:
         train_rows = sum(r.split == "train" for r in rows) if {"train", "test"} <= splits else len(rows) // 2
     if not 0 < train_rows < len(rows):
-        raise ValueError(f"{L.name}: train_rows must lie between 1 and {len(rows) - 1}, got {train_rows}")
+        raise RiskError(f"{L.name}: train_rows must lie between 1 and {len(rows) - 1}, got {train_rows}")
     tiers = L.tiers(rows)
     infos = tier_infos(tiers)
     table = build_table(rows, tiers)

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import click
 
+from router.lab.risk import PROCEDURES
+from router.lab.risk_check import coverage, render
+from router.lab.tuners import RiskSpec
 from worker.bench import BenchConfig, run_pipeline_bench
+
+from .common import user_errors
 
 
 def _default_data() -> Path:
@@ -44,3 +49,31 @@ def pipeline(jobs, chunk, latency_jobs, concurrency, data, pg_admin_url, redis_u
     else:
         for k, v in result.items():
             click.echo(f"{k:>18}: {v}")
+
+
+@bench.command("risk")
+@click.option("--data", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="labelled files (repeatable; default: the shared rc-mmlu, rc-triviaqa and rc-gsm8k)")
+@click.option("--risk-bound", type=float, default=0.03, show_default=True,
+              help="the loss bound against the reference model the tuner certifies")
+@click.option("--delta", type=float, default=0.1, show_default=True, help="failure probability")
+@click.option("--risk-procedure", type=click.Choice(list(PROCEDURES)),
+              default="fixed-sequence", show_default=True)
+@click.option("--resplits", type=click.IntRange(min=10), default=200, show_default=True)
+@click.option("--train-rows", type=click.IntRange(min=1), default=None,
+              help="rows tuned on per re-split (default: the file's train split size, or half the rows)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
+def risk(files, risk_bound, delta, risk_procedure, resplits, train_rows, seed, as_json) -> None:
+    """Coverage of the risk-controlled threshold tuner: over random train/test
+    re-splits, the share whose test loss against the reference exceeds the bound
+    (it should stay <= delta), with the cost ratio achieved."""
+    paths = [Path(f) for f in files] or [_default_data().with_name(f"rc-{n}.jsonl.gz")
+                                         for n in ("mmlu", "triviaqa", "gsm8k")]
+    with user_errors():
+        spec = RiskSpec(risk_bound, delta, risk_procedure)
+        results = [coverage(p, spec, resplits=resplits, train_rows=train_rows, seed=seed,
+                            progress=lambda m: click.echo(m, err=True)) for p in paths]
+    click.echo(render(results))
+    if as_json:
+        click.echo(json.dumps({"results": results}))

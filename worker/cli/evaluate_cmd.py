@@ -8,6 +8,8 @@ import click
 from router.lab.evaluate import evaluate as run
 from router.lab.evaluate import render
 from router.lab.report import write
+from router.lab.risk import PROCEDURES
+from router.lab.tuners import RiskSpec
 
 from .common import user_errors
 
@@ -28,14 +30,22 @@ from .common import user_errors
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 20),
               help="folds of the cross-fitting, for files without both a train and a test split")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the folds and of random routing")
-def evaluate(data, policy, as_json, report_dir, models, signal, points, folds, seed):
+@click.option("--risk-bound", type=float, default=None,
+              help="also evaluate <policy>-ltt: knobs certified (Learn then Test) to lose at most this share of "
+                   "queries against the reference model, with probability >= 1 - delta")
+@click.option("--delta", type=float, default=0.1, show_default=True, help="with --risk-bound: failure probability")
+@click.option("--risk-procedure", type=click.Choice(list(PROCEDURES)), default="fixed-sequence", show_default=True,
+              help="with --risk-bound: the family-wise testing procedure")
+def evaluate(data, policy, as_json, report_dir, models, signal, points, folds, seed, risk_bound, delta,
+             risk_procedure):
     """Fit each policy on the train split, replay it on the test split with the
     workers' decision code, and compare it with the single models, random routing
     at matched cost, a two-tier threshold cascade and the oracle."""
     with user_errors():
+        risk = RiskSpec(risk_bound, delta, risk_procedure, seed=seed) if risk_bound is not None else None
         res = run(data, policy, folds=folds, seed=seed, points=points,
                   models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
-                  signal=signal)
+                  signal=signal, risk=risk)
         text = render(res)
         click.echo(text)
         if report_dir:

@@ -5,11 +5,15 @@ import json
 
 import click
 
+from router.core.policies import make_policy
 from router.core.policy import tier_infos
 from router.core.policyfile import TunedPolicy, write_policy_file
+from router.lab import drift
 from router.lab.evaluate import VARIANTS
 from router.lab.labelled import build_table, prepare
-from router.lab.tuners import confirm, make_tuner
+from router.lab.risk import PROCEDURES
+from router.lab.simulate import simulate
+from router.lab.tuners import RiskSpec, confirm, make_tuner
 from router.lab.tuning import Target, TuningError
 
 from .common import user_errors
@@ -25,6 +29,17 @@ def _mapping(text: str | None) -> dict[str, str]:
             raise click.BadParameter(f"expected model=tier, got {part!r}", param_hint="--tier-names")
         out[model.strip()] = tier.strip()
     return out
+
+
+def rows_needed_line(rc: dict) -> str:
+    """How many rows the bound needs, in words (shared with the evaluator's report)."""
+    base = (f"rows: even a cascade with no loss needs {rc['zero_loss_rows']} calibration rows to certify "
+            f"{rc['alpha']:g} at delta {rc['delta']:g}")
+    need = rc.get("rows_needed")
+    if need and need["calibration_rows"] is not None:
+        return (base + f"; the cheapest tested cascade with loss rate {need['loss_rate']:.4f} would be certified "
+                f"with about {need['calibration_rows']} calibration rows ({need['total_rows']} rows in all)")
+    return base
 
 
 @click.command("tune")
@@ -48,14 +63,30 @@ def _mapping(text: str | None) -> dict[str, str]:
 @click.option("--max-tiers", type=click.IntRange(1, 4), default=None, help="threshold: longest chain searched (default 4)")
 @click.option("--no-prune", is_flag=True, help="threshold: also search models dominated on train")
 @click.option("--seed", default=0, show_default=True, type=int, help="random: seed of the per-query draw")
+@click.option("--risk-bound", type=float, default=None,
+              help="certify the knobs (Learn then Test): the share of queries the reference model answers right "
+                   "and the cascade wrong stays <= this, with probability >= 1 - delta (threshold policy)")
+@click.option("--delta", type=float, default=0.1, show_default=True, help="with --risk-bound: failure probability")
+@click.option("--risk-procedure", type=click.Choice(list(PROCEDURES)), default="fixed-sequence", show_default=True,
+              help="with --risk-bound: the family-wise testing procedure")
+@click.option("--reference", default=None,
+              help="with --risk-bound: the reference tier (default: the most accurate on the learn part)")
+@click.option("--learn-fraction", type=float, default=1 / 3, show_default=True,
+              help="with --risk-bound: share of the rows that learns the order of the tested configurations")
 def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, models, signal, tier_names, chain,
-         min_tiers, max_tiers, no_prune, seed):
+         min_tiers, max_tiers, no_prune, seed, risk_bound, delta, risk_procedure, reference, learn_fraction):
     """Fit POLICY on the train rows of DATA to a budget, a target accuracy or the
-    best single model, and write {"name", "params", "fitted"} to OUT; point a
+    best single model (or, with --risk-bound, to a certified loss bound against a
+    reference model), and write {"name", "params", "fitted"} to OUT; point a
     portfolio at it with `[policy] file = "OUT"`."""
     given = [x is not None for x in (budget, target_accuracy)] + [match_best]
+    if risk_bound is not None and not any(given):
+        match_best = True  # the bound is the quality target; among certified knobs the cheapest wins
+        given = [False, False, True]
     if sum(given) != 1:
-        raise click.UsageError("give exactly one of --budget, --target-accuracy, --match-best")
+        raise click.UsageError("give exactly one of --budget, --target-accuracy, --match-best (or --risk-bound)")
+    if risk_bound is None and (reference or risk_procedure != "fixed-sequence"):
+        raise click.UsageError("--reference and --risk-procedure apply with --risk-bound")
     target = (Target.budget(budget) if budget is not None else
               Target.accuracy(target_accuracy) if target_accuracy is not None else Target.match_best())
     if target_accuracy is not None and not 0.0 <= target_accuracy <= 1.0:
@@ -81,7 +112,7 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
         variant = VARIANTS.get(policy)
         name = variant.policy if variant else policy
         opts: dict = dict(variant.options) if variant else {}
-        if name == "threshold":
+        if name in ("threshold", "rational"):
             if L.signal is not None:
                 opts["signal"] = L.signal
             if chain:
@@ -96,6 +127,8 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
             raise click.UsageError("--chain, --min-tiers, --max-tiers and --no-prune apply to the threshold policy")
         if name == "random":
             opts["seed"] = seed
+        if risk_bound is not None:
+            opts["risk"] = RiskSpec(risk_bound, delta, risk_procedure, learn_fraction, reference, seed)
         tiers = L.tiers(rows, names)
         table = build_table(rows, tiers)
         try:
@@ -104,6 +137,8 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
             raise click.ClickException(f"{L.name}: {policy}: {e}") from None
         acc, cost = table.accuracy(), table.mean_cost()
         b = max(range(len(tiers)), key=lambda i: (acc[i], -cost[i]))
+        # what the tuned tiers saw on these rows, for `cascade status --drift`
+        replayed = simulate(make_policy(fitted.policy, tier_infos(tiers), fitted.params), tiers, rows)
         tuned = TunedPolicy(
             name=fitted.policy,
             params=fitted.params,
@@ -121,6 +156,7 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
                 "signal": L.signal,
                 **({"search": fitted.search} if fitted.search else {}),
                 **({"note": fitted.note} if fitted.note else {}),
+                "reference": drift.profile(replayed, table, L.signal),
             },
         )
         write_policy_file(out, tuned)
@@ -128,4 +164,12 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
         click.echo(f"{fitted.policy}: {json.dumps(fitted.params)}")
         click.echo(f"train ({fitted.train_rows} rows): accuracy {fitted.train_accuracy:.4f}, cost {fitted.train_cost:.6g} "
                    f"{unit} per query; best single on train: {tiers[b].name} {acc[b]:.4f} at {cost[b]:.6g}")
+        rc = fitted.search.get("risk_control") if fitted.search else None
+        if rc is not None:
+            click.echo(f"guarantee: {fitted.note}")
+            click.echo(f"assumption: {rc['assumption']}")
+            if "upper_bound" in rc:
+                click.echo(f"calibration: {rc['calibration_losses']:g} losses in {rc['calibration_rows']} rows, "
+                           f"p-value {rc['p_value']:.3g}, risk <= {rc['upper_bound']:.4f} at delta {rc['delta']:g}")
+            click.echo(rows_needed_line(rc))
         click.echo(f"wrote {out}")

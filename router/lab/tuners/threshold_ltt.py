@@ -139,6 +139,10 @@ class RiskControlledThreshold(Tuner):
         chains = self._chains(chain, by_name, acc_l, cost_l, max_tiers, prune)
         self._path(chains)
         self._test()
+        self.search = {"signal": self.signal, "reference": self.infos[self.ref].name, "alpha": spec.alpha,
+                       "delta": spec.delta, "procedure": spec.procedure, "learn_rows": self.learn.n,
+                       "calibration_rows": self.cal.n, "configurations": self.configurations,
+                       "path": len(self.path), "certified": int(self.certified.sum())}
 
     # -- learn ---------------------------------------------------------------
     def _signal(self, signal: str | None) -> str:
