@@ -128,6 +128,19 @@ attempts = Table(
     UniqueConstraint("job_id", "tier", name="uq_attempts_job_tier"),
 )
 
+# graded outcomes (`cascade feedback`): one row per job, a re-grade replaces it
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("job_id", String(200), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("correct", Float(53), nullable=False),
+    Column("gold", Text, nullable=True),
+    Column("tiers", _json, nullable=False),  # tier -> graded correctness of that tier's answer
+    Column("source", Text, nullable=True),
+    Column("created_at", _ts, nullable=False),
+    Column("updated_at", _ts, nullable=False),
+)
+
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
@@ -314,6 +327,52 @@ class Store:
                  .where(jobs.c.batch_id == batch_id)
                  .group_by(attempts.c.tier, attempts.c.tier_index, attempts.c.decision))
             return [dict(r) for r in c.execute(q).mappings()]
+
+    def tier_observations(self, batch_id: str) -> list[dict]:
+        """Every answered call of the batch (failed calls excluded): tier, decision, signals."""
+        with self.read() as c:
+            q = (select(attempts.c.tier, attempts.c.decision, attempts.c.signals)
+                 .select_from(attempts.join(jobs, jobs.c.id == attempts.c.job_id))
+                 .where(jobs.c.batch_id == batch_id, attempts.c.error.is_(None)))
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def job_ids(self, batch_id: str, item_keys: Sequence[str]) -> dict[str, str]:
+        """item key -> job id, for the keys that are jobs of the batch."""
+        out: dict[str, str] = {}
+        with self.read() as c:
+            for i in range(0, len(item_keys), 1000):
+                q = select(jobs.c.item_key, jobs.c.id).where(jobs.c.batch_id == batch_id,
+                                                            jobs.c.item_key.in_(item_keys[i : i + 1000]))
+                out.update({r.item_key: r.id for r in c.execute(q)})
+        return out
+
+    def existing_jobs(self, job_ids: Sequence[str]) -> set[str]:
+        with self.read() as c:
+            got: set[str] = set()
+            for i in range(0, len(job_ids), 1000):
+                got |= set(c.execute(select(jobs.c.id).where(jobs.c.id.in_(job_ids[i : i + 1000]))).scalars())
+            return got
+
+    def record_feedback(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Upsert graded outcomes (job_id, correct, gold, tiers, source); a job graded
+        again keeps its latest grade. Returns the number of rows written."""
+        if not rows:
+            return 0
+        t = now()
+        full = [{"gold": None, "tiers": {}, "source": None, **r, "created_at": t, "updated_at": t} for r in rows]
+        with self.tx() as c:
+            ins = _insert(c, feedback)
+            c.execute(ins.on_conflict_do_update(index_elements=["job_id"], set_={
+                "correct": ins.excluded.correct, "gold": ins.excluded.gold, "tiers": ins.excluded.tiers,
+                "source": ins.excluded.source, "updated_at": ins.excluded.updated_at}), full)
+        return len(full)
+
+    def feedback_of(self, batch_id: str) -> dict[str, dict]:
+        """job id -> its feedback row, for the batch's graded jobs."""
+        with self.read() as c:
+            q = (select(feedback).select_from(feedback.join(jobs, jobs.c.id == feedback.c.job_id))
+                 .where(jobs.c.batch_id == batch_id))
+            return {r["job_id"]: dict(r) for r in c.execute(q).mappings()}
 
     def batch_jobs(self, batch_id: str) -> list[dict]:
         with self.read() as c:

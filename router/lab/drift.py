@@ -52,6 +52,19 @@ def profile(outcomes: Sequence[Any], table: Any, signal: str | None) -> dict[str
     return {"signal": signal, "rows": len(outcomes), "tiers": tiers}
 
 
+def production(observations: Sequence[dict[str, Any]], signal: str | None) -> dict[str, dict[str, Any]]:
+    """Production calls (tier, decision, signals) -> per tier calls, accepts, confidences."""
+    out: dict[str, dict[str, Any]] = {}
+    for o in observations:
+        t = out.setdefault(o["tier"], {"calls": 0, "accepted": 0, "confidences": []})
+        t["calls"] += 1
+        t["accepted"] += int(o["decision"] == "accept")
+        v = (o.get("signals") or {}).get(signal) if signal else None
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            t["confidences"].append(float(v))
+    return out
+
+
 @dataclass
 class Finding:
     tier: str

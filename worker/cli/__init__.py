@@ -24,6 +24,7 @@ _COMMANDS = {
     "models": ("worker.cli.models_cmd:models", "prepare and list the local model pack"),
     "evaluate": ("worker.cli.evaluate_cmd:evaluate", "offline cost/quality evaluation of policies on labelled data"),
     "tune": ("worker.cli.tune_cmd:tune", "fit a policy's knobs on the train split and write a policy file"),
+    "feedback": ("worker.cli.feedback_cmd:feedback", "record graded outcomes of jobs; export them for re-tuning"),
 }
 
 

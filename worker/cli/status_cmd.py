@@ -6,6 +6,9 @@ import json
 import click
 from sqlalchemy import select
 
+from router.core.errors import UserError
+from router.core.policyfile import read_policy_file
+from router.lab import drift
 from worker.migrate import current
 from worker.settings import get_settings
 from worker.store import Store, batches
@@ -14,7 +17,12 @@ from worker.store import Store, batches
 @click.command()
 @click.argument("batch_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
-def status(batch_id, as_json) -> None:
+@click.option("--drift", "policy_file", type=click.Path(dir_okay=False),
+              help="the tuned policy file the portfolio runs: warn when a tier's accept rate or confidences "
+                   "moved away from its tuning rows beyond what sampling explains")
+@click.option("--drift-level", type=click.FloatRange(1e-6, 0.5), default=0.01, show_default=True,
+              help="family-wise false-warning rate of the drift tests (Holm)")
+def status(batch_id, as_json, policy_file, drift_level) -> None:
     """Show BATCH (or list the recent batches)."""
 
     settings = get_settings()
@@ -41,9 +49,12 @@ def status(batch_id, as_json) -> None:
         t["cost_usd"] += r["cost"] or 0.0
         t["model_ms"] += r["latency_ms"] or 0.0
     per_tier = sorted(tiers.values(), key=lambda t: t["index"])
+    checked = _drift(store, batch_id, policy_file, drift_level) if policy_file else None
     if as_json:
         out = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in b.items()}
         out["tiers"] = per_tier
+        if checked is not None:
+            out["drift"] = checked
         click.echo(json.dumps(out))
         return
     state = "finished" if b["done"] >= b["total"] else "in progress"
@@ -53,3 +64,34 @@ def status(batch_id, as_json) -> None:
     for t in per_tier:
         click.echo(f"{t['tier']:<16}{t['calls']:>8}{t['accept']:>8}{t['escalate']:>10}{t['reject']:>8}"
                    f"{t['cost_usd']:>12.6g}{t['model_ms'] / 1000:>10.1f}")
+    if checked is not None:
+        for line in drift_lines(checked):
+            click.echo(line)
+
+
+def _drift(store: Store, batch_id: str, policy_file: str, level: float) -> dict:
+    try:
+        tuned = read_policy_file(policy_file)
+    except UserError as e:
+        raise click.ClickException(str(e)) from None
+    ref = tuned.fitted.get("reference")
+    if not ref:
+        raise click.ClickException(f"{policy_file}: no reference distributions recorded (tuned by an older "
+                                   f"`cascade tune`): tune again to check drift")
+    prod = drift.production(store.tier_observations(batch_id), ref.get("signal"))
+    findings, notes = drift.compare(ref, prod, level=level)
+    return {"level": level, "tests": [vars(f) for f in findings], "notes": notes,
+            "drifted": any(f.drift for f in findings)}
+
+
+def drift_lines(checked: dict) -> list[str]:
+    out = []
+    for f in checked["tests"]:
+        if f["drift"]:
+            out.append(f"WARNING drift: tier {f['tier']} {f['test']}: {f['detail']} (p = {f['p_value']:.2g}); "
+                       f"the tuned knobs and any risk guarantee assumed traffic like the tuning rows")
+    if not checked["drifted"]:
+        out.append(f"drift: no tier moved beyond what sampling explains ({len(checked['tests'])} tests, "
+                   f"Holm at {checked['level']:g})")
+    out += [f"drift: {n}" for n in checked["notes"]]
+    return out
