@@ -19,7 +19,8 @@ import numpy as np
 from router.core.policy import tier_infos
 from router.lab.labelled import build_table, prepare
 from router.lab.risk import RiskError
-from router.lab.tuners.threshold_ltt import RiskControlledThreshold, RiskSpec, losses_against, subtable, threshold_rows
+from router.lab.tuners.ltt import RiskSpec, losses_against, subtable
+from router.lab.tuners.threshold_ltt import RiskControlledThreshold, threshold_rows
 from router.lab.tuning import Target
 
 

@@ -11,7 +11,8 @@ from router.core.policy import TierInfo
 from router.lab import risk
 from router.lab.labelled import Table
 from router.lab.simulate import TierModel
-from router.lab.tuners.threshold_ltt import RiskControlledThreshold, RiskSpec, losses_against, subtable, threshold_rows
+from router.lab.tuners.ltt import RiskSpec, losses_against, subtable
+from router.lab.tuners.threshold_ltt import RiskControlledThreshold, threshold_rows
 from router.lab.tuning import Target
 
 

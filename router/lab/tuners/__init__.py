@@ -30,7 +30,8 @@ from .rational import RationalTuner
 from .select_then_route import SelectThenRouteTuner
 from .single import SingleTuner
 from .threshold import ThresholdTuner
-from .threshold_ltt import RiskControlledThreshold, RiskSpec
+from .ltt import RiskSpec
+from .threshold_ltt import RiskControlledThreshold
 
 TUNERS: dict[str, Callable[..., Tuner]] = {
     t.policy: t for t in (ThresholdTuner, SingleTuner, RandomTuner, CascadeRoutingTuner, AutoMixTuner,

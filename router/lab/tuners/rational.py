@@ -19,8 +19,17 @@ import numpy as np
 from router.core.policy import TierInfo
 from router.lab.copula import CascadeModel, ModelError
 from router.lab.labelled import Table
-from router.lab.tuning import (Fitted, NotApplicable, Target, Tuner, TuningError, given_chain, pick_signal,
-                               select_index, undominated_pool)
+from router.lab.tuning import (
+    Fitted,
+    NotApplicable,
+    Target,
+    Tuner,
+    TuningError,
+    given_chain,
+    pick_signal,
+    select_index,
+    undominated_pool,
+)
 
 from .threshold import fast_threshold
 
