@@ -168,7 +168,7 @@ def _run_fold(L: Labelled, train: list[Record], test: list[Record], variants: Se
         e["search"] = getattr(tuner, "search", None)
         try:
             fp = confirm(tuner.select(Target.match_best()), train, tiers)
-            e["parity"] = (fp, run(v.policy, fp.params))
+            e["parity"] = (fp, run(fp.policy, fp.params))  # a risk tuner may fall back to another policy
             if v.policy != "random":
                 fr = rnd.select(Target.budget(max(fp.train_cost, float(cost_tr.min()))))
                 e["matched_random"] = (fr, run("random", fr.params))
@@ -178,7 +178,7 @@ def _run_fold(L: Labelled, train: list[Record], test: list[Record], variants: Se
         for c in fold.budgets:
             try:
                 f = tuner.select(Target.budget(c))
-                front.append((f, run(v.policy, f.params)))
+                front.append((f, run(f.policy, f.params)))
             except TargetUnreachable:
                 front.append(None)
         e["frontier"] = front
@@ -394,7 +394,7 @@ def _risk_on_test(spec: RiskSpec, fits: Sequence[Any], outcomes: Sequence[list[O
         got = np.array([o.correct if o.correct is not None else 0.0 for o in outs])
         losses.append(np.clip(fold.test_table.correct[ref] - got, 0.0, 1.0))
         refs.append(rc["reference"])
-        certified.append(len(f.params["chain"]) > 1)
+        certified.append(rc["chosen"] == "certified cascade")
     loss = float(np.concatenate(losses).mean())
     return {"alpha": spec.alpha, "delta": spec.delta, "procedure": spec.procedure, "reference": refs[0] if
             len(set(refs)) == 1 else refs, "certified": all(certified), "test_loss": round6(loss),
@@ -416,6 +416,8 @@ def _knobs(entry: dict[str, Any]) -> str:
     p = par.get("params") or (par.get("params_per_fold") or [None])[0]
     if not p:
         return ""
+    if set(p) == {"tier"}:
+        return p["tier"]
     if entry["policy"] in ("threshold", "rational"):
         ths = p["thresholds"]
         return " > ".join(f"{t}" + (f"@{ths[t]:.3g}" if t in ths else "") for t in p["chain"])

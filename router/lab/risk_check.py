@@ -58,7 +58,7 @@ def coverage(data: str | Path, spec: RiskSpec, *, resplits: int = 200, train_row
         ratio.append(float(cost.mean() / te.cost[ref].mean()))
         delta_ref.append(float(correct.mean() - te.correct[ref].mean()))
         delta_best.append(float(correct.mean() - te.accuracy().max()))
-        certified.append(len(chain) > 1)
+        certified.append(fitted.search["risk_control"]["chosen"] == "certified cascade")
         if progress and (b + 1) % 50 == 0:
             progress(f"{L.name}: {b + 1}/{resplits} re-splits")
     loss_a = np.array(loss)

@@ -42,6 +42,16 @@ def test_a_bound_the_rows_cannot_support_falls_back_to_the_reference_and_says_ho
     assert "needs 230 calibration rows to certify 0.01" in r.output
 
 
+def test_automix_with_nothing_certified_falls_back_to_the_reference_policy(tmp_path):
+    out = tmp_path / "p.json"
+    r = run(tune, "--data", TRIVIA, "--policy", "automix", "--risk-bound", "0.03", "--out", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    rc = doc["fitted"]["search"]["risk_control"]
+    assert rc["path"] >= 1 and rc["certified"] == 0 and rc["chosen"] == "reference alone"
+    assert doc["name"] == "single" and doc["params"] == {"tier": rc["reference"]}
+
+
 def test_too_few_rows_name_the_count(tmp_path):
     rng = random.Random(0)
     data = tmp_path / "mine.jsonl"
@@ -51,8 +61,8 @@ def test_too_few_rows_name_the_count(tmp_path):
     r = run(tune, "--data", data, "--policy", "threshold", "--risk-bound", "0.05", "--out", tmp_path / "p.json")
     assert r.exit_code == 1
     assert "40 rows split at learn fraction 0.33 give 13 and 27" in r.output
-    r = run(tune, "--data", data, "--policy", "single", "--risk-bound", "0.05", "--out", tmp_path / "p.json")
-    assert r.exit_code == 1 and "policy 'single' has no risk-controlled tuner" in r.output
+    r = run(tune, "--data", data, "--policy", "logistic-router", "--risk-bound", "0.05", "--out", tmp_path / "p.json")
+    assert r.exit_code == 1 and "policy 'logistic-router' has no risk-controlled tuner" in r.output
 
 
 def test_evaluate_reports_the_test_loss_beside_the_bound():

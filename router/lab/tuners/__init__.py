@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from typing import Any, Callable, Sequence
 
 from router.core.errors import InternalError
@@ -25,12 +26,13 @@ from .automix import AutoMixTuner
 from .cascade_routing import CascadeRoutingTuner
 from .grid import GridTuner
 from .logistic_router import LogisticRouterTuner
+from .ltt import RiskSpec
 from .random_route import RandomTuner
 from .rational import RationalTuner
 from .select_then_route import SelectThenRouteTuner
 from .single import SingleTuner
+from .sweep_ltt import RiskControlledSweep
 from .threshold import ThresholdTuner
-from .ltt import RiskSpec
 from .threshold_ltt import RiskControlledThreshold
 
 TUNERS: dict[str, Callable[..., Tuner]] = {
@@ -38,7 +40,11 @@ TUNERS: dict[str, Callable[..., Tuner]] = {
                           LogisticRouterTuner, SelectThenRouteTuner, RationalTuner)
 }
 # policies whose knobs Learn then Test can certify (`risk=RiskSpec(...)` among the tuning options)
-RISK_TUNERS: dict[str, Callable[..., Tuner]] = {"threshold": RiskControlledThreshold}
+RISK_TUNERS: dict[str, Callable[..., Tuner]] = {
+    "threshold": RiskControlledThreshold,
+    "automix": functools.partial(RiskControlledSweep, policy="automix", learner=AutoMixTuner),
+    "cascade-routing": functools.partial(RiskControlledSweep, policy="cascade-routing", learner=CascadeRoutingTuner),
+}
 
 
 def make_tuner(policy: str, table: Table, infos: Sequence[TierInfo], **options: Any) -> Tuner:

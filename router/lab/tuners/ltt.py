@@ -179,6 +179,7 @@ class RiskControlled(Tuner):
             "citation": "Angelopoulos et al., Learn then Test, arXiv 2110.01052",
             "zero_loss_rows": math.ceil(math.log(s.delta) / math.log1p(-s.alpha)),
         }
+        out["chosen"] = "reference alone" if j is None else "certified cascade"
         if j is not None:
             k = float(self.cal_losses[j].sum())
             out.update({"calibration_losses": k, "p_value": self.pvalues[j],
