@@ -105,7 +105,7 @@ class CascadeModel:
     """Fitted marginals, calibrations and consecutive copulas of one chain."""
 
     def __init__(self, signal: str, conf: Sequence[np.ndarray], correct: Sequence[np.ndarray],
-                 cost: Sequence[np.ndarray], samples: int = 20_000, seed: int = 0, min_rows: int = 20):
+                 cost: Sequence[np.ndarray], samples: int = 20_000, seed: int = 0, min_rows: int = 8):
         self.signal = signal
         k = len(conf)
         if k < 2:

@@ -62,9 +62,9 @@ def test_bad_input_is_named():
         fit_rho(x[:2], x[:2])
     with pytest.raises(ModelError, match="stage 0: all 50 rows are right"):
         CascadeModel("p_true", [x, x], [np.ones(50), np.zeros(50)], [np.ones(50), np.ones(50)])
-    with pytest.raises(ModelError, match="stage 1: 10 rows with a finite confidence, at least 20"):
+    with pytest.raises(ModelError, match="stage 1: 5 rows with a finite confidence, at least 8 needed"):
         y = x.copy()
-        y[10:] = np.nan
+        y[5:] = np.nan
         CascadeModel("p_true", [x, y], [np.r_[np.ones(25), np.zeros(25)]] * 2, [np.ones(50)] * 2)
 
 
