@@ -60,8 +60,8 @@ class LogisticRouterTuner(Tuner):
         oof = np.full((len(order), n), np.nan)
         for f in ([0] if n > holdout_above else range(k)):
             tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            W, b = fit_logistic(X.take(tr), correct[:, tr], l2)
-            oof[:, te] = sigmoid(X.take(te).dot(W) + b[:, None])
+            W, b = fit_logistic(X[tr], correct[:, tr], l2)
+            oof[:, te] = sigmoid((X[te] @ W.T).T + b[:, None])
         sel = np.flatnonzero(np.isfinite(oof[0]))
 
         W, b = fit_logistic(X, correct, l2)
