@@ -62,9 +62,14 @@ VARIANTS: dict[str, Variant] = {
                 "baseline: the best two-tier threshold cascade", baseline=True),
         Variant("random", "random", {}, "baseline: random routing between single models", baseline=True),
         Variant("single", "single", {}, "one model for every query, chosen on train"),
+        Variant("routellm-mf", "routellm", {"scorer": "mf"}, "RouteLLM matrix factorisation, N models"),
+        Variant("routellm-sw", "routellm", {"scorer": "sw"}, "RouteLLM similarity-weighted ranking, N models"),
+        Variant("routellm-classifier", "routellm", {"scorer": "linear"},
+                "RouteLLM-style classifier on the query vector, N models"),
     )
 }
 BASELINES = ("threshold-2tier", "random")
+ROUTELLM = ["routellm-mf", "routellm-sw", "routellm-classifier"]
 
 
 def risk_variants(risk: RiskSpec) -> list[Variant]:
@@ -86,8 +91,11 @@ def variants_for(policy: str, risk: RiskSpec | None = None) -> list[Variant]:
         return [v for v in base if not v.baseline] + extra + [v for v in base if v.baseline]
     if policy == "all":
         names = ["threshold", "threshold-3plus", "single"] + [p for p in POLICIES if p not in ("threshold", "single", "random")]
+        names[names.index("routellm"):names.index("routellm") + 1] = ROUTELLM
     elif policy == "threshold":
         names = ["threshold", "threshold-3plus"]
+    elif policy == "routellm":
+        names = list(ROUTELLM)
     elif policy in VARIANTS or policy in POLICIES:
         names = [policy]
     else:

@@ -7,10 +7,14 @@ from typing import Any
 from ..errors import PolicyError
 from ..policy import Policy, TierInfo
 from .automix import AutoMix
+from .cargo import Cargo
 from .cascade_routing import CascadeRouting
+from .hybrid_llm import HybridLLM
 from .logistic_router import LogisticRouter
+from .optllm import OptLLM
 from .random_route import RandomRouting
 from .rational import RationalCascade
+from .routellm import RouteLLM
 from .select_then_route import SelectThenRoute
 from .single import SingleModel
 from .threshold import ThresholdCascade
@@ -24,6 +28,10 @@ POLICIES: dict[str, type[Policy]] = {
     LogisticRouter.name: LogisticRouter,
     SelectThenRoute.name: SelectThenRoute,
     RationalCascade.name: RationalCascade,
+    RouteLLM.name: RouteLLM,
+    HybridLLM.name: HybridLLM,
+    OptLLM.name: OptLLM,
+    Cargo.name: Cargo,
 }
 
 __all__ = ["POLICIES", "make_policy"]

@@ -23,12 +23,16 @@ from router.lab.simulate import TierModel, simulate
 from router.lab.tuning import Fitted, Target, Tuner, TuningError
 
 from .automix import AutoMixTuner
+from .cargo import CargoTuner
 from .cascade_routing import CascadeRoutingTuner
 from .grid import GridTuner
+from .hybrid_llm import HybridLLMTuner
 from .logistic_router import LogisticRouterTuner
 from .ltt import RiskSpec
+from .optllm import OptLLMTuner
 from .random_route import RandomTuner
 from .rational import RationalTuner
+from .routellm import RouteLLMTuner
 from .select_then_route import SelectThenRouteTuner
 from .single import SingleTuner
 from .sweep_ltt import RiskControlledSweep
@@ -37,7 +41,8 @@ from .threshold_ltt import RiskControlledThreshold
 
 TUNERS: dict[str, Callable[..., Tuner]] = {
     t.policy: t for t in (ThresholdTuner, SingleTuner, RandomTuner, CascadeRoutingTuner, AutoMixTuner,
-                          LogisticRouterTuner, SelectThenRouteTuner, RationalTuner)
+                          LogisticRouterTuner, SelectThenRouteTuner, RationalTuner, RouteLLMTuner, HybridLLMTuner,
+                          OptLLMTuner, CargoTuner)
 }
 # policies whose knobs Learn then Test can certify (`risk=RiskSpec(...)` among the tuning options)
 RISK_TUNERS: dict[str, Callable[..., Tuner]] = {

@@ -1,0 +1,152 @@
+"""The pre-call routers of issue 11 (routellm mf/sw/classifier, hybrid-llm, optllm,
+cargo): their maths on small planted fixtures, their tuners on keyword data, and
+the errors bad input gets."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from router.core.attempt import Attempt, Query
+from router.core.errors import PolicyError
+from router.core.policies import make_policy
+from router.core.policies.cascade_routing import CascadeRouting
+from router.core.policies.optllm import assign_batch, pareto_front, route_all
+from router.core.policy import TierInfo, tier_infos
+from router.core.quality import QueryEncoder, bradley_terry, pack, predictor_from_params
+from router.core.records import Record, Response
+from router.lab.metrics import summarize
+from router.lab.quality_fit import fit_mf
+from router.lab.simulate import TierModel, simulate
+from router.lab.tuners import fit
+from router.lab.tuning import NotApplicable, Target
+
+FILLER = "please answer the question about the river the mountain the city and the year".split()
+TIERS = [TierModel("small", "small"), TierModel("big", "big")]
+ROUTERS = [("routellm", {"scorer": "mf"}), ("routellm", {"scorer": "sw"}), ("routellm", {"scorer": "linear"}),
+           ("optllm", {}), ("cargo", {}), ("hybrid-llm", {})]
+
+
+def _resp(correct: float, cost: float | None) -> Response:
+    return Response("x", correct, cost, None, None, None, None, None)
+
+
+def keyword_rows(n: int, split: str, seed: int) -> list[Record]:
+    """'small' is right exactly when the prompt holds 'zebra'; 'big' always."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(FILLER, 6)
+        hit = i % 2 == 0
+        words.insert(rng.randrange(7), "zebra" if hit else "okapi")
+        rows.append(Record(f"{split}-{i}", " ".join(words) + f" {rng.randrange(1000)}", split, None, None,
+                           {"small": _resp(float(hit), 1e-5), "big": _resp(1.0, 1e-3)}))
+    return rows
+
+
+# -- the maths on planted fixtures ---------------------------------------------------------
+def test_matrix_factorisation_recovers_a_planted_ranking():
+    """Three query clusters, three models, a different planted best model per cluster:
+    the fitted MF ranks the models of every cluster as planted."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(3) * 3.0
+    planted = np.array([[0.9, 0.5, 0.1], [0.1, 0.9, 0.5], [0.5, 0.1, 0.9]])  # cluster x model P(correct)
+    cluster = rng.integers(0, 3, 600)
+    X = centres[cluster] + rng.normal(0, 0.3, (600, 3))
+    Y = (rng.random((600, 3)) < planted[cluster]).astype(float).T
+    pred = predictor_from_params(fit_mf(X, Y, h=3, l2=1e-4), 3, 3)
+    got = pred.predict(centres)
+    for c in range(3):
+        assert list(np.argsort(-got[c])) == list(np.argsort(-planted[c])), (c, got[c])
+
+
+def test_bradley_terry_orders_by_wins():
+    wins = np.array([[0.0, 8.0, 9.0], [2.0, 0.0, 6.0], [1.0, 4.0, 0.0]])
+    r = bradley_terry(wins)
+    assert r[0] > r[1] > r[2] and abs(r.sum()) < 1e-9
+
+
+def test_optllm_front_is_non_dominated_and_covers_every_lam():
+    rng = np.random.default_rng(1)
+    Q = rng.random((40, 4))
+    costs = np.array([0.0, 0.1, 0.4, 1.0])
+    front = pareto_front(Q, costs)
+    pts = [(p["cost"], p["quality"]) for p in front]
+    assert len(pts) >= 2
+    for i, (c, q) in enumerate(pts):
+        for j, (c2, q2) in enumerate(pts):
+            if i != j:
+                assert not (c2 <= c and q2 >= q and (c2 < c or q2 > q)), (pts[i], pts[j])
+    # no assignment at any lam beats the front
+    rows = np.arange(40)
+    for lam in np.linspace(0, 3, 61):
+        ch = route_all(Q, costs, lam)
+        c, q = costs[ch].mean(), Q[rows, ch].mean()
+        assert any(fc <= c + 1e-12 and fq >= q - 1e-12 for fc, fq in pts)
+    # the batch assignment under a budget stays within it, and takes the best such point
+    b = pts[len(pts) // 2][0] + 1e-9
+    got = assign_batch(Q, costs, b)
+    assert got["cost"] <= b and got["quality"] == max(q for c, q in pts if c <= b)
+    with pytest.raises(PolicyError, match="below the cheapest"):
+        assign_batch(Q, costs, -1.0)
+
+
+def test_cascade_routing_with_lam_zero_ends_at_the_best_quality_model():
+    tiers = [TierInfo("a", 0), TierInfo("b", 1), TierInfo("c", 2)]
+    est = {n: {"cost": c, "edges": [], "levels": [q], "missing": q, "dist": [[q, 1.0]]}
+           for n, c, q in (("a", 1.0, 0.3), ("b", 5.0, 0.9), ("c", 9.0, 0.6))}
+    pol = CascadeRouting(tiers, estimates=est, lam=0.0, chain=["a", "b", "c"])
+    q = Query("q", "x")
+    attempts = [Attempt("a", 0, "a", "ans-a", {"logprob": -1.0}, 0.0, None, None, None)]
+    d = pol.decide(q, attempts)
+    assert d.action == "escalate" and d.next_tier == 1
+    attempts.append(Attempt("b", 1, "b", "ans-b", {"logprob": -1.0}, 0.0, None, None, None))
+    d = pol.decide(q, attempts)
+    assert d.action == "accept" and d.answer_from == 1  # c cannot beat b's 0.9: stop, answer from b
+
+
+def _linear_router(lam: float) -> object:
+    tiers = [TierInfo("cheap", 0), TierInfo("mid", 1), TierInfo("dear", 2)]
+    enc = QueryEncoder("hashed", 16, [])
+    W = np.zeros((3, enc.dim))
+    return make_policy("routellm", tiers, {
+        "lam": lam, "order": ["cheap", "mid", "dear"], "costs": {"cheap": 0.0, "mid": 0.3, "dear": 1.0},
+        "features": enc.params(),
+        "predictor": {"kind": "linear", "W": pack(W), "b": pack(np.array([0.0, 1.0, 2.0]))}})
+
+
+def test_quality_router_with_lam_zero_picks_the_best_predicted_model_and_lam_trades_cost():
+    assert _linear_router(0.0).plan(Query("q", "anything")).first == 2
+    assert _linear_router(10.0).plan(Query("q", "anything")).first == 0
+
+
+# -- tuners on keyword data ----------------------------------------------------------------
+@pytest.mark.parametrize("policy,opts", ROUTERS, ids=[p + str(o.get("scorer", "")) for p, o in ROUTERS])
+def test_routers_learn_the_deciding_word_and_rebuild_from_json(policy, opts):
+    train, test = keyword_rows(200, "train", 1), keyword_rows(100, "test", 2)
+    f = fit(policy, train, TIERS, Target.match_best(), text="hashed", buckets=256, **opts)
+    assert f.train_accuracy == 1.0 and f.train_cost < 0.7e-3
+    pol = make_policy(policy, tier_infos(TIERS), json.loads(json.dumps(f.params)))
+    assert pol.params() == f.params
+    s = summarize(simulate(pol, TIERS, test), TIERS)
+    assert s["accuracy"] >= 0.95 and s["cost"] < 0.7e-3
+
+
+# -- bad input -----------------------------------------------------------------------------
+def test_too_few_rows_or_one_class_is_a_clear_error():
+    with pytest.raises(NotApplicable, match="12 train rows are too few"):
+        fit("routellm", keyword_rows(12, "train", 3), TIERS, Target.budget(1.0), text="hashed")
+    rows = [Record(f"r{i}", f"q {i}", "train", None, None, {"small": _resp(1.0, 1e-5), "big": _resp(1.0, 1e-3)})
+            for i in range(30)]
+    with pytest.raises(NotApplicable, match="every model's 30 train outcomes are of one class"):
+        fit("optllm", rows, TIERS, Target.budget(1.0), text="hashed")
+
+
+def test_tiers_the_policy_or_the_portfolio_lack_are_named():
+    f = fit("routellm", keyword_rows(60, "train", 4), TIERS, Target.budget(1.0), text="hashed", scorer="linear")
+    with pytest.raises(PolicyError, match=r"order tier 'big' is not a tier of this portfolio"):
+        make_policy("routellm", [TierInfo("small", 0), TierInfo("huge", 1)], f.params)
+    with pytest.raises(PolicyError, match=r"portfolio tier\(s\) \['extra'\] have no fitted prediction"):
+        make_policy("routellm", [TierInfo("small", 0), TierInfo("big", 1), TierInfo("extra", 2)], f.params)
