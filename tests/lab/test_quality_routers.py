@@ -150,3 +150,49 @@ def test_tiers_the_policy_or_the_portfolio_lack_are_named():
         make_policy("routellm", [TierInfo("small", 0), TierInfo("huge", 1)], f.params)
     with pytest.raises(PolicyError, match=r"portfolio tier\(s\) \['extra'\] have no fitted prediction"):
         make_policy("routellm", [TierInfo("small", 0), TierInfo("big", 1), TierInfo("extra", 2)], f.params)
+
+
+# -- select-then-route: taxonomy, shrinkage, judges ----------------------------------------
+def test_taxonomy_detects_the_classes_and_answer_keys_compare_answers():
+    from router.core.taxonomy import answer_key, detect
+
+    assert detect("Which is warmer?\nA) ice\nB) fire\nC) snow") == "multiple-choice"
+    assert detect("Tom has 3 apples and buys 5 more. How many apples does he have?") == "math"
+    assert detect("Who wrote Hamlet?") == "factual"
+    assert detect("def f(x):\n    return x") == "code"
+    assert detect("Write a poem about the sea") == "open"
+    assert answer_key("C\n") == answer_key("(C) fire") == "C"
+    assert answer_key("so the total is 1,000.") == answer_key("1000") == "1000"
+    assert answer_key("  Paris. ") == "paris" and answer_key(None) is None
+
+
+def _judge_rows(n: int, split: str) -> list[Record]:
+    """'a' and 'b' (cheap) agree exactly when both are right; 'c' (dear) is always right."""
+    rows = []
+    for i in range(n):
+        ok = i % 3 != 0
+        resp = {"a": Response("B" if ok else "A", float(ok), 1e-5, None, None, None, None, None),
+                "b": Response("B" if ok else "C", float(ok), 2e-5, None, None, None, None, None),
+                "c": Response("B", 1.0, 1e-3, None, None, None, None, None)}
+        rows.append(Record(f"{split}-{i}", f"Pick one\nA) x\nB) y\nC) z {i}", split, None, None, resp))
+    return rows
+
+
+def test_select_then_route_judges_escalate_when_they_disagree():
+    tiers = [TierModel(m, m) for m in ("a", "b", "c")]
+    f = fit("select-then-route", _judge_rows(60, "train"), tiers, Target.match_best())
+    assert f.params["judges"] is True and f.train_accuracy == 1.0
+    assert f.params["shortlists"] == {"auto:multiple-choice": ["a", "b", "c"]}
+    test = _judge_rows(30, "test")
+    out = simulate(make_policy("select-then-route", tier_infos(tiers), f.params), tiers, test)
+    assert all(o.correct == 1.0 for o in out)
+    assert [len(o.calls) for o in out] == [3 if i % 3 == 0 else 2 for i in range(30)]
+
+
+def test_select_then_route_shrinks_small_classes_toward_the_global_ranking():
+    from router.lab.tuners.select_then_route import shortlist
+
+    correct = np.array([[1.0, 1.0], [0.0, 1.0]])  # two rows of a class: model 0 looks best
+    prior = np.array([0.2, 0.9])                   # globally model 1 is far better
+    assert shortlist(correct, [0, 1], 0.0) == (0,)
+    assert shortlist(correct, [0, 1], 0.0, shrink=40.0, prior=prior) == (1,)
