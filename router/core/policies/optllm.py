@@ -29,13 +29,18 @@ def route_all(Q: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
 
 
 def breakpoints(Q: np.ndarray, costs: np.ndarray) -> np.ndarray:
-    """Every lam at which some query's choice can change (sorted, with 0)."""
+    """Every lam at which some query's choice can change, sorted, with 0 and one value
+    beyond each end (below the lowest every query goes to its dearest model of the best
+    predictions, above the highest to the cheapest)."""
     dq = Q[:, :, None] - Q[:, None, :]
     dc = costs[:, None] - costs[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         lam = dq / dc[None, :, :]
-    lam = lam[np.isfinite(lam) & (lam > 0)]
-    return np.unique(np.concatenate([[0.0], lam, [lam.max() * 1.0001 + 1e-9 if lam.size else 1.0]]))
+    lam = lam[np.isfinite(lam)]
+    if not lam.size:
+        return np.array([0.0])
+    span = max(1.0, float(np.abs(lam).max()))
+    return np.unique(np.concatenate([[0.0, lam.min() - span, lam.max() + span], lam]))
 
 
 def pareto_front(Q: np.ndarray, costs: np.ndarray) -> list[dict[str, Any]]:

@@ -5,7 +5,9 @@ q_m per model of `order` from the query alone; the query goes to the model with
 the highest q_m - lam * cost_m (cost_m: the model's mean train cost divided by
 the dearest one's, so lam is scale-free; ties go to the cheaper model). With two
 models this is RouteLLM's rule, "strong when the predicted advantage exceeds a
-threshold", and lam is that threshold; lam = 0 picks the best predicted quality.
+threshold", and lam is that threshold (negative: the strong model unless the weak
+one is predicted better by more than |lam|); lam = 0 picks the best predicted
+quality.
 Exactly one model is called (the others are only a fallback should it fail).
 The portfolio's tiers must be exactly the fitted ones: a tier either side lacks
 is an error naming it.
@@ -26,7 +28,7 @@ from ..policy import Decision, Knob, Plan, Policy, TierInfo, finite_number
 from ..quality import QueryEncoder, predictor_from_params
 
 COMMON_KNOBS = (
-    Knob("lam", "float", "route to argmax predicted quality - lam * relative cost", low=0.0),
+    Knob("lam", "float", "route to argmax predicted quality - lam * relative cost"),
     Knob("order", "tier_list", "the routable tiers, cheapest first"),
     Knob("costs", "choice", "per tier: mean train cost relative to the dearest tier"),
     Knob("features", "choice", "the query encoder: text (embed or hashed), buckets, categories"),
@@ -45,7 +47,7 @@ class QualityRouter(Policy):
         if predictor is None or costs is None or order is None:
             raise PolicyError(f"policy {self.name!r} needs a fitted `order`, `costs` and `predictor` "
                               f"(fit them with `cascade tune --policy {self.name}`)")
-        self.lam = finite_number(lam, "lam", low=0.0)
+        self.lam = finite_number(lam, "lam")
         self.order = self.tier_list(list(order), "order")
         names = [self.tiers[i].name for i in self.order]
         if not isinstance(costs, Mapping) or set(costs) != set(names):

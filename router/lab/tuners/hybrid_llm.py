@@ -45,9 +45,9 @@ def neighbour_mean(X: np.ndarray, V: np.ndarray, neighbours: int, reference: int
 class HybridLLMTuner(Tuner):
     policy = "hybrid-llm"
 
-    def __init__(self, table: Table, infos: Sequence[TierInfo], *, text: str | None = None, buckets: int = 1024,
-                 l2: float = 1e-3, neighbours: int = 20, reference: int = 3000, inner_folds: int = 5,
-                 holdout_above: int = 4000, seed: int = 0, **options: Any):
+    def __init__(self, table: Table, infos: Sequence[TierInfo], *, text: str | None = None, buckets: int = 512,
+                 l2: float = 1e-3, neighbours: int = 20, reference: int = 1500, inner_folds: int = 3,
+                 holdout_above: int = 1500, seed: int = 0, **options: Any):
         super().__init__(table, infos)
         if options:
             raise TuningError(f"policy 'hybrid-llm': unknown tuning option(s) {sorted(options)}")

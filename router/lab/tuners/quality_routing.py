@@ -60,8 +60,8 @@ class Encoded:
 class QualityRoutingTuner(Tuner):
     """Subclasses set `policy` and implement `fit_predictor(X, Y) -> params`."""
 
-    def __init__(self, table: Table, infos: Sequence[TierInfo], *, text: str | None = None, buckets: int = 1024,
-                 inner_folds: int = 5, holdout_above: int = 4000, seed: int = 0, **options: Any):
+    def __init__(self, table: Table, infos: Sequence[TierInfo], *, text: str | None = None, buckets: int = 512,
+                 inner_folds: int = 3, holdout_above: int = 1500, seed: int = 0, **options: Any):
         super().__init__(table, infos)
         self.seed = seed
         self.configure(**options)
