@@ -197,7 +197,8 @@ def test_cancel_stops_unfinished_jobs_and_keeps_finished_ones(bench, tmp_path):
     assert "no batch 'nope'" in cascade("cancel", "nope", home=home, check=False).stderr
 
 
-@pytest.mark.parametrize("policy", ["threshold", "cascade-routing", "automix", "logistic-router", "select-then-route"])
+@pytest.mark.parametrize("policy", ["threshold", "cascade-routing", "automix", "logistic-router", "select-then-route",
+                                    "routellm", "hybrid-llm", "optllm", "cargo"])
 def test_every_tuned_policy_runs_in_the_workers_as_in_the_evaluator(bench, tmp_path, policy):
     """Fit on train, load the policy into a replay portfolio, run test rows through
     the embedded workers: the same decisions as router.simulate, row for row."""
