@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from router.core import cascade
 from router.core.errors import UserError
 from router.core.portfolio import Portfolio
 
@@ -25,7 +26,7 @@ from .celery_app import make_app
 from .dispatch import Dispatcher
 from .embedded import EmbeddedWorkers
 from .items import Item, items_from_dicts
-from .jobs import failed_job_row, new_job_row
+from .jobs import failed_job_row, new_job_row, query_of
 from .migrate import current, upgrade
 from .runtime import Runtime
 from .settings import Settings, get_settings
@@ -64,9 +65,13 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
             f"batch {batch_id!r} was started with another portfolio ({batch['portfolio']}); "
             f"this one is {portfolio.digest}: use another --batch name"
         )
+    good = [it for it in items if it.error is None]
+    # the pre-call decisions for the whole batch at once (OptLLM under a batch budget)
+    starts = iter(cascade.start_batch(portfolio.built_policy,
+                                      [query_of(f"{batch_id}:{it.key}", it.data) for it in good]))
     rows = [
         failed_job_row(f"{batch_id}:{it.key}", it.key, it.seq, portfolio, it.error) if it.error is not None
-        else new_job_row(f"{batch_id}:{it.key}", it.key, it.seq, portfolio, it.data)
+        else new_job_row(f"{batch_id}:{it.key}", it.key, it.seq, portfolio, it.data, next(starts))
         for it in items
     ]
     new = store.add_jobs(batch_id, rows)

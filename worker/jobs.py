@@ -53,10 +53,12 @@ def plan_of(row: dict[str, Any] | None) -> Plan:
     return Plan(first=p["first"], allowed=None if allowed is None else tuple(allowed), note=p.get("note", ""))
 
 
-def new_job_row(job_id: str, item_key: str, seq: int, portfolio: Portfolio, data: dict[str, Any]) -> dict[str, Any]:
+def new_job_row(job_id: str, item_key: str, seq: int, portfolio: Portfolio, data: dict[str, Any],
+                start: cascade.Start | None = None) -> dict[str, Any]:
     """A queued job with its plan: the pre-call decision runs here, in the submitter,
-    before the first stage is sent."""
-    start = cascade.start(portfolio.built_policy, query_of(job_id, data))
+    before the first stage is sent (or was made for the whole batch: `start`)."""
+    if start is None:
+        start = cascade.start(portfolio.built_policy, query_of(job_id, data))
     return {"id": job_id, "item_key": item_key, "seq": seq, "portfolio": portfolio.digest, "input": data,
             "plan": plan_to_row(start.plan), "status": QUEUED, "current_tier": portfolio.tiers[start.tier].name}
 

@@ -28,12 +28,23 @@ def _order(policy: Policy, plan: Plan) -> tuple[int, ...]:
     return plan.allowed if plan.allowed is not None else tuple(range(len(policy.tiers)))
 
 
-def start(policy: Policy, query: Query) -> Start:
-    plan = policy.plan(query)
+def _checked(policy: Policy, plan: Plan) -> Start:
     order = _order(policy, plan)
     if plan.first not in order:
         raise InternalError(f"policy {policy.name}: first tier {plan.first} is outside its own plan {order}")
     return Start(plan.first, plan)
+
+
+def start(policy: Policy, query: Query) -> Start:
+    return _checked(policy, policy.plan(query))
+
+
+def start_batch(policy: Policy, queries: Sequence[Query]) -> list[Start]:
+    """`start` for every query of a batch, decided together where the policy can."""
+    plans = policy.plan_batch(queries)
+    if len(plans) != len(queries):
+        raise InternalError(f"policy {policy.name}: {len(plans)} plans for {len(queries)} queries")
+    return [_checked(policy, p) for p in plans]
 
 
 def _untried_after(order: Sequence[int], tried: set[int], current: int) -> int | None:

@@ -154,6 +154,11 @@ class Policy(ABC):
     @abstractmethod
     def plan(self, query: Query) -> Plan: ...
 
+    def plan_batch(self, queries: Sequence[Query]) -> list[Plan]:
+        """Pre-call plans for a whole batch the submitter holds at once; a policy that
+        decides jointly (OptLLM under a batch budget) overrides this."""
+        return [self.plan(q) for q in queries]
+
     @abstractmethod
     def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision: ...
 

@@ -196,3 +196,21 @@ def test_select_then_route_shrinks_small_classes_toward_the_global_ranking():
     prior = np.array([0.2, 0.9])                   # globally model 1 is far better
     assert shortlist(correct, [0, 1], 0.0) == (0,)
     assert shortlist(correct, [0, 1], 0.0, shrink=40.0, prior=prior) == (1,)
+
+
+def test_optllm_plans_a_batch_within_its_budget_in_the_submitter_path():
+    from router.core import cascade
+
+    train = keyword_rows(200, "train", 7)
+    f = fit("optllm", train, TIERS, Target.budget(1e-3), text="hashed", buckets=256)
+    infos = tier_infos(TIERS)
+    queries = [r.query() for r in keyword_rows(40, "test", 8)]
+    for budget in (0.01, 0.25, 1.0):  # mean cost relative to big's; small's is 0.01
+        pol = make_policy("optllm", infos, {**f.params, "batch_budget": budget})
+        starts = cascade.start_batch(pol, queries)
+        assert np.mean([pol.costs[pol.order.index(s.tier)] for s in starts]) <= budget + 1e-9
+    with pytest.raises(PolicyError, match="below the cheapest"):
+        cascade.start_batch(make_policy("optllm", infos, {**f.params, "batch_budget": 0.001}), queries)
+    # with the whole budget the zebra-free queries (where small fails) all go to big
+    starts = cascade.start_batch(make_policy("optllm", infos, {**f.params, "batch_budget": 1.0}), queries)
+    assert all(s.tier == 1 for s, q in zip(starts, queries) if "zebra" not in q.prompt)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..attempt import Query
 from ..errors import PolicyError
+from ..policy import Knob, Plan, TierInfo, finite_number
 from .quality_router import COMMON_KNOBS, QualityRouter
 
 
@@ -75,11 +76,24 @@ def assign_batch(Q: np.ndarray, costs: np.ndarray, budget: float) -> dict[str, A
 class OptLLM(QualityRouter):
     name = "optllm"
     summary = "OptLLM: bootstrap per-model success prediction (mean - kappa*spread); batch assignment under a budget"
-    knobs = COMMON_KNOBS
+    knobs = COMMON_KNOBS + (
+        Knob("batch_budget", "float", "a submitted batch's mean relative cost per query (null: per query by lam)", low=0.0),
+    )
     predictor_kinds = ("bootstrap",)
 
-    def plan_batch(self, queries: Sequence[Query], budget: float) -> list[int]:
-        """Tier indices for a whole batch, the best predicted quality within `budget`
-        mean relative cost per query (the costs of `costs`)."""
+    def __init__(self, tiers: Sequence[TierInfo], batch_budget: float | None = None, **kw: Any):
+        super().__init__(tiers, **kw)
+        self.batch_budget = None if batch_budget is None else finite_number(batch_budget, "batch_budget", low=0.0)
+
+    def plan_batch(self, queries: Sequence[Query]) -> list[Plan]:
+        """With `batch_budget`: the batch's best predicted quality within that mean
+        relative cost per query (`assign_batch`); else each query by lam."""
+        if self.batch_budget is None or not queries:
+            return super().plan_batch(queries)
         Q = np.stack([self.qualities(q) for q in queries])
-        return [self.order[int(j)] for j in assign_batch(Q, self.costs, budget)["choice"]]
+        choice = assign_batch(Q, self.costs, self.batch_budget)["choice"]
+        return [Plan(first=self.order[int(j)], allowed=(self.order[int(j)],) + tuple(i for i in self.order if i != self.order[int(j)]),
+                     note=f"batch assignment within {self.batch_budget:.4g}") for j in choice]
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "batch_budget": self.batch_budget}
