@@ -25,6 +25,9 @@ class OptLLMTuner(QualityRoutingTuner):
     def fit_predictor(self, X: np.ndarray, Y: np.ndarray) -> dict[str, Any]:
         return fit_bootstrap(X, Y, members=self.members, l2=self.l2, kappa=0.0, seed=self.seed)
 
+    def extra_params(self) -> dict[str, Any]:
+        return {"batch_budget": None}  # per query by lam; set it to assign whole batches
+
     def decision_rules(self, pol, q_in, q_sel, sel):
         # the members' predictions, in-sample and out-of-fold; the spread is applied per kappa
         k, X = len(self.enc.order), self.enc.X
