@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -30,7 +31,7 @@ from .jobs import failed_job_row, new_job_row, query_of
 from .migrate import current, upgrade
 from .runtime import Runtime
 from .settings import Settings, get_settings
-from .store import Store
+from .store import Store, now
 
 
 class BatchError(UserError):
@@ -74,6 +75,11 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
         else new_job_row(f"{batch_id}:{it.key}", it.key, it.seq, portfolio, it.data, next(starts))
         for it in items
     ]
+    timeout = runtime.settings.job_timeout
+    if timeout:
+        deadline = now() + timedelta(seconds=timeout)
+        for r in rows:
+            r.setdefault("deadline", deadline)
     new = store.add_jobs(batch_id, rows)
     sent, messages = resend_open(runtime, dispatcher, batch_id)
     return Submitted(batch_id, new, sent, messages)

@@ -35,6 +35,8 @@ FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CAN
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in JobStatus)
 OPEN = (QUEUED, RUNNING)
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
+# the error of a job that expired: failed, because it was still open at its deadline
+EXPIRED = "expired: still unfinished at its deadline"
 
 
 def query_of(job_id: str, inp: dict[str, Any]) -> Query:

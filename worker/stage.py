@@ -15,6 +15,7 @@ import time
 from typing import Any, Sequence
 
 import structlog
+from sqlalchemy.exc import OperationalError
 
 from router.core import cascade
 from router.core import signals as sig
@@ -23,10 +24,11 @@ from router.core.policy import Needs
 from router.core.portfolio import Tier
 
 from .backends import Backend, BackendFailure, TransientBackendError
-from .jobs import FINAL, QUEUED, StageOutcome, attempt_from_row, plan_of, query_of
+from .jobs import EXPIRED, FINAL, StageOutcome, attempt_from_row, plan_of, query_of
 from .logs import context
 from .runtime import Runtime
 from .settings import Settings
+from .store import now
 
 log = structlog.get_logger("cascade.stage")
 
@@ -78,7 +80,16 @@ def _failed(tier: Tier, index: int, backend: Backend, error: str, started: float
 
 
 def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple[str, str, str]]:
-    """Run one stage message; returns the stages to send next as (job id, tier, queue)."""
+    """Run one stage message; returns the stages to send next as (job id, tier, queue).
+
+    Dead letters: every run counts a delivery on its jobs (`deliveries`, per tier).
+    A first delivery calls its jobs and records them in one transaction. A job that
+    raises is recorded with its error and sent again on its own; a job already
+    delivered before (its worker died mid-stage) is run careful: one job at a time,
+    each recorded at once, so the culprit alone accumulates deliveries and, at
+    `max_deliveries`, fails with its last error while the rest of the message completes.
+    A job past its deadline expires instead of being called.
+    """
     store = rt.store
     jobs, prior = store.load_stage(job_ids)
     if len(jobs) != len(set(job_ids)):
@@ -97,40 +108,82 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
             log.warning("stage.stale_message", job=job["id"], tier=tier_name, job_tier=job["current_tier"])
             continue
         todo.append(job)
-    store.mark_running([j["id"] for j in todo if j["status"] == QUEUED])
+    todo = _drop_overdue_and_dead(rt, tier_name, todo)
+    careful = any(j["deliveries"] for j in todo)
+    if not careful:
+        store.start_delivery([j["id"] for j in todo])
 
     outcomes: list[StageOutcome] = []
+    applied: list[StageOutcome] = []
     # Once a job of this message exhausted its retries on a transient error (the
     # server is down or overloaded), the others get one try each: they fall back
     # to the next tier now instead of each waiting out the whole backoff.
     gave_up = False
     for job in todo:
-        portfolio = rt.portfolio(job["portfolio"])
-        policy = portfolio.built_policy
-        tier = portfolio.tier(tier_name)
-        index = portfolio.index(tier_name)
-        query = query_of(job["id"], job["input"])
-        with context(job=job["id"], batch=job["batch_id"], tier=tier_name):  # on every log line of this call
-            attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings,
-                                         retries=0 if gave_up else None)
-        gave_up = gave_up or bool(meta.get("gave_up"))
-        history = [attempt_from_row(a) for a in prior[job["id"]]] + [attempt]
-        d = cascade.step(policy, query, plan_of(job["plan"]), history)
-        o = StageOutcome(job["id"], job["batch_id"], len(history) - 1, attempt, d.action, d.reason, meta)
-        if d.action == "escalate":
-            o.next_tier = portfolio.tiers[d.next_tier].name
+        if careful:
+            store.start_delivery([job["id"]])
+        with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):  # on every line
+            try:
+                o = _run_job(rt, tier_name, job, prior[job["id"]], retries=0 if gave_up else None)
+            except OperationalError:
+                raise  # the database is away: the task retries the whole (idempotent) stage
+            except Exception as e:
+                log.exception("stage.job_crashed", deliveries=job["deliveries"] + 1)
+                store.note_error(job["id"], f"{type(e).__name__}: {e}")
+                resend.setdefault(tier_name, []).append(job["id"])  # its next delivery counts
+                continue
+        gave_up = gave_up or bool(o.meta.get("gave_up"))
+        if careful:
+            applied += store.record_stage([o])
         else:
-            o.total_cost = sum(a.cost_usd for a in history)
-            if d.action == "accept":
-                final = cascade.final_attempt(history, d)
-                o.final_answer, o.final_tier = final.text, final.tier
-            else:
-                o.error = d.reason
-        outcomes.append(o)
-
-    applied = store.record_stage(outcomes)
+            outcomes.append(o)
+    applied += store.record_stage(outcomes)
     for o in applied:
         if o.decision == "escalate":
             resend.setdefault(o.next_tier, []).append(o.job_id)
     portfolio_of = {j["id"]: j["portfolio"] for j in jobs}
     return [(job_id, tier, rt.queue_of(portfolio_of[job_id], tier)) for tier, ids in resend.items() for job_id in ids]
+
+
+def _drop_overdue_and_dead(rt: Runtime, tier_name: str, todo: list[dict]) -> list[dict]:
+    """Fail the jobs past their deadline, and those whose stage here has run
+    `max_deliveries` times without a result; the others remain to run."""
+    t = now()
+    limit = rt.settings.max_deliveries
+    keep = []
+    for job in todo:
+        if job["deadline"] is not None and job["deadline"] < t:
+            rt.store.fail_open_jobs([job["id"]], EXPIRED)
+            log.warning("stage.expired", job=job["id"], tier=tier_name)
+        elif job["deliveries"] >= limit:
+            cause = job["error"] or "the worker stopped while running it (killed, out of memory or crashed)"
+            rt.store.fail_open_jobs([job["id"]], f"dead letter: its stage at tier {tier_name} ran {job['deliveries']} "
+                                                 f"times without a result; last error: {cause}")
+            log.error("stage.dead_letter", job=job["id"], tier=tier_name, deliveries=job["deliveries"], error=cause)
+        else:
+            keep.append(job)
+    return keep
+
+
+def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries: int | None) -> StageOutcome:
+    """Call this job's tier and ask its policy what follows."""
+    portfolio = rt.portfolio(job["portfolio"])
+    policy = portfolio.built_policy
+    tier = portfolio.tier(tier_name)
+    index = portfolio.index(tier_name)
+    query = query_of(job["id"], job["input"])
+    attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings,
+                                 retries=retries)
+    history = [attempt_from_row(a) for a in prior] + [attempt]
+    d = cascade.step(policy, query, plan_of(job["plan"]), history)
+    o = StageOutcome(job["id"], job["batch_id"], len(history) - 1, attempt, d.action, d.reason, meta)
+    if d.action == "escalate":
+        o.next_tier = portfolio.tiers[d.next_tier].name
+    else:
+        o.total_cost = sum(a.cost_usd for a in history)
+        if d.action == "accept":
+            final = cascade.final_attempt(history, d)
+            o.final_answer, o.final_tier = final.text, final.tier
+        else:
+            o.error = d.reason
+    return o

@@ -41,10 +41,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from .jobs import (
     CANCELLED,
+    EXPIRED,
     FAILED,
     FINAL,
     OPEN,
-    QUEUED,
     RUNNING,
     SUCCEEDED,
     StageOutcome,
@@ -101,8 +101,13 @@ jobs = Table(
     Column("started_at", _ts, nullable=True),
     Column("finished_at", _ts, nullable=True),
     Column("updated_at", _ts, nullable=False),
+    # stage runs at the current tier that ended without recording a result (a crash)
+    Column("deliveries", Integer, nullable=False, default=0, server_default="0"),
+    Column("deadline", _ts, nullable=True),  # an open job past it expires (fails), never re-sent
     UniqueConstraint("batch_id", "item_key", name="uq_jobs_batch_item"),
     Index("ix_jobs_batch_status", "batch_id", "status"),
+    Index("ix_jobs_status_deadline", "status", "deadline"),
+    Index("ix_jobs_finished_at", "finished_at"),
 )
 
 attempts = Table(
@@ -206,7 +211,8 @@ _OPEN_GUARD = or_(*(jobs.c.status == s for s in OPEN))
 _ESCALATE = (
     update(jobs)
     .where(jobs.c.id == bindparam("b_id"), _OPEN_GUARD)
-    .values(status=bindparam("b_status"), current_tier=bindparam("b_tier"), updated_at=bindparam("b_t"))
+    .values(status=bindparam("b_status"), current_tier=bindparam("b_tier"), updated_at=bindparam("b_t"),
+            deliveries=0, error=None)  # a new tier: its own count of deliveries
 )
 _FINALIZE = (
     update(jobs)
@@ -272,7 +278,7 @@ class Store:
                 "tenant": "default", "batch_id": batch_id, "item_key": None, "seq": 0, "plan": None,
                 "current_tier": None, "final_answer": None, "final_tier": None, "total_cost": 0.0,
                 "error": None, "started_at": None, "finished_at": t if r.get("status") in FINAL else None,
-                "created_at": t, "updated_at": t, **r,
+                "created_at": t, "updated_at": t, "deliveries": 0, "deadline": None, **r,
             })
         new = 0
         failed = 0
@@ -399,8 +405,9 @@ class Store:
         """The jobs of one stage message and their attempts so far (call order)."""
         with self.read() as c:
             rows = [dict(r) for r in c.execute(
-                select(jobs.c.id, jobs.c.batch_id, jobs.c.portfolio, jobs.c.input, jobs.c.plan,
-                       jobs.c.status, jobs.c.current_tier).where(jobs.c.id.in_(list(job_ids)))).mappings()]
+                select(jobs.c.id, jobs.c.batch_id, jobs.c.tenant, jobs.c.portfolio, jobs.c.input, jobs.c.plan,
+                       jobs.c.status, jobs.c.current_tier, jobs.c.deliveries, jobs.c.deadline, jobs.c.error)
+                .where(jobs.c.id.in_(list(job_ids)))).mappings()]
             ats: dict[str, list[dict]] = {r["id"]: [] for r in rows}
             if rows:
                 for a in c.execute(select(attempts).where(attempts.c.job_id.in_(list(ats)))
@@ -410,17 +417,21 @@ class Store:
         rows.sort(key=lambda r: order[r["id"]])
         return rows, ats
 
-    def mark_running(self, job_ids: Sequence[str]) -> None:
+    def start_delivery(self, job_ids: Sequence[str]) -> None:
+        """These jobs' stage starts: running, and one more delivery at their tier
+        (reset when they move on), so a job that keeps crashing its stage is counted."""
         if not job_ids:
             return
         t = now()
         with self.tx() as c:
-            if c.dialect.name == "postgresql":
-                # informational only: losing it in a crash leaves the job queued, and it
-                # runs again anyway; so no need to wait for the disk flush
-                c.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-            c.execute(update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status == QUEUED)
-                      .values(status=RUNNING, started_at=t, updated_at=t))
+            c.execute(update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status.in_(OPEN))
+                      .values(status=RUNNING, started_at=func.coalesce(jobs.c.started_at, t),
+                              deliveries=jobs.c.deliveries + 1, updated_at=t))
+
+    def note_error(self, job_id: str, error: str) -> None:
+        """The last error of a still-open job (its stage crashed; it will be tried again)."""
+        with self.tx() as c:
+            c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(OPEN)).values(error=error))
 
     def record_stage(self, outcomes: Sequence[StageOutcome]) -> list[StageOutcome]:
         """Write one stage's attempts and their consequences in one transaction.
@@ -474,21 +485,32 @@ class Store:
 
     def fail_open_jobs(self, job_ids: Sequence[str], error: str) -> int:
         """Fail the still-open ones of these jobs (an internal error): nothing hangs forever."""
-        t = now()
-        failed = 0
         with self.tx() as c:
-            rows = c.execute(update(jobs).where(jobs.c.id.in_(sorted(job_ids)), jobs.c.status.in_(OPEN))
-                             .values(status=FAILED, error=error, finished_at=t, updated_at=t)
-                             .returning(jobs.c.batch_id)).all()
-            per_batch: dict[str, int] = {}
-            for r in rows:
-                if r.batch_id is not None:
-                    per_batch[r.batch_id] = per_batch.get(r.batch_id, 0) + 1
-            for batch_id, n in sorted(per_batch.items()):
-                c.execute(update(batches).where(batches.c.id == batch_id).values(
-                    done=batches.c.done + n, failed=batches.c.failed + n, updated_at=t))
-            failed = len(rows)
-        return failed
+            return len(self._fail_where(c, jobs.c.id.in_(sorted(job_ids)), error))
+
+    def expire_overdue(self, at: datetime | None = None, limit: int = 1000) -> list[str]:
+        """Fail the open jobs whose deadline has passed (never re-sent again); their ids."""
+        at = at or now()
+        with self.tx() as c:
+            ids = (select(jobs.c.id).where(jobs.c.status.in_(OPEN), jobs.c.deadline < at)
+                   .order_by(jobs.c.id).limit(limit))
+            return self._fail_where(c, jobs.c.id.in_(ids.scalar_subquery()),
+EXPIRED)
+
+    @staticmethod
+    def _fail_where(c: Connection, cond, error: str) -> list[str]:
+        t = now()
+        rows = c.execute(update(jobs).where(cond, jobs.c.status.in_(OPEN))
+                         .values(status=FAILED, error=error, finished_at=t, updated_at=t)
+                         .returning(jobs.c.id, jobs.c.batch_id)).all()
+        per_batch: dict[str, int] = {}
+        for r in rows:
+            if r.batch_id is not None:
+                per_batch[r.batch_id] = per_batch.get(r.batch_id, 0) + 1
+        for batch_id, n in sorted(per_batch.items()):
+            c.execute(update(batches).where(batches.c.id == batch_id).values(
+                done=batches.c.done + n, failed=batches.c.failed + n, updated_at=t))
+        return [r.id for r in rows]
 
     def cancel_batch(self, batch_id: str) -> int:
         t = now()

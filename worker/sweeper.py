@@ -6,7 +6,8 @@ killed in the instant between popping a message and registering it as
 unacknowledged (kombu's ack emulation is not atomic). PostgreSQL still holds the
 job as open, so every `sweep_interval` each tier worker claims the open jobs
 waiting at its tier that nothing has touched for longer than the visibility
-timeout, and sends their stage again. It skips a sweep while the tier's queue has
+timeout, and sends their stage again (a job past its deadline expires instead:
+it fails, and is never re-sent). It skips a sweep while the tier's queue has
 messages waiting (a backlog is not a loss), and the claim is one guarded UPDATE,
 so with many workers each job is re-sent once. Stages are idempotent: a job whose
 message was only slow is looked at twice, never run twice.
@@ -55,9 +56,12 @@ class Sweeper(threading.Thread):
                 return 0  # Redis keeps no empty list: "no such queue" is an empty queue
 
     def sweep(self) -> int:
+        rt = self.runtime
+        expired = rt.store.expire_overdue()
+        if expired:  # past their deadline: failed, never re-sent
+            log.warning("sweep.expired", tier=self.tier.name, jobs=len(expired))
         if self.queued():
             return 0
-        rt = self.runtime
         claimed = rt.store.claim_stale(self.tier.name, now() - timedelta(seconds=self.idle))
         if not claimed:
             return 0
