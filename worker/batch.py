@@ -228,4 +228,7 @@ def run_batch(items: Iterable[dict[str, Any]] | Sequence[Item], portfolio: Portf
             b = wait_for(store, batch_id, progress=progress, alive=alive, timeout=timeout, hint=hint)
     finally:
         runtime.close()  # unload models now, not at garbage collection
-    return BatchReport(batch_id, b, sub, job_results(store, batch_id))
+    results = job_results(store, batch_id)
+    if not settings.store_content:  # collected: the final answers leave the database now
+        store.erase_answers([j["job_id"] for j in results])
+    return BatchReport(batch_id, b, sub, results)

@@ -19,7 +19,7 @@ from .store import Store
 class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = Store(settings.db_url)
+        self.store = Store(settings.db_url, keep_content=settings.store_content)
         self._portfolios: dict[str, Portfolio] = {}
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(0, ge=0, description="seconds between a tier worker's sweeps for jobs whose message was lost; 0 = visibility_timeout/2, at most 60")
     max_deliveries: int = Field(3, ge=1, le=100, description="stage runs of one job at one tier that end without a result (the stage raised, the worker died) before the job fails with its last error")
     job_timeout: float = Field(0, ge=0, description="seconds a job may stay unfinished after submission; past it the job expires (fails) instead of being re-sent; 0 = no deadline")
+    store_content: bool = Field(True, description="false: for sensitive traffic, a job's prompt and its tiers' answers are erased when it finishes and its final answer once its results are collected (only ids ever travel through Redis)")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
 
     @property

@@ -223,10 +223,17 @@ _FINALIZE = (
 )
 
 
+# what a finished job's input becomes when content is not kept
+ERASED_INPUT = {"erased": True}
+
+
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, keep_content: bool = True):
         self.url = url
         self.engine = engine_for(url)
+        # off: a job's prompt and its tiers' answers are erased in the transaction that
+        # finishes it; the final answer stays until its results are collected (erase_answers)
+        self.keep_content = keep_content
 
     def read(self):
         """A connection for reads. On PostgreSQL in autocommit: no BEGIN/ROLLBACK round
@@ -455,6 +462,7 @@ class Store:
             applied += self._guarded(c, finals, t, lambda o: {
                 "b_status": SUCCEEDED if o.decision == "accept" else FAILED, "b_answer": o.final_answer,
                 "b_final": o.final_tier, "b_cost": o.total_cost, "b_error": o.error}, _FINALIZE)
+            self._forget_content(c, [o.job_id for o in applied if o.decision != "escalate"])
             counters: dict[str, dict[str, float]] = {}
             for o in applied:
                 if o.decision == "escalate" or o.batch_id is None:
@@ -497,8 +505,7 @@ class Store:
             return self._fail_where(c, jobs.c.id.in_(ids.scalar_subquery()),
 EXPIRED)
 
-    @staticmethod
-    def _fail_where(c: Connection, cond, error: str) -> list[str]:
+    def _fail_where(self, c: Connection, cond, error: str) -> list[str]:
         t = now()
         rows = c.execute(update(jobs).where(cond, jobs.c.status.in_(OPEN))
                          .values(status=FAILED, error=error, finished_at=t, updated_at=t)
@@ -510,15 +517,80 @@ EXPIRED)
         for batch_id, n in sorted(per_batch.items()):
             c.execute(update(batches).where(batches.c.id == batch_id).values(
                 done=batches.c.done + n, failed=batches.c.failed + n, updated_at=t))
+        self._forget_content(c, [r.id for r in rows])
         return [r.id for r in rows]
+
+    def _forget_content(self, c: Connection, job_ids: Sequence[str]) -> None:
+        if self.keep_content or not job_ids:
+            return
+        ids = sorted(job_ids)
+        for i in range(0, len(ids), 1000):
+            part = ids[i : i + 1000]
+            c.execute(update(jobs).where(jobs.c.id.in_(part)).values(input=ERASED_INPUT))
+            c.execute(update(attempts).where(attempts.c.job_id.in_(part)).values(answer=None))
+
+    def erase_answers(self, job_ids: Sequence[str]) -> None:
+        """Forget finished jobs' final answers (their results were collected)."""
+        ids = sorted(job_ids)
+        with self.tx() as c:
+            for i in range(0, len(ids), 1000):
+                c.execute(update(jobs).where(jobs.c.id.in_(ids[i : i + 1000]), jobs.c.status.in_(FINAL))
+                          .values(final_answer=None))
 
     def cancel_batch(self, batch_id: str) -> int:
         t = now()
         with self.tx() as c:
-            n = c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
-                          .values(status=CANCELLED, finished_at=t, updated_at=t, error="cancelled")).rowcount
+            ids = c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
+                            .values(status=CANCELLED, finished_at=t, updated_at=t, error="cancelled")
+                            .returning(jobs.c.id)).scalars().all()
+            n = len(ids)
+            self._forget_content(c, ids)
             if n:
                 c.execute(update(batches).where(batches.c.id == batch_id).values(
                     done=batches.c.done + n, cancelled=batches.c.cancelled + n, updated_at=t))
         return n
 
+
+    # -- retention --------------------------------------------------------------
+    def purge(self, before: datetime, *, dry_run: bool = False, chunk: int = 1000) -> dict[str, int]:
+        """Delete what finished before `before`: every batch whose jobs are all final
+        (with its jobs and attempts), and finished jobs outside any batch. Open work,
+        and a batch with any job still open, are never touched. Returns the counts."""
+        out = {"batches": 0, "jobs": 0, "attempts": 0}
+        open_in_batch = select(jobs.c.id).where(jobs.c.batch_id == batches.c.id, jobs.c.status.in_(OPEN)).exists()
+        with self.read() as c:
+            done_batches = c.execute(select(batches.c.id).where(
+                batches.c.done >= batches.c.total, batches.c.updated_at < before, ~open_in_batch)).scalars().all()
+        for batch_id in done_batches:  # one transaction per batch: no long lock
+            with self.tx() as c:
+                in_batch = select(jobs.c.id).where(jobs.c.batch_id == batch_id)
+                if c.execute(select(in_batch.where(jobs.c.status.in_(OPEN)).exists())).scalar():
+                    continue  # re-opened meanwhile (a re-run resumed it)
+                got = self._delete_jobs(c, in_batch, dry_run)
+                if not dry_run:
+                    c.execute(batches.delete().where(batches.c.id == batch_id))
+            out["batches"] += 1
+            out["jobs"] += got[0]
+            out["attempts"] += got[1]
+        loose = (select(jobs.c.id).where(jobs.c.batch_id.is_(None), jobs.c.status.in_(FINAL),
+                                         jobs.c.finished_at < before).order_by(jobs.c.id))
+        with self.read() as c:
+            loose_ids = c.execute(loose).scalars().all()
+        for i in range(0, len(loose_ids), chunk):
+            with self.tx() as c:
+                got = self._delete_jobs(c, select(jobs.c.id).where(jobs.c.id.in_(loose_ids[i : i + chunk]),
+                                                                   jobs.c.status.in_(FINAL)), dry_run)
+            out["jobs"] += got[0]
+            out["attempts"] += got[1]
+        return out
+
+    @staticmethod
+    def _delete_jobs(c: Connection, ids, dry_run: bool) -> tuple[int, int]:
+        sub = ids.scalar_subquery()
+        if dry_run:
+            n_jobs = c.execute(select(func.count()).select_from(jobs).where(jobs.c.id.in_(sub))).scalar()
+            n_att = c.execute(select(func.count()).select_from(attempts).where(attempts.c.job_id.in_(sub))).scalar()
+            return n_jobs, n_att
+        n_att = c.execute(attempts.delete().where(attempts.c.job_id.in_(sub))).rowcount
+        n_jobs = c.execute(jobs.delete().where(jobs.c.id.in_(sub))).rowcount
+        return n_jobs, n_att

@@ -18,6 +18,7 @@ _COMMANDS = {
     "status": ("worker.cli.status_cmd:status", "show a batch's progress, per-tier counts and cost"),
     "cancel": ("worker.cli.cancel_cmd:cancel", "cancel a batch's unfinished jobs"),
     "resume": ("worker.cli.resume_cmd:resume", "send again the current stage of a batch's unfinished jobs"),
+    "purge": ("worker.cli.purge_cmd:purge", "delete finished batches and jobs older than an age (retention)"),
     "db": ("worker.cli.db_cmd:db", "database migrations"),
     "bench": ("worker.cli.bench_cmd:bench", "benchmarks, reported as ratios against a baseline in the same run"),
     "demo": ("worker.cli.demo_cmd:demo", "real local models tiny -> small -> medium on a generated question set"),

@@ -19,7 +19,7 @@ def cancel(batch_id) -> None:
     settings = get_settings()
     if current(settings.db_url) is None:
         raise click.ClickException("the database has no schema yet: nothing to cancel")
-    store = Store(settings.db_url)
+    store = Store(settings.db_url, keep_content=settings.store_content)
     if store.batch(batch_id) is None:
         raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
     n = store.cancel_batch(batch_id)

@@ -1,0 +1,37 @@
+"""`cascade purge --older-than 30d`: delete finished work (retention)."""
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import click
+
+from worker.migrate import current
+from worker.settings import get_settings
+from worker.store import Store, now
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_age(text: str) -> timedelta:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not an age: write a number and a unit, e.g. 90s, 12h, 30d, 2w")
+    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+@click.command()
+@click.option("--older-than", "age", required=True, help="finished longer ago than this: 90s, 12h, 30d, 2w")
+@click.option("--dry-run", is_flag=True, help="count what would go, delete nothing")
+def purge(age, dry_run) -> None:
+    """Delete batches whose jobs all finished longer ago than the given age (with
+    their jobs, attempts, prompts and answers), and such finished jobs outside a
+    batch. Open work, and any batch with an open job, is never touched."""
+    before = now() - parse_age(age)
+    settings = get_settings()
+    if current(settings.db_url) is None:
+        raise click.ClickException("the database has no schema yet: nothing to purge")
+    n = Store(settings.db_url).purge(before, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {n['batches']} batches, {n['jobs']} jobs, {n['attempts']} attempts "
+               f"finished before {before:%Y-%m-%d %H:%M:%S} UTC")
