@@ -13,6 +13,8 @@ from __future__ import annotations
 from celery import Celery
 from sqlalchemy.exc import OperationalError
 
+from . import canary
+from .canary import CANARY_TASK
 from .dispatch import STAGE_TASK, Dispatcher
 from .runtime import Runtime
 from .settings import Settings, get_settings
@@ -84,6 +86,10 @@ def make_app(settings: Settings | None = None, runtime: Runtime | None = None) -
             raise
         dispatcher.send(sends)
         return len(job_ids)
+
+    @app.task(name=CANARY_TASK, shared=False, ignore_result=True)
+    def canary_task(tier: str, sent_at: float) -> None:
+        canary.consumed(tier, sent_at)
 
     return app
 

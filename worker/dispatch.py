@@ -8,6 +8,7 @@ is derived from its (jobs, tier), so a duplicate send carries the same id.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Iterable, Sequence
 
 from celery import Celery
@@ -20,6 +21,11 @@ def task_id(tier: str, job_ids: Sequence[str]) -> str:
         return f"{job_ids[0]}@{tier}"
     digest = hashlib.sha256("\n".join(job_ids).encode()).hexdigest()[:10]
     return f"{job_ids[0]}+{len(job_ids) - 1}@{tier}#{digest}"
+
+
+def stage_repr(tier: str, job_ids: Sequence[str]) -> str:
+    n = len(job_ids)
+    return f"tier={tier} jobs={n} first={job_ids[0]}" if n else f"tier={tier} jobs=0"
 
 
 def chunks(seq: Sequence[str], n: int) -> Iterable[Sequence[str]]:
@@ -35,8 +41,11 @@ class Dispatcher:
         self.chunk_size = chunk_size
 
     def send_one(self, tier: str, queue: str, job_ids: Sequence[str]) -> None:
+        # sent_at: the age of a queue's oldest message (worker.metrics) is read from it;
+        # argsrepr: what Flower shows as the task's arguments (the tier and job count, not every id)
         self.app.send_task(STAGE_TASK, args=[tier, list(job_ids)], queue=queue, routing_key=queue,
-                           task_id=task_id(tier, job_ids))
+                           task_id=task_id(tier, job_ids), headers={"sent_at": time.time()},
+                           argsrepr=stage_repr(tier, job_ids))
 
     def send(self, targets: Iterable[tuple[str, str, str]]) -> int:
         """Send the stage of each (job id, tier, queue); returns the number of messages."""

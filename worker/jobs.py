@@ -95,6 +95,7 @@ class StageOutcome:
     final_tier: str | None = None
     total_cost: float = 0.0
     error: str | None = None
+    top_tier_cost: float = 0.0  # a final outcome: what calling only the top tier would have cost (metrics)
 
     def attempt_row(self, t: datetime) -> dict[str, Any]:
         a = self.attempt

@@ -23,6 +23,7 @@ from router.core.attempt import Attempt, Query
 from router.core.policy import Needs
 from router.core.portfolio import Tier
 
+from . import metrics
 from .backends import Backend, BackendFailure, TransientBackendError
 from .jobs import EXPIRED, FINAL, StageOutcome, attempt_from_row, plan_of, query_of
 from .logs import context
@@ -138,6 +139,7 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
         else:
             outcomes.append(o)
     applied += store.record_stage(outcomes)
+    metrics.observe_stage(tier_name, applied)
     for o in applied:
         if o.decision == "escalate":
             resend.setdefault(o.next_tier, []).append(o.job_id)
@@ -154,11 +156,13 @@ def _drop_overdue_and_dead(rt: Runtime, tier_name: str, todo: list[dict]) -> lis
     for job in todo:
         if job["deadline"] is not None and job["deadline"] < t:
             rt.store.fail_open_jobs([job["id"]], EXPIRED)
+            metrics.EXPIRED.labels(tier_name).inc()
             log.warning("stage.expired", job=job["id"], tier=tier_name)
         elif job["deliveries"] >= limit:
             cause = job["error"] or "the worker stopped while running it (killed, out of memory or crashed)"
             rt.store.fail_open_jobs([job["id"]], f"dead letter: its stage at tier {tier_name} ran {job['deliveries']} "
                                                  f"times without a result; last error: {cause}")
+            metrics.DEAD_LETTERS.labels(tier_name).inc()
             log.error("stage.dead_letter", job=job["id"], tier=tier_name, deliveries=job["deliveries"], error=cause)
         else:
             keep.append(job)
@@ -181,9 +185,21 @@ def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries:
         o.next_tier = portfolio.tiers[d.next_tier].name
     else:
         o.total_cost = sum(a.cost_usd for a in history)
+        o.top_tier_cost = top_tier_cost(portfolio, history)
         if d.action == "accept":
             final = cascade.final_attempt(history, d)
             o.final_answer, o.final_tier = final.text, final.tier
         else:
             o.error = d.reason
     return o
+
+
+def top_tier_cost(portfolio, history: Sequence[Attempt]) -> float:
+    """The job's cost had it called only the top tier: that call's cost if it was made,
+    else the top tier's price on the job's own tokens (those of its last answer)."""
+    top = portfolio.tiers[-1]
+    for a in history:
+        if a.tier == top.name:
+            return a.cost_usd
+    ref = next((a for a in reversed(history) if a.error is None), None)
+    return top.price.cost(ref.tokens_in if ref else None, ref.tokens_out if ref else None)

@@ -496,8 +496,9 @@ class Store:
         with self.tx() as c:
             return len(self._fail_where(c, jobs.c.id.in_(sorted(job_ids)), error))
 
-    def expire_overdue(self, at: datetime | None = None, limit: int = 1000) -> list[str]:
-        """Fail the open jobs whose deadline has passed (never re-sent again); their ids."""
+    def expire_overdue(self, at: datetime | None = None, limit: int = 1000) -> list[tuple[str, str | None]]:
+        """Fail the open jobs whose deadline has passed (never re-sent again); their
+        (id, tier where they waited)."""
         at = at or now()
         with self.tx() as c:
             ids = (select(jobs.c.id).where(jobs.c.status.in_(OPEN), jobs.c.deadline < at)
@@ -505,11 +506,11 @@ class Store:
             return self._fail_where(c, jobs.c.id.in_(ids.scalar_subquery()),
 EXPIRED)
 
-    def _fail_where(self, c: Connection, cond, error: str) -> list[str]:
+    def _fail_where(self, c: Connection, cond, error: str) -> list[tuple[str, str | None]]:
         t = now()
         rows = c.execute(update(jobs).where(cond, jobs.c.status.in_(OPEN))
                          .values(status=FAILED, error=error, finished_at=t, updated_at=t)
-                         .returning(jobs.c.id, jobs.c.batch_id)).all()
+                         .returning(jobs.c.id, jobs.c.batch_id, jobs.c.current_tier)).all()
         per_batch: dict[str, int] = {}
         for r in rows:
             if r.batch_id is not None:
@@ -518,7 +519,7 @@ EXPIRED)
             c.execute(update(batches).where(batches.c.id == batch_id).values(
                 done=batches.c.done + n, failed=batches.c.failed + n, updated_at=t))
         self._forget_content(c, [r.id for r in rows])
-        return [r.id for r in rows]
+        return [(r.id, r.current_tier) for r in rows]
 
     def _forget_content(self, c: Connection, job_ids: Sequence[str]) -> None:
         if self.keep_content or not job_ids:

@@ -23,6 +23,7 @@ from celery import Celery
 
 from router.core.portfolio import Tier
 
+from . import metrics
 from .dispatch import Dispatcher
 from .runtime import Runtime
 from .store import now
@@ -59,6 +60,8 @@ class Sweeper(threading.Thread):
         rt = self.runtime
         expired = rt.store.expire_overdue()
         if expired:  # past their deadline: failed, never re-sent
+            for _, tier in expired:
+                metrics.EXPIRED.labels(tier or "").inc()
             log.warning("sweep.expired", tier=self.tier.name, jobs=len(expired))
         if self.queued():
             return 0

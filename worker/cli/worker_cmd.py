@@ -1,9 +1,13 @@
 """`cascade worker --tier NAME`: the worker pool of one tier (distributed mode)."""
 from __future__ import annotations
 
+import socket
+
 import click
 from celery.signals import setup_logging
 
+from worker import metrics
+from worker.canary import Canary, canary_queue
 from worker.celery_app import make_app
 from worker.cli.common import load_portfolio_option, user_errors
 from worker.logs import configure_logging
@@ -19,8 +23,10 @@ from worker.sweeper import Sweeper
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), help="parallel jobs (threads pool; default $CASCADE_WORKER_CONCURRENCY)")
 @click.option("--pool", type=click.Choice(["threads", "solo"]), help="default: what the backend suits (solo for in-process models)")
 @click.option("--events", is_flag=True, help="send task events (for Flower; costs throughput)")
+@click.option("--metrics-port", type=click.IntRange(0, 65535),
+              help="serve /metrics and /healthz on this port (default $CASCADE_METRICS_PORT; 0 = off)")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> None:
+def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, loglevel) -> None:
     """Consume only TIER's queue; pools of different tiers scale independently."""
     settings = get_settings()
     if settings.embedded:
@@ -53,9 +59,18 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> No
     setup_logging.connect(_logging, weak=False)  # a local function: a weak reference would be collected
     interval = settings.sweep_interval or max(1.0, min(60.0, settings.visibility_timeout / 2))
     Sweeper(app, rt, tier, interval=interval, idle=settings.visibility_timeout, chunk_size=settings.chunk_size).start()
-    argv = ["worker", "-Q", tier.queue_name, "-n", f"{tier.name}@%h", "-P", pool, "-c", str(conc),
+    node = f"{tier.name}@{socket.gethostname()}"
+    own_queue = canary_queue(tier.queue_name, node)
+    probe = Canary(app, tier.name, own_queue, interval=settings.canary_interval, max_age=settings.canary_max_age)
+    probe.start()
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    if port:
+        metrics.watch_queues(settings.broker, settings.redis_prefix, [(t.name, t.queue_name) for t in portfolio.tiers])
+        metrics.serve(port, health=probe.health)
+    argv = ["worker", "-Q", f"{tier.queue_name},{own_queue}", "-n", node, "-P", pool, "-c", str(conc),
             "--without-gossip", "--without-mingle", "-l", loglevel]
     if events:
         argv.append("-E")
-    click.echo(f"tier {tier.name}: queue {tier.queue_name}, backend {backend.kind}, pool {pool} x{conc}", err=True)
+    click.echo(f"tier {tier.name}: queue {tier.queue_name}, backend {backend.kind}, pool {pool} x{conc}"
+               + (f", metrics on :{port}" if port else ""), err=True)
     app.worker_main(argv)
