@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, le=65535, description="port of a tier worker's /metrics and /healthz endpoint; 0 = off")
     canary_interval: float = Field(15.0, gt=0, description="seconds between the canaries a tier worker sends itself")
     canary_max_age: float = Field(600.0, gt=0, description="/healthz fails when the worker's last canary was consumed longer ago; above the longest stage")
+    log_content: bool = Field(False, description="let prompts and answers into log lines (debugging only)")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
 
     @property

@@ -4,6 +4,7 @@ processes: a job that crashes its stage every time fails with its error after
 still open at its deadline expires instead of being re-sent."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -140,6 +141,15 @@ def test_a_job_that_raises_every_time_fails_alone_after_max_deliveries(bench, di
     assert run_until_done(store, sup, "poison", timeout=120) == 0  # raising never kills the worker
     jobs = check_only_culprits_failed_by_crash(store, "poison", {f"poison:{k}" for k in culprits}, 40, 3)
     assert "RuntimeError: injected crash on" in jobs[f"poison:{culprits[0]}"]["error"]
+    # the worker's JSON log lines name the job, batch, tier and tenant, and never the prompt
+    logged = [json.loads(x) for f in sorted(tmp_path.glob("worker-t0-*.log"))
+              for x in f.read_text().splitlines() if x.startswith("{")]
+    crashed = [x for x in logged if x["event"] == "stage.job_crashed"]
+    assert len(crashed) == 6  # two jobs, three deliveries each
+    assert {(x["job"], x["batch"], x["tier"], x["tenant"]) for x in crashed} == {
+        (f"poison:{k}", "poison", "t0", "default") for k in culprits}
+    assert all(x["tier"] == "t0" for x in logged)
+    assert not any(it.data["prompt"][:40] in json.dumps(logged) for it in items)
 
 
 def test_a_job_that_kills_its_worker_every_time_fails_alone(bench, distributed, supervisor, tmp_path):

@@ -8,9 +8,11 @@ import sys
 import traceback
 
 import click
+from pydantic import ValidationError
 
 from router.core.errors import UserError
 from worker.logs import configure_logging
+from worker.settings import get_settings
 
 _COMMANDS = {
     "run": ("worker.cli.run_cmd:run", "run a JSONL batch through the tiers and write the results"),
@@ -59,7 +61,15 @@ def _fail(msg: str) -> None:
               help="log lines: readable on a terminal, JSON otherwise (auto), or as given")
 def cli(log_format: str) -> None:
     """Cascade Router: answer each LLM request with the cheapest model confident enough."""
-    configure_logging(None if log_format == "auto" else log_format == "json", level="WARNING")
+    configure_logging(None if log_format == "auto" else log_format == "json", level="WARNING",
+                      content=_log_content())
+
+
+def _log_content() -> bool:
+    try:
+        return get_settings().log_content
+    except ValidationError:  # a bad CASCADE_ setting: the subcommand that reads it names it
+        return False
 
 
 def main() -> None:

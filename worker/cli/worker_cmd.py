@@ -54,7 +54,8 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
     log_format = click.get_current_context().find_root().params.get("log_format", "auto")
 
     def _logging(**_kw):  # Celery's own loggers go through structlog too, in one format
-        configure_logging(None if log_format == "auto" else log_format == "json", level=loglevel)
+        configure_logging(None if log_format == "auto" else log_format == "json", level=loglevel,
+                          content=settings.log_content, static={"tier": tier.name})
 
     setup_logging.connect(_logging, weak=False)  # a local function: a weak reference would be collected
     interval = settings.sweep_interval or max(1.0, min(60.0, settings.visibility_timeout / 2))
