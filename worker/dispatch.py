@@ -20,7 +20,8 @@ def task_id(tier: str, job_ids: Sequence[str]) -> str:
     if len(job_ids) == 1:
         return f"{job_ids[0]}@{tier}"
     digest = hashlib.sha256("\n".join(job_ids).encode()).hexdigest()[:10]
-    return f"{job_ids[0]}+{len(job_ids) - 1}@{tier}#{digest}"
+    # URL-safe characters only: Flower links to /task/<id>, and a '#' would cut it short
+    return f"{job_ids[0]}+{len(job_ids) - 1}@{tier}~{digest}"
 
 
 def stage_repr(tier: str, job_ids: Sequence[str]) -> str:

@@ -17,6 +17,7 @@ from worker.settings import get_settings
 _COMMANDS = {
     "run": ("worker.cli.run_cmd:run", "run a JSONL batch through the tiers and write the results"),
     "worker": ("worker.cli.worker_cmd:worker", "start the worker pool of one tier (distributed mode)"),
+    "flower": ("worker.cli.flower_cmd:flower", "Flower on the configured broker, behind basic auth"),
     "status": ("worker.cli.status_cmd:status", "show a batch's progress, per-tier counts and cost"),
     "cancel": ("worker.cli.cancel_cmd:cancel", "cancel a batch's unfinished jobs"),
     "resume": ("worker.cli.resume_cmd:resume", "send again the current stage of a batch's unfinished jobs"),
