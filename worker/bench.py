@@ -48,6 +48,7 @@ class BenchConfig:
     chunk: int = 16
     latency_jobs: int = 100
     concurrency: int = 1
+    events: bool = False  # workers send task events, as Flower has them do
     pg_admin: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     redis_url: str = "redis://127.0.0.1:6379/0"
     log: Callable[[str], None] = print
@@ -126,15 +127,16 @@ def run_pipeline_bench(cfg: BenchConfig) -> dict:
         # -- the pipeline: one worker process per tier --------------------------
         path = _portfolio(tmp / "bench.toml", cfg.data)
         portfolio = load_portfolio(path)
-        procs = [_spawn(["worker.cli", "worker", "--tier", t.name, "--portfolio", str(path), "-l", "WARNING"],
-                        env, tmp / f"{t.name}.log") for t in portfolio.tiers]
+        procs = [_spawn(["worker.cli", "worker", "--tier", t.name, "--portfolio", str(path), "-l", "WARNING",
+                         *(["--events"] if cfg.events else [])], env, tmp / f"{t.name}.log") for t in portfolio.tiers]
         stack.callback(_stop, procs)
         _wait_ping(app, len(procs))
         rows = load_dataset(cfg.data).split("test")
         items = [Item(f"{rows[i % len(rows)].id}~{i}", i + 1,
                       {"id": f"{rows[i % len(rows)].id}~{i}", "prompt": rows[i % len(rows)].prompt})
                  for i in range(cfg.jobs)]
-        cfg.log(f"pipeline: {cfg.jobs} replay jobs, {len(procs)} tiers, chunks of {cfg.chunk}")
+        cfg.log(f"pipeline: {cfg.jobs} replay jobs, {len(procs)} tiers, chunks of {cfg.chunk}"
+                + (", task events on" if cfg.events else ""))
         store = runtime.store
         t0 = time.perf_counter()
         submit(runtime, dispatcher, portfolio, items, "bench", source=str(cfg.data))
@@ -163,7 +165,7 @@ def run_pipeline_bench(cfg: BenchConfig) -> dict:
     jobs_per_s = cfg.jobs / pipe_s
     noop_per_s = cfg.jobs / noop_s
     return {
-        "jobs": cfg.jobs, "chunk": cfg.chunk, "tiers": len(BENCH_MODELS), "stages_per_job": round(stages / cfg.jobs, 3),
+        "jobs": cfg.jobs, "chunk": cfg.chunk, "events": cfg.events, "pipeline_s": round(pipe_s, 2), "tiers": len(BENCH_MODELS), "stages_per_job": round(stages / cfg.jobs, 3),
         "jobs_per_s": round(jobs_per_s, 1), "celery_noop_per_s": round(noop_per_s, 1),
         "ratio": round(jobs_per_s / noop_per_s, 3),
         "p50_overhead_ms": round(statistics.median(overheads), 2),

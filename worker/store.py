@@ -45,6 +45,7 @@ from .jobs import (
     FAILED,
     FINAL,
     OPEN,
+    QUEUED,
     RUNNING,
     SUCCEEDED,
     StageOutcome,
@@ -537,6 +538,28 @@ EXPIRED)
             for i in range(0, len(ids), 1000):
                 c.execute(update(jobs).where(jobs.c.id.in_(ids[i : i + 1000]), jobs.c.status.in_(FINAL))
                           .values(final_answer=None))
+
+    def reopen_failed(self, batch_id: str, match: str | None = None,
+                      deadline: datetime | None = None) -> list[tuple[str, str]]:
+        """Queue again the batch's failed jobs (whose error contains `match`, if given)
+        that never got an answer at the tier they failed at: dead letters, expired
+        jobs, internal errors. A job the policy rejected after its last call stays
+        failed (running it again would change nothing). Returns (job id, tier)."""
+        t = now()
+        tried_here = (select(attempts.c.id).where(attempts.c.job_id == jobs.c.id, attempts.c.tier == jobs.c.current_tier)
+                      .exists())
+        cond = [jobs.c.batch_id == batch_id, jobs.c.status == FAILED, jobs.c.current_tier.is_not(None), ~tried_here]
+        if match:
+            cond.append(jobs.c.error.contains(match, autoescape=True))
+        with self.tx() as c:
+            rows = c.execute(update(jobs).where(*cond)
+                             .values(status=QUEUED, error=None, deliveries=0, finished_at=None, deadline=deadline,
+                                     updated_at=t)
+                             .returning(jobs.c.id, jobs.c.current_tier)).all()
+            if rows:
+                c.execute(update(batches).where(batches.c.id == batch_id).values(
+                    done=batches.c.done - len(rows), failed=batches.c.failed - len(rows), updated_at=t))
+        return sorted((r.id, r.current_tier) for r in rows)
 
     def cancel_batch(self, batch_id: str) -> int:
         t = now()

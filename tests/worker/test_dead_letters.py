@@ -195,3 +195,15 @@ def test_jobs_past_their_deadline_expire_instead_of_waiting_forever(bench, distr
     again = job_results(store, "late")
     assert [(j["status"], j["error"], len(j["attempts"])) for j in again] == \
         [(j["status"], j["error"], len(j["attempts"])) for j in jobs]
+
+    # the runbook's replay: `cascade retry` queues the expired jobs again, and now t1 answers them
+    p = subprocess.run([sys.executable, "-m", "worker.cli", "retry", "late", "--match", "expired"],
+                       env=sup.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"batch late: {len(expired)} failed jobs queued again")
+    b = wait_for(store, "late", progress=False, timeout=60)
+    final = {j["job_id"]: j for j in job_results(store, "late")}
+    assert b["done"] == b["total"] == 30 and b["failed"] == sum(j["status"] == "failed" for j in final.values())
+    for j in expired:
+        assert [a["tier"] for a in final[j["job_id"]]["attempts"]] == [a["tier"] for a in j["attempts"]] + ["t1"]
+        assert final[j["job_id"]]["error"] != EXPIRED

@@ -22,6 +22,7 @@ _COMMANDS = {
     "cancel": ("worker.cli.cancel_cmd:cancel", "cancel a batch's unfinished jobs"),
     "resume": ("worker.cli.resume_cmd:resume", "send again the current stage of a batch's unfinished jobs"),
     "purge": ("worker.cli.purge_cmd:purge", "delete finished batches and jobs older than an age (retention)"),
+    "retry": ("worker.cli.retry_cmd:retry", "queue again a batch's dead letters and expired jobs"),
     "db": ("worker.cli.db_cmd:db", "database migrations"),
     "bench": ("worker.cli.bench_cmd:bench", "benchmarks, reported as ratios against a baseline in the same run"),
     "demo": ("worker.cli.demo_cmd:demo", "real local models tiny -> small -> medium on a generated question set"),
