@@ -13,7 +13,7 @@ from worker.store import Store, now
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_age(text: str) -> timedelta:
+def parse_age(_ctx, _param, text: str) -> timedelta:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if not m:
         raise click.BadParameter(f"{text!r} is not an age: write a number and a unit, e.g. 90s, 12h, 30d, 2w")
@@ -21,13 +21,13 @@ def parse_age(text: str) -> timedelta:
 
 
 @click.command()
-@click.option("--older-than", "age", required=True, help="finished longer ago than this: 90s, 12h, 30d, 2w")
+@click.option("--older-than", "age", required=True, callback=parse_age, help="finished longer ago than this: 90s, 12h, 30d, 2w")
 @click.option("--dry-run", is_flag=True, help="count what would go, delete nothing")
 def purge(age, dry_run) -> None:
     """Delete batches whose jobs all finished longer ago than the given age (with
     their jobs, attempts, prompts and answers), and such finished jobs outside a
     batch. Open work, and any batch with an open job, is never touched."""
-    before = now() - parse_age(age)
+    before = now() - age
     settings = get_settings()
     if current(settings.db_url) is None:
         raise click.ClickException("the database has no schema yet: nothing to purge")
