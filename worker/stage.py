@@ -12,6 +12,7 @@ stands, and its next message is sent again, which is harmless).
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any, Sequence
 
 import structlog
@@ -129,9 +130,14 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
             except OperationalError:
                 raise  # the database is away: the task retries the whole (idempotent) stage
             except Exception as e:
-                log.exception("stage.job_crashed", deliveries=job["deliveries"] + 1)
-                store.note_error(job["id"], f"{type(e).__name__}: {e}")
-                resend.setdefault(tier_name, []).append(job["id"])  # its next delivery counts
+                runs = job["deliveries"] + 1  # this run included
+                log.exception("stage.job_crashed", deliveries=runs)
+                error = f"{type(e).__name__}: {e}"
+                if runs >= rt.settings.max_deliveries:
+                    _dead_letter(rt, tier_name, job, runs, error)
+                else:
+                    store.note_error(job["id"], error)
+                    resend.setdefault(tier_name, []).append(job["id"])  # its next delivery counts
                 continue
         gave_up = gave_up or bool(o.meta.get("gave_up"))
         if careful:
@@ -151,22 +157,31 @@ def _drop_overdue_and_dead(rt: Runtime, tier_name: str, todo: list[dict]) -> lis
     """Fail the jobs past their deadline, and those whose stage here has run
     `max_deliveries` times without a result; the others remain to run."""
     t = now()
-    limit = rt.settings.max_deliveries
+    # A run that ended without a result comes back one visibility timeout later (the
+    # message returns unacknowledged); a run stamped more recently may still be going
+    # on (a duplicate delivery overtook it), so it is left alone, not declared dead.
+    quiet_since = t - timedelta(seconds=rt.settings.visibility_timeout / 2)
     keep = []
     for job in todo:
         if job["deadline"] is not None and job["deadline"] < t:
             rt.store.fail_open_jobs([job["id"]], EXPIRED)
             metrics.EXPIRED.labels(tier_name).inc()
             log.warning("stage.expired", job=job["id"], tier=tier_name)
-        elif job["deliveries"] >= limit:
-            cause = job["error"] or "the worker stopped while running it (killed, out of memory or crashed)"
-            rt.store.fail_open_jobs([job["id"]], f"dead letter: its stage at tier {tier_name} ran {job['deliveries']} "
-                                                 f"times without a result; last error: {cause}")
-            metrics.DEAD_LETTERS.labels(tier_name).inc()
-            log.error("stage.dead_letter", job=job["id"], tier=tier_name, deliveries=job["deliveries"], error=cause)
-        else:
+        elif job["deliveries"] < rt.settings.max_deliveries:
             keep.append(job)
+        elif job["updated_at"] < quiet_since:
+            _dead_letter(rt, tier_name, job, job["deliveries"],
+                         job["error"] or "the worker stopped while running it (killed, out of memory or crashed)")
+        else:
+            log.warning("stage.maybe_running_elsewhere", job=job["id"], tier=tier_name, deliveries=job["deliveries"])
     return keep
+
+
+def _dead_letter(rt: Runtime, tier_name: str, job: dict, runs: int, cause: str) -> None:
+    rt.store.fail_open_jobs([job["id"]], f"dead letter: its stage at tier {tier_name} ran {runs} times "
+                                         f"without a result; last error: {cause}")
+    metrics.DEAD_LETTERS.labels(tier_name).inc()
+    log.error("stage.dead_letter", job=job["id"], tier=tier_name, deliveries=runs, error=cause)
 
 
 def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries: int | None) -> StageOutcome:

@@ -414,7 +414,8 @@ class Store:
         with self.read() as c:
             rows = [dict(r) for r in c.execute(
                 select(jobs.c.id, jobs.c.batch_id, jobs.c.tenant, jobs.c.portfolio, jobs.c.input, jobs.c.plan,
-                       jobs.c.status, jobs.c.current_tier, jobs.c.deliveries, jobs.c.deadline, jobs.c.error)
+                       jobs.c.status, jobs.c.current_tier, jobs.c.deliveries, jobs.c.deadline, jobs.c.error,
+                       jobs.c.updated_at)
                 .where(jobs.c.id.in_(list(job_ids)))).mappings()]
             ats: dict[str, list[dict]] = {r["id"]: [] for r in rows}
             if rows:
