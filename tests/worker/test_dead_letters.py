@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,11 +14,11 @@ from pathlib import Path
 import pytest
 from helpers.env import REPO
 from helpers.faulty import KIND, register
+from helpers.ping import wait_ready
 from helpers.portfolios import write_portfolio
 
 from router.core.portfolio import load_portfolio
 from worker.batch import job_results, run_batch, wait_for
-from worker.celery_app import make_app
 from worker.items import read_items
 from worker.jobs import EXPIRED
 from worker.store import Store
@@ -85,15 +84,6 @@ def supervisor(distributed, tmp_path):
     yield factory
     for s in made:
         s.stop()
-
-
-def wait_ready(settings, tier: str, timeout: float = 60) -> None:
-    app = make_app(settings)
-    end = time.time() + timeout
-    while time.time() < end:
-        if app.control.ping(destination=[f"{tier}@{socket.gethostname()}"], timeout=1):
-            return
-    raise AssertionError(f"worker {tier} did not answer a ping in {timeout}s")
 
 
 def run_until_done(store: Store, sup: Supervisor, batch_id: str, timeout: float) -> int:

@@ -45,7 +45,7 @@ def output_dir(tmp_path: Path) -> Path:
 
 def test_flower_shows_tier_queues_workers_and_tasks_behind_auth(bench, distributed, workers, tmp_path):
     browser_path = chromium()
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # deferred: only once Chromium is known to exist
 
     settings, env = distributed
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3])

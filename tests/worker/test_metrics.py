@@ -12,6 +12,7 @@ import httpx
 import pytest
 import redis
 from helpers.env import REDIS
+from helpers.ping import wait_ready
 from helpers.portfolios import write_portfolio
 from helpers.servers import free_port
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,15 +55,6 @@ def db_counts(store: Store) -> tuple[Counter, Counter, dict, Counter]:
         tokens = Counter(dict(c.execute(select(attempts.c.tier, func.sum(attempts.c.tokens_out))
                                         .group_by(attempts.c.tier)).all()))
     return calls, decisions, cost, tokens
-
-
-def wait_ready(settings, tier: str, timeout: float = 60) -> None:
-    app = make_app(settings)
-    end = time.time() + timeout
-    while time.time() < end:
-        if app.control.ping(destination=[f"{tier}@{socket.gethostname()}"], timeout=1):
-            return
-    raise AssertionError(f"worker {tier} did not answer a ping in {timeout}s")
 
 
 def test_counters_scraped_during_a_batch_equal_postgres(bench, distributed, workers, tmp_path):
