@@ -25,7 +25,7 @@ def parse_age(_ctx, _param, text: str) -> timedelta:
 @click.option("--dry-run", is_flag=True, help="count what would go, delete nothing")
 def purge(age, dry_run) -> None:
     """Delete batches whose jobs all finished longer ago than the given age (with
-    their jobs, attempts, prompts and answers), and such finished jobs outside a
+    their jobs, attempts, feedback, prompts and answers), and such finished jobs outside a
     batch. Open work, and any batch with an open job, is never touched."""
     before = now() - age
     settings = get_settings()
