@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset = embedded")
     database_url: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://127.0.0.1/cascade; unset = SQLite under home")
     portfolio: Path | None = Field(None, description="default portfolio file for `cascade worker` and `cascade run`")
+    portfolio_dir: Path | None = Field(None, description="task API: each *.toml/*.yaml here is portfolio `cascade/<stem>`")
     home: Path = Field(Path("var"), description="state folder of the embedded mode (SQLite file, outputs)")
     model_cache: Path = Field(Path.home() / ".cache" / "cascade-router" / "models", description="assembled local GGUF models")
     redis_prefix: str = Field("", description="prefix of every Redis key the broker uses (isolates deployments)")

@@ -23,6 +23,7 @@ from router.core.policy import Needs
 from router.core.portfolio import Tier
 
 from .backends import Backend, BackendFailure, TransientBackendError
+from .dispatch import queue_for
 from .jobs import FINAL, QUEUED, StageOutcome, attempt_from_row, plan_of, query_of
 from .logs import context
 from .runtime import Runtime
@@ -132,5 +133,6 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
     for o in applied:
         if o.decision == "escalate":
             resend.setdefault(o.next_tier, []).append(o.job_id)
-    portfolio_of = {j["id"]: j["portfolio"] for j in jobs}
-    return [(job_id, tier, rt.queue_of(portfolio_of[job_id], tier)) for tier, ids in resend.items() for job_id in ids]
+    by_id = {j["id"]: j for j in jobs}
+    return [(job_id, tier, queue_for(rt.queue_of(by_id[job_id]["portfolio"], tier), by_id[job_id]["input"].get("priority")))
+            for tier, ids in resend.items() for job_id in ids]

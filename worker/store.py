@@ -103,6 +103,7 @@ jobs = Table(
     Column("updated_at", _ts, nullable=False),
     UniqueConstraint("batch_id", "item_key", name="uq_jobs_batch_item"),
     Index("ix_jobs_batch_status", "batch_id", "status"),
+    Index("ix_jobs_batch_seq", "batch_id", "seq"),
 )
 
 attempts = Table(
@@ -263,8 +264,12 @@ class Store:
         and for rows rejected at submission: error (status failed).
         Returns how many rows were new.
         """
+        return len(self.insert_jobs(batch_id, rows))
+
+    def insert_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]]) -> set[str]:
+        """`add_jobs`, returning the ids of the rows that were new."""
         if not rows:
-            return 0
+            return set()
         t = now()
         full = []
         for r in rows:
@@ -274,18 +279,18 @@ class Store:
                 "error": None, "started_at": None, "finished_at": t if r.get("status") in FINAL else None,
                 "created_at": t, "updated_at": t, **r,
             })
-        new = 0
+        new: set[str] = set()
         failed = 0
         with self.tx() as c:
             for i in range(0, len(full), 1000):
                 part = full[i : i + 1000]
                 ins = _insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id, jobs.c.status)
                 got = c.execute(ins, part).all()
-                new += len(got)
+                new.update(g.id for g in got)
                 failed += sum(1 for g in got if g.status == FAILED)
             if batch_id is not None and new:
                 c.execute(update(batches).where(batches.c.id == batch_id).values(
-                    total=batches.c.total + new, done=batches.c.done + failed,
+                    total=batches.c.total + len(new), done=batches.c.done + failed,
                     failed=batches.c.failed + failed, updated_at=t))
         return new
 
@@ -489,6 +494,25 @@ class Store:
                     done=batches.c.done + n, failed=batches.c.failed + n, updated_at=t))
             failed = len(rows)
         return failed
+
+    def cancel_job(self, job_id: str) -> bool:
+        """Cancel one open job (its batch's counters move with it); False if it was final."""
+        t = now()
+        with self.tx() as c:
+            row = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(OPEN))
+                            .values(status=CANCELLED, finished_at=t, updated_at=t, error="cancelled")
+                            .returning(jobs.c.batch_id)).one_or_none()
+            if row is not None and row.batch_id is not None:
+                c.execute(update(batches).where(batches.c.id == row.batch_id).values(
+                    done=batches.c.done + 1, cancelled=batches.c.cancelled + 1, updated_at=t))
+        return row is not None
+
+    def jobs_page(self, batch_id: str, after_seq: int, limit: int) -> list[dict]:
+        """The batch's jobs with seq > after_seq, in input order (results stream page by page)."""
+        with self.read() as c:
+            q = (select(jobs).where(jobs.c.batch_id == batch_id, jobs.c.seq > after_seq)
+                 .order_by(jobs.c.seq).limit(limit))
+            return [dict(r) for r in c.execute(q).mappings()]
 
     def cancel_batch(self, batch_id: str) -> int:
         t = now()

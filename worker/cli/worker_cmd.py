@@ -4,8 +4,10 @@ from __future__ import annotations
 import click
 from celery.signals import setup_logging
 
+from worker.catalog import Catalog
 from worker.celery_app import make_app
 from worker.cli.common import load_portfolio_option, user_errors
+from worker.dispatch import worker_queues
 from worker.logs import configure_logging
 from worker.migrate import current
 from worker.runtime import Runtime
@@ -20,7 +22,9 @@ from worker.sweeper import Sweeper
 @click.option("--pool", type=click.Choice(["threads", "solo"]), help="default: what the backend suits (solo for in-process models)")
 @click.option("--events", is_flag=True, help="send task events (for Flower; costs throughput)")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> None:
+@click.option("--submit/--no-submit", default=True, show_default=True,
+              help="also consume the cascade.submit queue (the Celery task API)")
+def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel, submit) -> None:
     """Consume only TIER's queue; pools of different tiers scale independently."""
     settings = get_settings()
     if settings.embedded:
@@ -33,7 +37,7 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> No
         if current(settings.db_url) is None:
             raise click.ClickException("the database has no schema: run `cascade db upgrade` first")
         rt = Runtime(settings)
-        app = make_app(settings, rt)
+        app = make_app(settings, rt, Catalog.from_settings(settings, portfolio))
         rt.add_portfolio(portfolio)
         rt.store.save_portfolio(portfolio.digest, portfolio.spec())
         backend = rt.backend(tier)  # a local model loads once, here, before any job
@@ -53,9 +57,10 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, loglevel) -> No
     setup_logging.connect(_logging, weak=False)  # a local function: a weak reference would be collected
     interval = settings.sweep_interval or max(1.0, min(60.0, settings.visibility_timeout / 2))
     Sweeper(app, rt, tier, interval=interval, idle=settings.visibility_timeout, chunk_size=settings.chunk_size).start()
-    argv = ["worker", "-Q", tier.queue_name, "-n", f"{tier.name}@%h", "-P", pool, "-c", str(conc),
+    queues = worker_queues(tier.queue_name, submit=submit)
+    argv = ["worker", "-Q", ",".join(queues), "-n", f"{tier.name}@%h", "-P", pool, "-c", str(conc),
             "--without-gossip", "--without-mingle", "-l", loglevel]
     if events:
         argv.append("-E")
-    click.echo(f"tier {tier.name}: queue {tier.queue_name}, backend {backend.kind}, pool {pool} x{conc}", err=True)
+    click.echo(f"tier {tier.name}: queues {', '.join(queues)}, backend {backend.kind}, pool {pool} x{conc}", err=True)
     app.worker_main(argv)

@@ -1,0 +1,59 @@
+"""task API: job and batch completion notifications (PostgreSQL LISTEN/NOTIFY), batch pages
+
+A job that is not part of a batch notifies `cascade_job_final` with its id when it
+becomes final; a batch notifies `cascade_batch_done` with its id when its last job
+does. Waiters (worker.notify) LISTEN instead of polling. Batch jobs do not notify
+one by one: a million-item batch would queue a million notifications.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-12-01
+"""
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+_FUNCTIONS = """
+CREATE OR REPLACE FUNCTION cascade_job_final() RETURNS trigger AS $$
+BEGIN
+  PERFORM pg_notify('cascade_job_final', NEW.id);
+  RETURN NULL;
+END $$ LANGUAGE plpgsql;
+
+CREATE OR REPLACE FUNCTION cascade_batch_done() RETURNS trigger AS $$
+BEGIN
+  PERFORM pg_notify('cascade_batch_done', NEW.id);
+  RETURN NULL;
+END $$ LANGUAGE plpgsql;
+"""
+_TRIGGERS = """
+CREATE TRIGGER jobs_final_notify AFTER UPDATE OF status ON jobs FOR EACH ROW
+  WHEN (NEW.batch_id IS NULL AND NEW.status IN ('succeeded', 'failed', 'cancelled')
+        AND OLD.status IN ('queued', 'running'))
+  EXECUTE FUNCTION cascade_job_final();
+CREATE TRIGGER batches_done_notify AFTER UPDATE OF done ON batches FOR EACH ROW
+  WHEN (NEW.done >= NEW.total AND OLD.done < OLD.total)
+  EXECUTE FUNCTION cascade_batch_done();
+"""
+
+
+def upgrade() -> None:
+    # batch results stream in input order, a page at a time
+    op.create_index("ix_jobs_batch_seq", "jobs", ["batch_id", "seq"])
+    if op.get_bind().dialect.name != "postgresql":
+        return  # the embedded mode (SQLite) waits by short polling
+    op.execute(_FUNCTIONS)
+    op.execute(_TRIGGERS)
+
+
+def downgrade() -> None:
+    op.drop_index("ix_jobs_batch_seq", "jobs")
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    op.execute("DROP TRIGGER IF EXISTS jobs_final_notify ON jobs")
+    op.execute("DROP TRIGGER IF EXISTS batches_done_notify ON batches")
+    op.execute("DROP FUNCTION IF EXISTS cascade_job_final()")
+    op.execute("DROP FUNCTION IF EXISTS cascade_batch_done()")
