@@ -17,6 +17,7 @@ does not block the event loop.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -67,11 +68,20 @@ class Client:
         self.submitter = Submitter(self.runtime, Dispatcher(self.app, self.settings.chunk_size), self.catalog)
         self.store = self.runtime.store
         self.waiter = Waiter(self.settings.db_url)
+        self._owner = True
         self._workers: list[EmbeddedWorkers] = []
         if self.settings.embedded if workers is None else workers:
             for name in self.catalog.names():
                 w = EmbeddedWorkers(self.runtime, self.catalog.get(name), concurrency=self.settings.worker_concurrency)
                 self._workers.append(w.__enter__())
+
+    def for_tenant(self, tenant: str) -> "Client":
+        """A view of this client acting for another tenant, sharing its connections and
+        workers (the HTTP service keeps one client and one view per caller)."""
+        view = copy.copy(self)
+        view.tenant = tenant
+        view._owner = False
+        return view
 
     # -- one job ---------------------------------------------------------------------
     def submit(self, prompt: str | None = None, *, messages: list[Mapping[str, str]] | None = None,
@@ -165,6 +175,8 @@ class Client:
 
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
+        if not self._owner:
+            return
         for w in self._workers:
             w.__exit__(None, None, None)
         self._workers.clear()

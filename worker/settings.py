@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     backend_retry_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each time")
     backend_retry_max_delay: float = Field(30.0, ge=0)
     sweep_interval: float = Field(0, ge=0, description="seconds between a tier worker's sweeps for jobs whose message was lost; 0 = visibility_timeout/2, at most 60")
+    webhook_secret: str = Field("", description="HMAC key signing batch webhooks (Cascade-Signature); unset = an empty key")
+    webhook_backoff: float = Field(2.0, gt=0, description="first webhook retry delay in seconds, doubled each time")
+    webhook_attempts: int = Field(8, ge=1, le=30, description="webhook deliveries tried before giving up")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
 
     @property

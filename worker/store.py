@@ -11,7 +11,7 @@ Idempotency lives here, in the statements themselves:
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -78,6 +78,14 @@ batches = Table(
     Column("total_cost", Float(53), nullable=False, default=0.0),
     Column("created_at", _ts, nullable=False),
     Column("updated_at", _ts, nullable=False),
+    # task API (worker.webhooks): unfinished jobs expire at expires_at; a finished
+    # batch's webhook is delivered (state pending -> delivered | failed) with retries
+    Column("expires_at", _ts, nullable=True),
+    Column("webhook_url", Text, nullable=True),
+    Column("webhook_state", String(16), nullable=True),
+    Column("webhook_attempts", Integer, nullable=False, default=0),
+    Column("webhook_next_at", _ts, nullable=True),
+    Index("ix_batches_webhook", "webhook_state", "webhook_next_at"),
 )
 
 jobs = Table(
@@ -253,7 +261,7 @@ class Store:
             t = now()
             c.execute(_insert(c, batches).values(
                 id=batch_id, tenant=tenant, portfolio=portfolio, source=source, total=0, done=0, succeeded=0,
-                failed=0, cancelled=0, total_cost=0.0, created_at=t, updated_at=t,
+                failed=0, cancelled=0, total_cost=0.0, created_at=t, updated_at=t, webhook_attempts=0,
             ).on_conflict_do_nothing(index_elements=["id"]))
             return dict(c.execute(select(batches).where(batches.c.id == batch_id)).mappings().one())
 
@@ -514,13 +522,43 @@ class Store:
                  .order_by(jobs.c.seq).limit(limit))
             return [dict(r) for r in c.execute(q).mappings()]
 
-    def cancel_batch(self, batch_id: str) -> int:
+    def cancel_batch(self, batch_id: str, error: str = "cancelled") -> int:
         t = now()
         with self.tx() as c:
             n = c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
-                          .values(status=CANCELLED, finished_at=t, updated_at=t, error="cancelled")).rowcount
+                          .values(status=CANCELLED, finished_at=t, updated_at=t, error=error)).rowcount
             if n:
                 c.execute(update(batches).where(batches.c.id == batch_id).values(
                     done=batches.c.done + n, cancelled=batches.c.cancelled + n, updated_at=t))
         return n
 
+
+    # -- the task API's batch upkeep (worker.webhooks) -----------------------------
+    def set_batch_options(self, batch_id: str, *, expires_at: datetime | None, webhook_url: str | None) -> None:
+        with self.tx() as c:
+            c.execute(update(batches).where(batches.c.id == batch_id).values(
+                expires_at=expires_at, webhook_url=webhook_url, webhook_state="pending" if webhook_url else None,
+                webhook_next_at=now() if webhook_url else None))
+
+    def expired_batches(self, at: datetime) -> list[str]:
+        with self.read() as c:
+            return list(c.execute(select(batches.c.id).where(batches.c.expires_at < at,
+                                                             batches.c.done < batches.c.total)).scalars())
+
+    def claim_webhooks(self, at: datetime, lease_s: float, limit: int = 20) -> list[dict]:
+        """Finished batches whose webhook is due, each leased to this caller for lease_s
+        (another API process skips it meanwhile)."""
+        with self.tx() as c:
+            due = (select(batches.c.id).where(batches.c.webhook_state == "pending", batches.c.webhook_next_at <= at,
+                                              batches.c.done >= batches.c.total).limit(limit))
+            rows = c.execute(update(batches).where(batches.c.id.in_(due.scalar_subquery()),
+                                                   batches.c.webhook_state == "pending",
+                                                   batches.c.webhook_next_at <= at)
+                             .values(webhook_next_at=at + timedelta(seconds=lease_s))
+                             .returning(*batches.c)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def webhook_result(self, batch_id: str, *, state: str, attempts: int, next_at: datetime | None) -> None:
+        with self.tx() as c:
+            c.execute(update(batches).where(batches.c.id == batch_id).values(
+                webhook_state=state, webhook_attempts=attempts, webhook_next_at=next_at))

@@ -149,34 +149,45 @@ class Submitter:
         return bool(self.runtime.store.insert_jobs(None, [row]))
 
     # -- batches -------------------------------------------------------------------
-    def submit_batch(self, records: Iterable[tuple[int, Any]], *, portfolio: str | None = None,
-                     tenant: str = TENANT_DEFAULT, batch_id: str | None = None, priority: str = BATCH,
-                     source: str | None = None, chunk: int = 1000, on_batch=None) -> str:
-        """Stream (line number, parsed record or an Item carrying its error) into a batch:
-        validated, committed and sent `chunk` at a time. A bad record is a failed job
-        naming its line and field. Returns the batch id."""
+    def submit_batch(self, records: Iterable[tuple[int, Any]], *, chunk: int = 1000, **kw) -> str:
+        """Stream (line number, parsed record or an Item carrying its error) into a new
+        batch (see `open_batch`), `chunk` at a time. Returns the batch id."""
+        writer = self.open_batch(**kw)
+        buf: list[tuple[int, Any]] = []
+        for rec in records:
+            buf.append(rec)
+            if len(buf) >= chunk:
+                writer.add(buf)
+                buf = []
+        writer.add(buf)
+        return writer.batch_id
+
+    def open_batch(self, *, portfolio: str | None = None, tenant: str = TENANT_DEFAULT, batch_id: str | None = None,
+                   priority: str = BATCH, source: str | None = None) -> "BatchWriter":
         priority = check_priority(priority)
         p = self.portfolio(portfolio)
-        store = self.runtime.store
         batch_id = batch_id or f"batch-{uuid.uuid4().hex}"
-        store.ensure_batch(batch_id, p.digest, source, tenant)
-        if on_batch is not None:
-            on_batch(batch_id)
-        buf: list[Item] = []
-        for seq, rec in records:
-            buf.append(rec if isinstance(rec, Item) else item_from(rec, seq, f"line {seq}"))
-            if len(buf) >= chunk:
-                self._add_chunk(p, batch_id, tenant, priority, buf)
-                buf = []
-        self._add_chunk(p, batch_id, tenant, priority, buf)
-        return batch_id
+        self.runtime.store.ensure_batch(batch_id, p.digest, source, tenant)
+        return BatchWriter(self, p, batch_id, tenant, priority)
 
-    def _add_chunk(self, p: Portfolio, batch_id: str, tenant: str, priority: str, items: list[Item]) -> None:
-        if not items:
+
+class BatchWriter:
+    """Adds records to one batch, a chunk per call: each chunk validated, committed,
+    then its first stages sent. A bad record is a failed job naming its line and field."""
+
+    def __init__(self, submitter: Submitter, portfolio: Portfolio, batch_id: str, tenant: str, priority: str):
+        self.submitter, self.portfolio, self.batch_id = submitter, portfolio, batch_id
+        self.tenant, self.priority = tenant, priority
+        self.added = 0
+
+    def add(self, records: list[tuple[int, Any]]) -> None:
+        if not records:
             return
+        p, batch_id = self.portfolio, self.batch_id
         rows = []
-        for it in items:
-            data = None if it.data is None else {**it.data, "priority": priority}
+        for seq, rec in records:
+            it = rec if isinstance(rec, Item) else item_from(rec, seq, f"line {seq}")
+            data = None if it.data is None else {**it.data, "priority": self.priority}
             error = it.error
             if data is not None:
                 try:
@@ -184,9 +195,9 @@ class Submitter:
                 except RequestError as e:
                     data, error = None, f"line {it.seq}: {e}"
             row = job_row(f"{batch_id}:{it.key}", it.key, it.seq, p, data, error, f"line {it.seq}: ")
-            row["tenant"] = tenant
+            row["tenant"] = self.tenant
             rows.append(row)
-        store = self.runtime.store
+        store = self.submitter.runtime.store
         new = store.insert_jobs(batch_id, rows)
         dups = [r for r in rows if r["id"] not in new]
         if dups:  # an id used twice in this batch: the later line fails, naming the first
@@ -194,8 +205,10 @@ class Submitter:
                       "plan": None, "current_tier": None,
                       "error": f"line {r['seq']}: id {r['item_key']!r} already used in this batch"} for r in dups]
             store.insert_jobs(batch_id, again)
-        self.dispatcher.send((r["id"], r["current_tier"], queue_for(p.tier(r["current_tier"]).queue_name, priority))
-                             for r in rows if r["id"] in new and r["status"] == JobStatus.QUEUED)
+        self.added += len(rows)
+        self.submitter.dispatcher.send(
+            (r["id"], r["current_tier"], queue_for(p.tier(r["current_tier"]).queue_name, self.priority))
+            for r in rows if r["id"] in new and r["status"] == JobStatus.QUEUED)
 
 
 __all__ = ["IdempotencyConflict", "MAX_KEY", "Submission", "Submitter", "job_id_for"]

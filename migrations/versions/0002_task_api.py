@@ -1,4 +1,5 @@
-"""task API: job and batch completion notifications (PostgreSQL LISTEN/NOTIFY), batch pages
+"""task API: job and batch completion notifications (PostgreSQL LISTEN/NOTIFY), batch pages,
+batch expiry and webhooks
 
 A job that is not part of a batch notifies `cascade_job_final` with its id when it
 becomes final; a batch notifies `cascade_batch_done` with its id when its last job
@@ -9,6 +10,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-01
 """
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0002"
@@ -43,6 +45,14 @@ CREATE TRIGGER batches_done_notify AFTER UPDATE OF done ON batches FOR EACH ROW
 def upgrade() -> None:
     # batch results stream in input order, a page at a time
     op.create_index("ix_jobs_batch_seq", "jobs", ["batch_id", "seq"])
+    ts = sa.DateTime(timezone=True)
+    with op.batch_alter_table("batches") as b:
+        b.add_column(sa.Column("expires_at", ts, nullable=True))
+        b.add_column(sa.Column("webhook_url", sa.Text, nullable=True))
+        b.add_column(sa.Column("webhook_state", sa.String(16), nullable=True))
+        b.add_column(sa.Column("webhook_attempts", sa.Integer, nullable=False, server_default="0"))
+        b.add_column(sa.Column("webhook_next_at", ts, nullable=True))
+    op.create_index("ix_batches_webhook", "batches", ["webhook_state", "webhook_next_at"])
     if op.get_bind().dialect.name != "postgresql":
         return  # the embedded mode (SQLite) waits by short polling
     op.execute(_FUNCTIONS)
@@ -51,6 +61,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_jobs_batch_seq", "jobs")
+    op.drop_index("ix_batches_webhook", "batches")
+    with op.batch_alter_table("batches") as b:
+        for col in ("expires_at", "webhook_url", "webhook_state", "webhook_attempts", "webhook_next_at"):
+            b.drop_column(col)
     if op.get_bind().dialect.name != "postgresql":
         return
     op.execute("DROP TRIGGER IF EXISTS jobs_final_notify ON jobs")

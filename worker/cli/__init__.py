@@ -15,6 +15,7 @@ from worker.logs import configure_logging
 _COMMANDS = {
     "run": ("worker.cli.run_cmd:run", "run a JSONL batch through the tiers and write the results"),
     "worker": ("worker.cli.worker_cmd:worker", "start the worker pool of one tier (distributed mode)"),
+    "serve": ("worker.cli.serve_cmd:serve", "the HTTP task API: jobs, batches, OpenAI-compatible chat completions"),
     "status": ("worker.cli.status_cmd:status", "show a batch's progress, per-tier counts and cost"),
     "cancel": ("worker.cli.cancel_cmd:cancel", "cancel a batch's unfinished jobs"),
     "resume": ("worker.cli.resume_cmd:resume", "send again the current stage of a batch's unfinished jobs"),
