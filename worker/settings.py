@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     backend_retry_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each time")
     backend_retry_max_delay: float = Field(30.0, ge=0)
     sweep_interval: float = Field(0, ge=0, description="seconds between a tier worker's sweeps for jobs whose message was lost; 0 = visibility_timeout/2, at most 60")
+    api_auth: bool | None = Field(None, description="`cascade serve` asks for an API key (cascade keys create); unset = in the distributed mode only")
     webhook_secret: str = Field("", description="HMAC key signing batch webhooks (Cascade-Signature); unset = an empty key")
     webhook_backoff: float = Field(2.0, gt=0, description="first webhook retry delay in seconds, doubled each time")
     webhook_attempts: int = Field(8, ge=1, le=30, description="webhook deliveries tried before giving up")
@@ -37,6 +38,10 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.broker_url is None
+
+    @property
+    def auth_required(self) -> bool:
+        return (not self.embedded) if self.api_auth is None else self.api_auth
 
     @property
     def db_url(self) -> str:

@@ -151,6 +151,29 @@ feedback = Table(
 )
 
 
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("budget_usd", Float(53), nullable=True),
+    Column("rate_per_min", Integer, nullable=True),
+    # moved by a trigger when a job of the tenant becomes final (migration 0002)
+    Column("spent_usd", Float(53), nullable=False, default=0.0),
+    Column("created_at", _ts, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant", String(200), ForeignKey("tenants.id"), nullable=False),
+    Column("hash", String(64), nullable=False),  # sha256 of the whole key; the key itself is never stored
+    Column("name", String(200), nullable=True),
+    Column("created_at", _ts, nullable=False),
+    Column("revoked_at", _ts, nullable=True),
+)
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -562,3 +585,39 @@ class Store:
         with self.tx() as c:
             c.execute(update(batches).where(batches.c.id == batch_id).values(
                 webhook_state=state, webhook_attempts=attempts, webhook_next_at=next_at))
+
+    # -- tenants and API keys (worker.tenants) -----------------------------------------
+    def upsert_tenant(self, tenant: str, **limits: Any) -> None:
+        """Create the tenant if new; set the given limits (budget_usd, rate_per_min; None clears)."""
+        with self.tx() as c:
+            c.execute(_insert(c, tenants).values(id=tenant, spent_usd=0.0, created_at=now())
+                      .on_conflict_do_nothing(index_elements=["id"]))
+            if limits:
+                c.execute(update(tenants).where(tenants.c.id == tenant).values(**limits))
+
+    def tenant(self, tenant: str) -> dict | None:
+        with self.read() as c:
+            r = c.execute(select(tenants).where(tenants.c.id == tenant)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    def add_key(self, key_id: str, tenant: str, digest: str, name: str | None) -> None:
+        with self.tx() as c:
+            c.execute(api_keys.insert().values(id=key_id, tenant=tenant, hash=digest, name=name, created_at=now()))
+
+    def key(self, key_id: str) -> dict | None:
+        with self.read() as c:
+            r = c.execute(select(api_keys).where(api_keys.c.id == key_id)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    def keys(self, tenant: str | None = None) -> list[dict]:
+        with self.read() as c:
+            q = select(api_keys.c.id, api_keys.c.tenant, api_keys.c.name, api_keys.c.created_at,
+                       api_keys.c.revoked_at).order_by(api_keys.c.tenant, api_keys.c.created_at)
+            if tenant is not None:
+                q = q.where(api_keys.c.tenant == tenant)
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.tx() as c:
+            return c.execute(update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                             .values(revoked_at=now())).rowcount == 1

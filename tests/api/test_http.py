@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -17,8 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import openai
 import pytest
+import redis
 from helpers.api import Serve
-from helpers.env import REDIS, private_database, private_redis_prefix
+from helpers.env import REDIS, REPO, private_database, private_redis_prefix
 from helpers.portfolios import write_portfolio
 from helpers.workers import Workers
 from sqlalchemy import func, select
@@ -27,6 +29,7 @@ from router.core.records import load_dataset
 from worker.migrate import upgrade
 from worker.settings import Settings
 from worker.store import Store, attempts, batches, jobs
+from worker.tenants import Tenants
 
 pytestmark = pytest.mark.services
 MODELS = ["llama3.2-3b", "llama3.1-70b"]
@@ -37,13 +40,16 @@ class Deployment:
     settings: Settings
     serve: Serve
     workers: Workers
+    env: dict
+    keys: dict  # tenant -> API key
 
     @property
     def url(self) -> str:
         return self.serve.url
 
-    def http(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+    def http(self, tenant: str = "a", **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60),
+                            headers={"Authorization": f"Bearer {self.keys[tenant]}"}, **kw)
 
     def logs(self) -> str:
         return f"--- serve\n{self.serve.output()}\n{self.workers.logs()}"
@@ -63,9 +69,15 @@ def deployment(bench, tmp_path_factory):
         w = Workers(env, path, tmp)
         for t in ("t0", "t1"):
             w.start(t)
+        settings = Settings(broker_url=REDIS, database_url=pg_url, redis_prefix=prefix)
+        tenants = Tenants(Store(pg_url), settings)
+        keys = {t: tenants.create_key(t)[1] for t in ("a", "b", "poor", "busy")}
+        tenants.store.upsert_tenant("poor", budget_usd=1e-9)
+        tenants.store.upsert_tenant("busy", rate_per_min=1)
+        tenants.close()
         serve = Serve(env, path, tmp / "serve.log")
         try:
-            yield Deployment(Settings(broker_url=REDIS, database_url=pg_url, redis_prefix=prefix), serve.wait_ready(), w)
+            yield Deployment(settings, serve.wait_ready(), w, env, keys)
         finally:
             serve.stop()
             w.stop_all()
@@ -87,7 +99,7 @@ def count(d, table, *where) -> int:
 
 def test_openai_client_round_trip_and_streaming(bench, deployment):
     d = deployment
-    client = openai.OpenAI(base_url=f"{d.url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{d.url}/v1", api_key=d.keys["a"], max_retries=0)
     assert "cascade/default" in [m.id for m in client.models.list()]
     prompt = rows(bench, 1)[0].prompt
     r = client.chat.completions.create(model="cascade/default", messages=[{"role": "user", "content": prompt}])
@@ -247,7 +259,72 @@ def test_an_interactive_job_finishes_before_a_queued_20000_item_batch(bench, dep
 def test_schemathesis_finds_no_server_error(deployment, tmp_path):
     d = deployment
     st = [sys.executable, "-m", "schemathesis.cli", "run", f"{d.url}/openapi.json", "--checks", "not_a_server_error",
+          "-H", f"Authorization: Bearer {d.keys['b']}",
           "--max-examples", "15", "--max-time", "60", "--request-timeout", "30", "--no-color",
           "--generation-deterministic", "--phases", "examples,coverage,fuzzing"]
     r = subprocess.run(st, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:] + d.logs()
+
+
+def test_tenants_see_only_their_own_jobs_and_batches(bench, deployment):
+    d = deployment
+    with d.http("a") as a, d.http("b") as b:
+        job = a.post("/v1/jobs", json={"prompt": rows(bench, 3)[2].prompt}).json()["id"]
+        batch = a.post("/v1/batches", content=json.dumps({"id": "x", "prompt": "hi"}).encode()).json()["id"]
+        for path in (f"/v1/jobs/{job}", f"/v1/batches/{batch}", f"/v1/batches/{batch}/results"):
+            assert b.get(path).status_code == 404 and a.get(path).status_code == 200
+        assert b.post(f"/v1/jobs/{job}/cancel").status_code == 404
+        assert b.post(f"/v1/batches/{batch}/cancel").status_code == 404
+        # the same idempotency key in two tenants: two jobs
+        ka = a.post("/v1/jobs", json={"prompt": "hi there"}, headers={"Idempotency-Key": "same"}).json()["id"]
+        kb = b.post("/v1/jobs", json={"prompt": "hi there"}, headers={"Idempotency-Key": "same"}).json()["id"]
+        assert ka != kb
+    with httpx.Client(base_url=d.url) as anon:
+        r = anon.get(f"/v1/jobs/{job}")
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        bad = anon.get(f"/v1/jobs/{job}", headers={"Authorization": "Bearer csk_000000000000_forged"})
+        assert bad.status_code == 401
+
+
+def test_keys_cli_revokes_a_key_at_once(deployment):
+    d = deployment
+    env = {**os.environ, **d.env}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "worker.cli", "keys", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60, cwd=REPO)
+    made = run("create", "--tenant", "c", "--name", "svc")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    with httpx.Client(base_url=d.url, headers={"Authorization": f"Bearer {key}"}) as h:
+        assert h.get("/v1/models").status_code == 200
+        listed = run("list", "--tenant", "c").stdout
+        key_id = key.split("_")[1]
+        assert key_id in listed and "active" in listed and key not in listed  # the key itself is not stored
+        assert run("revoke", key_id).returncode == 0
+        assert h.get("/v1/models").status_code == 401
+
+
+def test_exhausted_budget_is_402_and_rate_limit_429_with_nothing_enqueued(bench, deployment):
+    d = deployment
+    r = redis.Redis.from_url(REDIS)
+    queues = [f"{d.settings.redis_prefix}{q}" for q in ("cascade.t0", "cascade.t0.interactive")]
+    with d.http("poor") as h:
+        first = h.post("/v1/jobs", json={"prompt": rows(bench, 4)[3].prompt}).json()["id"]
+        assert h.get(f"/v1/jobs/{first}", params={"wait": 30}).json()["cost_usd"] > 1e-9
+        before = count(d, jobs, jobs.c.tenant == "poor"), [r.llen(q) for q in queues]
+        refused = h.post("/v1/jobs", json={"prompt": "one more"})
+        assert refused.status_code == 402 and refused.json()["error"]["code"] == "budget_exhausted", refused.text
+        client = openai.OpenAI(base_url=f"{d.url}/v1", api_key=d.keys["poor"], max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="cascade/default", messages=[{"role": "user", "content": "x"}])
+        assert e.value.status_code == 402
+        assert h.post("/v1/batches", content=b'{"prompt": "x"}').status_code == 402
+        assert (count(d, jobs, jobs.c.tenant == "poor"), [r.llen(q) for q in queues]) == before
+    with d.http("busy") as h:
+        for _ in range(2):  # the second request of a minute (again if the first fell in the minute before)
+            assert h.post("/v1/jobs", json={"prompt": "first"}).status_code == 202
+            limited = h.post("/v1/jobs", json={"prompt": "second"})
+            if limited.status_code == 429:
+                break
+        assert limited.status_code == 429 and 1 <= int(limited.headers["Retry-After"]) <= 60
+        assert count(d, jobs, jobs.c.tenant == "busy", jobs.c.input["prompt"].as_string() == "second") == 0
+    r.close()

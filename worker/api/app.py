@@ -15,6 +15,7 @@ from worker.client import Client, JobNotFound
 from worker.request import RequestError
 from worker.settings import Settings, get_settings
 from worker.submit import IdempotencyConflict
+from worker.tenants import AuthError, BudgetExhausted, RateLimited, Tenants
 from worker.webhooks import BatchUpkeep
 
 from . import batches, chat, jobs
@@ -37,12 +38,14 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
     async def lifespan(app: FastAPI):
         own = client is None
         app.state.client = client or Client(settings, portfolio=portfolio, workers=workers)
+        app.state.tenants = Tenants(app.state.client.store, settings)
         upkeep = BatchUpkeep(app.state.client.store, secret=settings.webhook_secret, backoff=settings.webhook_backoff,
                              attempts=settings.webhook_attempts).start()
         try:
             yield
         finally:
             upkeep.stop()
+            app.state.tenants.close()
             if own:
                 app.state.client.close()
 
@@ -100,6 +103,19 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
     @app.exception_handler(JobNotFound)
     async def missing(_req, e: JobNotFound):
         return error_response(404, str(e), param="id", code="not_found")
+
+    @app.exception_handler(AuthError)
+    async def unauthorized(_req, e: AuthError):
+        return error_response(401, str(e), code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(BudgetExhausted)
+    async def budget(_req, e: BudgetExhausted):
+        return error_response(402, str(e), code="budget_exhausted", type_="insufficient_quota")
+
+    @app.exception_handler(RateLimited)
+    async def rate(_req, e: RateLimited):
+        return error_response(429, str(e), code="rate_limited", type_="rate_limit_exceeded",
+                              headers={"Retry-After": str(e.retry_after)})
 
     @app.exception_handler(UserError)
     async def user_error(_req, e: UserError):

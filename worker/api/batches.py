@@ -21,7 +21,7 @@ from worker.openai_format import batch_line, batch_output, is_openai_line
 from worker.request import RequestError
 from worker.store import now
 
-from .common import ApiError, caller, not_found
+from .common import ApiError, caller, not_found, submitter
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 CHUNK = 1000
@@ -62,7 +62,7 @@ def _view(c: Client, batch_id: str) -> dict:
 
 
 @router.post("", status_code=202)
-async def create_batch(request: Request, response: Response, c: Client = Depends(caller),
+async def create_batch(request: Request, response: Response, c: Client = Depends(submitter),
                        model: str = Query("cascade/default", description="the portfolio every line runs through"),
                        completion_window: str | None = Query(None, description="e.g. 24h: unfinished jobs expire then"),
                        webhook_url: str | None = Query(None, pattern=r"^https?://", max_length=2000)) -> dict:

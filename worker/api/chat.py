@@ -17,7 +17,7 @@ from worker.dispatch import INTERACTIVE
 from worker.notify import JOB_CHANNEL
 from worker.openai_format import chat_request, chunks, completion
 
-from .common import caller, error_response, service
+from .common import caller, error_response, submitter
 from .jobs import Message
 
 # how long a chat completion waits for its job before answering 504 (the job goes on)
@@ -43,13 +43,13 @@ router = APIRouter(tags=["openai"])
 
 
 @router.get("/v1/models")
-def models(c: Client = Depends(service)) -> dict:
+def models(c: Client = Depends(caller)) -> dict:
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "cascade"}
                                        for name in c.catalog.names()]}
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, c: Client = Depends(caller),
+async def chat_completions(body: ChatCompletionRequest, c: Client = Depends(submitter),
                            idempotency_key: str | None = Header(None, max_length=200)):
     model, request = chat_request(body.model_dump(exclude_none=True))
     c.catalog.get(model)  # an unknown model is a 404 naming it, before anything is written

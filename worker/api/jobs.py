@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from worker.client import Client, JobNotFound
 from worker.notify import JOB_CHANNEL
 
-from .common import caller, not_found
+from .common import caller, not_found, submitter
 
 
 class Message(BaseModel):
@@ -83,7 +83,7 @@ def _get(c: Client, job_id: str) -> dict:
 
 
 @router.post("", status_code=202, response_model=Job)
-def create_job(body: JobCreate, response: Response, c: Client = Depends(caller),
+def create_job(body: JobCreate, response: Response, c: Client = Depends(submitter),
                idempotency_key: str | None = Header(None, max_length=200)) -> dict:
     d = body.model_dump(exclude_none=True)
     request = {k: d[k] for k in ("prompt", "messages", "params") if k in d}
