@@ -159,6 +159,20 @@ def test_bad_input_is_a_4xx_naming_the_field_and_writes_nothing(deployment, body
     assert (count(d, jobs), count(d, batches)) == before
 
 
+@pytest.mark.parametrize("query, status, param", [
+    ({"completion_window": "forever"}, 400, "completion_window"),
+    ({"model": "cascade/nope"}, 404, "model"),
+    ({"webhook_url": "ftp://x"}, 422, "webhook_url"),
+])
+def test_bad_batch_options_are_refused_before_anything_is_written(deployment, query, status, param):
+    d = deployment
+    before = count(d, jobs), count(d, batches)
+    with d.http() as h:
+        r = h.post("/v1/batches", params=query, content=b'{"prompt": "hi"}\n')
+    assert (r.status_code, r.json()["error"]["param"]) == (status, param), r.text
+    assert (count(d, jobs), count(d, batches)) == before
+
+
 def test_openai_batch_file_in_results_and_errors_out(bench, deployment):
     d = deployment
     rs = rows(bench, 6)
