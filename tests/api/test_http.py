@@ -276,7 +276,7 @@ def test_schemathesis_finds_no_server_error(deployment, tmp_path):
           "-H", f"Authorization: Bearer {d.keys['b']}",
           "--max-examples", "15", "--max-time", "60", "--request-timeout", "30", "--no-color",
           "--generation-deterministic", "--phases", "examples,coverage,fuzzing"]
-    r = subprocess.run(st, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(st, capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache goes there
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:] + d.logs()
 
 
