@@ -14,14 +14,15 @@ from helpers.servers import free_port
 
 
 class Serve:
-    def __init__(self, env: dict[str, str], portfolio: Path, log: Path):
+    def __init__(self, env: dict[str, str | None], portfolio: Path, log: Path):
+        """env: added to this process's environment; a None value removes the variable."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "serve", "--portfolio", str(portfolio), "--port", str(self.port)],
-            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+            env={k: v for k, v in {**os.environ, **env}.items() if v is not None}, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
 
     def wait_ready(self, timeout: float = 60) -> "Serve":
         deadline = time.time() + timeout
