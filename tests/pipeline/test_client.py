@@ -4,6 +4,7 @@ the embedded mode."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -174,3 +175,13 @@ def test_embedded_client_and_async_client(bench, tmp_path):
 
     done = asyncio.run(main())
     assert [d["status"] for d in done] == ["succeeded"] * 3
+
+    # a file streamed in, results out in input order (a line that is not JSON fails, named)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join([json.dumps({"id": "a", "prompt": r[0].prompt}), "{oops",
+                              json.dumps({"id": "b", "prompt": r[1].prompt})]) + "\n")
+    with Client(settings, portfolio=path) as c:
+        out = list(c.map(inp, timeout=60))
+    assert [(o["custom_id"], o["status"]) for o in out] == [("a", "succeeded"), ("line-2", "failed"),
+                                                            ("b", "succeeded")]
+    assert out[1]["error"].startswith("line 2: not valid JSON")
