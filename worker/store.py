@@ -251,6 +251,7 @@ _FINALIZE = (
 
 
 _JOB_COLUMNS = [c.name for c in jobs.columns]
+_COPY_FROM = 50  # rows; fewer (a single job) go in one plain INSERT, one round trip
 _JSON_COLUMNS = {"input", "plan"}
 
 
@@ -339,7 +340,7 @@ class Store:
         with self.tx() as c:
             for i in range(0, len(full), 1000):
                 part = full[i : i + 1000]
-                if c.dialect.name == "postgresql":
+                if c.dialect.name == "postgresql" and len(part) > _COPY_FROM:
                     got = _copy_jobs(c, part)
                 else:
                     ins = _insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id, jobs.c.status)
