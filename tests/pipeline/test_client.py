@@ -110,7 +110,11 @@ def test_wait_is_woken_by_a_notification_not_a_poll(bench, deployment):
 
     threading.Timer(1.5, store.cancel_job, args=[job2]).start()
     started = time.monotonic()
-    assert Waiter(settings.db_url).wait(JOB_CHANNEL, job2, done, timeout=20)
+    waiter = Waiter(settings.db_url)
+    try:
+        assert waiter.wait(JOB_CHANNEL, job2, done, timeout=20)
+    finally:
+        waiter.close()
     assert time.monotonic() - started >= 1.4 and len(reads) <= 3
 
 
