@@ -2,7 +2,7 @@
 
 On PostgreSQL one listener thread per process holds a LISTEN connection
 (channels `cascade_job_final` and `cascade_batch_done`, fired by the triggers of
-migration 0002) and wakes every waiter registered for the id it hears. A waiter
+migration 0003) and wakes every waiter registered for the id it hears. A waiter
 registers first and then reads the row, so a completion that lands in between is
 never missed. If the listening connection drops, every waiter is woken to read
 again while the thread reconnects.

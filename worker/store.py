@@ -158,7 +158,7 @@ tenants = Table(
     Column("id", String(200), primary_key=True),
     Column("budget_usd", Float(53), nullable=True),
     Column("rate_per_min", Integer, nullable=True),
-    # moved by a trigger when a job of the tenant becomes final (migration 0002)
+    # moved by a trigger when a job of the tenant becomes final (migration 0003)
     Column("spent_usd", Float(53), nullable=False, default=0.0),
     Column("created_at", _ts, nullable=False),
 )

@@ -19,13 +19,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from router.core import cascade
 from router.core.errors import UserError
 from router.core.portfolio import Portfolio
 
 from .catalog import Catalog
 from .dispatch import BATCH, INTERACTIVE, PRIORITIES, Dispatcher, queue_for
 from .items import MAX_KEY, Item, item_from
-from .jobs import JobStatus, failed_job_row, job_row, new_job_row
+from .jobs import JobStatus, failed_job_row, job_row, new_job_row, query_of
 from .request import RequestError, job_input
 from .runtime import Runtime
 
@@ -184,7 +185,7 @@ class BatchWriter:
         if not records:
             return
         p, batch_id = self.portfolio, self.batch_id
-        rows = []
+        checked = []
         for seq, rec in records:
             it = rec if isinstance(rec, Item) else item_from(rec, seq, f"line {seq}")
             data = None if it.data is None else {**it.data, "priority": self.priority}
@@ -194,7 +195,15 @@ class BatchWriter:
                     _no_nul(data, "prompt")
                 except RequestError as e:
                     data, error = None, f"line {it.seq}: {e}"
-            row = job_row(f"{batch_id}:{it.key}", it.key, it.seq, p, data, error, f"line {it.seq}: ")
+            checked.append((it, data, error))
+        # pre-call decisions a chunk at a time: a policy that plans a batch as a whole
+        # (OptLLM's budget) sees each chunk as its batch
+        starts = iter(cascade.start_batch(p.built_policy, [query_of(f"{batch_id}:{it.key}", data)
+                                                           for it, data, _ in checked if data is not None]))
+        rows = []
+        for it, data, error in checked:
+            row = job_row(f"{batch_id}:{it.key}", it.key, it.seq, p, data, error, f"line {it.seq}: ",
+                          None if data is None else next(starts))
             row["tenant"] = self.tenant
             rows.append(row)
         store = self.submitter.runtime.store

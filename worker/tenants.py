@@ -5,7 +5,7 @@ Keys look like `csk_<id>_<secret>`; only the SHA-256 of the whole key is stored
 A key names its tenant, and every read and write of the HTTP service is scoped to it.
 
 Budgets: `tenants.spent_usd` is moved in the database itself (a trigger, migration
-0002) when a tenant's job becomes final, so every API process and worker sees one
+0003) when a tenant's job becomes final, so every API process and worker sees one
 figure. A submission is refused (402, nothing written or sent) once spent >= budget.
 Jobs already running finish: a budget can be overshot by what was in flight.
 

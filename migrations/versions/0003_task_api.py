@@ -6,15 +6,15 @@ becomes final; a batch notifies `cascade_batch_done` with its id when its last j
 does. Waiters (worker.notify) LISTEN instead of polling. Batch jobs do not notify
 one by one: a million-item batch would queue a million notifications.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-12-01
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
