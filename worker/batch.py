@@ -27,7 +27,7 @@ from .celery_app import make_app
 from .dispatch import Dispatcher
 from .embedded import EmbeddedWorkers
 from .items import Item, items_from_dicts
-from .jobs import failed_job_row, new_job_row, query_of
+from .jobs import job_row, query_of
 from .migrate import current, upgrade
 from .runtime import Runtime
 from .settings import Settings, get_settings
@@ -70,11 +70,9 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
     # the pre-call decisions for the whole batch at once (OptLLM under a batch budget)
     starts = iter(cascade.start_batch(portfolio.built_policy,
                                       [query_of(f"{batch_id}:{it.key}", it.data) for it in good]))
-    rows = [
-        failed_job_row(f"{batch_id}:{it.key}", it.key, it.seq, portfolio, it.error) if it.error is not None
-        else new_job_row(f"{batch_id}:{it.key}", it.key, it.seq, portfolio, it.data, next(starts))
-        for it in items
-    ]
+    rows = [job_row(f"{batch_id}:{it.key}", it.key, it.seq, portfolio, it.data, it.error, f"item {it.key}: ",
+                    None if it.error is not None else next(starts))
+            for it in items]
     timeout = runtime.settings.job_timeout
     if timeout:
         deadline = now() + timedelta(seconds=timeout)

@@ -10,15 +10,22 @@ Settings that guard against lost or duplicated work (see docs/operations.md):
 """
 from __future__ import annotations
 
+import structlog
 from celery import Celery
 from sqlalchemy.exc import OperationalError
 
+from router.core.errors import UserError
+
 from . import canary
 from .canary import CANARY_TASK
-from .dispatch import STAGE_TASK, Dispatcher
+from .catalog import Catalog
+from .dispatch import INTERACTIVE, STAGE_TASK, SUBMIT_TASK, Dispatcher
 from .runtime import Runtime
 from .settings import Settings, get_settings
 from .stage import run_stage
+from .submit import TENANT_DEFAULT, Submitter
+
+log = structlog.get_logger("cascade.submit")
 
 DEFAULT_QUEUE = "cascade.default"
 DB_RETRIES = 8
@@ -36,6 +43,9 @@ def base_app(settings: Settings, name: str = "cascade") -> Celery:
                          unacked_restore_throttle=1)
         if settings.redis_prefix:
             transport["global_keyprefix"] = settings.redis_prefix
+        # a worker drains its queues in the order given (worker.dispatch.worker_queues):
+        # interactive stages before batch stages
+        transport["queue_order_strategy"] = "priority"
     if settings.broker.startswith("memory://"):
         transport["polling_interval"] = 0.01
     app.conf.update(
@@ -61,13 +71,40 @@ def base_app(settings: Settings, name: str = "cascade") -> Celery:
     return app
 
 
-def make_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Celery:
-    """The production app: one task, the stage, bound to `runtime` (built here when
-    not given; it connects to nothing until the first stage runs)."""
+def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
+             catalog: Catalog | None = None) -> Celery:
+    """The production app: the stage task and the submit task, bound to `runtime`
+    (built here when not given; it connects to nothing until the first task runs).
+    `catalog` names the portfolios a submission may ask for (default: from settings,
+    read at the first submission)."""
     settings = settings or get_settings()
     rt = runtime or Runtime(settings)
     app = base_app(settings)
     dispatcher = Dispatcher(app, settings.chunk_size)
+    submitters: list[Submitter] = []
+
+    def submitter() -> Submitter:
+        if not submitters:
+            submitters.append(Submitter(rt, dispatcher, catalog or Catalog.from_settings(settings)))
+        return submitters[0]
+
+    @app.task(name=SUBMIT_TASK, bind=True, shared=False, acks_late=True, max_retries=DB_RETRIES, ignore_result=True)
+    def submit(self, prompt: str | None = None, messages: list | None = None, params: dict | None = None,
+               portfolio: str | None = None, tenant: str = TENANT_DEFAULT, idempotency_key: str | None = None,
+               priority: str = INTERACTIVE, metadata: dict | None = None) -> str:
+        """See docs/api.md: commit the job (idempotent on idempotency_key) and send its first stage."""
+        request = {k: v for k, v in (("prompt", prompt), ("messages", messages), ("params", params)) if v is not None}
+        try:
+            return submitter().submit(request, portfolio=portfolio, tenant=tenant, idempotency_key=idempotency_key,
+                                      priority=priority, metadata=metadata).job_id
+        except OperationalError as e:
+            raise self.retry(exc=e, countdown=min(2 ** self.request.retries, 30))
+        except UserError as e:
+            # no result backend to answer with: a keyed request leaves a failed job naming
+            # the problem, where the caller looks for its job (worker.submit.job_id_for)
+            submitter().record_refusal(tenant, idempotency_key, str(e))
+            log.warning("submit.refused", error=str(e), idempotency_key=idempotency_key)
+            return ""
 
     @app.task(name=STAGE_TASK, bind=True, shared=False, acks_late=True, max_retries=DB_RETRIES, ignore_result=True)
     def stage(self, tier: str, job_ids: list[str]) -> int:

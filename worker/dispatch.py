@@ -14,6 +14,22 @@ from typing import Iterable, Sequence
 from celery import Celery
 
 STAGE_TASK = "cascade.stage"
+SUBMIT_TASK = "cascade.submit"
+SUBMIT_QUEUE = "cascade.submit"
+# Priorities: an interactive job's stages go to its tier's `.interactive` queue,
+# which the tier's workers drain before the plain (batch) queue.
+INTERACTIVE, BATCH = "interactive", "batch"
+PRIORITIES = (INTERACTIVE, BATCH)
+
+
+def queue_for(tier_queue: str, priority: str | None) -> str:
+    return f"{tier_queue}.{INTERACTIVE}" if priority == INTERACTIVE else tier_queue
+
+
+def worker_queues(tier_queue: str, *, submit: bool = True) -> list[str]:
+    """A tier worker's queues, in the order it drains them (Redis transport option
+    queue_order_strategy=priority): interactive stages, submissions, batch stages."""
+    return [queue_for(tier_queue, INTERACTIVE)] + ([SUBMIT_QUEUE] if submit else []) + [tier_queue]
 
 
 def task_id(tier: str, job_ids: Sequence[str]) -> str:

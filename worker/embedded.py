@@ -12,6 +12,7 @@ from celery.worker import state as worker_state
 from router.core.portfolio import Portfolio
 
 from .celery_app import make_app
+from .dispatch import worker_queues
 from .runtime import Runtime
 
 log = logging.getLogger("cascade.embedded")
@@ -50,7 +51,7 @@ class EmbeddedWorkers:
                 tier_app = make_app(rt.settings, rt)
                 ctl = _Controller(
                     app=tier_app, hostname=f"{tier.name}-{n}@embedded", pool="solo", concurrency=1,
-                    queues=[tier.queue_name], loglevel=logging.WARNING, ready_callback=None,
+                    queues=worker_queues(tier.queue_name), loglevel=logging.WARNING, ready_callback=None,
                     without_heartbeat=True, without_mingle=True, without_gossip=True,
                 )
                 t = threading.Thread(target=self._run, args=(ctl,), name=f"cascade-{tier.name}-{n}", daemon=True)

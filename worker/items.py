@@ -14,6 +14,8 @@ from typing import Any, Iterable
 from router.core.errors import UserError
 from router.core.records import iter_lines
 
+from .request import RequestError, job_input
+
 MAX_KEY = 150
 # Input fields kept on the job; recorded responses of a benchmarks file are not.
 _DROP = ("responses",)
@@ -41,14 +43,10 @@ def item_from(raw: Any, seq: int, where: str) -> Item:
     key = str(rid) if rid is not None else f"line-{seq}"
     if len(key) > MAX_KEY:
         return Item(f"line-{seq}", seq, error=f"{where}: id is longer than {MAX_KEY} characters")
-    if "prompt" not in raw:
-        return Item(key, seq, error=f"{where}: missing field 'prompt'")
-    prompt = raw["prompt"]
-    if not isinstance(prompt, str):
-        return Item(key, seq, error=f"{where}: prompt must be a string, got {type(prompt).__name__}")
-    if not prompt.strip():
-        return Item(key, seq, error=f"{where}: empty prompt")
-    data = {k: v for k, v in raw.items() if k not in _DROP}
+    try:
+        data = job_input({k: v for k, v in raw.items() if k not in _DROP})
+    except RequestError as e:
+        return Item(key, seq, error=f"{where}: {e}")
     data["id"] = key
     return Item(key, seq, data=data)
 

@@ -17,6 +17,9 @@ from router.core.attempt import Attempt, Query
 from router.core.policy import Plan
 from router.core.portfolio import Portfolio
 
+from .backends import backend_class
+from .request import RESERVED, RequestError
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -42,7 +45,8 @@ EXPIRED = "expired: still unfinished at its deadline"
 def query_of(job_id: str, inp: dict[str, Any]) -> Query:
     """The query a policy sees, from a job's stored input."""
     return Query(id=str(inp.get("id", job_id)), prompt=inp["prompt"], category=inp.get("category"),
-                 meta={k: v for k, v in inp.items() if k not in ("id", "prompt", "category")})
+                 meta={k: v for k, v in inp.items() if k not in RESERVED},
+                 messages=tuple(inp.get("messages") or ()), params=inp.get("params") or {})
 
 
 def plan_to_row(plan: Plan) -> dict[str, Any]:
@@ -55,17 +59,37 @@ def plan_of(row: dict[str, Any] | None) -> Plan:
     return Plan(first=p["first"], allowed=None if allowed is None else tuple(allowed), note=p.get("note", ""))
 
 
-def new_job_row(job_id: str, item_key: str, seq: int, portfolio: Portfolio, data: dict[str, Any],
+def new_job_row(job_id: str, item_key: str | None, seq: int, portfolio: Portfolio, data: dict[str, Any],
                 start: cascade.Start | None = None) -> dict[str, Any]:
     """A queued job with its plan: the pre-call decision runs here, in the submitter,
-    before the first stage is sent (or was made for the whole batch: `start`)."""
+    before the first stage is sent (or was made for the whole batch: `start`). Raises
+    RequestError when a tier the plan may use cannot honour the request (a parameter, a chat)."""
+    query = query_of(job_id, data)
     if start is None:
-        start = cascade.start(portfolio.built_policy, query_of(job_id, data))
+        start = cascade.start(portfolio.built_policy, query)
+    allowed = range(len(portfolio.tiers)) if start.plan.allowed is None else start.plan.allowed
+    for i in allowed:
+        tier = portfolio.tiers[i]
+        refused = backend_class(tier.backend.kind).refuses(tier, query)
+        if refused is not None:
+            raise RequestError(refused, f"tier {tier.name!r} ({tier.backend.kind} backend) cannot honour it")
     return {"id": job_id, "item_key": item_key, "seq": seq, "portfolio": portfolio.digest, "input": data,
             "plan": plan_to_row(start.plan), "status": QUEUED, "current_tier": portfolio.tiers[start.tier].name}
 
 
-def failed_job_row(job_id: str, item_key: str, seq: int, portfolio: Portfolio, error: str) -> dict[str, Any]:
+def job_row(job_id: str, item_key: str | None, seq: int, portfolio: Portfolio, data: dict[str, Any] | None,
+            error: str | None, where: str = "", start: cascade.Start | None = None) -> dict[str, Any]:
+    """A batch item's row: queued, or failed naming the problem (a bad line, a
+    parameter no tier of its plan can honour)."""
+    if error is None:
+        try:
+            return new_job_row(job_id, item_key, seq, portfolio, data, start)
+        except RequestError as e:
+            error = f"{where}{e}"
+    return failed_job_row(job_id, item_key, seq, portfolio, error)
+
+
+def failed_job_row(job_id: str, item_key: str | None, seq: int, portfolio: Portfolio, error: str) -> dict[str, Any]:
     """An input line that cannot be a job, kept as a failed job naming the problem."""
     return {"id": job_id, "item_key": item_key, "seq": seq, "portfolio": portfolio.digest, "input": {"line": seq},
             "status": FAILED, "error": error}

@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset = embedded")
     database_url: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://127.0.0.1/cascade; unset = SQLite under home")
     portfolio: Path | None = Field(None, description="default portfolio file for `cascade worker` and `cascade run`")
+    portfolio_dir: Path | None = Field(None, description="task API: each *.toml/*.yaml here is portfolio `cascade/<stem>`")
     home: Path = Field(Path("var"), description="state folder of the embedded mode (SQLite file, outputs)")
     model_cache: Path = Field(Path.home() / ".cache" / "cascade-router" / "models", description="assembled local GGUF models")
     redis_prefix: str = Field("", description="prefix of every Redis key the broker uses (isolates deployments)")
@@ -35,11 +36,19 @@ class Settings(BaseSettings):
     canary_interval: float = Field(15.0, gt=0, description="seconds between the canaries a tier worker sends itself")
     canary_max_age: float = Field(600.0, gt=0, description="/healthz fails when the worker's last canary was consumed longer ago; above the longest stage")
     log_content: bool = Field(False, description="let prompts and answers into log lines (debugging only)")
+    api_auth: bool | None = Field(None, description="`cascade serve` asks for an API key (cascade keys create); unset = in the distributed mode only")
+    webhook_secret: str = Field("", description="HMAC key signing batch webhooks (Cascade-Signature); unset = an empty key")
+    webhook_backoff: float = Field(2.0, gt=0, description="first webhook retry delay in seconds, doubled each time")
+    webhook_attempts: int = Field(8, ge=1, le=30, description="webhook deliveries tried before giving up")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
 
     @property
     def embedded(self) -> bool:
         return self.broker_url is None
+
+    @property
+    def auth_required(self) -> bool:
+        return (not self.embedded) if self.api_auth is None else self.api_auth
 
     @property
     def db_url(self) -> str:

@@ -26,6 +26,7 @@ from router.core.portfolio import Tier
 
 from . import metrics
 from .backends import Backend, BackendFailure, TransientBackendError
+from .dispatch import queue_for
 from .jobs import EXPIRED, FINAL, StageOutcome, attempt_from_row, plan_of, query_of
 from .logs import context
 from .runtime import Runtime
@@ -149,8 +150,9 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
     for o in applied:
         if o.decision == "escalate":
             resend.setdefault(o.next_tier, []).append(o.job_id)
-    portfolio_of = {j["id"]: j["portfolio"] for j in jobs}
-    return [(job_id, tier, rt.queue_of(portfolio_of[job_id], tier)) for tier, ids in resend.items() for job_id in ids]
+    by_id = {j["id"]: j for j in jobs}
+    return [(job_id, tier, queue_for(rt.queue_of(by_id[job_id]["portfolio"], tier), by_id[job_id]["input"].get("priority")))
+            for tier, ids in resend.items() for job_id in ids]
 
 
 def _drop_overdue_and_dead(rt: Runtime, tier_name: str, todo: list[dict]) -> list[dict]:

@@ -10,8 +10,9 @@ Idempotency lives here, in the statements themselves:
 """
 from __future__ import annotations
 
+import json
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,6 +80,14 @@ batches = Table(
     Column("total_cost", Float(53), nullable=False, default=0.0),
     Column("created_at", _ts, nullable=False),
     Column("updated_at", _ts, nullable=False),
+    # task API (worker.webhooks): unfinished jobs expire at expires_at; a finished
+    # batch's webhook is delivered (state pending -> delivered | failed) with retries
+    Column("expires_at", _ts, nullable=True),
+    Column("webhook_url", Text, nullable=True),
+    Column("webhook_state", String(16), nullable=True),
+    Column("webhook_attempts", Integer, nullable=False, default=0),
+    Column("webhook_next_at", _ts, nullable=True),
+    Index("ix_batches_webhook", "webhook_state", "webhook_next_at"),
 )
 
 jobs = Table(
@@ -109,6 +118,7 @@ jobs = Table(
     Index("ix_jobs_batch_status", "batch_id", "status"),
     Index("ix_jobs_status_deadline", "status", "deadline"),
     Index("ix_jobs_finished_at", "finished_at"),
+    Index("ix_jobs_batch_seq", "batch_id", "seq"),
 )
 
 attempts = Table(
@@ -145,6 +155,29 @@ feedback = Table(
     Column("source", Text, nullable=True),
     Column("created_at", _ts, nullable=False),
     Column("updated_at", _ts, nullable=False),
+)
+
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("budget_usd", Float(53), nullable=True),
+    Column("rate_per_min", Integer, nullable=True),
+    # moved by a trigger when a job of the tenant becomes final (migration 0003)
+    Column("spent_usd", Float(53), nullable=False, default=0.0),
+    Column("created_at", _ts, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant", String(200), ForeignKey("tenants.id"), nullable=False),
+    Column("hash", String(64), nullable=False),  # sha256 of the whole key; the key itself is never stored
+    Column("name", String(200), nullable=True),
+    Column("created_at", _ts, nullable=False),
+    Column("revoked_at", _ts, nullable=True),
 )
 
 
@@ -226,6 +259,28 @@ _FINALIZE = (
 
 # what a finished job's input becomes when content is not kept
 ERASED_INPUT = {"erased": True}
+_JOB_COLUMNS = [c.name for c in jobs.columns]
+_COPY_FROM = 50  # rows; fewer (a single job) go in one plain INSERT, one round trip
+_JSON_COLUMNS = {"input", "plan"}
+
+
+def _copy_jobs(c: Connection, rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Insert job rows through COPY into a temporary table, then one INSERT .. SELECT
+    .. ON CONFLICT DO NOTHING: a multi-row INSERT of a thousand jobs spends most of
+    its time in the driver re-parsing a statement with 20,000 placeholders."""
+    raw = c.connection.driver_connection
+    cols = ", ".join(_JOB_COLUMNS)
+    with raw.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS jobs_in (LIKE jobs) ON COMMIT DELETE ROWS")
+        with cur.copy(f"COPY jobs_in ({cols}) FROM STDIN") as cp:
+            for r in rows:
+                cp.write_row([json.dumps(r[k]) if k in _JSON_COLUMNS and r[k] is not None else r[k]
+                              for k in _JOB_COLUMNS])
+        cur.execute(f"INSERT INTO jobs ({cols}) SELECT {cols} FROM jobs_in ORDER BY seq "
+                    f"ON CONFLICT DO NOTHING RETURNING id, status")
+        got = cur.fetchall()
+        cur.execute("TRUNCATE jobs_in")
+    return got
 
 
 class Store:
@@ -266,7 +321,7 @@ class Store:
             t = now()
             c.execute(_insert(c, batches).values(
                 id=batch_id, tenant=tenant, portfolio=portfolio, source=source, total=0, done=0, succeeded=0,
-                failed=0, cancelled=0, total_cost=0.0, created_at=t, updated_at=t,
+                failed=0, cancelled=0, total_cost=0.0, created_at=t, updated_at=t, webhook_attempts=0,
             ).on_conflict_do_nothing(index_elements=["id"]))
             return dict(c.execute(select(batches).where(batches.c.id == batch_id)).mappings().one())
 
@@ -277,8 +332,12 @@ class Store:
         and for rows rejected at submission: error (status failed).
         Returns how many rows were new.
         """
+        return len(self.insert_jobs(batch_id, rows))
+
+    def insert_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]]) -> set[str]:
+        """`add_jobs`, returning the ids of the rows that were new."""
         if not rows:
-            return 0
+            return set()
         t = now()
         full = []
         for r in rows:
@@ -288,18 +347,21 @@ class Store:
                 "error": None, "started_at": None, "finished_at": t if r.get("status") in FINAL else None,
                 "created_at": t, "updated_at": t, "deliveries": 0, "deadline": None, **r,
             })
-        new = 0
+        new: set[str] = set()
         failed = 0
         with self.tx() as c:
             for i in range(0, len(full), 1000):
                 part = full[i : i + 1000]
-                ins = _insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id, jobs.c.status)
-                got = c.execute(ins, part).all()
-                new += len(got)
-                failed += sum(1 for g in got if g.status == FAILED)
+                if c.dialect.name == "postgresql" and len(part) > _COPY_FROM:
+                    got = _copy_jobs(c, part)
+                else:
+                    ins = _insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id, jobs.c.status)
+                    got = c.execute(ins, part).all()
+                new.update(g[0] for g in got)
+                failed += sum(1 for g in got if g[1] == FAILED)
             if batch_id is not None and new:
                 c.execute(update(batches).where(batches.c.id == batch_id).values(
-                    total=batches.c.total + new, done=batches.c.done + failed,
+                    total=batches.c.total + len(new), done=batches.c.done + failed,
                     failed=batches.c.failed + failed, updated_at=t))
         return new
 
@@ -562,7 +624,26 @@ EXPIRED)
                     done=batches.c.done - len(rows), failed=batches.c.failed - len(rows), updated_at=t))
         return sorted((r.id, r.current_tier) for r in rows)
 
-    def cancel_batch(self, batch_id: str) -> int:
+    def cancel_job(self, job_id: str) -> bool:
+        """Cancel one open job (its batch's counters move with it); False if it was final."""
+        t = now()
+        with self.tx() as c:
+            row = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(OPEN))
+                            .values(status=CANCELLED, finished_at=t, updated_at=t, error="cancelled")
+                            .returning(jobs.c.batch_id)).one_or_none()
+            if row is not None and row.batch_id is not None:
+                c.execute(update(batches).where(batches.c.id == row.batch_id).values(
+                    done=batches.c.done + 1, cancelled=batches.c.cancelled + 1, updated_at=t))
+        return row is not None
+
+    def jobs_page(self, batch_id: str, after_seq: int, limit: int) -> list[dict]:
+        """The batch's jobs with seq > after_seq, in input order (results stream page by page)."""
+        with self.read() as c:
+            q = (select(jobs).where(jobs.c.batch_id == batch_id, jobs.c.seq > after_seq)
+                 .order_by(jobs.c.seq).limit(limit))
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def cancel_batch(self, batch_id: str, error: str = "cancelled") -> int:
         t = now()
         with self.tx() as c:
             ids = c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
@@ -570,6 +651,8 @@ EXPIRED)
                             .returning(jobs.c.id)).scalars().all()
             n = len(ids)
             self._forget_content(c, ids)
+            n = c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
+                          .values(status=CANCELLED, finished_at=t, updated_at=t, error=error)).rowcount
             if n:
                 c.execute(update(batches).where(batches.c.id == batch_id).values(
                     done=batches.c.done + n, cancelled=batches.c.cancelled + n, updated_at=t))
@@ -619,3 +702,68 @@ EXPIRED)
         n_att = c.execute(attempts.delete().where(attempts.c.job_id.in_(sub))).rowcount
         n_jobs = c.execute(jobs.delete().where(jobs.c.id.in_(sub))).rowcount
         return n_jobs, n_att
+    # -- the task API's batch upkeep (worker.webhooks) -----------------------------
+    def set_batch_options(self, batch_id: str, *, expires_at: datetime | None, webhook_url: str | None) -> None:
+        with self.tx() as c:
+            c.execute(update(batches).where(batches.c.id == batch_id).values(
+                expires_at=expires_at, webhook_url=webhook_url, webhook_state="pending" if webhook_url else None,
+                webhook_next_at=now() if webhook_url else None))
+
+    def expired_batches(self, at: datetime) -> list[str]:
+        with self.read() as c:
+            return list(c.execute(select(batches.c.id).where(batches.c.expires_at < at,
+                                                             batches.c.done < batches.c.total)).scalars())
+
+    def claim_webhooks(self, at: datetime, lease_s: float, limit: int = 20) -> list[dict]:
+        """Finished batches whose webhook is due, each leased to this caller for lease_s
+        (another API process skips it meanwhile)."""
+        with self.tx() as c:
+            due = (select(batches.c.id).where(batches.c.webhook_state == "pending", batches.c.webhook_next_at <= at,
+                                              batches.c.done >= batches.c.total).limit(limit))
+            rows = c.execute(update(batches).where(batches.c.id.in_(due.scalar_subquery()),
+                                                   batches.c.webhook_state == "pending",
+                                                   batches.c.webhook_next_at <= at)
+                             .values(webhook_next_at=at + timedelta(seconds=lease_s))
+                             .returning(*batches.c)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def webhook_result(self, batch_id: str, *, state: str, attempts: int, next_at: datetime | None) -> None:
+        with self.tx() as c:
+            c.execute(update(batches).where(batches.c.id == batch_id).values(
+                webhook_state=state, webhook_attempts=attempts, webhook_next_at=next_at))
+
+    # -- tenants and API keys (worker.tenants) -----------------------------------------
+    def upsert_tenant(self, tenant: str, **limits: Any) -> None:
+        """Create the tenant if new; set the given limits (budget_usd, rate_per_min; None clears)."""
+        with self.tx() as c:
+            c.execute(_insert(c, tenants).values(id=tenant, spent_usd=0.0, created_at=now())
+                      .on_conflict_do_nothing(index_elements=["id"]))
+            if limits:
+                c.execute(update(tenants).where(tenants.c.id == tenant).values(**limits))
+
+    def tenant(self, tenant: str) -> dict | None:
+        with self.read() as c:
+            r = c.execute(select(tenants).where(tenants.c.id == tenant)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    def add_key(self, key_id: str, tenant: str, digest: str, name: str | None) -> None:
+        with self.tx() as c:
+            c.execute(api_keys.insert().values(id=key_id, tenant=tenant, hash=digest, name=name, created_at=now()))
+
+    def key(self, key_id: str) -> dict | None:
+        with self.read() as c:
+            r = c.execute(select(api_keys).where(api_keys.c.id == key_id)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    def keys(self, tenant: str | None = None) -> list[dict]:
+        with self.read() as c:
+            q = select(api_keys.c.id, api_keys.c.tenant, api_keys.c.name, api_keys.c.created_at,
+                       api_keys.c.revoked_at).order_by(api_keys.c.tenant, api_keys.c.created_at)
+            if tenant is not None:
+                q = q.where(api_keys.c.tenant == tenant)
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.tx() as c:
+            return c.execute(update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                             .values(revoked_at=now())).rowcount == 1

@@ -15,6 +15,12 @@ class Query:
     prompt: str
     category: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # A chat request's whole conversation ({role, content} each); `prompt` is then
+    # its last user message, the text a policy reads. Empty for a plain prompt.
+    messages: tuple[Mapping[str, str], ...] = ()
+    # Per-request generation parameters (system, max_tokens, temperature, stop), for
+    # the backend; a backend that cannot honour one refuses the job naming it.
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -75,9 +75,9 @@ def test_bad_lines_fail_alone_and_name_the_line(bench, tmp_path):
     assert len(res) == 9
     assert res[good[0]["id"]]["status"] == res[good[1]["id"]]["status"] == res[good[2]["id"]]["status"] == "succeeded"
     assert "line 2: not valid JSON" in res["line-2"]["error"]
-    assert "line 3: empty prompt" in res["empty"]["error"]
+    assert "line 3: prompt: must not be empty" in res["empty"]["error"]
     assert "line 4: expected a JSON object" in res["line-4"]["error"]
-    assert "line 5: missing field 'prompt'" in res["noprompt"]["error"]
+    assert "line 5: prompt: missing" in res["noprompt"]["error"]
     assert f"line 7: id {good[1]['id']!r} already used on line 6" in res["line-7"]["error"]
     unrec = res["unrecorded"]
     assert unrec["status"] == "failed" and "every tier tried failed" in unrec["error"]

@@ -206,3 +206,18 @@ def test_too_long_prompt_fails_its_job_and_falls_back_without_crashing_the_worke
     tl = jobs["too-long"]
     assert tl["status"] == "failed" and "prompt too long" in tl["error"] and "n_ctx" in tl["error"]
     assert [a["tier"] for a in tl["attempts"]] == ["short", "long"]
+
+
+@pytest.mark.models
+def test_request_params_override_the_tier(tiny):
+    long = tiny.generate(Query("p", "Count from 1 to 20:"), Needs())
+    short = tiny.generate(Query("p", "Count from 1 to 20:", params={"max_tokens": 1}), Needs())
+    assert long.tokens_out > 1 and short.tokens_out == 1
+
+
+@pytest.mark.models
+def test_completion_mode_refuses_a_chat_naming_it(tiny):
+    chat = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "What is 2 + 5?"})
+    with pytest.raises(BackendFailure, match="cannot honour the request's messages"):
+        tiny.generate(Query("p", "What is 2 + 5?", messages=chat), Needs())

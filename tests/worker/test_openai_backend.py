@@ -307,3 +307,29 @@ def test_pipeline_unreachable_last_tier_fails_the_job_naming_the_address(tmp_pat
     assert job["status"] == "failed" and url in job["error"]
     [attempt] = job["attempts"]
     assert url in attempt["error"] and "gave up after 3 tries" in attempt["error"]
+
+
+@pytest.mark.models
+def test_chat_messages_and_request_params_reach_the_server(server):
+    b = build_backend(tier(server.base_url, endpoint="chat", max_tokens=64))
+    chat = ({"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"})
+    q = Query("q1", "Another one?", messages=chat, params={"max_tokens": 2, "temperature": 0.0, "stop": ["\n"]})
+    body = b.payload(q, Needs())
+    assert body["messages"] == [dict(m) for m in chat] and body["max_tokens"] == 2 and body["stop"] == ["\n"]
+    r = b.generate(q, Needs())
+    b.close()
+    assert r.tokens_out is not None and 1 <= r.tokens_out <= 2  # the request's max_tokens, not the tier's 64
+    assert r.stop == ("\n",)
+
+
+def test_completions_endpoint_refuses_a_system_prompt_naming_it():
+    b = build_backend(tier("http://127.0.0.1:9/v1", endpoint="completions"))
+    try:
+        with pytest.raises(BackendFailure, match=r"cannot honour the request's params.system"):
+            b.generate(Query("q", "hi", params={"system": "be brief"}), Needs())
+        with pytest.raises(BackendFailure, match=r"cannot honour the request's messages"):
+            b.generate(Query("q", "hi", messages=({"role": "system", "content": "x"}, {"role": "user", "content": "hi"})),
+                       Needs())
+    finally:
+        b.close()

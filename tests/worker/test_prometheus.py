@@ -144,7 +144,7 @@ def test_health_check_fails_when_a_live_worker_stops_consuming(bench, distribute
     # the process stays up but its consumer goes away (as after a broker reconnect gone wrong)
     app = make_app(settings)
     queues = [q["name"] for q in app.control.inspect(destination=[node], timeout=5).active_queues()[node]]
-    assert len(queues) == 2  # the tier's queue and its own canary queue
+    assert any(".canary." in q for q in queues)  # its own canary queue, beside the tier's
     for q in queues:
         app.control.cancel_consumer(q, destination=[node], reply=True, timeout=5)
     end = time.time() + 30

@@ -71,6 +71,20 @@ class Backend(ABC):
     def check_options(cls, tier: Tier) -> None:
         """Cheap checks a submitter can run without loading a model (default: none)."""
 
+    @classmethod
+    def refuses(cls, tier: Tier, query: Query) -> str | None:
+        """The request field this tier cannot honour (`params.<name>` or `messages`), or
+        None. Read from the tier's options only, so the submitter asks it without
+        building the backend; `generate` asks it again (a job submitted before a
+        portfolio change)."""
+        return None
+
+    def check_request(self, query: Query) -> None:
+        refused = self.refuses(self.tier, query)
+        if refused is not None:
+            raise BackendFailure(f"tier {self.tier.name!r}: the {self.kind} backend cannot honour the request's "
+                                 f"{refused}")
+
     def check_needs(self, needs: Needs) -> None:
         wanted = set()
         if needs.logprobs:
@@ -120,3 +134,14 @@ def reject_unknown_options(tier: Tier, known: set[str]) -> None:
             near = difflib.get_close_matches(k, sorted(known), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f"; known: {', '.join(sorted(known))}"
             raise BackendConfigError(f"tier {tier.name!r}: unknown {tier.backend.kind} backend option {k!r}{hint}")
+
+
+def refused_field(query: Query, params: frozenset[str] | set[str], chat: bool) -> str | None:
+    """The first of the query's parameters not in `params`, or `messages` when it is a
+    chat (several turns, or a system message) and `chat` is False."""
+    for key in query.params:
+        if key not in params:
+            return f"params.{key}"
+    if not chat and len(query.messages) > 1:
+        return "messages"
+    return None

@@ -66,12 +66,14 @@ from router.core.portfolio import Tier
 from worker import modelpack
 from worker.settings import get_settings
 
+from ..request import system_of
 from .base import (
     Backend,
     BackendConfigError,
     BackendFailure,
     BackendResult,
     option,
+    refused_field,
     reject_unknown_options,
 )
 
@@ -259,11 +261,20 @@ class LlamaCppBackend(Backend):
             self._compute.shutdown()
 
     # -- one job -------------------------------------------------------------------
+    @classmethod
+    def refuses(cls, tier: Tier, query: Query) -> str | None:
+        if tier.backend.options.get("mode", "completion") == "chat":
+            return None
+        # completion mode sends one text: a system prompt or chat history has no place in it
+        return refused_field(query, frozenset({"max_tokens", "temperature", "stop"}), chat=False)
+
     def _prompt_tokens(self, query: Query) -> list[int]:
         llm = self._llm
         if self._chat is not None:
-            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
-                {"role": "user", "content": query.prompt}]
+            system = system_of(query.messages, query.params) or self.system
+            turns = [m for m in query.messages if m["role"] != "system"] or [{"role": "user", "content": query.prompt}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": m["role"], "content": m["content"]} for m in turns]
             text = self._chat(messages=messages).prompt
             return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         text = self.template.replace("{prompt}", query.prompt) if self.template else query.prompt
@@ -271,10 +282,15 @@ class LlamaCppBackend(Backend):
         return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def generate(self, query: Query, needs: Needs) -> BackendResult:
+        self.check_request(query)
         top_k = max(needs.top_logprobs, self.top_k_default)
         return self._compute.run(self._generate, query, top_k)
 
     def _generate(self, query: Query, top_k: int) -> BackendResult:
+        p = query.params
+        max_tokens = p.get("max_tokens", self.max_tokens)
+        temperature = p.get("temperature", self.temperature)
+        stops = self.stop if p.get("stop") is None else tuple(p["stop"])
         # on the compute thread: one job at a time
         llm = self._llm
         if llm is None:
@@ -288,7 +304,7 @@ class LlamaCppBackend(Backend):
                 f"{self.n_ctx} tokens (backend option n_ctx of tier {self.tier.name!r}); shorten the prompt "
                 f"or raise n_ctx"
             )
-        budget = min(self.max_tokens, self.n_ctx - n_prompt)
+        budget = min(max_tokens, self.n_ctx - n_prompt)
         try:
             # keep the longest shared prefix (few-shot block) in the KV cache; decode at least one token
             prev = llm.input_ids[: llm.n_tokens].tolist()
@@ -308,7 +324,7 @@ class LlamaCppBackend(Backend):
                 logits = np.ctypeslib.as_array(self._logits_ptr(), shape=(self._n_vocab,)).astype(np.float64)
                 m = logits.max()
                 logprobs = logits - (m + math.log(float(np.exp(logits - m).sum())))
-                tok = self._pick(logits, np)
+                tok = self._pick(logits, np, temperature)
                 top: dict[str, float] = {}
                 if top_k:
                     idx = np.argpartition(-logprobs, top_k)[:top_k] if top_k < self._n_vocab else np.arange(self._n_vocab)
@@ -321,7 +337,7 @@ class LlamaCppBackend(Backend):
                     break
                 out.append(tok)
                 text = llm.detokenize(out, prev_tokens=prompt).decode("utf-8", errors="ignore")
-                cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
                     text = text[:cut]
                     finished = True
@@ -338,7 +354,7 @@ class LlamaCppBackend(Backend):
         return BackendResult(
             text=text.strip(),
             tokens=toks,
-            stop=self.stop,
+            stop=stops,
             tokens_in=n_prompt,
             tokens_out=len(toks),
             latency_ms=latency_ms,
@@ -346,12 +362,12 @@ class LlamaCppBackend(Backend):
             meta={"finish_reason": "stop" if finished else "length", "model": self.model_name},
         )
 
-    def _pick(self, logits, np) -> int:
-        if self.temperature <= 0:
+    def _pick(self, logits, np, temperature: float) -> int:
+        if temperature <= 0:
             return int(np.argmax(logits))
         if self._rng is None:
             self._rng = np.random.default_rng(self.seed)
-        z = logits / self.temperature
+        z = logits / temperature
         p = np.exp(z - z.max())
         p /= p.sum()
         return int(self._rng.choice(len(p), p=p))

@@ -49,6 +49,7 @@ from router.core.policy import Needs
 from router.core.portfolio import Tier
 from router.core.signals import SIGNALS
 
+from ..request import system_of
 from .base import (
     Backend,
     BackendConfigError,
@@ -56,6 +57,7 @@ from .base import (
     BackendResult,
     TransientBackendError,
     option,
+    refused_field,
     reject_unknown_options,
 )
 
@@ -151,17 +153,28 @@ class OpenAIBackend(Backend):
         self.client.close()
 
     # -- the request ----------------------------------------------------------------
+    @classmethod
+    def refuses(cls, tier: Tier, query: Query) -> str | None:
+        if tier.backend.options.get("endpoint", "chat") == "chat":
+            return None
+        # the legacy completions endpoint takes one text: no system prompt, no chat history
+        return refused_field(query, frozenset({"max_tokens", "temperature", "stop"}), chat=False)
+
     def payload(self, query: Query, needs: Needs) -> dict[str, Any]:
         top_k = max(needs.top_logprobs, self.top_k_default)
         want = (self.always_logprobs or needs.logprobs or top_k > 0
                 or any(s in TOKEN_SIGNALS for s in needs.signals))
-        body: dict[str, Any] = {"model": self.model_name, "max_tokens": self.max_tokens,
-                                "temperature": self.temperature}
-        if self.stop:
-            body["stop"] = list(self.stop)
+        p = query.params
+        body: dict[str, Any] = {"model": self.model_name, "max_tokens": p.get("max_tokens", self.max_tokens),
+                                "temperature": p.get("temperature", self.temperature)}
+        stop = self.stop_of(query)
+        if stop:
+            body["stop"] = list(stop)
         if self.endpoint == "chat":
-            msgs = [{"role": "system", "content": self.system}] if self.system else []
-            body["messages"] = msgs + [{"role": "user", "content": query.prompt}]
+            system = system_of(query.messages, p) or self.system
+            turns = [m for m in query.messages if m["role"] != "system"] or [{"role": "user", "content": query.prompt}]
+            body["messages"] = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": m["role"], "content": m["content"]} for m in turns]
             if want:
                 body["logprobs"] = True
                 if top_k:
@@ -173,13 +186,18 @@ class OpenAIBackend(Backend):
                 body["logprobs"] = max(top_k, 1)
         return body
 
+    def stop_of(self, query: Query) -> tuple[str, ...]:
+        stop = query.params.get("stop")
+        return self.stop if stop is None else tuple(stop)
+
     def generate(self, query: Query, needs: Needs) -> BackendResult:
+        self.check_request(query)
         body = self.payload(query, needs)
         delay = self.backoff
         tries = 0
         while True:
             try:
-                return self._once(body, needs)
+                return self._once(body, self.stop_of(query))
             except TransientBackendError as e:
                 tries += 1
                 if tries > self.retries:
@@ -188,7 +206,7 @@ class OpenAIBackend(Backend):
                 time.sleep(wait)
                 delay *= 2
 
-    def _once(self, body: dict[str, Any], needs: Needs) -> BackendResult:
+    def _once(self, body: dict[str, Any], stop: tuple[str, ...]) -> BackendResult:
         started = time.perf_counter()
         try:
             resp = self.client.post(self.url, json=body)
@@ -231,7 +249,7 @@ class OpenAIBackend(Backend):
         return BackendResult(
             text=text.strip(),
             tokens=tokens,
-            stop=self.stop,
+            stop=stop,
             tokens_in=_int(usage.get("prompt_tokens")),
             tokens_out=_int(usage.get("completion_tokens")),
             latency_ms=latency_ms,

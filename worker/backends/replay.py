@@ -24,6 +24,7 @@ from .base import (
     BackendFailure,
     BackendResult,
     option,
+    refused_field,
     reject_unknown_options,
 )
 
@@ -74,7 +75,13 @@ class ReplayBackend(Backend):
     def check_options(cls, tier: Tier) -> None:
         cls(tier)  # cheap: the file is parsed once per process and cached
 
+    @classmethod
+    def refuses(cls, tier: Tier, query: Query) -> str | None:
+        # a recording answers one prompt, as it was sent: no parameter or chat history changes it
+        return refused_field(query, frozenset(), chat=False)
+
     def generate(self, query: Query, needs: Needs) -> BackendResult:
+        self.check_request(query)
         i = self.by_id.get(query.id)
         if i is None:
             i = self.by_prompt.get(query.prompt)

@@ -18,6 +18,8 @@ _COMMANDS = {
     "run": ("worker.cli.run_cmd:run", "run a JSONL batch through the tiers and write the results"),
     "worker": ("worker.cli.worker_cmd:worker", "start the worker pool of one tier (distributed mode)"),
     "flower": ("worker.cli.flower_cmd:flower", "Flower on the configured broker, behind basic auth"),
+    "serve": ("worker.cli.serve_cmd:serve", "the HTTP task API: jobs, batches, OpenAI-compatible chat completions"),
+    "keys": ("worker.cli.keys_cmd:keys", "API keys of the task API's tenants, and their budgets and rate limits"),
     "status": ("worker.cli.status_cmd:status", "show a batch's progress, per-tier counts and cost"),
     "cancel": ("worker.cli.cancel_cmd:cancel", "cancel a batch's unfinished jobs"),
     "resume": ("worker.cli.resume_cmd:resume", "send again the current stage of a batch's unfinished jobs"),

@@ -11,6 +11,7 @@ from router.lab.risk import PROCEDURES
 from router.lab.risk_check import coverage, render
 from router.lab.tuners import RiskSpec
 from worker.bench import BenchConfig, run_pipeline_bench
+from worker.bench_api import ApiBenchConfig, run_api_bench
 
 from .common import user_errors
 
@@ -78,3 +79,26 @@ def risk(files, risk_bound, delta, risk_procedure, resplits, train_rows, seed, a
     click.echo(render(results))
     if as_json:
         click.echo(json.dumps({"results": results}))
+
+
+@bench.command()
+@click.option("--requests", "-n", type=click.IntRange(min=10), default=200, show_default=True,
+              help="chat completions (and client jobs) to time")
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+              help="threads for the requests/s run")
+@click.option("--batch-items", type=click.IntRange(min=0), default=0, show_default=True,
+              help="also stream a batch of this many items into POST /v1/batches (e.g. 1000000)")
+@click.option("--port", type=click.IntRange(1, 65535), default=18765, show_default=True)
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), help="replay file (default: shared rc-mmlu)")
+@click.option("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres", show_default=True)
+@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
+def api(requests, concurrency, batch_items, port, data, pg_admin_url, redis_url, as_json) -> None:
+    """The task API's overhead per job over HTTP and through the Python client (replay tiers)."""
+    data = Path(data) if data else _default_data()
+    if not data.exists():
+        raise click.ClickException(f"replay data {data} not found: pass --data FILE (benchmarks format)")
+    cfg = ApiBenchConfig(data=data.resolve(), requests=requests, concurrency=concurrency, batch_items=batch_items,
+                         port=port, pg_admin=pg_admin_url, redis_url=redis_url, log=lambda m: click.echo(m, err=True))
+    result = run_api_bench(cfg)
+    click.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))

@@ -8,8 +8,10 @@ from celery.signals import setup_logging
 
 from worker import metrics
 from worker.canary import Canary, canary_queue
+from worker.catalog import Catalog
 from worker.celery_app import make_app
 from worker.cli.common import load_portfolio_option, user_errors
+from worker.dispatch import worker_queues
 from worker.logs import configure_logging
 from worker.migrate import current
 from worker.runtime import Runtime
@@ -26,7 +28,9 @@ from worker.sweeper import Sweeper
 @click.option("--metrics-port", type=click.IntRange(0, 65535),
               help="serve /metrics and /healthz on this port (default $CASCADE_METRICS_PORT; 0 = off)")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, loglevel) -> None:
+@click.option("--submit/--no-submit", default=True, show_default=True,
+              help="also consume the cascade.submit queue (the Celery task API)")
+def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, loglevel, submit) -> None:
     """Consume only TIER's queue; pools of different tiers scale independently."""
     settings = get_settings()
     if settings.embedded:
@@ -39,7 +43,7 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
         if current(settings.db_url) is None:
             raise click.ClickException("the database has no schema: run `cascade db upgrade` first")
         rt = Runtime(settings)
-        app = make_app(settings, rt)
+        app = make_app(settings, rt, Catalog.from_settings(settings, portfolio))
         rt.add_portfolio(portfolio)
         rt.store.save_portfolio(portfolio.digest, portfolio.spec())
         backend = rt.backend(tier)  # a local model loads once, here, before any job
@@ -68,10 +72,11 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
     if port:
         metrics.watch_queues(settings.broker, settings.redis_prefix, [(t.name, t.queue_name) for t in portfolio.tiers])
         metrics.serve(port, health=probe.health)
-    argv = ["worker", "-Q", f"{tier.queue_name},{own_queue}", "-n", node, "-P", pool, "-c", str(conc),
+    queues = [*worker_queues(tier.queue_name, submit=submit), own_queue]
+    argv = ["worker", "-Q", ",".join(queues), "-n", node, "-P", pool, "-c", str(conc),
             "--without-gossip", "--without-mingle", "-l", loglevel]
     if events:
         argv.append("-E")
-    click.echo(f"tier {tier.name}: queue {tier.queue_name}, backend {backend.kind}, pool {pool} x{conc}"
+    click.echo(f"tier {tier.name}: queues {', '.join(queues)}, backend {backend.kind}, pool {pool} x{conc}"
                + (f", metrics on :{port}" if port else ""), err=True)
     app.worker_main(argv)

@@ -17,10 +17,10 @@ import numpy as np
 
 from router.core.policies import make_policy
 from router.core.policy import TierInfo
+from router.core.quality import predictor_from_params
 from router.lab.labelled import Table
 from router.lab.quality_fit import fit_linear
 from router.lab.tuning import Fitted, NotApplicable, Target, Tuner, TuningError, select_index
-from router.core.quality import predictor_from_params
 
 from .quality_routing import Encoded, folds_of
 

@@ -1,0 +1,191 @@
+"""The Python client and the `cascade.submit` Celery task against real Redis and
+PostgreSQL with one `cascade worker` process per (replay) tier; and the client in
+the embedded mode."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from celery import Celery
+from helpers.env import REDIS
+from helpers.portfolios import write_portfolio
+from sqlalchemy import func, select
+
+from router.core.records import load_dataset
+from worker.client import AsyncClient, Client, JobNotFound
+from worker.notify import JOB_CHANNEL, Waiter
+from worker.request import RequestError
+from worker.settings import Settings
+from worker.store import Store, attempts, jobs
+from worker.submit import IdempotencyConflict, job_id_for
+
+pytestmark = pytest.mark.services
+
+MODELS = ["llama3.2-3b", "llama3.1-70b"]
+
+
+def rows(bench, n, split="test"):
+    return load_dataset(bench / "rc-mmlu.jsonl.gz").split(split)[:n]
+
+
+@pytest.fixture
+def deployment(bench, distributed, workers, tmp_path):
+    settings, _ = distributed
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3])
+    w = workers(path)
+    for t in ("t0", "t1"):
+        w.start(t)
+    client = Client(settings, portfolio=path)
+    yield settings, client, w, path
+    client.close()
+
+
+def count(store: Store, table, *where) -> int:
+    with store.engine.connect() as c:
+        return c.execute(select(func.count()).select_from(table).where(*where)).scalar()
+
+
+def test_submit_wait_idempotent_and_scoped(bench, deployment):
+    settings, client, w, _ = deployment
+    r = rows(bench, 2)
+    job = client.submit(r[0].prompt, idempotency_key="order-1", metadata={"customer": "acme"})
+    try:
+        done = client.wait(job, timeout=60)
+    except TimeoutError:
+        print(w.logs())
+        raise
+    assert done["status"] == "succeeded" and done["answer"] and done["tier"] in ("t0", "t1")
+    assert done["metadata"] == {"customer": "acme"} and done["priority"] == "interactive"
+    assert [a["tier"] for a in done["attempts"]][0] == "t0" and done["attempts"][-1]["decision"] == "accept"
+    assert done["cost_usd"] == pytest.approx(sum(a["cost_usd"] for a in done["attempts"]))
+    # the same key again: the same job, and no second set of attempts
+    assert client.submit(r[0].prompt, idempotency_key="order-1", metadata={"customer": "acme"}) == job
+    store = Store(settings.db_url)
+    assert count(store, attempts, attempts.c.job_id == job) == len(done["attempts"])
+    with pytest.raises(IdempotencyConflict, match="order-1"):
+        client.submit(r[1].prompt, idempotency_key="order-1")
+    # another tenant cannot see it
+    other = Client(settings, tenant="other", portfolio=deployment[3])
+    try:
+        with pytest.raises(JobNotFound):
+            other.get(job)
+    finally:
+        other.close()
+
+
+def test_refused_requests_write_nothing(bench, deployment):
+    settings, client, _, _ = deployment
+    store = Store(settings.db_url)
+    before = count(store, jobs)
+    with pytest.raises(RequestError, match=r"^params.temperature: tier 't0' \(replay backend\)"):
+        client.submit("hi", params={"temperature": 0.7})
+    with pytest.raises(RequestError, match="^prompt: contains a NUL"):
+        client.submit("a\x00b")
+    with pytest.raises(RequestError, match="^metadata: contains a NUL"):
+        client.submit("hi", metadata={"k": "\x00"})
+    with pytest.raises(RequestError, match="^priority"):
+        client.submit("hi", priority="urgent")
+    assert count(store, jobs) == before
+
+
+def test_wait_is_woken_by_a_notification_not_a_poll(bench, deployment):
+    settings, client, _, _ = deployment
+    job = client.submit("a prompt no replay has", idempotency_key="nowhere")  # fails at every tier, quickly
+    client.wait(job, timeout=60)
+    store = Store(settings.db_url)
+    # a job finished by another connection 1.5 s from now: the waiter reads the row when
+    # it starts and when woken, a handful of times, not every few milliseconds
+    job2 = client.submit("another prompt no replay has", priority="batch")
+    client.wait(job2, timeout=60)
+    with store.tx() as c:
+        c.execute(jobs.update().where(jobs.c.id == job2).values(status="running"))
+    reads = []
+
+    def done():
+        reads.append(1)
+        return store.job(job2)["status"] != "running"
+
+    threading.Timer(1.5, store.cancel_job, args=[job2]).start()
+    started = time.monotonic()
+    waiter = Waiter(settings.db_url)
+    try:
+        assert waiter.wait(JOB_CHANNEL, job2, done, timeout=20)
+    finally:
+        waiter.close()
+    assert time.monotonic() - started >= 1.4 and len(reads) <= 3
+
+
+def test_batch_streams_in_and_results_out_in_order(bench, deployment, tmp_path):
+    _, client, _, _ = deployment
+    r = rows(bench, 20)
+    items = [{"id": x.id, "prompt": x.prompt} for x in r]
+    items.insert(5, {"id": "bad", "prompt": 7})
+    items.append({"id": r[0].id, "prompt": r[0].prompt})  # an id used twice
+    out = list(client.map(items, chunk=7, timeout=120))
+    assert len(out) == 22
+    assert [o["custom_id"] for o in out[:5]] == [x.id for x in r[:5]] and out[5]["custom_id"] == "bad"
+    assert out[5]["status"] == "failed" and out[5]["error"] == "line 6: prompt: must be a string, got int"
+    assert out[-1]["status"] == "failed" and "already used in this batch" in out[-1]["error"]
+    assert all(o["status"] == "succeeded" for i, o in enumerate(out[:-1]) if i != 5)
+    b = client.batch(out[0]["batch_id"])
+    assert b["counts"] == {"total": 22, "done": 22, "succeeded": 20, "failed": 2, "cancelled": 0, "open": 0}
+    assert sum(t["answered"] for t in b["tiers"].values()) == 20
+
+
+def test_cascade_submit_from_a_plain_celery_client(bench, deployment):
+    settings, client, w, _ = deployment
+    plain = Celery("some-service", broker=REDIS)
+    plain.conf.broker_transport_options = {"global_keyprefix": settings.redis_prefix}
+    prompt = rows(bench, 1)[0].prompt
+    plain.send_task("cascade.submit", kwargs={"prompt": prompt, "idempotency_key": "celery-1",
+                                              "metadata": {"from": "celery"}}, queue="cascade.submit")
+    plain.send_task("cascade.submit", kwargs={"prompt": prompt, "idempotency_key": "celery-bad",
+                                              "params": {"temperature": 1.0}}, queue="cascade.submit")
+    job = job_id_for("default", "celery-1")
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the task commits the row; wait() needs it to exist
+        try:
+            done = client.wait(job, timeout=60)
+            break
+        except JobNotFound:
+            time.sleep(0.1)
+    else:
+        print(w.logs())
+        raise AssertionError("cascade.submit did not commit the job")
+    plain.close()
+    assert done["status"] == "succeeded" and done["metadata"] == {"from": "celery"}
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            bad = client.get(job_id_for("default", "celery-bad"))
+            break
+        except JobNotFound:
+            time.sleep(0.1)
+    assert bad["status"] == "failed" and "params.temperature" in bad["error"] and bad["attempts"] == []
+
+
+def test_embedded_client_and_async_client(bench, tmp_path):
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3])
+    r = rows(bench, 3)
+    settings = Settings(home=tmp_path / "home")
+
+    async def main():
+        async with AsyncClient(settings, portfolio=path) as c:
+            ids = [await c.submit(x.prompt) for x in r]
+            return await asyncio.gather(*(c.wait(i, timeout=60) for i in ids))
+
+    done = asyncio.run(main())
+    assert [d["status"] for d in done] == ["succeeded"] * 3
+
+    # a file streamed in, results out in input order (a line that is not JSON fails, named)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join([json.dumps({"id": "a", "prompt": r[0].prompt}), "{oops",
+                              json.dumps({"id": "b", "prompt": r[1].prompt})]) + "\n")
+    with Client(settings, portfolio=path) as c:
+        out = list(c.map(inp, timeout=60))
+    assert [(o["custom_id"], o["status"]) for o in out] == [("a", "succeeded"), ("line-2", "failed"),
+                                                            ("b", "succeeded")]
+    assert out[1]["error"].startswith("line 2: not valid JSON")

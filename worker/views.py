@@ -1,0 +1,50 @@
+"""What callers of the task API read: a job (status, answer, answering tier, cost, and
+each attempt with its signals, decision and reason) and a batch (counts, cost, share
+answered per tier), as plain JSON-ready dicts. The Python client, the HTTP service
+and the batch result streams all render through here."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+ATTEMPT_FIELDS = ("tier", "model", "answer", "signals", "decision", "reason", "error", "cost_usd", "latency_ms",
+                  "tokens_in", "tokens_out")
+
+
+def _ts(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+def job_view(job: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    inp = job["input"] or {}
+    return {
+        "id": job["id"], "status": job["status"], "answer": job["final_answer"], "tier": job["final_tier"],
+        "cost_usd": job["total_cost"], "error": job["error"], "batch_id": job["batch_id"],
+        "custom_id": job["item_key"] if job["batch_id"] else None, "priority": inp.get("priority"),
+        "metadata": inp.get("metadata") or {}, "current_tier": job["current_tier"],
+        "created_at": _ts(job["created_at"]), "finished_at": _ts(job["finished_at"]),
+        "attempts": [{k: a[k] for k in ATTEMPT_FIELDS} for a in attempts],
+    }
+
+
+def batch_view(batch: dict[str, Any], tiers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts by status, cost so far, and the share of finished jobs each tier answered."""
+    answered: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    for t in tiers:
+        calls[t["tier"]] = calls.get(t["tier"], 0) + t["n"]
+        if t["decision"] == "accept":
+            answered[t["tier"]] = answered.get(t["tier"], 0) + t["n"]
+    done = batch["done"]
+    status = "completed" if done >= batch["total"] else "in_progress"
+    if batch["cancelled"] and done >= batch["total"]:
+        status = "cancelled"
+    return {
+        "id": batch["id"], "status": status,
+        "counts": {"total": batch["total"], "done": done, "succeeded": batch["succeeded"], "failed": batch["failed"],
+                   "cancelled": batch["cancelled"], "open": batch["total"] - done},
+        "cost_usd": batch["total_cost"],
+        "tiers": {t: {"calls": n, "answered": answered.get(t, 0), "share": answered.get(t, 0) / done if done else 0.0}
+                  for t, n in sorted(calls.items())},
+        "created_at": _ts(batch["created_at"]), "updated_at": _ts(batch["updated_at"]),
+    }
