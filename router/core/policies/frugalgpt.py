@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 from ..attempt import Attempt, Query
 from ..errors import PolicyError
 from ..policy import ChainPolicy, Decision, Knob, Needs, TierInfo, finite_number
-from ..scorers import AnswerScorer
+from ..scorers import AnswerScorer, text_vectors
 
 
 class FrugalGPT(ChainPolicy):
@@ -52,6 +52,11 @@ class FrugalGPT(ChainPolicy):
 
     def needs(self, tier: int) -> Needs:
         return Needs()
+
+    def warm(self, texts: Sequence[str]) -> None:
+        """Embed, in one batch, texts the scorers will read (the lab's replay calls this)."""
+        if any(sc.text for sc in self.scorers.values()):
+            text_vectors(texts)
 
     def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
         cur = attempts[-1]
