@@ -52,15 +52,19 @@ def signal_features(signals: Mapping[str, float], names: Sequence[str]) -> list[
     return out
 
 
-def text_vectors(texts: Sequence[str | None]) -> np.ndarray:
-    """(n, 384) sentence vectors; zeros for a missing or blank text. Texts not seen
-    before are embedded in one batch."""
+def embed_missing(texts: Sequence[str | None]) -> None:
+    """Embed, in one batch, the texts not in the process's cache yet."""
     missing = list(dict.fromkeys(t for t in texts if t and t.strip() and t not in _VECTORS))
     if missing:
         if len(_VECTORS) + len(missing) > _MAX_CACHED:
             _VECTORS.clear()
         for t, v in zip(missing, embeddings.embed(missing)):
             _VECTORS[t] = np.asarray(v, dtype=np.float64)
+
+
+def text_vectors(texts: Sequence[str | None]) -> np.ndarray:
+    """(n, 384) sentence vectors; zeros for a missing or blank text."""
+    embed_missing(texts)
     zero = np.zeros(EMBED_DIM)
     return np.array([_VECTORS.get(t, zero) if t and t.strip() else zero for t in texts]).reshape(len(texts), EMBED_DIM)
 

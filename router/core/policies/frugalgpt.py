@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 from ..attempt import Attempt, Query
 from ..errors import PolicyError
 from ..policy import ChainPolicy, Decision, Knob, Needs, TierInfo, finite_number
-from ..scorers import AnswerScorer, text_vectors
+from ..scorers import AnswerScorer, embed_missing
 
 
 class FrugalGPT(ChainPolicy):
@@ -56,7 +56,7 @@ class FrugalGPT(ChainPolicy):
     def warm(self, texts: Sequence[str]) -> None:
         """Embed, in one batch, texts the scorers will read (the lab's replay calls this)."""
         if any(sc.text for sc in self.scorers.values()):
-            text_vectors(texts)
+            embed_missing(texts)
 
     def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
         cur = attempts[-1]
