@@ -99,7 +99,7 @@ class AgreementTuner(Tuner):
                 cost.append(t)
         self._acc, self._cost = np.array(acc), np.array(cost)
         self.search = {"answer_kind": kind, "chains": len(chains), "configurations": len(self.configs),
-                       "agreement_rate": {infos[i].name: round(float(same[i].any(axis=0).mean()), 4)
+                       "agrees_with_another_model": {infos[i].name: round(float(same[i].any(axis=0).mean()), 4)
                                           for i in range(len(infos))}}
 
     def select(self, target: Target) -> Fitted:
