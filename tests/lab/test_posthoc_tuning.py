@@ -190,3 +190,18 @@ def test_lm_cascade_tuner_on_token_signals_fits_rules_whose_figures_the_policy_r
                     acc += table.correct[t, j]
                     break
         assert (acc / n, cost / n) == pytest.approx((f.train_accuracy, f.train_cost))
+
+
+def test_replay_hands_a_text_reading_policy_every_prompt_and_answer_in_one_batch():
+    from router.core.policies.agreement import AgreementCascade
+
+    seen: list[list[str]] = []
+
+    class Warmed(AgreementCascade):
+        def warm(self, texts):
+            seen.append(list(texts))
+
+    recs = mc_records(3)
+    simulate(Warmed(tier_infos(TIERS), ["cheap", "mid", "strong"]), TIERS, recs)
+    assert len(seen) == 1
+    assert set(seen[0]) == {r.prompt for r in recs} | {x.text for r in recs for x in r.responses.values()}
