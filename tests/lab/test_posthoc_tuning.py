@@ -130,7 +130,8 @@ def test_frugalgpt_with_embeddings_maps_the_projected_weights_back_exactly():
     recs = [Record(r.id, f"{'Hard' if j % 3 else 'Easy'} question about topic {j % 7}?", r.split, r.category, r.gold,
                    r.responses, r.line) for j, r in enumerate(recs)]
     table = build_table(recs, TIERS)
-    tuner = make_tuner("frugalgpt", table, tier_infos(TIERS), components=8)
+    assert make_tuner("frugalgpt", table, tier_infos(TIERS), components=8).search["text"] == ["query"]  # letters
+    tuner = make_tuner("frugalgpt", table, tier_infos(TIERS), components=8, text=("query", "answer"))
     assert tuner.search["text"] == ["query", "answer"] and "note" not in tuner.search
     X = tuner._features((0,))
     assert X.shape[1] == len(FORM_FEATURES) + 2 * 8
@@ -141,7 +142,7 @@ def test_frugalgpt_with_embeddings_maps_the_projected_weights_back_exactly():
     want = 1 / (1 + np.exp(-(X @ w + b)))
     got = [sc.score(recs[j].prompt, recs[j].responses["m-cheap"].text, []) for j in range(len(recs))]
     assert np.allclose(got, want, atol=1e-9)
-    fit("frugalgpt", recs, TIERS, Target.budget(6.0), components=8)  # fit() replays through simulate
+    fit("frugalgpt", recs, TIERS, Target.budget(6.0), components=8, text=("query", "answer"))  # replayed by simulate
 
 
 def test_frugalgpt_and_agreement_need_answer_text():

@@ -15,9 +15,10 @@ of each scorer is picked from `Cs` by out-of-fold log-loss. Embeddings are
 fitted through their first `components` principal directions on the train
 texts, and the weights mapped back onto the 384 raw numbers.
 
-Features: the answer's form and agreement always; sentence embeddings of query
-and answer when `router.core.embeddings` is available (said in the search notes
-when not; `text=[]` turns them off); the tier's recorded confidence signals
+Features: the answer's form and agreement always; sentence embeddings of the
+query, and of the answer where answers are short free text, when
+`router.core.embeddings` is available (said in the search notes when not;
+`text=[]` turns them off); the tier's recorded confidence signals
 (logprob, p_true) where the rows carry them (`signals=[]` turns them off, which
 is FrugalGPT's text-only scorer).
 """
@@ -66,9 +67,13 @@ class FrugalGPTTuner(Tuner):
         if n < MIN_ROWS:
             raise NotApplicable(f"frugalgpt: {n} train rows are too few to fit answer scorers (need {MIN_ROWS})")
         self.search: dict[str, Any] = {}
+        self.kind = infer_kind(t for row in self.texts for t in row)
         if text is None:
-            text = ("query", "answer") if embeddings.available() else ()
-            if not text:
+            # the query is embedded once per query, an answer once per tier called; only
+            # short free-text answers are (a letter or a worked number says little as a vector)
+            text = ("query", "answer") if self.kind == "text" else ("query",)
+            if not embeddings.available():
+                text = ()
                 self.search["note"] = "sentence embeddings unavailable: scorers read answer form and agreement only"
         self.text = tuple(text)
         if signals is None:  # the confidences the rows record, if any
@@ -77,7 +82,6 @@ class FrugalGPTTuner(Tuner):
         if bad:
             raise TuningError(f"frugalgpt: signal(s) {bad} are not in the data; recorded: {', '.join(table.conf)}")
         self.signals = tuple(signals)
-        self.kind = infer_kind(t for row in self.texts for t in row)
         self.prompts = [r.prompt for r in table.records]
         # embeddings enter the fit through their first `components` principal directions
         # (fitted on the train texts): fewer numbers to learn from a few hundred rows;
