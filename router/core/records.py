@@ -233,3 +233,29 @@ def attempt_from_response(
         tokens_in=resp.tokens_in,
         tokens_out=resp.tokens_out,
     )
+
+
+def record_json(rec: Record, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A record as one line of the benchmarks format (what `parse_record` reads back)."""
+    def response(r: Response) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(r, k) for k in RESPONSE_FIELDS if k != "signals"}
+        if r.signals:
+            out["signals"] = dict(r.signals)
+        return out
+
+    return {"id": rec.id, **(dict(extra) if extra else {}), "split": rec.split, "category": rec.category,
+            "prompt": rec.prompt, "gold": rec.gold,
+            "responses": {m: response(r) for m, r in rec.responses.items()}}
+
+
+def write_records(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write benchmarks-format rows (from `record_json`) atomically; gzip for a .gz name."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(tmp, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(p)
+    return p
