@@ -90,7 +90,8 @@ def variants_for(policy: str, risk: RiskSpec | None = None) -> list[Variant]:
         base = variants_for(extra[0].policy if policy == extra[0].name else policy)
         return [v for v in base if not v.baseline] + extra + [v for v in base if v.baseline]
     if policy == "all":
-        names = ["threshold", "threshold-3plus", "single"] + [p for p in POLICIES if p not in ("threshold", "single", "random")]
+        skip = ("threshold", "single", "random", "every-tier")  # every-tier: calibration's job plan, not a router
+        names = ["threshold", "threshold-3plus", "single"] + [p for p in POLICIES if p not in skip]
         names[names.index("routellm"):names.index("routellm") + 1] = ROUTELLM
     elif policy == "threshold":
         names = ["threshold", "threshold-3plus"]

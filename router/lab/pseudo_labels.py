@@ -60,6 +60,19 @@ class PseudoReport:
         return out
 
 
+def labels_note(reference: str) -> str:
+    """The records' `labels` field: what their `correct` means."""
+    return f"agreement with {reference!r}"
+
+
+def pseudo_reference(note: str | None) -> str | None:
+    """The reference model named by a records' `labels` field (None for real grades)."""
+    prefix = "agreement with "
+    if note and note.startswith(prefix):
+        return note[len(prefix):].strip("'\"")
+    return None
+
+
 def most_accurate(records: Sequence[Record], models: Sequence[str]) -> str:
     """The model with the highest mean real `correct` on `records` (ties: later in order)."""
     best, best_acc = None, -1.0
@@ -117,7 +130,7 @@ def pseudo_label(records: Sequence[Record], reference: str, comparator: Comparat
         if ref is None:
             skipped += 1
             first_skipped = first_skipped or rec.id
-        out.append(dataclasses.replace(rec, responses={
+        out.append(dataclasses.replace(rec, labels=labels_note(reference), responses={
             m: dataclasses.replace(r, correct=labels.get(m, r.correct)) for m, r in rec.responses.items()}))
     report = PseudoReport(
         reference=reference, comparator=comparator.describe(), rows=len(records),

@@ -83,6 +83,6 @@ def pseudo_label_cmd(files, out, reference, comparator, kind, similarity, unpars
             raise DataError(f"--reference {reference!r} is not in {Path(files[0]).name}; models: "
                             f"{', '.join(ds.models)}")
         rows, report = pseudo_label(ds.records, reference, comp, unparsed=unparsed)
-        write_records(out, [record_json(r, {"labels": f"agreement with {reference}"}) for r in rows])
+        write_records(out, [record_json(r) for r in rows])
     click.echo("\n".join(report.lines()))
     click.echo(f"wrote {out}")

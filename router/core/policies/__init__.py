@@ -10,6 +10,7 @@ from .agreement import AgreementCascade
 from .automix import AutoMix
 from .cargo import Cargo
 from .cascade_routing import CascadeRouting
+from .every_tier import EveryTier
 from .frugalgpt import FrugalGPT
 from .gatekeeper import Gatekeeper
 from .hybrid_llm import HybridLLM
@@ -40,6 +41,7 @@ POLICIES: dict[str, type[Policy]] = {
     FrugalGPT.name: FrugalGPT,
     Gatekeeper.name: Gatekeeper,
     LMCascade.name: LMCascade,
+    EveryTier.name: EveryTier,
 }
 
 __all__ = ["POLICIES", "make_policy"]
