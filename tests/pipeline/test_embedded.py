@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.cli import cascade
 from helpers.env import REPO
 from helpers.portfolios import write_portfolio
 
@@ -24,16 +25,6 @@ from worker.items import read_items
 from worker.settings import Settings
 
 MODELS = ["llama3.2-3b", "llama3.1-70b", "llama3.1-405b"]
-
-
-def cascade(*args, home: Path, check=True, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
-    env["CASCADE_HOME"] = str(home)
-    p = subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"cascade {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 def results(path: Path) -> list[dict]:

@@ -46,7 +46,8 @@ from .pseudo_cmd import comparator_options
 @click.option("--test-share", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,
               help="share of the sample marked split=test (the rest: train)")
 @click.option("--max-spend", type=float, default=None,
-              help="refuse to start when the estimated spend exceeds this many USD")
+              help="USD: refuse to start when the estimated spend exceeds it, and cancel the unfinished jobs "
+                   "once the spend passes it")
 @click.option("--reuse-batch", "reuse", multiple=True,
               help="a previous batch whose top-tier answers to the same prompts are used instead of calling the "
                    "top tier again (repeatable)")
@@ -86,13 +87,18 @@ def calibrate(portfolio_path, input_path, n, out_path, seed, test_share, max_spe
             raise CalibrationError(f"estimated spend ${estimate:.4g} exceeds --max-spend ${max_spend:g}: "
                                    f"draw a smaller --sample or raise the cap")
         base = batch_id or default_batch_id(input_path, full_pf, f"calibrate sample={n} seed={seed}")
+        if any(t.price.is_free for t in portfolio.tiers):
+            click.echo("tiers without a configured price ("
+                       + ", ".join(t.name for t in portfolio.tiers if t.price.is_free)
+                       + ") count $0 in the estimate (a backend that reports its cost is still charged)")
         jobs, spent = [], 0.0
         for part, pf, bid in ((fresh, full_pf, base),
                               (known, calibration_portfolio(portfolio, names[:-1]), f"{base}-reuse")):
             if not part:
                 continue
             report = run_batch(part, pf, settings=settings, batch_id=bid, source=str(input_path),
-                               progress=not quiet, timeout=timeout)
+                               progress=not quiet, timeout=timeout,
+                               max_cost=None if max_spend is None else max_spend - spent)
             jobs += report.jobs
             spent += math.fsum(j["cost_usd"] for j in report.jobs)
             click.echo(f"batch {bid}: {len(report.jobs)} jobs, cost ${math.fsum(j['cost_usd'] for j in report.jobs):.6g}")
