@@ -30,6 +30,7 @@ from .answers import KINDS, infer_kind, normalize_answer, normalize_text
 from .errors import UserError
 
 COMPARATORS = ("canonical", "embedding")
+MIXED_SHARE = 0.05
 
 
 class ComparatorError(UserError):
@@ -114,7 +115,12 @@ def make_comparator(name: str, *, kind: str = "auto", similarity: float = 0.85) 
 
 def resolved(comparator: Comparator, reference_texts: Sequence[str | None]) -> Comparator:
     """A canonical comparator of kind "auto" fixed to the kind most reference answers
-    are, so every answer of the file is read the same way."""
+    are, so every answer of the file is read the same way; when more than
+    `MIXED_SHARE` of the reference's answers are not of that kind (mixed traffic:
+    numbers and words), each answer is read by its own form instead ("auto")."""
     if isinstance(comparator, CanonicalComparator) and comparator.kind == "auto":
-        return CanonicalComparator(infer_kind(reference_texts))
+        kind = infer_kind(reference_texts)
+        given = [t for t in reference_texts if t is not None and t.strip()]
+        unread = sum(normalize_answer(t, kind) is None for t in given)
+        return CanonicalComparator(kind if unread <= MIXED_SHARE * len(given) else "auto")
     return comparator

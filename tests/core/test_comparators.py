@@ -33,6 +33,9 @@ def test_auto_kind_is_fixed_by_the_reference_answers():
     assert resolved(CanonicalComparator("auto"), ["A", "B", "C", "d"]).kind == "choice"
     assert resolved(CanonicalComparator("auto"), ["Paris", "Nicholas Nickleby"]).kind == "text"
     assert resolved(CanonicalComparator("number"), ["A"]).kind == "number"  # a kind given is kept
+    # mixed traffic (numbers and words): each answer read by its own form, so words stay readable
+    mixed = resolved(CanonicalComparator("auto"), ["7812", "342", "hats", "12", "Saturday"])
+    assert mixed.kind == "auto" and verdicts(mixed, "hats", ["Hats.", "7812"]) == [True, False]
 
 
 def test_short_text_agrees_after_normalisation_only():
