@@ -30,7 +30,7 @@ from .answers import KINDS, infer_kind, normalize_answer, normalize_text
 from .errors import UserError
 
 COMPARATORS = ("canonical", "embedding")
-MIXED_SHARE = 0.05
+MIXED_SHARE = 0.1
 
 
 class ComparatorError(UserError):

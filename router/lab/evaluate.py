@@ -376,6 +376,7 @@ def evaluate(
         "split": split,
         "cost_unit": L.cost_unit,
         "signal": L.signal,
+        "labels": next((r.labels for r in L.records if r.labels), None),
         "rows": {"file": L.total_rows, "scored": len(L.records), "dropped": L.dropped["rows"],
                  "dropped_reasons": L.dropped["reasons"]},
         "confidence_missing": L.signal_missing,
@@ -454,6 +455,9 @@ def render(res: dict[str, Any]) -> str:
                          f"share of queries that call the strongest model ({res.get('routellm', {}).get('strong', '?')}); "
                          "the file records no costs"))
     L.append("confidence signal: " + (res["signal"] or f"none ({res.get('signal_note', '')})"))
+    if res.get("labels"):
+        L.append(f"labels: {res['labels']}: every accuracy below is agreement with that model, not accuracy "
+                 f"against the truth")
     if res["rows"]["dropped"]:
         for reason, d in res["rows"]["dropped_reasons"].items():
             L.append(f"rows dropped: {d['rows']} ({reason}; first on line {d['first_line']})")

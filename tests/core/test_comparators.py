@@ -36,6 +36,8 @@ def test_auto_kind_is_fixed_by_the_reference_answers():
     # mixed traffic (numbers and words): each answer read by its own form, so words stay readable
     mixed = resolved(CanonicalComparator("auto"), ["7812", "342", "hats", "12", "Saturday"])
     assert mixed.kind == "auto" and verdicts(mixed, "hats", ["Hats.", "7812"]) == [True, False]
+    # a rare refusal of the reference does not make a multiple-choice file "mixed"
+    assert resolved(CanonicalComparator("auto"), ["A", "B", "C", "D"] * 5 + ["I cannot answer"]).kind == "choice"
 
 
 def test_short_text_agrees_after_normalisation_only():

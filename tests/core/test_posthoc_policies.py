@@ -16,7 +16,6 @@ from router.core.policy import TierInfo
 from router.core.scorers import AnswerScorer
 from router.core.signals import confidence_logit, from_tokens
 
-
 TIERS = [TierInfo(n, i) for i, n in enumerate("abcd")]
 Q = Query("q1", "Which is it?\nA) x\nB) y")
 

@@ -3,10 +3,12 @@ and the comparison of tuning on them against tuning on real grades."""
 from __future__ import annotations
 
 import pytest
+from helpers.cli import cascade
 
 from router.core.comparators import CanonicalComparator, make_comparator
-from router.core.records import load_dataset, parse_record, record_json
+from router.core.records import Dataset, load_dataset, parse_record, record_json
 from router.lab import pseudo_check
+from router.lab.evaluate import evaluate, render
 from router.lab.labelled import DataError, prepare
 from router.lab.pseudo_labels import most_accurate, pseudo_label, pseudo_reference
 from router.lab.tuners import RiskSpec
@@ -27,7 +29,7 @@ ROWS = [
 
 
 def test_agreement_with_the_reference_replaces_correct_and_unreadable_answers_are_counted():
-    out, rep = pseudo_label(ROWS, "top", CanonicalComparator())
+    out, rep = pseudo_label(ROWS, "top", CanonicalComparator("choice"))
     labels = [{m: r.correct for m, r in row.responses.items()} for row in out]
     assert labels == [
         {"s": 0.0, "m": 1.0, "top": 1.0},
@@ -47,19 +49,18 @@ def test_agreement_with_the_reference_replaces_correct_and_unreadable_answers_ar
 
 
 def test_skip_mode_leaves_unreadable_answers_unlabelled_and_prepare_names_the_dropped_rows():
-    out, rep = pseudo_label(ROWS, "top", CanonicalComparator(), unparsed="skip")
+    out, rep = pseudo_label(ROWS, "top", CanonicalComparator("choice"), unparsed="skip")
     assert out[2].responses["s"].correct is None and rep.unparsed == {"s": 1}
     L = prepare(load_dataset_from(out))
     assert [r.id for r in L.records] == ["0", "1"] and L.dropped["rows"] == 2
 
 
 def load_dataset_from(records):
-    from router.core.records import Dataset
     return Dataset("mem.jsonl", list(records), ["s", "m", "top"])
 
 
 def test_labels_round_trip_through_the_file_format_and_name_the_reference():
-    out, _ = pseudo_label(ROWS, "top", CanonicalComparator())
+    out, _ = pseudo_label(ROWS, "top", CanonicalComparator("choice"))
     again = parse_record(record_json(out[0]), "again")
     assert again == out[0].__class__(**{**out[0].__dict__, "line": 0})
     assert pseudo_reference(again.labels) == "top" and pseudo_reference(None) is None
@@ -95,3 +96,16 @@ def test_compare_tunes_on_pseudo_labels_and_scores_both_on_real_test_grades(benc
         assert r["real"]["rows"] == r["pseudo"]["rows"] == 1531  # every test row, real grades
         assert r["accuracy_gap"] == pytest.approx(r["pseudo"]["accuracy"] - r["real"]["accuracy"])
     assert "scored on the real grades" in pseudo_check.render(res)
+
+
+def test_pseudo_label_command_writes_a_file_that_evaluate_reports_as_agreement(bench, tmp_path):
+    out = tmp_path / "pl.jsonl.gz"
+    p = cascade("pseudo-label", "--data", str(bench / "rc-mmlu.jsonl.gz"), "--out", str(out), home=tmp_path)
+    assert "agreement with 'qwen2.5-72b-instruct'" in p.stdout and "not against the truth" in p.stdout
+    ds = load_dataset(out)
+    assert len(ds.records) == 1816 and all(r.responses["qwen2.5-72b-instruct"].correct == 1.0 for r in ds.records)
+    text = render(evaluate(out, "threshold", points=20))
+    assert "labels: agreement with 'qwen2.5-72b-instruct': every accuracy below is agreement" in text
+    bad = cascade("pseudo-label", "--data", str(bench / "rc-mmlu.jsonl.gz"), "--out", str(out), "--reference",
+                  "gpt-5", home=tmp_path, check=False)
+    assert bad.returncode == 1 and "--reference 'gpt-5' is not in rc-mmlu.jsonl.gz" in bad.stderr

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from router.core.comparators import COMPARATORS, make_comparator
 from router.core.answers import KINDS
+from router.core.comparators import COMPARATORS, make_comparator
 from router.core.records import load_dataset, record_json, write_records
 from router.lab import pseudo_check
 from router.lab.labelled import DataError
