@@ -134,6 +134,7 @@ def calibration_rows(jobs: Sequence[dict], tiers: Sequence[str], stored: dict[st
             if r is not None:
                 responses[t] = r
         rows.append({"id": j["id"], "split": "test" if rng.random() < test_share else "train",
-                     "category": inp.get("category"), "prompt": inp.get("prompt", ""), "gold": None,
+                     "category": inp.get("category"), "prompt": inp.get("prompt", ""),
+                     "gold": None if inp.get("gold") is None else str(inp["gold"]),  # kept, never used to label
                      "responses": responses, "job": j["job_id"], "status": j["status"]})
     return rows

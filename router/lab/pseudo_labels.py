@@ -13,7 +13,9 @@ Nothing is graded silently:
   default, graded as disagreement (a cascade that accepted it would not be giving
   the reference's answer); with `unparsed="skip"` its `correct` is null instead.
 Where the input also has real grades, how often the pseudo-label equals the real
-grade is reported per model (the pseudo-labels' fidelity).
+grade is reported per model (the pseudo-labels' fidelity). The reference `"gold"`
+grades against each row's `gold` answer instead: real grades, by the same comparator
+(how a calibrated sample whose traffic carried gold answers is scored afterwards).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from router.core.records import Record
 from .labelled import DataError
 
 UNPARSED_MODES = ("disagree", "skip")
+# as the reference: each row's own `gold` answer, i.e. real grades by the same comparator
+GOLD = "gold"
 
 
 @dataclass
@@ -46,7 +50,9 @@ class PseudoReport:
         return dataclasses.asdict(self)
 
     def lines(self) -> list[str]:
-        out = [f"pseudo-labels: `correct` = agreement with {self.reference!r} ({self.comparator}); "
+        out = [f"grades: `correct` = agreement with each row's gold answer ({self.comparator})"
+               if self.reference == GOLD else
+               f"pseudo-labels: `correct` = agreement with {self.reference!r} ({self.comparator}); "
                f"quality measured against that model, not against the truth",
                f"rows: {self.labelled_rows} of {self.rows} labelled"]
         if self.reference_unreadable:
@@ -93,9 +99,12 @@ def pseudo_label(records: Sequence[Record], reference: str, comparator: Comparat
     if not records:
         raise DataError("no rows to pseudo-label")
     models = list(models) if models else list(dict.fromkeys(m for r in records for m in r.responses))
-    if reference not in models:
+    if reference == GOLD:
+        ref_texts = [r.gold for r in records]
+    elif reference not in models:
         raise DataError(f"reference model {reference!r} is not among the models: {', '.join(models)}")
-    ref_texts = [r.responses[reference].text if reference in r.responses else None for r in records]
+    else:
+        ref_texts = [r.responses[reference].text if reference in r.responses else None for r in records]
     comparator = resolved(comparator, ref_texts)
     ref_forms = comparator.canonical(ref_texts)
     forms = {m: comparator.canonical([r.responses[m].text if m in r.responses else None for r in records])
@@ -130,7 +139,7 @@ def pseudo_label(records: Sequence[Record], reference: str, comparator: Comparat
         if ref is None:
             skipped += 1
             first_skipped = first_skipped or rec.id
-        out.append(dataclasses.replace(rec, labels=labels_note(reference), responses={
+        out.append(dataclasses.replace(rec, labels=None if reference == GOLD else labels_note(reference), responses={
             m: dataclasses.replace(r, correct=labels.get(m, r.correct)) for m, r in rec.responses.items()}))
     report = PseudoReport(
         reference=reference, comparator=comparator.describe(), rows=len(records),

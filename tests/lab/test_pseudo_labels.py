@@ -10,7 +10,7 @@ from router.core.records import Dataset, load_dataset, parse_record, record_json
 from router.lab import pseudo_check
 from router.lab.evaluate import evaluate, render
 from router.lab.labelled import DataError, prepare
-from router.lab.pseudo_labels import most_accurate, pseudo_label, pseudo_reference
+from router.lab.pseudo_labels import GOLD, most_accurate, pseudo_label, pseudo_reference
 from router.lab.tuners import RiskSpec
 
 
@@ -109,3 +109,15 @@ def test_pseudo_label_command_writes_a_file_that_evaluate_reports_as_agreement(b
     bad = cascade("pseudo-label", "--data", str(bench / "rc-mmlu.jsonl.gz"), "--out", str(out), "--reference",
                   "gpt-5", home=tmp_path, check=False)
     assert bad.returncode == 1 and "--reference 'gpt-5' is not in rc-mmlu.jsonl.gz" in bad.stderr
+
+
+def test_gold_as_the_reference_gives_real_grades_by_the_same_comparator():
+    rows = [parse_record({"id": str(i), "prompt": "q", "gold": g, "responses": {
+        "a": {"text": a}, "b": {"text": b}}}, "row") for i, (g, a, b) in enumerate(
+            [("7812", "7812", "7,812"), ("342", "342", "343"), ("12", "12.0", "twelve"), ("hats", "Hats.", "hat"),
+             (None, "1", "2")])]
+    out, rep = pseudo_label(rows, GOLD, CanonicalComparator("auto"))  # mixed: numbers and words
+    assert [(r.responses["a"].correct, r.responses["b"].correct) for r in out] == [
+        (1.0, 1.0), (1.0, 0.0), (1.0, 0.0), (1.0, 0.0), (None, None)]  # no gold: ungraded, and counted
+    assert all(r.labels is None for r in out) and rep.reference_unreadable == 1
+    assert rep.lines()[0].startswith("grades: `correct` = agreement with each row's gold answer")

@@ -12,7 +12,7 @@ from router.core.comparators import COMPARATORS, make_comparator
 from router.core.records import load_dataset, record_json, write_records
 from router.lab import pseudo_check
 from router.lab.labelled import DataError
-from router.lab.pseudo_labels import UNPARSED_MODES, most_accurate, pseudo_label
+from router.lab.pseudo_labels import GOLD, UNPARSED_MODES, most_accurate, pseudo_label
 from router.lab.risk import PROCEDURES
 from router.lab.tuners import RiskSpec
 
@@ -44,7 +44,7 @@ def comparator_options(f):
               help="write the pseudo-labelled file here (benchmarks format; .gz to compress)")
 @click.option("--reference", default=None,
               help="the trusted model (default: the most accurate by the file's own grades, on the train split "
-                   "if it has one)")
+                   "if it has one); 'gold': grade against each row's gold answer instead")
 @comparator_options
 @click.option("--compare", is_flag=True,
               help="tune on the train split's pseudo-labels and on its real grades; score both on the real grades "
@@ -79,7 +79,7 @@ def pseudo_label_cmd(files, out, reference, comparator, kind, similarity, unpars
         if reference is None:
             train = ds.split("train") or ds.records
             reference = most_accurate(train, ds.models)
-        elif reference not in ds.models:
+        elif reference not in ds.models and reference != GOLD:
             raise DataError(f"--reference {reference!r} is not in {Path(files[0]).name}; models: "
                             f"{', '.join(ds.models)}")
         rows, report = pseudo_label(ds.records, reference, comp, unparsed=unparsed)
