@@ -23,9 +23,10 @@ from router.core.portfolio import Portfolio, Tier, parse_portfolio
 from .items import Item
 from .store import Store
 
-# Spend estimate: a prompt token is about this many characters (English text,
-# BPE tokenizers); output tokens are the tier's `max_tokens`, else this many.
-CHARS_PER_TOKEN = 4
+# Spend estimate, on the safe side of a cap: a prompt token is taken as 2 characters
+# (English prose tokenises at ~4, but short Q/A lines and digits at ~2.1-2.3: measured
+# on the demo's few-shot prompts); output tokens are the tier's `max_tokens`, else this many.
+CHARS_PER_TOKEN = 2
 DEFAULT_OUTPUT_TOKENS = 512
 CONFIDENCE_FIELDS = ("logprob", "p_true")  # the records' own fields; other signals go under `signals`
 
@@ -63,9 +64,11 @@ def draw_sample(items: Sequence[Item], n: int, seed: int) -> tuple[list[Item], l
 
 
 def estimate_tier(tier: Tier, prompts: Sequence[str]) -> float:
-    """Upper-ish estimate of one tier's spend on `prompts` at its configured prices."""
+    """Upper-ish estimate of one tier's spend on `prompts` at its configured prices
+    (a backend's prompt template, e.g. few-shot examples, is sent with every prompt)."""
     out = tier.backend.options.get("max_tokens") or DEFAULT_OUTPUT_TOKENS
-    return math.fsum(tier.price.cost(math.ceil(len(p) / CHARS_PER_TOKEN), int(out)) for p in prompts)
+    extra = len(str(tier.backend.options.get("prompt_template") or ""))
+    return math.fsum(tier.price.cost(math.ceil((len(p) + extra) / CHARS_PER_TOKEN), int(out)) for p in prompts)
 
 
 @dataclass

@@ -61,7 +61,9 @@ class PseudoReport:
         what = "graded as disagreement" if self.unparsed_mode == "disagree" else "left unlabelled (correct null)"
         for m, a in self.agreement.items():
             extra = f", {self.unparsed[m]} unreadable answers {what}" if self.unparsed.get(m) else ""
-            fid = f", pseudo = real grade on {self.fidelity[m]:.1%}" if m in self.fidelity else ""
+            fid = "" if m not in self.fidelity else (
+                f", the file's own `correct` matches on {self.fidelity[m]:.1%}" if self.reference == GOLD
+                else f", pseudo = real grade on {self.fidelity[m]:.1%}")
             out.append(f"  {m}: agrees {a:.1%}{extra}{fid}")
         return out
 

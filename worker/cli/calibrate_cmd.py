@@ -80,7 +80,7 @@ def calibrate(portfolio_path, input_path, n, out_path, seed, test_share, max_spe
         estimate += math.fsum(estimate_tier(t, [it.data["prompt"] for it in known]) for t in portfolio.tiers[:-1])
         saved = estimate_tier(top, [it.data["prompt"] for it in known])
         click.echo(f"calibration: {n} requests x {len(names)} tiers ({', '.join(names)}); reference: {top.name}; "
-                   f"estimated spend ${estimate:.4g} (prompt tokens ~ characters/4, output = each tier's max_tokens)"
+                   f"estimated spend ${estimate:.4g} (prompt and template tokens ~ characters/2, output = max_tokens)"
                    + (f"; {len(known)} top-tier answers reused from {', '.join(reuse)} (~${saved:.4g} not spent)"
                       if reuse else ""))
         if max_spend is not None and estimate > max_spend:
