@@ -98,8 +98,9 @@ def resend_open(runtime: Runtime, dispatcher: Dispatcher, batch_id: str, *, idle
 
 
 def wait_for(store: Store, batch_id: str, *, progress: bool = True, alive=None, timeout: float | None = None,
-             poll: float = 0.2, hint: str = "") -> dict:
-    """Block until every job of the batch is final; a progress bar on stderr."""
+             poll: float = 0.2, hint: str = "", max_cost: float | None = None) -> dict:
+    """Block until every job of the batch is final; a progress bar on stderr. With
+    `max_cost`, once the finished jobs' cost passes it the open jobs are cancelled."""
     b = store.batch(batch_id)
     bar = tqdm(total=b["total"], initial=b["done"], desc=batch_id, unit="job", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
@@ -115,6 +116,10 @@ def wait_for(store: Store, batch_id: str, *, progress: bool = True, alive=None, 
             now = time.monotonic()
             if b["done"] != last_done:
                 last_done, last_move = b["done"], now
+            if max_cost is not None and b["total_cost"] > max_cost:
+                n = store.cancel_batch(batch_id)
+                raise BatchError(f"batch {batch_id!r} spent ${b['total_cost']:.6g}, over the cap ${max_cost:g}: "
+                                 f"its {n} unfinished jobs are cancelled")
             if alive is not None and not alive():
                 raise BatchError("an embedded worker stopped; re-run the same command to resume the batch")
             if timeout is not None and now - started > timeout:
@@ -195,7 +200,8 @@ def prepare_database(settings: Settings) -> None:
 
 def run_batch(items: Iterable[dict[str, Any]] | Sequence[Item], portfolio: Portfolio, *,
               settings: Settings | None = None, batch_id: str | None = None, source: str | None = None,
-              progress: bool = True, wait: bool = True, timeout: float | None = None) -> BatchReport:
+              progress: bool = True, wait: bool = True, timeout: float | None = None,
+              max_cost: float | None = None) -> BatchReport:
     """Run items through the portfolio's tiers and return every job with its attempts.
 
     In the embedded mode the tier workers run in this process for the duration of
@@ -223,7 +229,8 @@ def run_batch(items: Iterable[dict[str, Any]] | Sequence[Item], portfolio: Portf
             hint = "" if settings.embedded else (
                 "are workers running? start one per tier: "
                 + ", ".join(f"`cascade worker --tier {t.name}`" for t in portfolio.tiers))
-            b = wait_for(store, batch_id, progress=progress, alive=alive, timeout=timeout, hint=hint)
+            b = wait_for(store, batch_id, progress=progress, alive=alive, timeout=timeout, hint=hint,
+                         max_cost=max_cost)
     finally:
         runtime.close()  # unload models now, not at garbage collection
     results = job_results(store, batch_id)

@@ -3,10 +3,11 @@ response nested): the replay backend serves it and the evaluator learns from it.
 It is also the documented format for a user's own logged, labelled traffic.
 
     {"id": str, "prompt": str, "split": "train"|"test"|null, "category": str|null,
-     "gold": str|null, "responses": {model: {"text", "correct", "cost_usd",
+     "gold": str|null, "labels": str|null, "responses": {model: {"text", "correct", "cost_usd",
      "latency_ms", "tokens_in", "tokens_out", "logprob", "p_true"}}}
 
-Every missing or malformed field is an error naming the file, line and field.
+`labels`, when given, says what `correct` means if it is not a real grade (pseudo-labels:
+"agreement with <model>"). Every missing or malformed field is an error naming the file, line and field.
 A model absent from a row, and `null` values, mean "not recorded", never zero.
 """
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Record:
     gold: str | None
     responses: Mapping[str, Response]
     line: int = 0
+    # what `correct` means when it is not a real grade, e.g. "agreement with tier 'medium'"
+    # (pseudo-labels: router.lab.pseudo_labels); None = graded against the truth
+    labels: str | None = None
 
     def query(self) -> Query:
         return Query(self.id, self.prompt, self.category)
@@ -158,6 +162,9 @@ def parse_record(raw: Any, where: str, line: int = 0) -> Record:
         str(m): parse_response(r, f"{where}: responses[{m!r}]") for m, r in raw["responses"].items()
     }
     gold = raw.get("gold")
+    labels = raw.get("labels")
+    if labels is not None and not isinstance(labels, str):
+        raise RecordsError(f"{where}: labels must be a string or null")
     return Record(
         id=str(rid),
         prompt=raw["prompt"],
@@ -166,6 +173,7 @@ def parse_record(raw: Any, where: str, line: int = 0) -> Record:
         gold=None if gold is None else str(gold),
         responses=responses,
         line=line,
+        labels=labels,
     )
 
 
@@ -233,3 +241,29 @@ def attempt_from_response(
         tokens_in=resp.tokens_in,
         tokens_out=resp.tokens_out,
     )
+
+
+def record_json(rec: Record, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A record as one line of the benchmarks format (what `parse_record` reads back)."""
+    def response(r: Response) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(r, k) for k in RESPONSE_FIELDS if k != "signals"}
+        if r.signals:
+            out["signals"] = dict(r.signals)
+        return out
+
+    return {"id": rec.id, **(dict(extra) if extra else {}), "split": rec.split, "category": rec.category,
+            "prompt": rec.prompt, "gold": rec.gold, **({"labels": rec.labels} if rec.labels else {}),
+            "responses": {m: response(r) for m, r in rec.responses.items()}}
+
+
+def write_records(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write benchmarks-format rows (from `record_json`) atomically; gzip for a .gz name."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(tmp, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(p)
+    return p

@@ -126,3 +126,20 @@ def from_record(logprob: float | None, p_true: float | None) -> dict[str, float]
 def get(signals: Mapping[str, float], name: str) -> float | None:
     v = signals.get(name)
     return _finite(v)
+
+
+# how each signal reads as a probability of being right, for calibrations and scorers
+PROBABILITY_SIGNALS = frozenset({"p_true", "first_token_prob"})
+RAW_SIGNALS = frozenset({"neg_entropy", "n_tokens"})
+_EPS = 1e-6
+
+
+def confidence_logit(signal: str, value: float) -> float:
+    """The log-odds of a confidence: p_true and first_token_prob are probabilities,
+    the log-prob signals log-probabilities (p = exp(value), clipped to [1e-6, 1 - 1e-6]);
+    neg_entropy and n_tokens are used as they are."""
+    if signal in RAW_SIGNALS:
+        return float(value)
+    p = float(value) if signal in PROBABILITY_SIGNALS else math.exp(min(float(value), 0.0))
+    p = min(max(p, _EPS), 1.0 - _EPS)
+    return math.log(p / (1.0 - p))

@@ -90,7 +90,8 @@ def variants_for(policy: str, risk: RiskSpec | None = None) -> list[Variant]:
         base = variants_for(extra[0].policy if policy == extra[0].name else policy)
         return [v for v in base if not v.baseline] + extra + [v for v in base if v.baseline]
     if policy == "all":
-        names = ["threshold", "threshold-3plus", "single"] + [p for p in POLICIES if p not in ("threshold", "single", "random")]
+        skip = ("threshold", "single", "random", "every-tier")  # every-tier: calibration's job plan, not a router
+        names = ["threshold", "threshold-3plus", "single"] + [p for p in POLICIES if p not in skip]
         names[names.index("routellm"):names.index("routellm") + 1] = ROUTELLM
     elif policy == "threshold":
         names = ["threshold", "threshold-3plus"]
@@ -375,6 +376,7 @@ def evaluate(
         "split": split,
         "cost_unit": L.cost_unit,
         "signal": L.signal,
+        "labels": next((r.labels for r in L.records if r.labels), None),
         "rows": {"file": L.total_rows, "scored": len(L.records), "dropped": L.dropped["rows"],
                  "dropped_reasons": L.dropped["reasons"]},
         "confidence_missing": L.signal_missing,
@@ -453,6 +455,9 @@ def render(res: dict[str, Any]) -> str:
                          f"share of queries that call the strongest model ({res.get('routellm', {}).get('strong', '?')}); "
                          "the file records no costs"))
     L.append("confidence signal: " + (res["signal"] or f"none ({res.get('signal_note', '')})"))
+    if res.get("labels"):
+        L.append(f"labels: {res['labels']}: every accuracy below is agreement with that model, not accuracy "
+                 f"against the truth")
     if res["rows"]["dropped"]:
         for reason, d in res["rows"]["dropped_reasons"].items():
             L.append(f"rows dropped: {d['rows']} ({reason}; first on line {d['first_line']})")

@@ -80,4 +80,8 @@ def simulate_record(policy: Policy, tiers: Sequence[TierModel], record: Record) 
 
 
 def simulate(policy: Policy, tiers: Sequence[TierModel], records: Sequence[Record]) -> list[Outcome]:
+    warm = getattr(policy, "warm", None)
+    if warm is not None:  # a policy that embeds texts does so in one batch, not one call per decision
+        warm([r.prompt for r in records] + [x.text for r in records for t in tiers
+                                             if (x := r.responses.get(t.model)) is not None and x.text])
     return [simulate_record(policy, tiers, r) for r in records]

@@ -31,6 +31,10 @@ _COMMANDS = {
     "models": ("worker.cli.models_cmd:models", "prepare and list the local model pack"),
     "evaluate": ("worker.cli.evaluate_cmd:evaluate", "offline cost/quality evaluation of policies on labelled data"),
     "tune": ("worker.cli.tune_cmd:tune", "fit a policy's knobs on the train split and write a policy file"),
+    "pseudo-label": ("worker.cli.pseudo_cmd:pseudo_label_cmd",
+                     "grade models by agreement with a reference model's answers (no labels needed)"),
+    "calibrate": ("worker.cli.calibrate_cmd:calibrate",
+                  "run a traffic sample through every tier; write it labelled by agreement with the top tier"),
     "feedback": ("worker.cli.feedback_cmd:feedback", "record graded outcomes of jobs; export them for re-tuning"),
 }
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 from tqdm import tqdm
 
 from router.core import signals as sig
@@ -205,9 +206,12 @@ def measure(questions, chain: list[str], threads: int, progress: bool) -> list[d
 @click.option("--calibration-seed", type=int, default=CALIBRATION_SEED, show_default=True)
 @click.option("--keep", type=click.FloatRange(0.5, 1.0), default=0.96, show_default=True,
               help="calibration: accuracy to keep, as a share of the last tier's")
+@click.option("--export", "export_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="write the question set as traffic (DIR/traffic.jsonl: id, prompt, and the gold answer, which "
+                   "`cascade calibrate` ignores) and the demo's portfolio (DIR/portfolio.yaml), and stop")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, baseline, calibrate, calibration_n,
-         calibration_seed, keep, quiet) -> None:
+         calibration_seed, keep, export_dir, quiet) -> None:
     """Real local models tiny -> small -> medium on a generated question set, as a cascade
     through embedded Celery workers, against always-medium.
 
@@ -277,6 +281,13 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
         qs = dq.generate(n, seed=seed)
         items = [q.item() for q in qs]
         cascade_pf = build_portfolio(chain_l, threads, sig_name, ths)
+        if export_dir is not None:
+            export_dir.mkdir(parents=True, exist_ok=True)
+            (export_dir / "traffic.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+            (export_dir / "portfolio.yaml").write_text(yaml.safe_dump(cascade_pf.spec(), sort_keys=False))
+            click.echo(f"wrote {export_dir / 'traffic.jsonl'} ({n} questions, seed {seed}) and "
+                       f"{export_dir / 'portfolio.yaml'} ({' -> '.join(chain_l)})")
+            return
         medium_pf = build_portfolio(chain_l[-1:], threads, sig_name, ths)
         wall: dict[str, float] = {}
         with tempfile.TemporaryDirectory(prefix="cascade-demo-") as tmp:

@@ -11,6 +11,7 @@ from router.core.policyfile import TunedPolicy, write_policy_file
 from router.lab import drift
 from router.lab.evaluate import VARIANTS
 from router.lab.labelled import build_table, prepare
+from router.lab.pseudo_labels import pseudo_reference
 from router.lab.risk import PROCEDURES
 from router.lab.simulate import simulate
 from router.lab.tuners import RiskSpec, confirm, make_tuner
@@ -131,6 +132,7 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
             opts["risk"] = RiskSpec(risk_bound, delta, risk_procedure, learn_fraction, reference, seed)
         tiers = L.tiers(rows, names)
         table = build_table(rows, tiers)
+        labels = next((r.labels for r in rows if r.labels), None)
         try:
             fitted = confirm(make_tuner(name, table, tier_infos(tiers), **opts).select(target), rows, tiers)
         except TuningError as e:
@@ -154,6 +156,7 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
                 "best_single_train": {"tier": tiers[b].name, "accuracy": float(acc[b]), "cost": float(cost[b])},
                 "tiers": {t.name: t.model for t in tiers},
                 "signal": L.signal,
+                **({"labels": labels} if labels else {}),
                 **({"search": fitted.search} if fitted.search else {}),
                 **({"note": fitted.note} if fitted.note else {}),
                 "reference": drift.profile(replayed, table, L.signal),
@@ -164,9 +167,17 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
         click.echo(f"{fitted.policy}: {json.dumps(fitted.params)}")
         click.echo(f"train ({fitted.train_rows} rows): accuracy {fitted.train_accuracy:.4f}, cost {fitted.train_cost:.6g} "
                    f"{unit} per query; best single on train: {tiers[b].name} {acc[b]:.4f} at {cost[b]:.6g}")
+        top = pseudo_reference(labels)
+        if labels:
+            click.echo(f"labels: {labels}: every accuracy here is agreement with "
+                       f"{names.get(top, top) if top else 'that model'}, not accuracy against the truth")
         rc = fitted.search.get("risk_control") if fitted.search else None
         if rc is not None:
-            click.echo(f"guarantee: {fitted.note}")
+            if top is not None and rc["reference"] == names.get(top, top) and "upper_bound" in rc:
+                click.echo(f"guarantee: the cascade agrees with the top model {rc['reference']} on at least "
+                           f"{1 - rc['alpha']:.4g} of traffic, with probability {1 - rc['delta']:g} (traffic "
+                           f"exchangeable with the calibration rows)")
+            click.echo(f"guarantee{' (as the tuner states it)' if top else ''}: {fitted.note}")
             click.echo(f"assumption: {rc['assumption']}")
             if "upper_bound" in rc:
                 click.echo(f"calibration: {rc['calibration_losses']:g} losses in {rc['calibration_rows']} rows, "

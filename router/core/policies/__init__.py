@@ -6,10 +6,15 @@ from typing import Any
 
 from ..errors import PolicyError
 from ..policy import Policy, TierInfo
+from .agreement import AgreementCascade
 from .automix import AutoMix
 from .cargo import Cargo
 from .cascade_routing import CascadeRouting
+from .every_tier import EveryTier
+from .frugalgpt import FrugalGPT
+from .gatekeeper import Gatekeeper
 from .hybrid_llm import HybridLLM
+from .lm_cascade import LMCascade
 from .logistic_router import LogisticRouter
 from .optllm import OptLLM
 from .random_route import RandomRouting
@@ -32,6 +37,11 @@ POLICIES: dict[str, type[Policy]] = {
     HybridLLM.name: HybridLLM,
     OptLLM.name: OptLLM,
     Cargo.name: Cargo,
+    AgreementCascade.name: AgreementCascade,
+    FrugalGPT.name: FrugalGPT,
+    Gatekeeper.name: Gatekeeper,
+    LMCascade.name: LMCascade,
+    EveryTier.name: EveryTier,
 }
 
 __all__ = ["POLICIES", "make_policy"]

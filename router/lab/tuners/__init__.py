@@ -22,11 +22,15 @@ from router.lab.metrics import summarize
 from router.lab.simulate import TierModel, simulate
 from router.lab.tuning import Fitted, Target, Tuner, TuningError
 
+from .agreement import AgreementTuner
 from .automix import AutoMixTuner
 from .cargo import CargoTuner
 from .cascade_routing import CascadeRoutingTuner
+from .frugalgpt import FrugalGPTTuner
+from .gatekeeper import GatekeeperTuner
 from .grid import GridTuner
 from .hybrid_llm import HybridLLMTuner
+from .lm_cascade import LMCascadeTuner
 from .logistic_router import LogisticRouterTuner
 from .ltt import RiskSpec
 from .optllm import OptLLMTuner
@@ -42,7 +46,7 @@ from .threshold_ltt import RiskControlledThreshold
 TUNERS: dict[str, Callable[..., Tuner]] = {
     t.policy: t for t in (ThresholdTuner, SingleTuner, RandomTuner, CascadeRoutingTuner, AutoMixTuner,
                           LogisticRouterTuner, SelectThenRouteTuner, RationalTuner, RouteLLMTuner, HybridLLMTuner,
-                          OptLLMTuner, CargoTuner)
+                          OptLLMTuner, CargoTuner, AgreementTuner, FrugalGPTTuner, GatekeeperTuner, LMCascadeTuner)
 }
 # policies whose knobs Learn then Test can certify (`risk=RiskSpec(...)` among the tuning options)
 RISK_TUNERS: dict[str, Callable[..., Tuner]] = {
