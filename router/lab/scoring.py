@@ -13,6 +13,8 @@ Bad input is a `ScorerError` naming the count: too few rows, or one class only.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
 from router.core.errors import UserError
 
@@ -44,9 +46,6 @@ def check_labels(y: np.ndarray, what: str) -> np.ndarray:
 
 def fit_logistic_scorer(X: np.ndarray, y: np.ndarray, C: float = 0.1, what: str = "scorer") -> tuple[float, np.ndarray]:
     """(bias, weights) on raw features: P(right) = sigmoid(X @ w + bias)."""
-    from sklearn.linear_model import LogisticRegression  # lab only: deciding needs no scikit-learn
-    from threadpoolctl import threadpool_limits  # comes with scikit-learn
-
     X = np.asarray(X, dtype=float)
     labels = check_labels(y, what)
     if X.shape[0] != labels.size:
@@ -87,8 +86,6 @@ def fit_platt(x: np.ndarray, y: np.ndarray, what: str = "calibration") -> tuple[
     """(a, b) with P(right) = sigmoid(a * x + b), x finite; a >= 0 (a confidence that
     falls as accuracy rises carries no usable order here: then a = 0 and b the
     log-odds of the rows' accuracy)."""
-    from sklearn.linear_model import LogisticRegression  # lab only
-
     x = np.asarray(x, dtype=float)
     labels = check_labels(y, what)
     if not np.isfinite(x).all():

@@ -27,6 +27,7 @@ from ..errors import PolicyError
 from ..policy import ChainPolicy, Decision, Knob, TierInfo, finite_number
 from ..signals import confidence_logit, get
 
+
 def calibrated(signal: str, value: float, a: float, b: float) -> float:
     z = a * confidence_logit(signal, value) + b
     return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0

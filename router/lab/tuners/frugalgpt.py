@@ -35,7 +35,16 @@ from router.core.policy import TierInfo
 from router.core.scorers import EMBED_DIM, AnswerScorer, feature_matrix, text_vectors
 from router.lab.labelled import CONFIDENCE_SIGNALS, Table
 from router.lab.scoring import MIN_ROWS, ScorerError, fit_logistic_scorer, fold_ids, oof_scores
-from router.lab.tuning import Fitted, NotApplicable, Target, Tuner, TuningError, given_chain, select_index, undominated_pool
+from router.lab.tuning import (
+    Fitted,
+    NotApplicable,
+    Target,
+    Tuner,
+    TuningError,
+    given_chain,
+    select_index,
+    undominated_pool,
+)
 
 from .agreement import answer_texts
 from .threshold import GRID, _candidates, chain_grid

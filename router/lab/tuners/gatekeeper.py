@@ -19,8 +19,17 @@ from router.core.policies.gatekeeper import calibrated
 from router.core.policy import TierInfo
 from router.lab.labelled import Table
 from router.lab.scoring import ScorerError, fit_platt
-from router.lab.tuning import (Fitted, NotApplicable, Target, Tuner, TuningError, given_chain, pick_signal,
-                               select_index, undominated_pool)
+from router.lab.tuning import (
+    Fitted,
+    NotApplicable,
+    Target,
+    Tuner,
+    TuningError,
+    given_chain,
+    pick_signal,
+    select_index,
+    undominated_pool,
+)
 
 
 def shared_threshold_grid(conf: Sequence[np.ndarray], correct: Sequence[np.ndarray], cost: Sequence[np.ndarray],
@@ -83,7 +92,7 @@ class GatekeeperTuner(Tuner):
             chains = [c for size in range(2, max_tiers + 1) for c in itertools.combinations(pool, size)
                       if all(i in self.calibration for i in c[:-1])]
             if not chains:
-                raise NotApplicable(f"gatekeeper: no chain of undominated tiers has calibrated non-last tiers")
+                raise NotApplicable("gatekeeper: no chain of undominated tiers has calibrated non-last tiers")
         v = cal[np.isfinite(cal)]
         taus = np.unique(v) if v.size <= quantiles else np.unique(np.quantile(v, np.linspace(0, 1, quantiles), method="lower"))
         self.taus = np.concatenate([taus, [1.0 + 1e-9]])  # above every value: the chain's last tier for all

@@ -25,7 +25,16 @@ from router.core.policy import TierInfo
 from router.core.records import attempt_from_response
 from router.lab.labelled import Table
 from router.lab.scoring import MIN_ROWS, ScorerError, fit_logistic_scorer, fold_ids, oof_scores
-from router.lab.tuning import Fitted, NotApplicable, Target, Tuner, TuningError, given_chain, select_index, undominated_pool
+from router.lab.tuning import (
+    Fitted,
+    NotApplicable,
+    Target,
+    Tuner,
+    TuningError,
+    given_chain,
+    select_index,
+    undominated_pool,
+)
 
 from .threshold import GRID, _candidates, chain_grid
 
