@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import structlog
 from tqdm import tqdm
 
 from router.core import cascade
@@ -26,12 +27,14 @@ from .backends import validate_portfolio
 from .celery_app import make_app
 from .dispatch import Dispatcher
 from .embedded import EmbeddedWorkers
-from .items import Item, items_from_dicts
-from .jobs import job_row, query_of
+from .items import MAX_BATCH_ID, Item, items_from_dicts, storable
+from .jobs import FAILED, job_row, query_of
 from .migrate import current, upgrade
 from .runtime import Runtime
 from .settings import Settings, get_settings
 from .store import Store, now
+
+log = structlog.get_logger("cascade.batch")
 
 
 class BatchError(UserError):
@@ -40,7 +43,7 @@ class BatchError(UserError):
 
 def default_batch_id(source: str, portfolio: Portfolio, selection: str = "") -> str:
     """Same input, selection and portfolio -> same batch, so a re-run resumes it."""
-    stem = Path(source).name.split(".")[0][:40] or "batch"
+    stem = Path(source).name.split(".")[0][:MAX_BATCH_ID - 11] or "batch"
     h = hashlib.sha256(f"{Path(source).resolve()}\n{portfolio.digest}\n{selection}".encode()).hexdigest()[:10]
     return f"{stem}-{h}"
 
@@ -51,6 +54,22 @@ class Submitted:
     new: int
     sent_jobs: int
     messages: int
+    changed: list[str] = field(default_factory=list)  # items whose stored input differs from this input's
+    missing: int = 0  # jobs of the batch no longer in the input
+
+    def warning(self) -> str | None:
+        """What a re-run whose input changed must say, instead of quietly reusing old answers."""
+        parts = []
+        if self.changed:
+            shown = ", ".join(repr(k) for k in self.changed[:3]) + (" ..." if len(self.changed) > 3 else "")
+            parts.append(f"{len(self.changed)} item(s) differ from the input the batch was first run with "
+                         f"({shown}): their earlier jobs and results are kept")
+        if self.missing:
+            parts.append(f"{self.missing} job(s) of the batch are no longer in the input and stay in its results")
+        if not parts:
+            return None
+        return (f"batch {self.batch_id!r}: " + "; ".join(parts)
+                + ". To run the new input, give the batch another name (--batch).")
 
 
 def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items: Sequence[Item], batch_id: str, *,
@@ -66,21 +85,63 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
             f"batch {batch_id!r} was started with another portfolio ({batch['portfolio']}); "
             f"this one is {portfolio.digest}: use another --batch name"
         )
-    good = [it for it in items if it.error is None]
-    # the pre-call decisions for the whole batch at once (OptLLM under a batch budget)
-    starts = iter(cascade.start_batch(portfolio.built_policy,
-                                      [query_of(f"{batch_id}:{it.key}", it.data) for it in good]))
-    rows = [job_row(f"{batch_id}:{it.key}", it.key, it.seq, portfolio, it.data, it.error, f"item {it.key}: ",
-                    None if it.error is not None else next(starts))
-            for it in items]
+    rows = job_rows(batch_id, items, portfolio)
     timeout = runtime.settings.job_timeout
     if timeout:
         deadline = now() + timedelta(seconds=timeout)
         for r in rows:
             r.setdefault("deadline", deadline)
     new = store.add_jobs(batch_id, rows)
+    changed, missing = changed_items(store, batch_id, rows) if batch["total"] else ([], 0)
     sent, messages = resend_open(runtime, dispatcher, batch_id)
-    return Submitted(batch_id, new, sent, messages)
+    sub = Submitted(batch_id, new, sent, messages, changed, missing)
+    if sub.warning():
+        log.warning("submit.input_changed", batch=batch_id, changed=len(changed), missing=missing)
+    return sub
+
+
+def changed_items(store: Store, batch_id: str, rows: Sequence[dict[str, Any]]) -> tuple[list[str], int]:
+    """A re-run: the item keys whose stored job was made from other input, and how
+    many stored jobs this input no longer has."""
+    stored = store.job_inputs(batch_id)
+    changed = []
+    for r in rows:
+        before = stored.get(r["item_key"])
+        now_ = (r["input"], r.get("error")) if r["status"] == FAILED else (r["input"], None)
+        if before is not None and before != now_:
+            changed.append(r["item_key"])
+    keys = {r["item_key"] for r in rows}
+    return changed, sum(1 for k in stored if k not in keys)
+
+
+def job_rows(batch_id: str, items: Sequence[Item], portfolio: Portfolio) -> list[dict[str, Any]]:
+    """The batch's job rows, the pre-call decisions made for the whole batch at once
+    (OptLLM under a batch budget). If the policy cannot plan the batch, each item is
+    planned alone, so that an input it cannot plan fails alone."""
+    good = [it for it in items if it.error is None]
+    try:
+        starts = iter(cascade.start_batch(portfolio.built_policy,
+                                          [query_of(f"{batch_id}:{it.key}", it.data) for it in good]))
+    except Exception:
+        log.exception("submit.batch_plan_failed", batch=batch_id)
+        starts = None
+    return [_item_row(batch_id, it, portfolio, None if starts is None or it.error is not None else next(starts))
+            for it in items]
+
+
+def _item_row(batch_id: str, it: Item, portfolio: Portfolio, start: cascade.Start | None) -> dict[str, Any]:
+    job_id = f"{batch_id}:{it.key}"
+    try:
+        return job_row(job_id, it.key, it.seq, portfolio, it.data, it.error, f"item {it.key}: ", start)
+    except Exception as e:  # a policy that cannot plan this one input fails it, not the batch
+        log.exception("submit.plan_failed", item=it.key)
+        return job_row(job_id, it.key, it.seq, portfolio, None, f"item {it.key!r} (line {it.seq}): the policy "
+                                                                   f"could not plan it: {type(e).__name__}: {e}")
+
+
+def check_batch_id(batch_id: str) -> None:
+    if not batch_id or len(batch_id) > MAX_BATCH_ID or storable(batch_id) or any(c.isspace() for c in batch_id):
+        raise BatchError(f"batch name {batch_id[:60]!r}: use 1 to {MAX_BATCH_ID} characters, no spaces or NUL")
 
 
 def resend_open(runtime: Runtime, dispatcher: Dispatcher, batch_id: str, *, idle_before=None) -> tuple[int, int]:
@@ -208,6 +269,8 @@ def run_batch(items: Iterable[dict[str, Any]] | Sequence[Item], portfolio: Portf
     the call; in the distributed mode `cascade worker --tier NAME` pools do the work.
     """
     settings = settings or get_settings()
+    if batch_id is not None:
+        check_batch_id(batch_id)
     items = list(items)
     if items and not isinstance(items[0], Item):
         items = items_from_dicts(items)

@@ -6,7 +6,6 @@ database row and the decision core's types (Query, Plan, Attempt), in one place.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -19,6 +18,7 @@ from router.core.portfolio import Portfolio
 
 from .backends import backend_class
 from .request import RESERVED, RequestError
+from .storable import clean_json, clean_text
 
 
 class JobStatus(StrEnum):
@@ -121,12 +121,24 @@ class StageOutcome:
     error: str | None = None
     top_tier_cost: float = 0.0  # a final outcome: what calling only the top tier would have cost (metrics)
 
-    def attempt_row(self, t: datetime) -> dict[str, Any]:
+    def unstorable(self, why: str) -> StageOutcome:
+        """This outcome with what the database refused taken out: the job fails, and its
+        attempt (tokens, cost, latency) is still recorded."""
         a = self.attempt
+        error = f"the answer could not be stored: {why.splitlines()[0][:500]}"
+        bare = Attempt(a.tier, a.tier_index, a.model[:200], None, {}, a.cost_usd, a.latency_ms, None, None, error=error)
+        return StageOutcome(self.job_id, self.batch_id, self.step, bare, "reject", error, {"unstorable": True},
+                            total_cost=self.total_cost, error=error)
+
+    def attempt_row(self, t: datetime) -> dict[str, Any]:
+        """The attempt as a row the database accepts whatever the model sent back
+        (a NUL in the answer, a NaN signal): cleaned, never refused with its cost."""
+        a = self.attempt
+        signals = {k: v for k, v in clean_json(dict(a.signals)).items() if v is not None}
         return {
             "job_id": self.job_id, "tier": a.tier, "tier_index": a.tier_index, "step": self.step,
-            "model": a.model, "answer": a.text, "signals": dict(a.signals), "tokens_in": a.tokens_in,
-            "tokens_out": a.tokens_out, "cost_usd": a.cost_usd, "latency_ms": a.latency_ms,
-            "decision": self.decision, "reason": self.reason, "error": a.error,
-            "meta": json.loads(json.dumps(self.meta, default=float)), "created_at": t,
+            "model": clean_text(a.model), "answer": clean_text(a.text), "signals": signals,
+            "tokens_in": a.tokens_in, "tokens_out": a.tokens_out, "cost_usd": a.cost_usd,
+            "latency_ms": clean_json(a.latency_ms), "decision": self.decision, "reason": clean_text(self.reason),
+            "error": clean_text(a.error), "meta": clean_json(self.meta), "created_at": t,
         }

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any, Sequence
 
 import structlog
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
 
 from router.core import cascade
 from router.core import signals as sig
@@ -82,6 +82,33 @@ def _failed(tier: Tier, index: int, backend: Backend, error: str, started: float
                    (time.perf_counter() - started) * 1000, error=error)
 
 
+def record(store, outcomes: list[StageOutcome]) -> list[StageOutcome]:
+    """record_stage; if the database refuses a value (not an outage: a number out of
+    a column's range, say), each outcome alone, and one it still refuses fails its
+    own job with its attempt and cost recorded: the others of the stage go on."""
+    try:
+        return store.record_stage(outcomes)
+    except StatementError as e:
+        if not refused(e):
+            raise
+        log.warning("stage.record_refused", jobs=len(outcomes), error=str(e.orig or e)[:300])
+    applied = []
+    for o in outcomes:
+        try:
+            applied += store.record_stage([o])
+        except StatementError as e:
+            if not refused(e):
+                raise
+            log.error("stage.unstorable", job=o.job_id, tier=o.attempt.tier, error=str(e.orig or e)[:300])
+            applied += store.record_stage([o.unstorable(f"{type(e.orig or e).__name__}: {e.orig or e}")])
+    return applied
+
+
+def refused(e: StatementError) -> bool:
+    """The database refused a statement's values (as opposed to being unreachable)."""
+    return not isinstance(e, (OperationalError, InterfaceError)) and not getattr(e, "connection_invalidated", False)
+
+
 def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple[str, str, str]]:
     """Run one stage message; returns the stages to send next as (job id, tier, queue).
 
@@ -142,10 +169,10 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
                 continue
         gave_up = gave_up or bool(o.meta.get("gave_up"))
         if careful:
-            applied += store.record_stage([o])
+            applied += record(store, [o])
         else:
             outcomes.append(o)
-    applied += store.record_stage(outcomes)
+    applied += record(store, outcomes)
     metrics.observe_stage(tier_name, applied)
     for o in applied:
         if o.decision == "escalate":
@@ -197,11 +224,11 @@ def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries:
                                  retries=retries)
     history = [attempt_from_row(a) for a in prior] + [attempt]
     d = cascade.step(policy, query, plan_of(job["plan"]), history)
-    o = StageOutcome(job["id"], job["batch_id"], len(history) - 1, attempt, d.action, d.reason, meta)
+    o = StageOutcome(job["id"], job["batch_id"], len(history) - 1, attempt, d.action, d.reason, meta,
+                     total_cost=sum(a.cost_usd for a in history))
     if d.action == "escalate":
         o.next_tier = portfolio.tiers[d.next_tier].name
     else:
-        o.total_cost = sum(a.cost_usd for a in history)
         o.top_tier_cost = top_tier_cost(portfolio, history)
         if d.action == "accept":
             final = cascade.final_attempt(history, d)

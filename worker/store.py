@@ -51,6 +51,7 @@ from .jobs import (
     SUCCEEDED,
     StageOutcome,
 )
+from .storable import clean_text
 
 metadata = MetaData()
 
@@ -365,6 +366,15 @@ class Store:
                     failed=batches.c.failed + failed, updated_at=t))
         return new
 
+    def job_inputs(self, batch_id: str) -> dict[str, tuple[Any, str | None]]:
+        """item key -> (stored input, error if it failed at submission) of a batch's jobs."""
+        with self.read() as c:
+            q = select(jobs.c.item_key, jobs.c.input, jobs.c.status, jobs.c.plan, jobs.c.error).where(
+                jobs.c.batch_id == batch_id)
+            # a job failed at submission has no plan: its error is what the line was
+            return {r.item_key: (r.input, r.error if r.plan is None and r.status == FAILED else None)
+                    for r in c.execute(q)}
+
     def open_jobs(self, batch_id: str, *, idle_before: datetime | None = None) -> list[tuple[str, str]]:
         """(job id, current tier) of the batch's unfinished jobs, in input order;
         with idle_before, only those not updated since then."""
@@ -524,8 +534,8 @@ class Store:
             finals = [o for o in won if o.decision != "escalate"]
             applied = self._guarded(c, moves, t, lambda o: {"b_status": RUNNING, "b_tier": o.next_tier}, _ESCALATE)
             applied += self._guarded(c, finals, t, lambda o: {
-                "b_status": SUCCEEDED if o.decision == "accept" else FAILED, "b_answer": o.final_answer,
-                "b_final": o.final_tier, "b_cost": o.total_cost, "b_error": o.error}, _FINALIZE)
+                "b_status": SUCCEEDED if o.decision == "accept" else FAILED, "b_answer": clean_text(o.final_answer),
+                "b_final": o.final_tier, "b_cost": o.total_cost, "b_error": clean_text(o.error)}, _FINALIZE)
             self._forget_content(c, [o.job_id for o in applied if o.decision != "escalate"])
             counters: dict[str, dict[str, float]] = {}
             for o in applied:
@@ -573,7 +583,7 @@ EXPIRED)
     def _fail_where(self, c: Connection, cond, error: str) -> list[tuple[str, str | None]]:
         t = now()
         rows = c.execute(update(jobs).where(cond, jobs.c.status.in_(OPEN))
-                         .values(status=FAILED, error=error, finished_at=t, updated_at=t)
+                         .values(status=FAILED, error=clean_text(error), finished_at=t, updated_at=t)
                          .returning(jobs.c.id, jobs.c.batch_id, jobs.c.current_tier)).all()
         per_batch: dict[str, int] = {}
         for r in rows:

@@ -42,6 +42,8 @@ def run(input_path, portfolio_path, out_path, batch_id, split, limit, chunk, tim
         batch_id = batch_id or default_batch_id(input_path, portfolio, f"split={split} limit={limit}")
         report = run_batch(items, portfolio, settings=settings, batch_id=batch_id, source=str(input_path),
                            progress=not quiet, wait=not no_wait, timeout=timeout)
+    if report.submitted.warning():
+        click.echo(f"warning: {report.submitted.warning()}", err=True)
     if no_wait:
         click.echo(f"batch {batch_id}: {report.submitted.new} new jobs, {report.submitted.sent_jobs} sent "
                    f"in {report.submitted.messages} messages; follow it with `cascade status {batch_id}`")
