@@ -25,6 +25,7 @@ from router.core.portfolio import Portfolio
 
 from .backends import validate_portfolio
 from .celery_app import make_app
+from .credentials import redact_url
 from .dispatch import Dispatcher
 from .embedded import EmbeddedWorkers
 from .items import MAX_BATCH_ID, Item, items_from_dicts, storable
@@ -256,7 +257,7 @@ def prepare_database(settings: Settings) -> None:
         upgrade(settings.db_url)
         return
     if current(settings.db_url) is None:
-        raise BatchError(f"the database at {settings.db_url} has no schema: run `cascade db upgrade` first")
+        raise BatchError(f"the database at {redact_url(settings.db_url)} has no schema: run `cascade db upgrade` first")
 
 
 def run_batch(items: Iterable[dict[str, Any]] | Sequence[Item], portfolio: Portfolio, *,

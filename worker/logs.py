@@ -19,11 +19,25 @@ from typing import Any
 import structlog
 from structlog.contextvars import bound_contextvars
 
+from .credentials import redact_text
+
+
+
+def _redact(_logger, _method, event: dict) -> dict:
+    # any URL in a log line (an HTTP client's request line, an error naming a server
+    # or the database) is shown without its credentials
+    for k, v in event.items():
+        if isinstance(v, str) and "://" in v:
+            event[k] = redact_text(v)
+    return event
+
+
 _SHARED = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
+    _redact,
 ]
 
 context = bound_contextvars  # with context(job=..., batch=..., tier=..., tenant=...): ...

@@ -11,7 +11,8 @@ import threading
 
 from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
 
-from .backends import Backend, build_backend
+from .backends import Backend, BackendConfigError, build_backend
+from .credentials import is_redacted
 from .settings import Settings
 from .store import Store
 
@@ -44,6 +45,10 @@ class Runtime:
 
     def backend(self, tier: Tier) -> Backend:
         """The tier's backend, built on first use; identical specs share one."""
+        if is_redacted(tier.backend.options):
+            raise BackendConfigError(
+                f"tier {tier.name!r}: this portfolio was read back from the database, where its credentials "
+                f"are blanked: start this worker with the portfolio file (--portfolio), with secrets as ${{NAME}}")
         key = self._backend_key(tier)
         b = self._backends.get(key)
         if b is None:

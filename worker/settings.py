@@ -1,5 +1,9 @@
 """Settings from the environment (prefix CASCADE_) or a .env file.
 
+The broker and database URLs may reference secrets as ${NAME}, read from the
+environment or the secrets file $CASCADE_SECRETS_FILE (see worker.credentials):
+    CASCADE_BROKER_URL=redis://cascade:${REDIS_PASSWORD}@redis:6379/0
+
 With no broker and no database configured the embedded mode is used: a SQLite
 file under `home` and Celery queues served by worker threads in-process.
 """
@@ -10,6 +14,8 @@ from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .credentials import expand
 
 
 class Settings(BaseSettings):
@@ -52,13 +58,14 @@ class Settings(BaseSettings):
 
     @property
     def db_url(self) -> str:
+        """The database URL with its ${NAME} secrets expanded (print it with credentials.redact_url)."""
         if self.database_url:
-            return self.database_url
+            return expand(self.database_url, "CASCADE_DATABASE_URL")
         return f"sqlite:///{(self.home / 'cascade.sqlite').resolve()}"
 
     @property
     def broker(self) -> str:
-        return self.broker_url or "memory://"
+        return expand(self.broker_url, "CASCADE_BROKER_URL") if self.broker_url else "memory://"
 
 
 @lru_cache(maxsize=1)

@@ -51,6 +51,7 @@ from .jobs import (
     SUCCEEDED,
     StageOutcome,
 )
+from .credentials import redact_spec
 from .storable import clean_text
 
 metadata = MetaData()
@@ -305,8 +306,10 @@ class Store:
 
     # -- portfolios / batches / jobs -------------------------------------------
     def save_portfolio(self, digest: str, spec: dict[str, Any]) -> None:
+        """Stored with every credential blanked (worker.credentials): a worker calls with
+        the portfolio it was started with, never with one read back from here."""
         with self.tx() as c:
-            c.execute(_insert(c, portfolios).values(digest=digest, spec=spec, created_at=now())
+            c.execute(_insert(c, portfolios).values(digest=digest, spec=redact_spec(spec), created_at=now())
                       .on_conflict_do_nothing(index_elements=["digest"]))
 
     def portfolio_spec(self, digest: str) -> dict[str, Any]:

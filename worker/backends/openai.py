@@ -13,8 +13,9 @@ Every message names the server's address.
 Options (portfolio `[tiers.backend]`):
   base_url         e.g. "http://127.0.0.1:8000/v1" or "https://api.openai.com/v1"
   model            the model name the server expects
-  api_key_env      name of the environment variable holding the API key (the key
-                   itself never goes in the portfolio); unset = no Authorization
+  api_key_env      name of the secret holding the API key, read from the worker's
+                   environment or its secrets file (worker.credentials; the key itself
+                   never goes in the portfolio); unset = no Authorization
   endpoint         "chat" (default, /chat/completions) or "completions" (/completions)
   prompt_template  completions endpoint: text with {prompt} where the job's prompt goes
   system           chat endpoint: a system message
@@ -31,6 +32,8 @@ Options (portfolio `[tiers.backend]`):
   backoff          first in-backend retry delay, doubled each time (default 0.5 s)
   max_backoff      cap of a delay, Retry-After included (default 30 s)
   headers          extra HTTP headers (a table of strings)
+base_url and header values may reference secrets as ${NAME} (expanded in the
+worker); a credential written literally is blanked in everything stored or shown.
 Usage (prompt/completion tokens) is recorded per attempt; the cost comes from the
 tier's price, or from the server when it reports `usage.cost` (OpenRouter does).
 """
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import email.utils
 import math
-import os
 import time
 from typing import Any
 
@@ -49,6 +51,7 @@ from router.core.policy import Needs
 from router.core.portfolio import Tier
 from router.core.signals import SIGNALS
 
+from ..credentials import SecretError, expand, redact_text, redact_url, secret
 from ..request import system_of
 from .base import (
     Backend,
@@ -96,8 +99,11 @@ class OpenAIBackend(Backend):
     def __init__(self, tier: Tier):
         super().__init__(tier)
         reject_unknown_options(tier, _OPTIONS)
-        self.base_url = option(tier, "base_url", str).rstrip("/")
-        if not self.base_url.startswith(("http://", "https://")):
+        raw_url = option(tier, "base_url", str).rstrip("/")
+        # base_url is what messages, attempts and logs show (credentials blanked);
+        # the request goes to the URL with its ${NAME} secrets expanded
+        self.base_url = redact_url(raw_url)
+        if not raw_url.startswith(("http://", "https://")):
             raise BackendConfigError(f"tier {tier.name!r}: base_url must start with http:// or https://, "
                                      f"got {self.base_url!r}")
         self.model_name = option(tier, "model", str)
@@ -105,7 +111,9 @@ class OpenAIBackend(Backend):
         if self.endpoint not in ("chat", "completions"):
             raise BackendConfigError(f"tier {tier.name!r}: endpoint must be 'chat' or 'completions', "
                                      f"got {self.endpoint!r}")
-        self.url = f"{self.base_url}/{'chat/completions' if self.endpoint == 'chat' else 'completions'}"
+        path = "chat/completions" if self.endpoint == "chat" else "completions"
+        self.url = f"{self.base_url}/{path}"
+        self._post_url = f"{_secret(tier, expand, raw_url)}/{path}"
         self.template = option(tier, "prompt_template", str, None)
         if self.template is not None and "{prompt}" not in self.template:
             raise BackendConfigError(f"tier {tier.name!r}: prompt_template must contain {{prompt}}")
@@ -135,14 +143,11 @@ class OpenAIBackend(Backend):
                                          f"{'>' if key.endswith('timeout') else '>='} {low}, got {v}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise BackendConfigError(f"tier {tier.name!r}: headers must map strings to strings")
-        self.headers = {"Content-Type": "application/json", **headers}
+        self.headers = {"Content-Type": "application/json",
+                        **{k: _secret(tier, expand, v) for k, v in headers.items()}}
         key_env = option(tier, "api_key_env", str, None)
         if key_env is not None:
-            key = os.environ.get(key_env)
-            if not key:
-                raise BackendConfigError(f"tier {tier.name!r}: the API key variable {key_env} (api_key_env) is "
-                                         f"not set in the worker's environment")
-            self.headers["Authorization"] = f"Bearer {key}"
+            self.headers["Authorization"] = f"Bearer {_secret(tier, secret, key_env)}"
         self.client = httpx.Client(
             timeout=httpx.Timeout(connect=self.connect_timeout, read=self.read_timeout, write=self.read_timeout,
                                   pool=self.connect_timeout),
@@ -209,19 +214,19 @@ class OpenAIBackend(Backend):
     def _once(self, body: dict[str, Any], stop: tuple[str, ...]) -> BackendResult:
         started = time.perf_counter()
         try:
-            resp = self.client.post(self.url, json=body)
+            resp = self.client.post(self._post_url, json=body)
         except httpx.ConnectTimeout:
             raise TransientBackendError(f"{self.url}: no connection within {self.connect_timeout:g}s "
                                         f"(connect_timeout)") from None
         except httpx.ConnectError as e:
-            raise TransientBackendError(f"{self.url}: cannot connect to the server ({e})") from None
+            raise TransientBackendError(f"{self.url}: cannot connect to the server ({redact_text(str(e))})") from None
         except httpx.ReadTimeout:
             raise TransientBackendError(f"{self.url}: no answer within {self.read_timeout:g}s "
                                         f"(read_timeout)") from None
         except httpx.TimeoutException as e:
             raise TransientBackendError(f"{self.url}: timed out ({type(e).__name__})") from None
         except httpx.TransportError as e:  # connection dropped mid-answer, protocol error
-            raise TransientBackendError(f"{self.url}: connection failed: {type(e).__name__}: {e}") from None
+            raise TransientBackendError(f"{self.url}: connection failed: {type(e).__name__}: {redact_text(str(e))}") from None
         latency_ms = (time.perf_counter() - started) * 1000
         if resp.status_code >= 400:
             detail = _error_detail(resp)
@@ -257,6 +262,13 @@ class OpenAIBackend(Backend):
             meta={"finish_reason": choice.get("finish_reason"), "model": data.get("model") or self.model_name,
                   "server": self.base_url},
         )
+
+
+def _secret(tier: Tier, how, value: str) -> str:
+    try:
+        return how(value, f"tier {tier.name!r}")
+    except SecretError as e:
+        raise BackendConfigError(str(e)) from None
 
 
 def _int(v: Any) -> int | None:

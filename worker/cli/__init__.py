@@ -11,6 +11,7 @@ import click
 from pydantic import ValidationError
 
 from router.core.errors import UserError
+from worker.credentials import redact_text
 from worker.logs import configure_logging
 from worker.settings import get_settings
 
@@ -92,13 +93,14 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except click.ClickException as e:
+        e.message = redact_text(e.message)
         e.show()
         sys.exit(e.exit_code)
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {redact_text(str(e))}", err=True)
         sys.exit(2)
     except Exception:
-        traceback.print_exc()
+        click.echo(redact_text(traceback.format_exc()), err=True, nl=False)
         click.echo("internal error: this is a bug in Cascade Router, not a problem with your input; "
                    "please report it with the traceback above", err=True)
         sys.exit(70)
