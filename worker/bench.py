@@ -98,7 +98,8 @@ def run_pipeline_bench(cfg: BenchConfig) -> dict:
     settings = Settings(broker_url=cfg.redis_url, database_url=db_url, redis_prefix=prefix, home=tmp,
                         chunk_size=cfg.chunk, worker_concurrency=cfg.concurrency)
     env = {**os.environ, "CASCADE_BROKER_URL": cfg.redis_url, "CASCADE_DATABASE_URL": db_url,
-           "CASCADE_REDIS_PREFIX": prefix, "CASCADE_HOME": str(tmp), "CASCADE_WORKER_CONCURRENCY": str(cfg.concurrency)}
+           "CASCADE_REDIS_PREFIX": prefix, "CASCADE_HOME": str(tmp), "CASCADE_WORKER_CONCURRENCY": str(cfg.concurrency),
+           "CASCADE_REMOTE_CONTROL": "flower"}  # the bench pings its workers
     r = redis.Redis.from_url(cfg.redis_url)
     with ExitStack() as stack:
         stack.callback(_drop, admin, dbname)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import redis
 from celery import Celery
 
-from .celery_app import base_app
+from .celery_app import base_app, without_builtin_tasks
 from .settings import Settings, get_settings
 
 NOOP_TASK = "cascade.bench.noop"
@@ -20,11 +20,18 @@ def make_noop_app(settings: Settings) -> Celery:
 
     @app.task(name=NOOP_TASK, shared=False, ignore_result=True)
     def noop(counter_key: str) -> None:
+        if not counter_key.startswith(noop_key_prefix(settings)):
+            return  # never a key of someone else's: the broker is not a way to write Redis
         if not clients:
             clients.append(redis.Redis.from_url(settings.broker))
         clients[0].incr(counter_key)
 
+    without_builtin_tasks(app)
     return app
+
+
+def noop_key_prefix(settings: Settings) -> str:
+    return f"{settings.redis_prefix}bench-noop-"
 
 
 app = make_noop_app(get_settings())

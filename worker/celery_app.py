@@ -7,11 +7,23 @@ Settings that guard against lost or duplicated work (see docs/operations.md):
 - no result backend: PostgreSQL holds every result;
 - every countdown stays far below the visibility timeout, so a delayed retry is
   never redelivered while it waits.
+
+And against whoever else can reach the broker (docs/operations.md, "Security"):
+- the app has one task: Celery's built-ins (celery.starmap, celery.chord, ...)
+  are unregistered, so a message naming one is refused, not run;
+- remote control is off unless CASCADE_REMOTE_CONTROL says otherwise, and in the
+  "flower" mode only read-only inspection, events and ping are served;
+- a stage message is checked (shape, size, a tier this worker serves) before any
+  work; a malformed one is logged and dropped, never retried.
 """
 from __future__ import annotations
 
+import ssl
+from typing import Any, Iterable
+
 import structlog
 from celery import Celery
+from celery.worker.control import Panel
 from sqlalchemy.exc import OperationalError
 
 from router.core.errors import UserError
@@ -19,7 +31,7 @@ from router.core.errors import UserError
 from . import canary
 from .canary import CANARY_TASK
 from .catalog import Catalog
-from .dispatch import INTERACTIVE, STAGE_TASK, SUBMIT_TASK, Dispatcher
+from .dispatch import INTERACTIVE, MAX_JOB_ID, MAX_STAGE_JOBS, STAGE_TASK, SUBMIT_TASK, Dispatcher
 from .runtime import Runtime
 from .settings import Settings, get_settings
 from .stage import run_stage
@@ -29,6 +41,15 @@ log = structlog.get_logger("cascade.submit")
 
 DEFAULT_QUEUE = "cascade.default"
 DB_RETRIES = 8
+log = structlog.get_logger("cascade.worker")
+
+# What Flower reads (CASCADE_REMOTE_CONTROL=flower): inspection and events, nothing
+# that stops, revokes, resizes or reroutes a worker.
+FLOWER_COMMANDS = frozenset({
+    "active", "active_queues", "clock", "conf", "dump_active", "dump_reserved", "dump_revoked", "dump_schedule",
+    "dump_tasks", "hello", "ping", "query_task", "registered", "report", "reserved", "revoked", "scheduled",
+    "stats", "enable_events", "disable_events", "heartbeat",
+})
 
 
 def base_app(settings: Settings, name: str = "cascade") -> Celery:
@@ -48,7 +69,13 @@ def base_app(settings: Settings, name: str = "cascade") -> Celery:
         transport["queue_order_strategy"] = "priority"
     if settings.broker.startswith("memory://"):
         transport["polling_interval"] = 0.01
+    if settings.broker.startswith("rediss://"):
+        tls: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        if settings.broker_tls_ca:
+            tls["ssl_ca_certs"] = str(settings.broker_tls_ca)
+        app.conf.broker_use_ssl = tls
     app.conf.update(
+        worker_enable_remote_control=settings.remote_control != "off",
         broker_url=settings.broker,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
@@ -71,13 +98,52 @@ def base_app(settings: Settings, name: str = "cascade") -> Celery:
     return app
 
 
+class BadMessage(ValueError):
+    pass
+
+
+def check_stage_message(tier: Any, job_ids: Any, tiers: Iterable[str] | None) -> None:
+    """A stage message's shape and size, before any work (BadMessage if wrong)."""
+    if not isinstance(tier, str) or not tier or len(tier) > 64:
+        raise BadMessage(f"tier must be a tier name, got {str(tier)[:80]!r}")
+    if tiers is not None and tier not in tiers:
+        raise BadMessage(f"tier {tier!r} is not served here ({', '.join(sorted(tiers))})")
+    if not isinstance(job_ids, list) or not 1 <= len(job_ids) <= MAX_STAGE_JOBS:
+        n = len(job_ids) if isinstance(job_ids, list) else type(job_ids).__name__
+        raise BadMessage(f"job_ids must be a list of 1 to {MAX_STAGE_JOBS} ids, got {n}")
+    for j in job_ids:
+        if not isinstance(j, str) or not j or len(j) > MAX_JOB_ID or "\x00" in j:
+            raise BadMessage(f"job id {str(j)[:80]!r} is not a job id")
+
+
+def without_builtin_tasks(app: Celery) -> None:
+    """Unregister Celery's built-in tasks (celery.starmap, celery.chord, ...): the app
+    keeps only the tasks this project defines, and a message naming one of those
+    is refused as unknown."""
+    app.finalize()
+    for name in list(app.tasks):
+        if name.startswith("celery."):
+            app.tasks.unregister(name)
+
+
+def limit_remote_control(mode: str) -> None:
+    """In this worker process, serve only the remote-control commands `mode` allows."""
+    if mode != "flower":
+        return  # "off": the worker does not listen at all; "full": Celery's default
+    for name in list(Panel.data):
+        if name not in FLOWER_COMMANDS:
+            Panel.data.pop(name, None)
+            Panel.meta.pop(name, None)
+
+
 def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
-             catalog: Catalog | None = None) -> Celery:
+             catalog: Catalog | None = None, tiers: Iterable[str] | None = None) -> Celery:
     """The production app: the stage task and the submit task, bound to `runtime`
     (built here when not given; it connects to nothing until the first task runs).
     `catalog` names the portfolios a submission may ask for (default: from settings,
-    read at the first submission)."""
+    read at the first submission). With `tiers`, a stage for any other tier is refused."""
     settings = settings or get_settings()
+    served = None if tiers is None else frozenset(tiers)
     rt = runtime or Runtime(settings)
     app = base_app(settings)
     dispatcher = Dispatcher(app, settings.chunk_size)
@@ -109,6 +175,11 @@ def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
     @app.task(name=STAGE_TASK, bind=True, shared=False, acks_late=True, max_retries=DB_RETRIES, ignore_result=True)
     def stage(self, tier: str, job_ids: list[str]) -> int:
         try:
+            check_stage_message(tier, job_ids, served)
+        except BadMessage as e:
+            log.error("stage.bad_message", task=self.request.id, error=str(e))
+            return 0  # acked and dropped: a malformed message never becomes work or a retry
+        try:
             sends = run_stage(rt, tier, job_ids)
         except OperationalError as e:
             # the database is away for a moment: try the whole (idempotent) stage again
@@ -128,6 +199,7 @@ def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
     def canary_task(tier: str, sent_at: float) -> None:
         canary.consumed(tier, sent_at)
 
+    without_builtin_tasks(app)
     return app
 
 

@@ -3,17 +3,22 @@ submitter, a stage escalating, the sweeper, `cascade resume`).
 
 Jobs are grouped by (tier, queue) and chunked, so a batch travels as few messages
 (one message, one read, one transaction per chunk per tier). A message's task id
-is derived from its (jobs, tier), so a duplicate send carries the same id.
+says which jobs and tier it carries, and ends in 128 random bits: nobody can
+predict an id and revoke it before it is sent, and a re-send (the sweeper,
+`cascade resume`) never reuses one. Duplicates need no shared id: a stage is
+idempotent in the database (worker.store).
 """
 from __future__ import annotations
 
-import hashlib
+import secrets
 import time
 from typing import Iterable, Sequence
 
 from celery import Celery
 
 STAGE_TASK = "cascade.stage"
+MAX_STAGE_JOBS = 1000  # the largest chunk_size; a message with more is refused
+MAX_JOB_ID = 200  # the jobs.id column
 SUBMIT_TASK = "cascade.submit"
 SUBMIT_QUEUE = "cascade.submit"
 # Priorities: an interactive job's stages go to its tier's `.interactive` queue,
@@ -33,11 +38,9 @@ def worker_queues(tier_queue: str, *, submit: bool = True) -> list[str]:
 
 
 def task_id(tier: str, job_ids: Sequence[str]) -> str:
-    if len(job_ids) == 1:
-        return f"{job_ids[0]}@{tier}"
-    digest = hashlib.sha256("\n".join(job_ids).encode()).hexdigest()[:10]
+    more = f"+{len(job_ids) - 1}" if len(job_ids) > 1 else ""
     # URL-safe characters only: Flower links to /task/<id>, and a '#' would cut it short
-    return f"{job_ids[0]}+{len(job_ids) - 1}@{tier}~{digest}"
+    return f"{job_ids[0][:80]}{more}@{tier}~{secrets.token_hex(16)}"
 
 
 def stage_repr(tier: str, job_ids: Sequence[str]) -> str:
@@ -52,8 +55,8 @@ def chunks(seq: Sequence[str], n: int) -> Iterable[Sequence[str]]:
 
 class Dispatcher:
     def __init__(self, app: Celery, chunk_size: int):
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not 1 <= chunk_size <= MAX_STAGE_JOBS:
+            raise ValueError(f"chunk_size must be in 1..{MAX_STAGE_JOBS}, got {chunk_size}")
         self.app = app
         self.chunk_size = chunk_size
 

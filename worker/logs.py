@@ -22,7 +22,6 @@ from structlog.contextvars import bound_contextvars
 from .credentials import redact_text
 
 
-
 def _redact(_logger, _method, event: dict) -> dict:
     # any URL in a log line (an HTTP client's request line, an error naming a server
     # or the database) is shown without its credentials

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,13 @@ class Settings(BaseSettings):
     webhook_secret: str = Field("", description="HMAC key signing batch webhooks (Cascade-Signature); unset = an empty key")
     webhook_backoff: float = Field(2.0, gt=0, description="first webhook retry delay in seconds, doubled each time")
     webhook_attempts: int = Field(8, ge=1, le=30, description="webhook deliveries tried before giving up")
+    remote_control: Literal["off", "flower", "full"] = Field(
+        "off", description="Celery remote control of the workers: off; flower = read-only inspection, events and "
+                            "ping (what Flower needs); full = every command, shutdown and revoke included")
+    broker_tls_ca: Path | None = Field(None, description="CA file that verifies a rediss:// broker's certificate "
+                                                         "(default: the system's CAs)")
+    allow_open_broker: bool = Field(False, description="let `cascade worker` use a non-local broker URL with no "
+                                                       "credentials")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
 
     @property

@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from .credentials import redact_spec
 from .jobs import (
     CANCELLED,
     EXPIRED,
@@ -51,7 +52,6 @@ from .jobs import (
     SUCCEEDED,
     StageOutcome,
 )
-from .credentials import redact_spec
 from .storable import clean_text
 
 metadata = MetaData()

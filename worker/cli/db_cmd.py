@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+
 from worker import migrate
 from worker.credentials import redact_text, redact_url
 from worker.settings import get_settings

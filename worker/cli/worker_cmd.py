@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+from urllib.parse import urlsplit
 
 import click
 from celery.signals import setup_logging
@@ -9,14 +10,29 @@ from celery.signals import setup_logging
 from worker import metrics
 from worker.canary import Canary, canary_queue
 from worker.catalog import Catalog
-from worker.celery_app import make_app
+from worker.celery_app import limit_remote_control, make_app
 from worker.cli.common import load_portfolio_option, user_errors
+from worker.credentials import redact_url
 from worker.dispatch import worker_queues
 from worker.logs import configure_logging
 from worker.migrate import current
 from worker.runtime import Runtime
 from worker.settings import get_settings
 from worker.sweeper import Sweeper
+
+_LOCAL = {"127.0.0.1", "localhost", "::1", ""}
+
+
+def check_broker_credentials(settings) -> None:
+    """A tier worker refuses a broker anyone on the network can use: a non-local
+    Redis URL must carry a user or password (CASCADE_ALLOW_OPEN_BROKER overrides)."""
+    url = urlsplit(settings.broker)
+    if url.scheme in ("redis", "rediss") and not (url.password or url.username) and url.hostname not in _LOCAL \
+            and not settings.allow_open_broker:
+        raise click.ClickException(
+            f"the broker {redact_url(settings.broker)} has no credentials: anyone who reaches it controls the "
+            "workers. Give Redis an ACL user and password (docs/operations.md, Security) and put them in "
+            "CASCADE_BROKER_URL as ${NAME} secrets, or set CASCADE_ALLOW_OPEN_BROKER=true")
 
 
 @click.command()
@@ -42,8 +58,9 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
         tier = portfolio.tier(tier_name)
         if current(settings.db_url) is None:
             raise click.ClickException("the database has no schema: run `cascade db upgrade` first")
+        check_broker_credentials(settings)
         rt = Runtime(settings)
-        app = make_app(settings, rt, Catalog.from_settings(settings, portfolio))
+        app = make_app(settings, rt, Catalog.from_settings(settings, portfolio), tiers=[tier.name])
         rt.add_portfolio(portfolio)
         rt.store.save_portfolio(portfolio.digest, portfolio.spec())
         backend = rt.backend(tier)  # a local model loads once, here, before any job
@@ -53,6 +70,7 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
         raise click.ClickException(f"the {backend.kind} backend holds one model per process: use --pool solo "
                                    "and start more processes to scale")
     conc = 1 if pool == "solo" else (concurrency or settings.worker_concurrency)
+    limit_remote_control(settings.remote_control)
     app.set_default()
     app.set_current()
     log_format = click.get_current_context().find_root().params.get("log_format", "auto")
