@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import structlog
+from sqlalchemy.exc import InterfaceError, OperationalError
 from tqdm import tqdm
 
 from router.core import cascade
@@ -163,16 +164,17 @@ def wait_for(store: Store, batch_id: str, *, progress: bool = True, alive=None, 
              poll: float = 0.2, hint: str = "", max_cost: float | None = None) -> dict:
     """Block until every job of the batch is final; a progress bar on stderr. With
     `max_cost`, once the finished jobs' cost passes it the open jobs are cancelled."""
-    b = store.batch(batch_id)
+    started = time.monotonic()
+    b = _read_batch(store, batch_id, started, timeout)
     bar = tqdm(total=b["total"], initial=b["done"], desc=batch_id, unit="job", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
-    started = last_move = time.monotonic()
+    last_move = time.monotonic()
     last_done = b["done"]
     warned = False
     try:
         while b["done"] < b["total"]:
             time.sleep(poll)
-            b = store.batch(batch_id)
+            b = _read_batch(store, batch_id, started, timeout, b)
             bar.update(b["done"] - bar.n)
             bar.set_postfix(failed=b["failed"], cost=f"${b['total_cost']:.4g}", refresh=False)
             now = time.monotonic()
@@ -193,6 +195,26 @@ def wait_for(store: Store, batch_id: str, *, progress: bool = True, alive=None, 
     finally:
         bar.close()
     return b
+
+
+def _read_batch(store: Store, batch_id: str, started: float, timeout: float | None, last: dict | None = None) -> dict:
+    """The batch row; while the database is away, the last one read (the waiting
+    submitter rides out an outage: the workers finish the jobs once it is back)."""
+    while True:
+        try:
+            b = store.batch(batch_id)
+            if last is not None and last.get("_outage"):
+                log.warning("wait.database_back", batch=batch_id)
+            return b
+        except (OperationalError, InterfaceError) as e:
+            if last is not None and not last.get("_outage"):
+                log.warning("wait.database_unavailable", batch=batch_id, error=str(e.orig or e).splitlines()[0][:200])
+            if last is not None:
+                return {**last, "_outage": True}
+                return last
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise BatchError(f"the database stayed unavailable for {timeout:.0f}s; re-run to resume") from None
+            time.sleep(1.0)
 
 
 @dataclass
@@ -283,7 +305,7 @@ def run_batch(items: Iterable[dict[str, Any]] | Sequence[Item], portfolio: Portf
         batch_id = default_batch_id(source, portfolio)
     runtime = Runtime(settings)
     app = make_app(settings, runtime)
-    dispatcher = Dispatcher(app, settings.chunk_size)
+    dispatcher = Dispatcher(app, settings.chunk_size, publish_wait=settings.publish_wait)
     store = runtime.store
     try:
         with _workers(app, runtime, portfolio, settings) as alive:

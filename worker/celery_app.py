@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import structlog
 from celery import Celery
 from celery.worker.control import Panel
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from router.core.errors import UserError
 
@@ -40,7 +40,8 @@ from .submit import TENANT_DEFAULT, Submitter
 log = structlog.get_logger("cascade.submit")
 
 DEFAULT_QUEUE = "cascade.default"
-DB_RETRIES = 8
+DB_RETRIES = 8  # a submission (the stage retries for as long as an outage lasts)
+DB_RETRY_MAX_DELAY = 30
 log = structlog.get_logger("cascade.worker")
 
 # What Flower reads (CASCADE_REMOTE_CONTROL=flower): inspection and events, nothing
@@ -146,7 +147,7 @@ def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
     served = None if tiers is None else frozenset(tiers)
     rt = runtime or Runtime(settings)
     app = base_app(settings)
-    dispatcher = Dispatcher(app, settings.chunk_size)
+    dispatcher = Dispatcher(app, settings.chunk_size, publish_wait=settings.publish_wait)
     submitters: list[Submitter] = []
 
     def submitter() -> Submitter:
@@ -172,7 +173,7 @@ def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
             log.warning("submit.refused", error=str(e), idempotency_key=idempotency_key)
             return ""
 
-    @app.task(name=STAGE_TASK, bind=True, shared=False, acks_late=True, max_retries=DB_RETRIES, ignore_result=True)
+    @app.task(name=STAGE_TASK, bind=True, shared=False, acks_late=True, max_retries=None, ignore_result=True)
     def stage(self, tier: str, job_ids: list[str]) -> int:
         try:
             check_stage_message(tier, job_ids, served)
@@ -181,12 +182,14 @@ def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
             return 0  # acked and dropped: a malformed message never becomes work or a retry
         try:
             sends = run_stage(rt, tier, job_ids)
-        except OperationalError as e:
-            # the database is away for a moment: try the whole (idempotent) stage again
-            if self.request.retries < DB_RETRIES:
-                raise self.retry(exc=e, countdown=min(2 ** self.request.retries, 30))
-            rt.store.fail_open_jobs(job_ids, f"internal error at tier {tier}: database unavailable: {e}")
-            raise
+        except (OperationalError, InterfaceError) as e:
+            # The database is away, before any model was called (a stage that called
+            # one waits in record_durably instead): try the whole, idempotent stage
+            # again, for as long as the outage lasts; nothing needs the database to
+            # give up, and every job is still open when it is back.
+            log.warning("stage.database_unavailable", tier=tier, retry=self.request.retries,
+                        error=str(e.orig or e).splitlines()[0][:200])
+            raise self.retry(exc=e, countdown=min(2 ** min(self.request.retries, 5), DB_RETRY_MAX_DELAY))
         except Exception as e:
             # A bug or an unexpected backend crash: fail these jobs loudly rather than
             # leave them running forever (the message is acked on failure).

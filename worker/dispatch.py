@@ -54,18 +54,25 @@ def chunks(seq: Sequence[str], n: int) -> Iterable[Sequence[str]]:
 
 
 class Dispatcher:
-    def __init__(self, app: Celery, chunk_size: int):
+    """Sends stage messages. A send rides out a broker restart: kombu reconnects and
+    publishes again, every second or two, for up to `publish_wait` seconds (the
+    messages of a stage whose results are committed must not wait for the sweeper)."""
+
+    def __init__(self, app: Celery, chunk_size: int, *, publish_wait: float = 600.0):
         if not 1 <= chunk_size <= MAX_STAGE_JOBS:
             raise ValueError(f"chunk_size must be in 1..{MAX_STAGE_JOBS}, got {chunk_size}")
         self.app = app
         self.chunk_size = chunk_size
+        # intervals 0, 0.5, 1, 1.5, 2, 2, ...: about publish_wait seconds in all
+        self.retry_policy = {"interval_start": 0, "interval_step": 0.5, "interval_max": 2.0,
+                             "max_retries": max(3, int(publish_wait / 2) + 3)}
 
     def send_one(self, tier: str, queue: str, job_ids: Sequence[str]) -> None:
         # sent_at: the age of a queue's oldest message (worker.metrics) is read from it;
         # argsrepr: what Flower shows as the task's arguments (the tier and job count, not every id)
         self.app.send_task(STAGE_TASK, args=[tier, list(job_ids)], queue=queue, routing_key=queue,
                            task_id=task_id(tier, job_ids), headers={"sent_at": time.time()},
-                           argsrepr=stage_repr(tier, job_ids))
+                           argsrepr=stage_repr(tier, job_ids), retry=True, retry_policy=self.retry_policy)
 
     def send(self, targets: Iterable[tuple[str, str, str]]) -> int:
         """Send the stage of each (job id, tier, queue); returns the number of messages."""

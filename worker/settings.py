@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     backend_retries: int = Field(3, ge=0, le=10, description="retries of a transient backend error before falling back")
     backend_retry_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each time")
     backend_retry_max_delay: float = Field(30.0, ge=0)
+    record_wait: float = Field(1800, ge=0, description="seconds a stage whose models were called waits for the "
+                                                       "database to record them (an outage) before giving up")
+    publish_wait: float = Field(600, ge=0, description="seconds a send keeps retrying while the broker is away")
     sweep_interval: float = Field(0, ge=0, description="seconds between a tier worker's sweeps for jobs whose message was lost; 0 = visibility_timeout/2, at most 60")
     max_deliveries: int = Field(3, ge=1, le=100, description="stage runs of one job at one tier that end without a result (the stage raised, the worker died) before the job fails with its last error")
     job_timeout: float = Field(0, ge=0, description="seconds a job may stay unfinished after submission; past it the job expires (fails) instead of being re-sent; 0 = no deadline")

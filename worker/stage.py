@@ -104,6 +104,24 @@ def record(store, outcomes: list[StageOutcome]) -> list[StageOutcome]:
     return applied
 
 
+def record_durably(store, outcomes: list[StageOutcome], wait: float) -> list[StageOutcome]:
+    """Record the stage's outcomes, waiting out a database outage here, for up to
+    `wait` seconds, rather than raising: the models were called and paid for, and a
+    retried stage would call them again with the first calls lost from the books."""
+    started = time.monotonic()
+    delay = 0.5
+    while True:
+        try:
+            return record(store, outcomes)
+        except StatementError as e:
+            if refused(e) or time.monotonic() - started + delay > wait:
+                raise
+            log.warning("stage.record_waiting", jobs=len(outcomes), error=str(e.orig or e).splitlines()[0][:200],
+                        retry_in_s=delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)  # short: record soon after the database is back
+
+
 def refused(e: StatementError) -> bool:
     """The database refused a statement's values (as opposed to being unreachable)."""
     return not isinstance(e, (OperationalError, InterfaceError)) and not getattr(e, "connection_invalidated", False)
@@ -169,10 +187,10 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
                 continue
         gave_up = gave_up or bool(o.meta.get("gave_up"))
         if careful:
-            applied += record(store, [o])
+            applied += record_durably(store, [o], rt.settings.record_wait)
         else:
             outcomes.append(o)
-    applied += record(store, outcomes)
+    applied += record_durably(store, outcomes, rt.settings.record_wait)
     metrics.observe_stage(tier_name, applied)
     for o in applied:
         if o.decision == "escalate":

@@ -36,7 +36,7 @@ class Sweeper(threading.Thread):
         super().__init__(name=f"sweeper-{tier.name}", daemon=True)
         self.app = app
         self.runtime = runtime
-        self.dispatcher = Dispatcher(app, chunk_size)
+        self.dispatcher = Dispatcher(app, chunk_size, publish_wait=runtime.settings.publish_wait)
         self.tier = tier
         self.interval = interval
         self.idle = idle
