@@ -6,8 +6,10 @@ It is passed explicitly: to the Celery app's stage task (`make_app(settings,
 runtime)`), to the submitter and to the sweeper; nothing hangs it on the app."""
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from typing import Iterator, Sequence
 
 from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
 
@@ -24,6 +26,27 @@ class Runtime:
         self._portfolios: dict[str, Portfolio] = {}
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
+        self._inflight: dict[str, int] = {}  # job id -> stages of this process working on it
+
+    @contextlib.contextmanager
+    def running(self, job_ids: Sequence[str]) -> Iterator[list[str]]:
+        """Hold these jobs for a stage of this process: yields those no other thread of
+        the process holds (a duplicate message waits its turn elsewhere, never calls a
+        model a second time at once); the sweeper's heartbeat keeps held jobs fresh."""
+        with self._lock:
+            mine = [j for j in job_ids if j not in self._inflight]
+            for j in mine:
+                self._inflight[j] = 1
+        try:
+            yield mine
+        finally:
+            with self._lock:
+                for j in mine:
+                    self._inflight.pop(j, None)
+
+    def inflight(self) -> list[str]:
+        with self._lock:
+            return list(self._inflight)
 
     def add_portfolio(self, portfolio: Portfolio) -> Portfolio:
         with self._lock:

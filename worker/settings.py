@@ -38,7 +38,10 @@ class Settings(BaseSettings):
     record_wait: float = Field(1800, ge=0, description="seconds a stage whose models were called waits for the "
                                                        "database to record them (an outage) before giving up")
     publish_wait: float = Field(600, ge=0, description="seconds a send keeps retrying while the broker is away")
-    sweep_interval: float = Field(0, ge=0, description="seconds between a tier worker's sweeps for jobs whose message was lost; 0 = visibility_timeout/2, at most 60")
+    stale_after: float = Field(60, ge=2, description="seconds an open job may go without a heartbeat before a tier "
+                                                     "worker re-sends its stage (its message was lost: a killed "
+                                                     "worker, a broker restarted empty)")
+    sweep_interval: float = Field(0, ge=0, description="seconds between a tier worker's heartbeats and sweeps; 0 = stale_after/4")
     max_deliveries: int = Field(3, ge=1, le=100, description="stage runs of one job at one tier that end without a result (the stage raised, the worker died) before the job fails with its last error")
     job_timeout: float = Field(0, ge=0, description="seconds a job may stay unfinished after submission; past it the job expires (fails) instead of being re-sent; 0 = no deadline")
     store_content: bool = Field(True, description="false: for sensitive traffic, a job's prompt and its tiers' answers are erased when it finishes and its final answer once its results are collected (only ids ever travel through Redis)")

@@ -137,7 +137,13 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
     each recorded at once, so the culprit alone accumulates deliveries and, at
     `max_deliveries`, fails with its last error while the rest of the message completes.
     A job past its deadline expires instead of being called.
+    Jobs another thread of this process is running are left to it.
     """
+    with rt.running(job_ids) as mine:
+        return _run_stage(rt, tier_name, mine) if mine else []
+
+
+def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple[str, str, str]]:
     store = rt.store
     jobs, prior = store.load_stage(job_ids)
     if len(jobs) != len(set(job_ids)):

@@ -517,6 +517,17 @@ class Store:
         with self.tx() as c:
             c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(OPEN)).values(error=error))
 
+    def touch(self, job_ids: Sequence[str]) -> None:
+        """A heartbeat: these open jobs are being worked on (the sweeper leaves them be)."""
+        if not job_ids:
+            return
+        t = now()
+        with self.tx() as c:
+            if c.dialect.name == "postgresql":
+                c.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")  # a heartbeat, not a result
+            c.execute(update(jobs).where(jobs.c.id.in_(sorted(job_ids)), jobs.c.status.in_(OPEN))
+                      .values(updated_at=t))
+
     def record_stage(self, outcomes: Sequence[StageOutcome]) -> list[StageOutcome]:
         """Write one stage's attempts and their consequences in one transaction.
 

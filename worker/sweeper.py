@@ -1,16 +1,18 @@
-"""The sweeper: a tier worker's background thread that re-sends the stage of jobs
-whose message was lost.
+"""The sweeper: a tier worker's background thread that keeps the jobs it holds
+alive (a heartbeat) and re-sends the stage of jobs whose message was lost.
 
-Redis loses a message in two known ways: a restart without AOF, and a worker
-killed in the instant between popping a message and registering it as
-unacknowledged (kombu's ack emulation is not atomic). PostgreSQL still holds the
-job as open, so every `sweep_interval` each tier worker claims the open jobs
-waiting at its tier that nothing has touched for longer than the visibility
-timeout, and sends their stage again (a job past its deadline expires instead:
+Messages get lost: a worker killed mid-stage (its message waits out the broker's
+visibility timeout, an hour by default), a broker restarted without its data, a
+worker killed in the instant between popping a message and registering it as
+unacknowledged. PostgreSQL still holds each such job as open. Every
+`sweep_interval` each tier worker touches the jobs its stages are running (so a
+model call of any length never looks lost), then claims the open jobs waiting at
+its tier that nothing has touched for `stale_after` seconds (a minute by
+default), and sends their stage again (a job past its deadline expires instead:
 it fails, and is never re-sent). It skips a sweep while the tier's queue has
 messages waiting (a backlog is not a loss), and the claim is one guarded UPDATE,
 so with many workers each job is re-sent once. Stages are idempotent: a job whose
-message was only slow is looked at twice, never run twice.
+message was only slow is looked at twice, never recorded twice.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from celery import Celery
 from router.core.portfolio import Tier
 
 from . import metrics
+from .credentials import redact_text
 from .dispatch import Dispatcher
 from .runtime import Runtime
 from .store import now
@@ -45,9 +48,10 @@ class Sweeper(threading.Thread):
         while True:  # a daemon thread: it ends with the worker process
             time.sleep(self.interval)
             try:
+                self.runtime.store.touch(self.runtime.inflight())  # the heartbeat of the jobs held here
                 self.sweep()
             except Exception as e:  # the database or broker is away: try again next time
-                log.warning("sweep.failed", tier=self.tier.name, error=str(e))
+                log.warning("sweep.failed", tier=self.tier.name, error=redact_text(str(e))[:300])
 
     def queued(self) -> int:
         with self.app.connection_for_read() as conn:

@@ -102,3 +102,30 @@ def api(requests, concurrency, batch_items, port, data, pg_admin_url, redis_url,
                          port=port, pg_admin=pg_admin_url, redis_url=redis_url, log=lambda m: click.echo(m, err=True))
     result = run_api_bench(cfg)
     click.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@bench.command()
+@click.option("--scenario", "scenarios", multiple=True, help="run only these (repeatable; default: all)")
+@click.option("--jobs", "-n", type=click.IntRange(min=10), default=300, show_default=True, help="jobs per scenario")
+@click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True, help="threads per tier worker")
+@click.option("--short-outage", type=float, default=20.0, show_default=True, help="seconds PostgreSQL stays down (short)")
+@click.option("--long-outage", type=float, default=180.0, show_default=True, help="seconds PostgreSQL stays down (long)")
+@click.option("--budget", type=float, default=120.0, show_default=True, help="seconds allowed beyond each fault")
+@click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
+def faults(scenarios, jobs, threads, short_outage, long_outage, budget, as_json) -> None:
+    """Faults injected mid-batch on a private Redis and PostgreSQL: workers killed, the
+    broker restarted or emptied, the database stopped, backends hanging or failing, a
+    poison item, the submitter killed; each reconciled against the model server."""
+    from worker.faults import SCENARIOS, FaultConfig, run_faults
+
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        raise click.ClickException(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    cfg = FaultConfig(jobs=jobs, threads=threads, outage_short=short_outage, outage_long=long_outage, budget=budget,
+                      log=lambda m: click.echo(m, err=True))
+    result = run_faults(cfg, list(scenarios) or None)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for name, r in result["faults"].items():
+            click.echo(f"{name:>22}: {r}")

@@ -80,8 +80,8 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
                           content=settings.log_content, static={"tier": tier.name})
 
     setup_logging.connect(_logging, weak=False)  # a local function: a weak reference would be collected
-    interval = settings.sweep_interval or max(1.0, min(60.0, settings.visibility_timeout / 2))
-    Sweeper(app, rt, tier, interval=interval, idle=settings.visibility_timeout, chunk_size=settings.chunk_size).start()
+    interval = settings.sweep_interval or max(0.5, settings.stale_after / 4)
+    Sweeper(app, rt, tier, interval=interval, idle=settings.stale_after, chunk_size=settings.chunk_size).start()
     node = f"{tier.name}@{socket.gethostname()}"
     own_queue = canary_queue(tier.queue_name, node)
     probe = Canary(app, tier.name, own_queue, interval=settings.canary_interval, max_age=settings.canary_max_age)
