@@ -40,6 +40,7 @@ def distributed(pg_url, redis_prefix, tmp_path):
         "CASCADE_REDIS_PREFIX": redis_prefix,
         "CASCADE_HOME": str(tmp_path / "home"),
         "CASCADE_VISIBILITY_TIMEOUT": "10",
+        "CASCADE_STALE_AFTER": "10",  # the sweeper re-sends a lost message after 10 s here (default 60)
     }
     upgrade(pg_url)
     settings = Settings(broker_url=REDIS, database_url=pg_url, redis_prefix=redis_prefix,

@@ -200,7 +200,7 @@ def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, 
 
 def test_workers_resend_lost_messages_by_themselves(bench, distributed, workers, tmp_path):
     """A message Redis lost (here: the whole queue deleted) is found by the tier
-    workers' sweeper once the job has been idle a visibility timeout (10 s here)."""
+    workers' sweeper once the job has gone without a heartbeat for CASCADE_STALE_AFTER (10 s here)."""
     settings, _ = distributed
     n = 40
     path, portfolio = submit_then_lose_the_queue(bench, settings, tmp_path, "swept", n)
