@@ -1,0 +1,61 @@
+"""The fault-injection suite (worker/faults.py) in the test command: real worker
+processes and the real submitter against this suite's OWN Redis and PostgreSQL on
+spare ports. Every job finishes without a human step, none has two final results,
+and counts, costs and backend calls reconcile with the attempts.
+
+Shorter than `cascade bench faults`, with the same behaviour: 120 jobs, the
+database stopped for 5 s (the bench: 20 s and 3 min; the code path is the same,
+stage retries and the stage waiting to record), and a lost message re-sent after
+10 s without a heartbeat (CASCADE_STALE_AFTER; default 60 s)."""
+from __future__ import annotations
+
+import pytest
+
+from worker.faults import FaultConfig, Lab, run_scenario
+
+pytestmark = pytest.mark.services
+
+THREADS = 4
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    cfg = FaultConfig(jobs=120, threads=THREADS, outage_short=5.0, budget=120.0,
+                      env={"CASCADE_STALE_AFTER": "10"}, log=print)
+    with Lab(tmp_path_factory.mktemp("faults"), cfg) as lab:
+        yield lab
+
+
+def check(r: dict, unrecorded: int = 0) -> None:
+    assert "error" not in r, r
+    assert r["finished"] == r["submitted"] and r["lost"] == 0, r
+    assert r["duplicated"] == 0, r
+    assert 0 <= r["unrecorded_calls"] <= unrecorded, r
+
+
+@pytest.mark.parametrize("name", ["worker_kill9_t1", "worker_sigterm_t0"])
+def test_tier_worker_killed_mid_batch(lab, name):
+    r = run_scenario(lab, name)
+    # kill -9: the calls in flight at the kill (at most one per thread) die with the
+    # process, paid for and unrecorded; SIGTERM lets them finish and record
+    check(r, unrecorded=THREADS if "kill9" in name else 0)
+    assert r["worker_restarts"] == 1
+
+
+@pytest.mark.parametrize("name", ["redis_restart_aof", "redis_kill9_empty"])
+def test_broker_restarted_mid_batch(lab, name):
+    r = run_scenario(lab, name)
+    check(r)
+    assert r["worker_restarts"] == 0  # every worker rode it out and reconnected
+    assert r["submitter_exit"] == 0
+
+
+def test_database_stopped_mid_batch(lab):
+    r = run_scenario(lab, "postgres_stop_short")
+    check(r)
+    assert r["worker_restarts"] == 0 and r["submitter_exit"] == 0  # the waiting submitter rode it out
+
+
+@pytest.mark.parametrize("name", ["backend_hang", "poison_item", "submitter_kill9"])
+def test_bad_backends_poison_and_a_killed_submitter(lab, name):
+    check(run_scenario(lab, name))
