@@ -9,8 +9,8 @@ Settings that guard against lost or duplicated work (see docs/operations.md):
   never redelivered while it waits.
 
 And against whoever else can reach the broker (docs/operations.md, "Security"):
-- the app has one task: Celery's built-ins (celery.starmap, celery.chord, ...)
-  are unregistered, so a message naming one is refused, not run;
+- the app has only the project's tasks: Celery's built-ins (celery.starmap,
+  celery.chord, ...) are unregistered, so a message naming one is refused, not run;
 - remote control is off unless CASCADE_REMOTE_CONTROL says otherwise, and in the
   "flower" mode only read-only inspection, events and ping are served;
 - a stage message is checked (shape, size, a tier this worker serves) before any
