@@ -59,3 +59,12 @@ def test_database_stopped_mid_batch(lab):
 @pytest.mark.parametrize("name", ["backend_hang", "poison_item", "submitter_kill9"])
 def test_bad_backends_poison_and_a_killed_submitter(lab, name):
     check(run_scenario(lab, name))
+
+
+def test_bench_faults_names_an_unknown_scenario():
+    from click.testing import CliRunner
+
+    from worker.cli.bench_cmd import bench
+
+    r = CliRunner().invoke(bench, ["faults", "--scenario", "redis_restart"])
+    assert r.exit_code != 0 and "unknown scenario(s) redis_restart; known: baseline, worker_kill9_t0" in r.output
