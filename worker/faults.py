@@ -155,6 +155,13 @@ class OwnPostgres:
         eng.dispose()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # every worker thread may connect at once: a refused connection would be a try
+    # the attempts count and the server never saw
+    request_queue_size = 256
+
+
 class FakeModels:
     """An OpenAI-style chat server for models m0, m1, m2: a fixed latency, a confidence
     (token log-prob) derived from the prompt, usage for the cost; a model can be set to
@@ -187,8 +194,7 @@ class FakeModels:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (its read timeout)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
