@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     backend_retries: int = Field(3, ge=0, le=10, description="retries of a transient backend error before falling back")
     backend_retry_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each time")
     backend_retry_max_delay: float = Field(30.0, ge=0)
+    backend_breaker_cooldown: float = Field(30.0, ge=0, description="seconds a tier's backend is not called in a "
+                                                                    "worker process after a call gave up on it "
+                                                                    "(its jobs fall back at once); 0 = off")
     record_wait: float = Field(1800, ge=0, description="seconds a stage whose models were called waits for the "
                                                        "database to record them (an outage) before giving up")
     publish_wait: float = Field(600, ge=0, description="seconds a send keeps retrying while the broker is away")

@@ -26,6 +26,7 @@ from router.core.portfolio import Tier
 
 from . import metrics
 from .backends import Backend, BackendFailure, TransientBackendError
+from .breaker import breaker_of
 from .dispatch import queue_for
 from .jobs import EXPIRED, FINAL, StageOutcome, attempt_from_row, plan_of, query_of
 from .logs import context
@@ -44,6 +45,10 @@ def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: 
     delay = settings.backend_retry_backoff
     retries = settings.backend_retries if retries is None else retries
     tries = 0
+    breaker = breaker_of(backend)
+    why = breaker.blocked() if settings.backend_breaker_cooldown else None
+    if why:
+        return _failed(tier, index, backend, why, started), {"tries": 0, "circuit_open": True}
     while True:
         try:
             call_started = time.perf_counter()
@@ -53,14 +58,17 @@ def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: 
         except TransientBackendError as e:
             tries += 1
             if tries > retries:
-                return _failed(tier, index, backend, f"{e} (gave up after {tries} {'try' if tries == 1 else 'tries'})", started), {
-                    "tries": tries, "gave_up": True}
+                error = f"{e} (gave up after {tries} {'try' if tries == 1 else 'tries'})"
+                if settings.backend_breaker_cooldown:
+                    breaker.trip(str(e), settings.backend_breaker_cooldown)
+                return _failed(tier, index, backend, error, started), {"tries": tries, "gave_up": True}
             wait = min(settings.backend_retry_max_delay, e.retry_after if e.retry_after is not None else delay)
             log.warning("backend.retry", tier=tier.name, error=str(e), attempt=tries, wait_s=wait)
             time.sleep(wait)
             delay *= 2
         except BackendFailure as e:
             return _failed(tier, index, backend, str(e), started), {"tries": tries + 1}
+    breaker.close()
     signals = sig.from_tokens(r.tokens, r.stop) if r.tokens else {}
     signals.update({k: v for k, v in r.signals.items() if sig.get(r.signals, k) is not None})
     cost = r.cost_usd if r.cost_usd is not None else tier.price.cost(r.tokens_in, r.tokens_out)
