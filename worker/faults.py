@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -115,16 +116,16 @@ def _unprivileged(cmd: list[str]) -> list[str]:
 class OwnPostgres:
     """A private PostgreSQL cluster (scram-sha-256 passwords) on a spare port."""
 
-    def __init__(self, root: Path, password: str):
-        self.home = root / "pg"
-        self.home.mkdir()
+    def __init__(self, password: str):
+        # its own folder under the system's temp dir: as root, the postgres user must
+        # reach it, and a caller's folder (pytest's) may be closed to other users
+        self.home = Path(tempfile.mkdtemp(prefix="cascade-faults-pg-"))
         self.dir = self.home / "data"
         self.port = free_port()
         self.password = password
         pwfile = self.home / "pw.txt"
         pwfile.write_text(password + "\n")
         if os.geteuid() == 0:
-            root.chmod(0o711)  # the postgres user passes through; it reads nothing else here
             shutil.chown(self.home, "postgres")
             shutil.chown(pwfile, "postgres")
         self.log = self.home / "postgres.log"
@@ -143,6 +144,10 @@ class OwnPostgres:
 
     def stop(self) -> None:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.dir), "-m", "fast", "-w", "stop", check=False)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
 
     def url(self, db: str, password: str | None = None) -> str:
         return f"postgresql+psycopg://postgres:{password or self.password}@127.0.0.1:{self.port}/{db}"
@@ -271,7 +276,7 @@ class Lab:
         (root / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in self.secrets.items()))
         (root / "secrets.env").chmod(0o600)
         self.redis = OwnRedis(root, self.secrets["FAULTS_REDIS_PASSWORD"])
-        self.pg = OwnPostgres(root, self.secrets["FAULTS_PG_PASSWORD"])
+        self.pg = OwnPostgres(self.secrets["FAULTS_PG_PASSWORD"])
         self.models = FakeModels(self.secrets["FAULTS_MODEL_KEY"], cfg.latency)
         self.portfolio = root / "portfolio.toml"
         self.portfolio.write_text(portfolio_text(self.models.port))
@@ -284,7 +289,7 @@ class Lab:
     def __exit__(self, *exc) -> None:
         dispose_all()
         self.redis.stop(signal.SIGKILL)
-        self.pg.stop()
+        self.pg.remove()
         self.models.close()
 
     def env(self, db: str, home: Path) -> dict[str, str]:
@@ -574,8 +579,6 @@ def run_scenario(lab: Lab, name: str) -> dict:
 
 
 def run_faults(cfg: FaultConfig, names: list[str] | None = None, root: Path | None = None) -> dict:
-    import tempfile
-
     names = names or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from typing import Iterator, Sequence
 
 from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
@@ -27,6 +28,7 @@ class Runtime:
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._inflight: dict[str, int] = {}  # job id -> stages of this process working on it
+        self.last_stage_at = time.monotonic()  # when a stage last started here (the sweeper's watchdog)
 
     @contextlib.contextmanager
     def running(self, job_ids: Sequence[str]) -> Iterator[list[str]]:
@@ -34,6 +36,7 @@ class Runtime:
         the process holds (a duplicate message waits its turn elsewhere, never calls a
         model a second time at once); the sweeper's heartbeat keeps held jobs fresh."""
         with self._lock:
+            self.last_stage_at = time.monotonic()
             mine = [j for j in job_ids if j not in self._inflight]
             for j in mine:
                 self._inflight[j] = 1

@@ -13,9 +13,13 @@ it fails, and is never re-sent). It skips a sweep while the tier's queue has
 messages waiting (a backlog is not a loss), and the claim is one guarded UPDATE,
 so with many workers each job is re-sent once. Stages are idempotent: a job whose
 message was only slow is looked at twice, never recorded twice.
+
+It is also the worker's watchdog: a consumer that stopped consuming while its
+queue fills (`check_consumer`) ends the process, for its manager to restart it.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import timedelta
@@ -35,8 +39,10 @@ log = structlog.get_logger("cascade.sweeper")
 
 
 class Sweeper(threading.Thread):
-    def __init__(self, app: Celery, runtime: Runtime, tier: Tier, *, interval: float, idle: float, chunk_size: int):
+    def __init__(self, app: Celery, runtime: Runtime, tier: Tier, *, interval: float, idle: float, chunk_size: int,
+                 watchdog: bool = True):
         super().__init__(name=f"sweeper-{tier.name}", daemon=True)
+        self.watchdog = watchdog
         self.app = app
         self.runtime = runtime
         self.dispatcher = Dispatcher(app, chunk_size, publish_wait=runtime.settings.publish_wait)
@@ -60,6 +66,17 @@ class Sweeper(threading.Thread):
             except conn.channel_errors:
                 return 0  # Redis keeps no empty list: "no such queue" is an empty queue
 
+    def check_consumer(self, waiting: int) -> None:
+        """The watchdog: messages wait in this tier's queue, nothing runs here and no
+        stage has started for `idle` seconds, so this process's consumer is stuck (seen
+        after a broker killed mid-batch: the connection never reported lost). Exit, for
+        the process manager to start a fresh worker; nothing is running to lose."""
+        rt = self.runtime
+        if waiting and not rt.inflight() and time.monotonic() - rt.last_stage_at > self.idle:
+            log.error("worker.consumer_stuck", tier=self.tier.name, waiting=waiting,
+                      idle_s=round(time.monotonic() - rt.last_stage_at))
+            os._exit(75)  # EX_TEMPFAIL: restart me
+
     def sweep(self) -> int:
         rt = self.runtime
         expired = rt.store.expire_overdue()
@@ -67,7 +84,10 @@ class Sweeper(threading.Thread):
             for _, tier in expired:
                 metrics.EXPIRED.labels(tier or "").inc()
             log.warning("sweep.expired", tier=self.tier.name, jobs=len(expired))
-        if self.queued():
+        waiting = self.queued()
+        if waiting:
+            if self.watchdog:
+                self.check_consumer(waiting)
             return 0
         claimed = rt.store.claim_stale(self.tier.name, now() - timedelta(seconds=self.idle))
         if not claimed:

@@ -46,7 +46,9 @@ def test_tier_worker_killed_mid_batch(lab, name):
 def test_broker_restarted_mid_batch(lab, name):
     r = run_scenario(lab, name)
     check(r)
-    assert r["worker_restarts"] == 0  # every worker rode it out and reconnected
+    # the workers reconnect by themselves; one whose consumer got stuck (seen after a
+    # kill -9 of Redis) is ended by its watchdog and restarted, at most once per tier
+    assert r["worker_restarts"] <= 3, r
     assert r["submitter_exit"] == 0
 
 
