@@ -68,11 +68,12 @@ class Sweeper(threading.Thread):
 
     def check_consumer(self, waiting: int) -> None:
         """The watchdog: messages wait in this tier's queue, nothing runs here and no
-        stage has started for `idle` seconds, so this process's consumer is stuck (seen
+        stage has started for `idle` seconds (at least 60), so this process's consumer is stuck (seen
         after a broker killed mid-batch: the connection never reported lost). Exit, for
         the process manager to start a fresh worker; nothing is running to lose."""
         rt = self.runtime
-        if waiting and not rt.inflight() and time.monotonic() - rt.last_stage_at > self.idle:
+        # at least a minute: a fresh worker's consumer may take a while to start
+        if waiting and not rt.inflight() and time.monotonic() - rt.last_stage_at > max(self.idle, 60.0):
             log.error("worker.consumer_stuck", tier=self.tier.name, waiting=waiting,
                       idle_s=round(time.monotonic() - rt.last_stage_at))
             os._exit(75)  # EX_TEMPFAIL: restart me
