@@ -4,7 +4,7 @@ spare ports. Every job finishes without a human step, none has two final results
 and counts, costs and backend calls reconcile with the attempts.
 
 Shorter than `cascade bench faults`, with the same behaviour: 80 jobs (the bench: 300),
-SIGTERM and kill -9 of one tier's worker (the bench: each tier's), the
+kill -9 of one tier's worker (the bench: SIGTERM and kill -9 of each tier's), the
 database stopped for 5 s (the bench: 20 s and 3 min; the code path is the same,
 stage retries and the stage waiting to record), and a lost message re-sent after
 10 s without a heartbeat (CASCADE_STALE_AFTER; default 60 s)."""
