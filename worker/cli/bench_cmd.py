@@ -12,6 +12,7 @@ from router.lab.risk_check import coverage, render
 from router.lab.tuners import RiskSpec
 from worker.bench import BenchConfig, run_pipeline_bench
 from worker.bench_api import ApiBenchConfig, run_api_bench
+from worker.faults import SCENARIOS, FaultConfig, run_faults
 
 from .common import user_errors
 
@@ -116,8 +117,6 @@ def faults(scenarios, jobs, threads, short_outage, long_outage, budget, as_json)
     """Faults injected mid-batch on a private Redis and PostgreSQL: workers killed, the
     broker restarted or emptied, the database stopped, backends hanging or failing, a
     poison item, the submitter killed; each reconciled against the model server."""
-    from worker.faults import SCENARIOS, FaultConfig, run_faults
-
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         raise click.ClickException(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
