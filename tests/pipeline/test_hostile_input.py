@@ -85,7 +85,7 @@ def test_hostile_lines_fail_alone_on_postgresql(pg_url, tmp_path):
         8: "line 8: note: contains a lone surrogate",
         9: "line 9: id: contains a NUL character",
         12: "line 12: id 'g1' already used on line 10",
-        13: "line 13: category must be a string",
+        13: "line 13: category: must be a string",
         14: "line 14: not valid JSON (Exceeds the limit",
     }
     for n, msg in expect.items():
