@@ -671,12 +671,10 @@ EXPIRED)
         t = now()
         with self.tx() as c:
             ids = c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
-                            .values(status=CANCELLED, finished_at=t, updated_at=t, error="cancelled")
+                            .values(status=CANCELLED, finished_at=t, updated_at=t, error=error)
                             .returning(jobs.c.id)).scalars().all()
             n = len(ids)
             self._forget_content(c, ids)
-            n = c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
-                          .values(status=CANCELLED, finished_at=t, updated_at=t, error=error)).rowcount
             if n:
                 c.execute(update(batches).where(batches.c.id == batch_id).values(
                     done=batches.c.done + n, cancelled=batches.c.cancelled + n, updated_at=t))

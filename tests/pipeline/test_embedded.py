@@ -168,7 +168,8 @@ def test_failing_tier_falls_back_and_last_tier_failure_fails_the_job(bench, tmp_
 
 
 def test_cancel_stops_unfinished_jobs_and_keeps_finished_ones(bench, tmp_path):
-    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    # the first tier waits its recorded latencies, so most jobs are still open when the workers stop
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2], slow_first=True)
     portfolio = load_portfolio(path)
     home = tmp_path / "h"
     settings = Settings(home=home)
