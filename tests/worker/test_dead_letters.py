@@ -164,7 +164,8 @@ def test_a_job_that_kills_its_worker_every_time_fails_alone(bench, distributed, 
 def test_jobs_past_their_deadline_expire_instead_of_waiting_forever(bench, distributed, supervisor, tmp_path):
     settings, _ = distributed
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3])
-    sup = supervisor(path, CASCADE_SWEEP_INTERVAL="1")
+    # ping (the readiness check) needs remote control, which is off by default
+    sup = supervisor(path, CASCADE_SWEEP_INTERVAL="1", CASCADE_REMOTE_CONTROL="flower")
     sup.start("t0")  # no worker for t1: escalated jobs make no progress
     wait_ready(settings, "t0")  # the deadline must not pass while the worker is still starting
     store = Store(settings.db_url)

@@ -52,13 +52,15 @@ def test_flower_shows_tier_queues_workers_and_tasks_behind_auth(bench, distribut
     portfolio = load_portfolio(path)
     w = workers(path)
     w.env["CASCADE_CANARY_INTERVAL"] = "1"  # canaries: the first tasks Flower sees, once events flow
+    w.env["CASCADE_REMOTE_CONTROL"] = "flower"  # remote control is off by default; Flower needs its read-only part
     for t in portfolio.tiers:
         w.start(t.name)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "flower.log", "wb")
     flower = subprocess.Popen([sys.executable, "-m", "worker.cli", "flower", "--port", str(port)],
-                              env={**os.environ, **env, "CASCADE_FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"},
+                              env={**os.environ, **env, "CASCADE_FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}",
+                                   "CASCADE_REMOTE_CONTROL": "flower"},
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         auth = (USER, PASSWORD)
