@@ -62,6 +62,7 @@ def test_counters_scraped_during_a_batch_equal_postgres(bench, distributed, work
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
     portfolio = load_portfolio(path)
     w = workers(path)
+    w.env["CASCADE_REMOTE_CONTROL"] = "flower"  # the readiness ping needs the read-only remote control
     ports = {t: free_port() for t in ("t0", "t1", "t2")}
     for t in ("t0", "t1"):
         w.start(t, "--metrics-port", str(ports[t]))
@@ -126,6 +127,7 @@ def test_health_check_fails_when_a_live_worker_stops_consuming(bench, distribute
     settings, _ = distributed
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS[:2], [-0.3])
     w = workers(path)
+    w.env["CASCADE_REMOTE_CONTROL"] = "full"  # the test itself cancels the consumer (off by default)
     w.env.update(CASCADE_CANARY_INTERVAL="0.5", CASCADE_CANARY_MAX_AGE="4")
     port = free_port()
     proc = w.start("t0", "--metrics-port", str(port))
