@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 from router.core.attempt import Query, TokenLogprob
 from router.core.errors import CascadeError, UserError
@@ -110,6 +110,19 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, query: Query, needs: Needs) -> BackendResult: ...
+
+    def generate_many(self, queries: Sequence[Query], needs: Needs) -> list[BackendResult | BackendFailure]:
+        """One call per query of a stage, in order; a query whose call failed gets its
+        BackendFailure in its place, so one bad job never costs the others their answers.
+        This default calls one at a time; a backend that serves many requests at once
+        (an HTTP server, batched local decoding) overrides it."""
+        out: list[BackendResult | BackendFailure] = []
+        for q in queries:
+            try:
+                out.append(self.generate(q, needs))
+            except BackendFailure as e:
+                out.append(e)
+        return out
 
     def close(self) -> None:
         pass
