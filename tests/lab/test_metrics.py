@@ -127,7 +127,8 @@ def test_single_policy_frontier_and_aiq(hand):
 CANNOT_RUN_HERE = {
     "automix": "p_true",  # reads a self-verification probability
     "lm-cascade": "no token log-probs",  # the format records a completion's mean log-prob only
-    **{p: "too few" for p in ("frugalgpt", "routellm", "hybrid-llm", "optllm", "cargo")},  # learned: >= 20 rows
+    **{p: "too few" for p in ("frugalgpt", "routellm", "hybrid-llm", "optllm", "cargo", "cascade-routing")},
+    # learned: >= 20 rows
 }
 
 

@@ -12,17 +12,15 @@ from click.testing import CliRunner
 from helpers.env import BENCH
 from helpers.labelled import chosen_knobs, scramble
 
-from router.core import cascade
 from router.core.attempt import Attempt, Query
 from router.core.errors import PolicyError
 from router.core.policies import POLICIES, make_policy
 from router.core.policies.automix import AutoMix
 from router.core.policies.cascade_routing import CascadeRouting
 from router.core.policy import Needs, TierInfo
-from router.core.records import Dataset, Record, Response, load_dataset
+from router.core.records import Dataset, load_dataset
 from router.lab.evaluate import evaluate
 from router.lab.labelled import prepare
-from router.lab.simulate import TierModel, simulate
 from router.lab.tuners import TUNERS, fit
 from router.lab.tuning import NotApplicable, Target, pav
 from worker.cli.tune_cmd import tune
@@ -38,75 +36,6 @@ Q = Query("q1", "?")
 def att(tier: int, signal: float | None, name: str = "logprob") -> Attempt:
     t = TIERS[tier]
     return Attempt(t.name, t.index, t.name, "ans-" + t.name, {} if signal is None else {name: signal})
-
-
-def est(edges, levels, dist, cost, missing=0.5, **kw):
-    return {"cost": cost, "edges": edges, "levels": levels, "missing": missing, "dist": dist, **kw}
-
-
-CR_EST = {
-    "a": est([-0.5], [0.2, 0.9], [[0.2, 0.5], [0.9, 0.5]], 0.0),
-    "b": est([], [0.5], [[0.0, 0.5], [1.0, 0.5]], 1.0),
-    "c": est([], [0.95], [[0.95, 1.0]], 10.0),
-}
-
-
-def cr(lam: float, **kw) -> CascadeRouting:
-    return make_policy("cascade-routing", TIERS, {"estimates": CR_EST, "lam": lam, "chain": ["a", "b", "c"], **kw})
-
-
-# -- cascade routing: known decisions ----------------------------------------------
-def test_cascade_routing_picks_the_best_gain_per_cost_or_stops():
-    # q_a = 0.2; gain_b = 0.5 * 0.8 = 0.4, gain_c = 0.75
-    d = cr(0.01).decide(Q, [att(0, -1.0)])  # b: 0.39, c: 0.65 -> c (skips b)
-    assert (d.action, d.next_tier) == ("escalate", 2)
-    d = cr(0.1).decide(Q, [att(0, -1.0)])  # b: 0.3, c: -0.25 -> b
-    assert (d.action, d.next_tier) == ("escalate", 1)
-    d = cr(1.0).decide(Q, [att(0, -1.0)])  # b: -0.6, c: -9.25 -> stop
-    assert d.action == "accept" and d.answer_from == 0
-    # confident first answer (q = 0.9): b gains 0.05, c 0.05
-    assert cr(0.06).decide(Q, [att(0, 0.0)]).action == "accept"
-    assert cr(0.0).decide(Q, [att(0, 0.0)]).next_tier == 1  # ties: the cheaper
-    # absent signal -> `missing` (0.5): gain_b = 0.25, gain_c = 0.45
-    assert cr(0.01).decide(Q, [att(0, None)]).next_tier == 2  # b: 0.24, c: 0.35
-    assert cr(0.03).decide(Q, [att(0, None)]).next_tier == 1  # b: 0.22, c: 0.15
-    p = cr(0.1)
-    assert p.needs(0) == Needs(signals=("logprob",))
-    assert json.loads(json.dumps(p.params())) == p.params()
-    assert make_policy("cascade-routing", TIERS, p.params()).params() == p.params()
-
-
-def test_cascade_routing_returns_the_best_estimated_answer_not_the_last():
-    # a answers with q 0.9 after b (q 0.5) was called: a's answer is returned
-    p = cr(0.0, chain=["b", "a"])
-    d = cascade.step(p, Q, p.plan(Q), [att(1, 0.0), att(0, 0.0)])
-    assert d.action == "accept" and d.answer_from == 1
-    d = cascade.step(p, Q, p.plan(Q), [att(1, 0.0)])
-    assert (d.action, d.next_tier) == ("escalate", 0)
-    # end to end through simulate: b is wrong, a right, a's answer wins
-    rec = Record("r", "?", "test", None, None, {
-        "a": Response("A", 1.0, 0.0, 1.0, 1, 1, 0.0, None),
-        "b": Response("B", 0.0, 1.0, 1.0, 1, 1, 0.0, None),
-        "c": Response("C", 0.0, 10.0, 1.0, 1, 1, 0.0, None),
-    })
-    out = simulate(p, [TierModel(t.name, t.name) for t in TIERS], [rec])[0]
-    assert out.calls == ["b", "a"] and out.final_model == "a" and out.correct == 1.0 and out.cost_usd == 1.0
-
-
-def test_cascade_routing_per_category_and_bad_params():
-    e = dict(CR_EST)
-    e["b"] = est([], [0.5], [[0.0, 0.5], [1.0, 0.5]], 1.0, by_category={"easy": [[0.0, 1.0]]})
-    p = make_policy("cascade-routing", TIERS, {"estimates": e, "lam": 0.1, "chain": ["a", "b"]})
-    assert p.decide(Q, [att(0, -1.0)]).next_tier == 1
-    assert p.decide(Query("q2", "?", "easy"), [att(0, -1.0)]).action == "accept"  # b never right on "easy"
-    with pytest.raises(PolicyError, match="estimates"):
-        make_policy("cascade-routing", TIERS, {"lam": 1.0})
-    with pytest.raises(PolicyError, match="levels"):
-        make_policy("cascade-routing", TIERS, {"estimates": {"a": est([0.0], [0.5], [[0.5, 1]], 0.0)}})
-    with pytest.raises(PolicyError, match="lam"):
-        make_policy("cascade-routing", TIERS, {"estimates": CR_EST, "lam": -1})
-    with pytest.raises(PolicyError, match="not a tier"):
-        make_policy("cascade-routing", TIERS, {"estimates": CR_EST, "chain": ["a", "x"]})
 
 
 def test_pav_is_monotone_and_keeps_the_weighted_mean():

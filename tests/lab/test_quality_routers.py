@@ -9,10 +9,9 @@ import random
 import numpy as np
 import pytest
 
-from router.core.attempt import Attempt, Query
+from router.core.attempt import Query
 from router.core.errors import PolicyError
 from router.core.policies import make_policy
-from router.core.policies.cascade_routing import CascadeRouting
 from router.core.policies.optllm import assign_batch, pareto_front, route_all
 from router.core.policy import TierInfo, tier_infos
 from router.core.quality import QueryEncoder, bradley_terry, pack, predictor_from_params
@@ -91,20 +90,6 @@ def test_optllm_front_is_non_dominated_and_covers_every_lam():
     assert got["cost"] <= b and got["quality"] == max(q for c, q in pts if c <= b)
     with pytest.raises(PolicyError, match="below the cheapest"):
         assign_batch(Q, costs, -1.0)
-
-
-def test_cascade_routing_with_lam_zero_ends_at_the_best_quality_model():
-    tiers = [TierInfo("a", 0), TierInfo("b", 1), TierInfo("c", 2)]
-    est = {n: {"cost": c, "edges": [], "levels": [q], "missing": q, "dist": [[q, 1.0]]}
-           for n, c, q in (("a", 1.0, 0.3), ("b", 5.0, 0.9), ("c", 9.0, 0.6))}
-    pol = CascadeRouting(tiers, estimates=est, lam=0.0, chain=["a", "b", "c"])
-    q = Query("q", "x")
-    attempts = [Attempt("a", 0, "a", "ans-a", {"logprob": -1.0}, 0.0, None, None, None)]
-    d = pol.decide(q, attempts)
-    assert d.action == "escalate" and d.next_tier == 1
-    attempts.append(Attempt("b", 1, "b", "ans-b", {"logprob": -1.0}, 0.0, None, None, None))
-    d = pol.decide(q, attempts)
-    assert d.action == "accept" and d.answer_from == 1  # c cannot beat b's 0.9: stop, answer from b
 
 
 def _linear_router(lam: float) -> object:
