@@ -97,6 +97,12 @@ class QueryEncoder:
                 QueryEncoder._cache[(self.text, self.buckets, p)] = v
         return np.stack([self._cache[k] for k in keys]) if keys else np.zeros((0, self.text_dim))
 
+    def warm(self, texts: Sequence[str]) -> None:
+        """Hash a replay's texts in one batch (one call per query costs more than the
+        hashing); embeddings are left to be computed for the prompts a policy reads."""
+        if self.text == "hashed":
+            self._text(list(dict.fromkeys(texts))[: self.CACHE // 2])
+
     def matrix(self, prompts: Sequence[str], categories: Sequence[str | None]) -> np.ndarray:
         n = len(prompts)
         X = np.zeros((n, self.dim))

@@ -302,6 +302,10 @@ class CascadeRouting(Policy):
             hit = self._cache[key] = tuple(logit(float(v)) for v in a)
         return hit
 
+    def warm(self, texts: Sequence[str]) -> None:
+        if self.encoder is not None:
+            self.encoder.warm(texts)
+
     def answer(self, text: str | None) -> Any:
         key = (self.answer_kind, text)
         if key not in _ANSWERS:

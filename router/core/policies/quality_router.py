@@ -71,6 +71,9 @@ class QualityRouter(Policy):
             QualityRouter._pcache.clear()
         self._cache = QualityRouter._pcache.setdefault(fp, {})
 
+    def warm(self, texts: Sequence[str]) -> None:
+        self.encoder.warm(texts)
+
     def qualities(self, query: Query) -> np.ndarray:
         """Predicted quality per tier of `order` (cached per fitted predictor, so the many
         instances an evaluation builds at different lam predict each query once)."""

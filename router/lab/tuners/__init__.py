@@ -13,6 +13,8 @@ import difflib
 import functools
 from typing import Any, Callable, Sequence
 
+from threadpoolctl import threadpool_limits
+
 from router.core.errors import InternalError
 from router.core.policies import POLICIES, make_policy
 from router.core.policy import TierInfo, tier_infos
@@ -92,5 +94,6 @@ def fit(policy: str, train_records: Sequence[Record], tiers: Sequence[TierModel]
     returned train accuracy and cost are replayed with `router.simulate`."""
     if not train_records:
         raise TuningError("no train rows to fit on")
-    table = build_table(train_records, tiers)
-    return confirm(make_tuner(policy, table, tier_infos(tiers), **options).select(target), train_records, tiers)
+    with threadpool_limits(limits=1):  # small matrices: one BLAS thread (see router.lab.evaluate)
+        table = build_table(train_records, tiers)
+        return confirm(make_tuner(policy, table, tier_infos(tiers), **options).select(target), train_records, tiers)
