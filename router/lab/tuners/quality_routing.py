@@ -67,11 +67,22 @@ class QualityRoutingTuner(Tuner):
         self.configure(**options)
         e = self.enc = Encoded(table, infos, f"policy {self.policy!r}", text, buckets)
         n, k = table.n, len(e.order)
-        oof = np.full((n, k), np.nan)
-        self.fold_fits: list[tuple[dict[str, Any], np.ndarray]] = []
-        for tr, te in folds_of(n, inner_folds, holdout_above, seed):
-            self.fold_fits.append((self.fit_predictor(e.X[tr], e.Y[:, tr]), te))
-            oof[te] = predictor_from_params(self.fold_fits[-1][0], k, e.encoder.dim).predict(e.X[te])
+        folds = folds_of(n, inner_folds, holdout_above, seed)
+        tried: dict[Any, tuple[float, np.ndarray, list[tuple[dict[str, Any], np.ndarray]]]] = {}
+        for cand in self.candidates():  # e.g. the l2 penalty, chosen on the inner folds' log-loss
+            self.use(cand)
+            oof = np.full((n, k), np.nan)
+            fits: list[tuple[dict[str, Any], np.ndarray]] = []
+            for tr, te in folds:
+                fits.append((self.fit_predictor(e.X[tr], e.Y[:, tr]), te))
+                oof[te] = predictor_from_params(fits[-1][0], k, e.encoder.dim).predict(e.X[te])
+            ok = np.isfinite(oof[:, 0])
+            p = np.clip(oof[ok], 1e-6, 1 - 1e-6)
+            y = e.Y[:, ok].T
+            tried[cand] = (float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()), oof, fits)
+        best = min(tried, key=lambda c: (tried[c][0], str(c)))
+        self.use(best)
+        _, oof, self.fold_fits = tried[best]
         sel = np.flatnonzero(np.isfinite(oof[:, 0]))
         self.base = {"order": e.names, "costs": {m: float(c) for m, c in zip(e.names, e.rel_cost)},
                      "features": e.encoder.params(), "predictor": self.fit_predictor(e.X, e.Y)}
@@ -92,6 +103,9 @@ class QualityRoutingTuner(Tuner):
         self._acc_in, self._cost_in = np.array(acc_in), np.array(cost_in)
         self._acc_sel, self._cost_sel = np.array(acc_sel), np.array(cost_sel)
         self.search = {"predictor": self.base["predictor"]["kind"], "text": e.encoder.text, "order": e.names,
+                       **({"chosen_on_inner_folds": {"value": best, "log_loss": {str(c): round(v[0], 5)
+                                                                                  for c, v in tried.items()}}}
+                          if len(tried) > 1 else {}),
                        "lams": int(lams.size), "configurations": len(self.configs),
                        "lam_chosen_on": f"out-of-fold predictions on {sel.size} of {n} train rows"}
 
@@ -99,6 +113,14 @@ class QualityRoutingTuner(Tuner):
     def configure(self, **options: Any) -> None:
         if options:
             raise TuningError(f"policy {self.policy!r}: unknown tuning option(s) {sorted(options)}")
+
+    def candidates(self) -> list[Any]:
+        """Values of one fitting option to choose between on the inner folds (log-loss of
+        the out-of-fold predictions); `use(c)` sets one. Default: nothing to choose."""
+        return [None]
+
+    def use(self, candidate: Any) -> None:
+        pass
 
     def fit_predictor(self, X: np.ndarray, Y: np.ndarray) -> dict[str, Any]:
         raise NotImplementedError
