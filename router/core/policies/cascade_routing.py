@@ -149,13 +149,17 @@ _SUBSETS: dict[tuple[int, bool], np.ndarray] = {}
 _ANSWERS: dict[tuple[str, str | None], Any] = {}  # canonical answers: long worked answers parse slowly
 
 
+_MEMBERS: dict[tuple[int, bool], list[tuple[int, ...]]] = {}
+
+
 def subsets(u: int, with_empty: bool) -> np.ndarray:
     """Every subset of range(u) as rows of a 0/1 matrix, by size then lexicographically."""
     key = (u, with_empty)
     if key not in _SUBSETS:
-        rows = [[1.0 if i in T else 0.0 for i in range(u)]
-                for size in range(0 if with_empty else 1, u + 1) for T in itertools.combinations(range(u), size)]
-        _SUBSETS[key] = np.array(rows, dtype=float).reshape(len(rows), u)
+        sets = [T for size in range(0 if with_empty else 1, u + 1) for T in itertools.combinations(range(u), size)]
+        _MEMBERS[key] = sets
+        _SUBSETS[key] = np.array([[1.0 if i in T else 0.0 for i in range(u)] for T in sets],
+                                 dtype=float).reshape(len(sets), u)
     return _SUBSETS[key]
 
 
@@ -164,15 +168,18 @@ class SetValues:
     for the discrete distributions) and summed cost; `pick` applies a lam. Separate so
     that one computation serves every lam (the tuner's sweep, the evaluator's budgets)."""
 
-    __slots__ = ("unrun", "A", "value", "cost", "size", "q_pres", "costs")
+    __slots__ = ("unrun", "A", "value", "cost", "size", "q_pres", "costs", "members", "_order", "_first_of")
 
     def __init__(self, models: Sequence[Model], costs: Sequence[float], q_pres: Sequence[float],
                  run_pos: Sequence[int], q_run: Sequence[float]):
         done = set(run_pos)
         self.unrun = [p for p in range(len(models)) if p not in done]
         self.q_pres, self.costs = q_pres, costs
+        self._order: np.ndarray | None = None
+        self._first_of: list[int | None] | None = None
         known = max(q_run, default=0.0)
         if not self.unrun:
+            self.members: list[tuple[int, ...]] = [()]
             self.A = np.zeros((1, 0))
             self.value, self.cost, self.size = np.array([known]), np.zeros(1), np.zeros(1)
             return
@@ -180,6 +187,7 @@ class SetValues:
         grid = np.sort(np.concatenate(sup + [np.array([known, 1.0])]))
         grid = grid[grid >= known]
         self.A = subsets(len(self.unrun), bool(run_pos))
+        self.members = _MEMBERS[(len(self.unrun), bool(run_pos))]
         if grid.size >= 2:
             F = np.stack([np.searchsorted(s, grid[:-1], side="right") / s.size for s in sup])
             P = np.exp(self.A @ np.log(np.maximum(F, 1e-300)))
@@ -197,20 +205,22 @@ class SetValues:
 
     def pick_many(self, lams: np.ndarray) -> tuple[list[int | None], np.ndarray]:
         """`pick` for every lam at once."""
-        order = np.lexsort((np.arange(self.A.shape[0]), self.size, self.cost))  # ties: cheaper, smaller, first
+        if self._order is None:  # ties: the cheaper set, then the smaller, then the first
+            self._order = np.lexsort((np.arange(self.A.shape[0]), self.size, self.cost))
+        order = self._order
         score = self.value[order, None] - self.cost[order, None] * lams[None, :]
         top = score.max(axis=0)
         best = order[np.argmax(score >= top - 1e-12, axis=0)]
-        first = self._first()
-        return [first[b] for b in best], top
+        return [self._first(int(b)) for b in best], top
 
-    def _first(self) -> list[int | None]:
-        """Per set: the model that runs first (the cheapest; ties: the higher q_pre)."""
-        out: list[int | None] = []
-        for row in self.A:
-            T = [self.unrun[i] for i in np.flatnonzero(row)]
-            out.append(min(T, key=lambda p: (self.costs[p], -self.q_pres[p], p)) if T else None)
-        return out
+    def _first(self, b: int) -> int | None:
+        """The model of set b that runs first (the cheapest; ties: the higher q_pre)."""
+        if self._first_of is None:
+            self._first_of = [-1] * len(self.members)  # -1: not computed yet (None: the empty set)
+        if self._first_of[b] == -1:
+            T = [self.unrun[i] for i in self.members[b]]
+            self._first_of[b] = min(T, key=lambda p: (self.costs[p], -self.q_pres[p], p)) if T else None
+        return self._first_of[b]
 
 
 def choose(models: Sequence[Model], costs: Sequence[float], lam: float, q_pres: Sequence[float],
