@@ -28,6 +28,7 @@ from . import metrics
 from .backends import Backend, BackendFailure, TransientBackendError
 from .breaker import breaker_of
 from .dispatch import queue_for
+from .extra_calls import with_extra_calls
 from .jobs import EXPIRED, FINAL, StageOutcome, attempt_from_row, plan_of, query_of
 from .logs import context
 from .runtime import Runtime
@@ -52,7 +53,7 @@ def call_backend(backend: Backend, tier: Tier, index: int, query: Query, needs: 
     while True:
         try:
             call_started = time.perf_counter()
-            r = backend.generate(query, needs)
+            r = with_extra_calls(backend, query, needs, backend.generate(query, needs))
             backend_ms = (time.perf_counter() - call_started) * 1000
             break
         except TransientBackendError as e:

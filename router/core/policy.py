@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, Protocol, Sequence
 
 from .attempt import Attempt, Query
 from .errors import PolicyError
+from .live_signals import CALLS_FOR
 from .signals import check_signal_name
 
 
@@ -178,6 +179,8 @@ class ChainPolicy(Policy):
     signal: str
 
     def needs(self, tier: int) -> Needs:
+        if tier == self.chain[-1] and self.signal in CALLS_FOR:
+            return Needs()  # its answer is always accepted: no extra calls for a live signal it would not read
         return Needs(signals=(self.signal,))
 
     def plan(self, query: Query) -> Plan:

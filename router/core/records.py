@@ -6,6 +6,8 @@ It is also the documented format for a user's own logged, labelled traffic.
      "gold": str|null, "labels": str|null, "responses": {model: {"text", "correct", "cost_usd",
      "latency_ms", "tokens_in", "tokens_out", "logprob", "p_true"}}}
 
+A row without a prompt is a live recording of a shared question (data/local-bench):
+its prompt, gold and grades are joined from the shared files (router.core.questions).
 `labels`, when given, says what `correct` means if it is not a real grade (pseudo-labels:
 "agreement with <model>"). Every missing or malformed field is an error naming the file, line and field.
 A model absent from a row, and `null` values, mean "not recorded", never zero.
@@ -17,13 +19,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from . import signals as sig
-from .attempt import Attempt, Query
+from .attempt import Attempt, Query, TokenLogprob
 from .errors import RecordsError
+from .live_signals import CALL_KINDS, calls_needed, from_calls
+from .questions import join
 
-RESPONSE_FIELDS = ("text", "correct", "cost_usd", "latency_ms", "tokens_in", "tokens_out", "logprob", "p_true", "signals")
+RESPONSE_FIELDS = ("text", "correct", "cost_usd", "latency_ms", "tokens_in", "tokens_out", "logprob", "p_true", "signals",
+                   "token_logprobs", "calls")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,24 @@ class Response:
     p_true: float | None
     # further named confidence signals (router.core.signals names), e.g. from token log-probs
     signals: Mapping[str, float] = field(default_factory=dict)
+    # a live recording's raw outputs (data/local-bench): the answer's [[token, logprob], ...] and
+    # its extra calls {kind: [{text, cost_usd, latency_ms, tokens_in, tokens_out, token_logprobs}]};
+    # the signals above are derived from them when the row is read, by the workers' own code
+    token_logprobs: tuple[tuple[str, float], ...] | None = None
+    calls: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=dict)
+
+    def calls_cost(self, signals: Sequence[str], price=None) -> tuple[float, float]:
+        """Cost and latency of the extra calls the named signals need (0 for none); a call
+        without a recorded cost is priced at `price` on its tokens, as the workers do."""
+        cost = latency = 0.0
+        for kind in calls_needed(signals):
+            for c in self.calls.get(kind, ()):
+                if c.get("cost_usd") is not None:
+                    cost += float(c["cost_usd"])
+                elif price is not None:
+                    cost += price.cost(c.get("tokens_in"), c.get("tokens_out"))
+                latency += float(c.get("latency_ms") or 0.0)
+        return cost, latency
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,13 @@ def parse_response(raw: Any, where: str) -> Response:
         raise RecordsError(f"{where}: cost_usd must be a finite number >= 0, got {cost}")
     # Confidences may legitimately be -inf/NaN in logged data; they are kept here
     # and dropped as "absent" by router.signals, never turned into a number.
+    tokens = _token_logprobs(raw.get("token_logprobs"), where, "token_logprobs")
+    calls = _calls(raw.get("calls"), where)
+    signals = _signals(raw.get("signals"), where)
+    if tokens:
+        signals = {**sig.from_tokens([TokenLogprob(t, lp) for t, lp in tokens]), **signals}
+    if calls:
+        signals = {**from_calls(text, calls), **signals}
     return Response(
         text=text,
         correct=correct,
@@ -121,8 +151,39 @@ def parse_response(raw: Any, where: str) -> Response:
         tokens_out=_num(raw.get("tokens_out"), where, "tokens_out", integer=True),
         logprob=_num(raw.get("logprob"), where, "logprob"),
         p_true=_num(raw.get("p_true"), where, "p_true"),
-        signals=_signals(raw.get("signals"), where),
+        signals=signals,
+        token_logprobs=tokens,
+        calls=calls,
     )
+
+
+def _token_logprobs(raw: Any, where: str, name: str) -> tuple[tuple[str, float], ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                            for p in raw):
+        raise RecordsError(f"{where}: {name} must be a list of [token, logprob] pairs")
+    return tuple((p[0], float(_num(p[1], where, name))) for p in raw)
+
+
+def _calls(raw: Any, where: str) -> dict[str, tuple[dict[str, Any], ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) - set(CALL_KINDS):
+        raise RecordsError(f"{where}: calls must be an object with the kinds {', '.join(CALL_KINDS)}")
+    out = {}
+    for kind, calls in raw.items():
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise RecordsError(f"{where}: calls.{kind} must be a list of objects")
+        for i, c in enumerate(calls):
+            w = f"calls.{kind}[{i}]"
+            if c.get("text") is not None and not isinstance(c["text"], str):
+                raise RecordsError(f"{where}: {w}.text must be a string or null")
+            for key in ("cost_usd", "latency_ms", "tokens_in", "tokens_out"):
+                _num(c.get(key), where, f"{w}.{key}")
+            _token_logprobs(c.get("token_logprobs"), where, f"{w}.token_logprobs")
+        out[kind] = tuple(calls)
+    return out
 
 
 def _signals(raw: Any, where: str) -> dict[str, float]:
@@ -198,6 +259,8 @@ def load_dataset(path: str | Path) -> Dataset:
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RecordsError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(raw, dict) and "prompt" not in raw and "id" in raw:
+                raw = join(raw, where)  # a live recording: the question from the shared files
             rec = parse_record(raw, where, n)
             if rec.id in seen_ids:
                 raise RecordsError(f"{where}: id {rec.id!r} already used on line {seen_ids[rec.id]}")
@@ -216,19 +279,22 @@ def load_dataset(path: str | Path) -> Dataset:
 
 
 def attempt_from_response(
-    tier: str, tier_index: int, model: str, resp: Response | None, *, price=None
+    tier: str, tier_index: int, model: str, resp: Response | None, *, price=None, signals: Sequence[str] = ()
 ) -> Attempt:
     """The attempt a replayed call yields: recorded text, cost and confidences.
 
     A model not recorded for this row is a failed call (the worker falls back),
     never an empty answer. Cost: the recorded `cost_usd`; where the source did not
     record one, the tier's price applied to the recorded tokens (0 without a price).
+    `signals`: what the policy reads at this tier; the recorded extra calls those
+    need (live signals) add their cost and latency, as they do in the workers.
     """
     if resp is None:
         return Attempt(tier, tier_index, model, None, error=f"no recorded response of model {model!r}")
     cost = resp.cost_usd
     if cost is None:
         cost = price.cost(resp.tokens_in, resp.tokens_out) if price is not None else 0.0
+    extra_cost, extra_ms = resp.calls_cost(signals, price)
     return Attempt(
         tier=tier,
         tier_index=tier_index,
@@ -236,8 +302,8 @@ def attempt_from_response(
         text=resp.text,
         signals={**{k: v for k, v in resp.signals.items() if sig.get(resp.signals, k) is not None},
                  **sig.from_record(resp.logprob, resp.p_true)},
-        cost_usd=cost,
-        latency_ms=resp.latency_ms,
+        cost_usd=cost + extra_cost,
+        latency_ms=None if resp.latency_ms is None else resp.latency_ms + extra_ms,
         tokens_in=resp.tokens_in,
         tokens_out=resp.tokens_out,
     )
@@ -246,9 +312,14 @@ def attempt_from_response(
 def record_json(rec: Record, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A record as one line of the benchmarks format (what `parse_record` reads back)."""
     def response(r: Response) -> dict[str, Any]:
-        out: dict[str, Any] = {k: getattr(r, k) for k in RESPONSE_FIELDS if k != "signals"}
+        out: dict[str, Any] = {k: getattr(r, k) for k in RESPONSE_FIELDS if k not in ("signals", "token_logprobs",
+                                                                                        "calls")}
         if r.signals:
             out["signals"] = dict(r.signals)
+        if r.token_logprobs is not None:
+            out["token_logprobs"] = [list(p) for p in r.token_logprobs]
+        if r.calls:
+            out["calls"] = {k: [dict(c) for c in v] for k, v in r.calls.items()}
         return out
 
     return {"id": rec.id, **(dict(extra) if extra else {}), "split": rec.split, "category": rec.category,

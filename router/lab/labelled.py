@@ -254,7 +254,9 @@ class Table:
         return self.cost.mean(axis=1)
 
 
-def build_table(records: Sequence[Record], tiers: Sequence[TierModel]) -> Table:
+def build_table(records: Sequence[Record], tiers: Sequence[TierModel], signals: Sequence[str] = ()) -> Table:
+    """`signals`: what the policy to be tuned reads; the recorded extra calls of live
+    signals among them add their cost and latency to every cell (as in simulate)."""
     k, n = len(tiers), len(records)
     correct = np.full((k, n), np.nan)
     cost = np.zeros((k, n))
@@ -268,7 +270,7 @@ def build_table(records: Sequence[Record], tiers: Sequence[TierModel]) -> Table:
             resp = rec.responses.get(tm.model)
             if resp is None or resp.correct is None:
                 raise DataError(f"line {rec.line}: model {tm.model!r} has no scorable response (prepare() drops such rows)")
-            a = attempt_from_response(tm.name, i, tm.model, resp, price=tm.price)
+            a = attempt_from_response(tm.name, i, tm.model, resp, price=tm.price, signals=signals)
             correct[i, j] = resp.correct
             cost[i, j] = a.cost_usd
             if a.latency_ms is not None and math.isfinite(a.latency_ms):

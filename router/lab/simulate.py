@@ -58,7 +58,8 @@ def simulate_record(policy: Policy, tiers: Sequence[TierModel], record: Record) 
     while True:
         tm = tiers[tier]
         attempts.append(
-            attempt_from_response(tm.name, tier, tm.model, record.responses.get(tm.model), price=tm.price)
+            attempt_from_response(tm.name, tier, tm.model, record.responses.get(tm.model), price=tm.price,
+                                  signals=policy.needs(tier).signals)
         )
         d = cascade.step(policy, query, begin.plan, attempts)
         reasons.append(f"{tm.name}: {d.action} ({d.reason})")

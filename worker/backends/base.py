@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Sequence
 
 from router.core.attempt import Query, TokenLogprob
 from router.core.errors import CascadeError, UserError
+from router.core.live_signals import CALLS_FOR
 from router.core.policy import Needs
 from router.core.portfolio import Tier
 
@@ -63,6 +64,8 @@ class Backend(ABC):
 
     def provides(self, signal: str) -> bool:
         """Whether this backend's results can carry this signal."""
+        if signal in CALLS_FOR:  # live signals: extra calls any backend answers (worker.extra_calls)
+            return True
         if signal == "p_true":
             return "verify" in self.capabilities
         return "logprobs" in self.capabilities

@@ -4,19 +4,26 @@ its real cost, latency, correctness and confidences.
 
 Options: file (path), model (model id in the file), sleep (bool: wait the
 recorded latency, default false).
+
+A live recording (data/local-bench) also holds each answer's token log-probs and its
+extra calls (samples, self-verifications, Self-REF): the answer is served with its
+tokens, and an extra call of `worker.extra_calls` (id `<row id>#<kind><n>`) with the
+recorded output of that call, so the live-signal policies replay as they ran.
 """
 from __future__ import annotations
 
 import difflib
+import re
 import threading
 import time
 from functools import lru_cache
 
-from router.core.attempt import Query
+from router.core.attempt import Query, TokenLogprob
+from router.core.live_signals import CALL_KINDS, CALLS_FOR
 from router.core.policy import Needs
 from router.core.portfolio import Tier
 from router.core.records import Dataset, RecordsError, load_dataset
-from router.core.signals import from_record
+from router.core.signals import SIGNALS, from_record
 
 from .base import (
     Backend,
@@ -29,6 +36,7 @@ from .base import (
 )
 
 _lock = threading.Lock()
+_DERIVED = re.compile(rf"(.+)#({'|'.join(CALL_KINDS)})(\d+)")
 
 
 @lru_cache(maxsize=8)
@@ -68,8 +76,16 @@ class ReplayBackend(Backend):
             )
 
     def provides(self, signal: str) -> bool:
-        # recorded confidences only; a file may still lack them on some rows (then absent)
-        return signal in ("logprob", "p_true")
+        # recorded confidences, token signals and live signals (served from the recorded calls);
+        # a file may still lack them on some rows (then absent)
+        if signal in ("logprob", "p_true"):
+            return True
+        if signal in CALLS_FOR:
+            return self._recorded("calls")
+        return signal in SIGNALS and self._recorded("token_logprobs")
+
+    def _recorded(self, what: str) -> bool:
+        return any(getattr(r.responses.get(self.model), what, None) for r in self.ds.records)
 
     @classmethod
     def check_options(cls, tier: Tier) -> None:
@@ -81,6 +97,9 @@ class ReplayBackend(Backend):
         return refused_field(query, frozenset(), chat=False)
 
     def generate(self, query: Query, needs: Needs) -> BackendResult:
+        derived = _DERIVED.fullmatch(query.id)
+        if derived and derived.group(1) in self.by_id:
+            return self._extra_call(*derived.groups())
         self.check_request(query)
         i = self.by_id.get(query.id)
         if i is None:
@@ -97,6 +116,7 @@ class ReplayBackend(Backend):
             time.sleep(resp.latency_ms / 1000)
         return BackendResult(
             text=resp.text or "",
+            tokens=_tokens(resp.token_logprobs),
             signals=from_record(resp.logprob, resp.p_true),
             tokens_in=resp.tokens_in,
             tokens_out=resp.tokens_out,
@@ -104,3 +124,24 @@ class ReplayBackend(Backend):
             cost_usd=resp.cost_usd,
             meta={"correct": resp.correct, "record": rec.id},
         )
+
+    def _extra_call(self, row_id: str, kind: str, n: str) -> BackendResult:
+        rec = self.ds.records[self.by_id[row_id]]
+        resp = rec.responses.get(self.model)
+        calls = () if resp is None else resp.calls.get(kind, ())
+        if int(n) >= len(calls):
+            raise BackendFailure(f"replay: row {row_id!r} of {self.path} has no recorded {kind} call {n} of model "
+                                 f"{self.model!r} ({len(calls)} recorded)")
+        c = calls[int(n)]
+        if self.sleep and c.get("latency_ms"):
+            time.sleep(c["latency_ms"] / 1000)
+        return BackendResult(text=c.get("text") or "", tokens=_tokens(c.get("token_logprobs")),
+                             tokens_in=c.get("tokens_in"), tokens_out=c.get("tokens_out"),
+                             latency_ms=c.get("latency_ms"), cost_usd=c.get("cost_usd"),
+                             meta={"record": row_id})
+
+
+def _tokens(pairs) -> list[TokenLogprob] | None:
+    if not pairs:
+        return None
+    return [TokenLogprob(t, float("nan") if lp is None else float(lp)) for t, lp in pairs]

@@ -36,6 +36,8 @@ _COMMANDS = {
                      "grade models by agreement with a reference model's answers (no labels needed)"),
     "calibrate": ("worker.cli.calibrate_cmd:calibrate",
                   "run a traffic sample through every tier; write it labelled by agreement with the top tier"),
+    "record": ("worker.cli.record_cmd:record",
+               "every local model on a shared question set, with live signals: the local benchmark file"),
     "feedback": ("worker.cli.feedback_cmd:feedback", "record graded outcomes of jobs; export them for re-tuning"),
 }
 

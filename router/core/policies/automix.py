@@ -18,6 +18,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any, Mapping, Sequence
 
+from .. import pomdp
 from ..attempt import Attempt, Query
 from ..errors import PolicyError
 from ..policy import ChainPolicy, Decision, Knob, TierInfo, finite_number
@@ -53,11 +54,16 @@ class Step:
 
     def expected_gain(self, value: float | None) -> tuple[float, int | None]:
         b = None if value is None else bisect_right(self.edges, value)
-        post = {s: self.prior[s] * (1.0 if b is None else self.lik[s][b]) for s in STATES}
-        z = sum(post.values())
-        if z <= 0:
-            post, z = dict(self.prior), sum(self.prior.values())
-        return sum(post[s] * self.gain[s] for s in STATES) / z, b
+        return pomdp.expected(pomdp.belief(self.prior, self.lik, b), self.gain), b
+
+    def action(self, value: float | None, lam: float) -> tuple[str, float, int | None]:
+        """The POMDP step: stop (reward 0: the answer stands) or escalate (the gain of the
+        next tier's answer, at its cost), whichever is worth more under the belief."""
+        b = None if value is None else bisect_right(self.edges, value)
+        act, values = pomdp.best_action(pomdp.belief(self.prior, self.lik, b),
+                                        {"accept": dict.fromkeys(STATES, 0.0), "escalate": self.gain},
+                                        {"escalate": self.cost}, lam)
+        return act, values["escalate"] + lam * self.cost, b
 
 
 class AutoMix(ChainPolicy):
@@ -96,10 +102,9 @@ class AutoMix(ChainPolicy):
             return Decision("accept", "last tier of the chain")
         st = self.steps[cur.tier_index]
         value = get(cur.signals, self.signal)
-        g, b = st.expected_gain(value)
-        score = g - self.lam * st.cost
+        act, g, b = st.action(value, self.lam)
         seen = f"{self.signal} missing" if b is None else f"{self.signal}={value:.3g} (bin {b})"
-        if score > 0:
+        if act == "escalate":
             return Decision("escalate", f"{seen}: E[gain]={g:.3g} - lam*cost > 0", next_tier=later[0],
                             score=value)
         return Decision("accept", f"{seen}: E[gain]={g:.3g} - lam*cost <= 0", score=value)

@@ -1,7 +1,8 @@
 """Tuner of the automix policy.
 
 - automix: per pair of undominated tiers in cost order (the cheaper with a
-  finite p_true), `bins` quantile bins of the cheaper tier's p_true; state
+  finite verifier probability: p_true, or p_verify from live calls), `bins` quantile bins of
+  the cheaper tier's verifier probability; state
   priors and P(bin | state) with one pseudo-count; the mean accuracy gain of
   escalating per state; lam: 0, the midpoints between the critical values
   E[gain | bin] / cost (where the decision of some bin flips), and one above.
@@ -26,6 +27,8 @@ from router.lab.tuning import (
     round6,
     undominated_pool,
 )
+
+VERIFIER_SIGNALS = ("p_true", "p_verify")  # recorded self-verification, or AutoMix's live k-sample verifier
 
 
 def fit_step(x: np.ndarray, cur: np.ndarray, nxt: np.ndarray, cost_next: np.ndarray, bins: int = 8) -> dict[str, Any]:
@@ -57,16 +60,18 @@ class AutoMixTuner(SweepTuner):
         super().__init__(table, infos)
         if options:
             raise TuningError(f"policy 'automix': unknown tuning option(s) {sorted(options)}")
-        if signal not in (None, "p_true"):
-            raise NotApplicable(f"automix bins a self-verification probability (p_true), not {signal!r}")
-        conf = table.conf["p_true"]
+        if signal not in (None, *VERIFIER_SIGNALS):
+            raise NotApplicable(f"automix bins a self-verification probability ({' or '.join(VERIFIER_SIGNALS)}), "
+                                f"not {signal!r}")
+        signal = signal or "p_true"
+        conf = table.conf.get(signal, np.full(table.correct.shape, np.nan))
         has = np.isfinite(conf).any(axis=1)
         if not has.any():
-            raise NotApplicable("automix needs a self-verification probability (p_true) and none is recorded")
+            raise NotApplicable(f"automix needs a self-verification probability ({signal}) and none is recorded")
         if not 2 <= max_tiers <= 3:
             raise TuningError(f"automix: max_tiers must be 2 or 3, got {max_tiers}")
         by_name = {t.name: t.index for t in infos}
-        self.search: dict[str, Any] = {"signal": "p_true", "bins": bins}
+        self.search: dict[str, Any] = {"signal": signal, "bins": bins}
         if chain is not None:
             chains = [given_chain(chain, by_name)]
         else:
@@ -76,7 +81,7 @@ class AutoMixTuner(SweepTuner):
                       if all(has[i] for i in c[:-1])]
             if not chains:
                 raise NotApplicable(f"automix: no chain of undominated tiers {self.search['models']} has a "
-                                    f"cheaper tier with p_true")
+                                    f"cheaper tier with {signal}")
         configs = []
         for c in chains:
             names = [infos[i].name for i in c]
@@ -95,6 +100,6 @@ class AutoMixTuner(SweepTuner):
             cs = sorted(crit)
             lams = [0.0] + [(a + b2) / 2 for a, b2 in zip(cs, cs[1:])] + ([cs[-1] * 2.0] if cs else [])
             for lam in lams:
-                configs.append({"signal": "p_true", "lam": lam, "chain": names, "steps": steps})
+                configs.append({"signal": signal, "lam": lam, "chain": names, "steps": steps})
         self.search["chains"] = len(chains)
         self._sweep(configs)
