@@ -7,8 +7,9 @@ and sends them with `backend.generate`, like any job:
 
 - samples: `SAMPLES - 1` more answers at temperature `TEMPERATURE` (the greedy answer
   is the first sample);
-- verify: `VERIFY_K` answers, at temperature `TEMPERATURE`, to a few-shot prompt that
-  shows the question and the model's answer and asks whether it is correct;
+- verify: `VERIFY_K` answers, at temperature `TEMPERATURE`, to a prompt that shows the
+  question and the model's answer and asks whether it is correct (few-shot through the
+  tier's own prompt template: its question/answer examples);
 - self_ref: one answer to "certain or uncertain?" after the question and the answer.
 
 Generic: any backend that answers a prompt serves them (llamacpp, openai; the replay
@@ -34,12 +35,11 @@ VERIFY_K = 3  # sampled verdicts for AutoMix's verifier probability
 TEMPERATURE = 0.7
 VERDICT_TOKENS = 3  # "Yes" / "No" / "certain" / "uncertain" and a little room
 
-VERIFY_PROMPT = (
-    "Check whether the proposed answer to the question is correct. "
-    "Question: What is 7 + 5? Proposed answer: 12. Correct? Yes. "
-    "Question: What is the capital of France? Proposed answer: Rome. Correct? No. "
-    "Question: {question} Proposed answer: {answer}. Correct?"
-)
+# Tried on the pilot's questions: with a Q/A few-shot template, a verification question that
+# embeds the question in one line ("Question: ... Proposed answer: ... Correct?") is read as
+# the question itself (the models answer it again: a number, a letter); put the question
+# first and the yes/no request last, and all three models reply yes or no.
+VERIFY_PROMPT = "{question}\nProposed answer: {answer}\nIs the proposed answer correct? Reply yes or no."
 SELF_REF_PROMPT = (
     "{question}\nYour answer: {answer}\n"
     "Are you certain or uncertain that your answer is right? Reply with one word: certain or uncertain."
@@ -57,7 +57,7 @@ def derived_queries(query: Query, answer: str, kind: str, needs: Needs) -> list[
         return [dataclasses.replace(query, id=derived_id(query.id, kind, i),
                                     params={**query.params, "temperature": TEMPERATURE}) for i in range(k)]
     if kind == "verify":
-        prompt = VERIFY_PROMPT.format(question=_one_line(query.prompt), answer=_one_line(answer))
+        prompt = VERIFY_PROMPT.format(question=query.prompt, answer=_one_line(answer))
         return [Query(derived_id(query.id, kind, i), prompt, query.category,
                       params={"temperature": TEMPERATURE, "max_tokens": VERDICT_TOKENS}) for i in range(VERIFY_K)]
     if kind == "self_ref":

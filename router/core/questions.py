@@ -47,6 +47,10 @@ def shared_dir() -> Path:
     return Path(os.environ.get("CASCADE_SHARED") or "../shared").expanduser()
 
 
+def is_shared_question(qid: Any) -> bool:
+    return isinstance(qid, str) and _ID.fullmatch(qid) is not None
+
+
 def set_of(qid: str) -> str:
     m = _ID.fullmatch(qid)
     if not m:

@@ -25,7 +25,7 @@ from . import signals as sig
 from .attempt import Attempt, Query, TokenLogprob
 from .errors import RecordsError
 from .live_signals import CALL_KINDS, calls_needed, from_calls
-from .questions import join
+from .questions import is_shared_question, join
 
 RESPONSE_FIELDS = ("text", "correct", "cost_usd", "latency_ms", "tokens_in", "tokens_out", "logprob", "p_true", "signals",
                    "token_logprobs", "calls")
@@ -259,7 +259,7 @@ def load_dataset(path: str | Path) -> Dataset:
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RecordsError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(raw, dict) and "prompt" not in raw and "id" in raw:
+            if isinstance(raw, dict) and "prompt" not in raw and is_shared_question(raw.get("id")):
                 raw = join(raw, where)  # a live recording: the question from the shared files
             rec = parse_record(raw, where, n)
             if rec.id in seen_ids:

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from router.core import pomdp
+from router.core.attempt import Attempt, Query
 from router.core.comparators import CanonicalComparator
 from router.core.live_signals import (
     calls_needed,
@@ -19,7 +20,6 @@ from router.core.live_signals import (
 )
 from router.core.policies.automix import AutoMix, Step
 from router.core.policy import TierInfo
-from router.core.attempt import Attempt, Query
 
 
 def test_semantic_entropy_of_identical_samples_is_zero():

@@ -49,7 +49,8 @@ def response(r, backend) -> dict:
     latency, and its extra calls under `calls` (their cost is added only for the
     policies that read their signals)."""
     extra = r.meta.get("extra_calls", {})
-    main_cost = r.cost_usd - extra.get("cost_usd", 0.0)
+    total = r.cost_usd if r.cost_usd is not None else backend.tier.price.cost(r.tokens_in, r.tokens_out)
+    main_cost = total - extra.get("cost_usd", 0.0)
     tin = None if r.tokens_in is None else r.tokens_in - extra.get("tokens_in", 0)
     tout = None if r.tokens_out is None else r.tokens_out - extra.get("tokens_out", 0)
     return {"text": r.text, "cost_usd": main_cost, "latency_ms": r.latency_ms - extra.get("latency_ms", 0.0),
@@ -65,9 +66,16 @@ def response(r, backend) -> dict:
                                            "(default: router.lab.local_bench.DEFAULT_PLAN)")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the draw")
 @click.option("--chain", default="tiny,small,medium", show_default=True, help="local models, cheapest first")
-@click.option("--threads", default=2, show_default=True, type=int, help="llama.cpp threads per model")
+@click.option("--threads", default=1, show_default=True, type=int,
+              help="llama.cpp threads per model (1: on a busy machine more threads spin-wait on each other)")
+@click.option("--signals-on", default=None,
+              help="models whose extra calls are recorded (default: all but the last of the chain: a cascade "
+                   "always accepts its last tier's answer, so no policy reads its live signals)")
+@click.option("--shard", default="0/1", show_default=True,
+              help="i/n: record only the questions whose position in the draw is i modulo n (parallel runs, "
+                   "each with its own --out; concatenate them afterwards)")
 @click.option("--limit", type=int, default=None, help="stop after this many new questions (a pilot)")
-def record(out_path: Path, plan, seed, chain, threads, limit) -> None:
+def record(out_path: Path, plan, seed, chain, threads, signals_on, shard, limit) -> None:
     """Record every local model's answers, token log-probs and extra-call signals on a shared question set."""
     with user_errors():
         bench = build(parse_plan(plan), seed)
@@ -78,14 +86,21 @@ def record(out_path: Path, plan, seed, chain, threads, limit) -> None:
             for line in out_path.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     done.add(json.loads(line)["id"])
-        todo = [q for q in bench.questions if q.id not in done]
+        try:
+            i_shard, n_shard = (int(x) for x in shard.split("/"))
+            assert 0 <= i_shard < n_shard
+        except (ValueError, AssertionError):
+            raise click.BadParameter(f"{shard!r} is not i/n with 0 <= i < n", param_hint="--shard") from None
+        todo = [q for k, q in enumerate(bench.questions) if k % n_shard == i_shard and q.id not in done]
         if limit is not None:
             todo = todo[:limit]
+        with_signals = set(names[:-1] if signals_on is None else [s.strip() for s in signals_on.split(",")])
+        needs = {t: Needs(signals=tuple(CALLS_FOR) if t in with_signals else ()) for t in names}
         click.echo(f"record: {len(bench.questions)} questions (seed {seed}, prompts <= {MAX_CHARS} chars, few-shot "
                    f"examples {', '.join(bench.examples)}); {len(done)} already in {out_path}, {len(todo)} to do; "
                    f"models {', '.join(names)}; configured prices (not real) "
-                   + ", ".join(f"{t} {PRICES[t]:g}" for t in names) + " USD per 1M tokens", err=True)
-        needs = Needs(signals=tuple(CALLS_FOR))
+                   + ", ".join(f"{t} {PRICES[t]:g}" for t in names) + " USD per 1M tokens; extra calls on "
+                   + (", ".join(t for t in names if t in with_signals) or "none"), err=True)
         backends = [build_backend(t) for t in pf.tiers]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -95,7 +110,7 @@ def record(out_path: Path, plan, seed, chain, threads, limit) -> None:
                     query = Query(q.id, q.prompt, q.category)
                     responses = {}
                     for tier, b in zip(pf.tiers, backends):
-                        r = with_extra_calls(b, query, needs, b.generate(query, needs))
+                        r = with_extra_calls(b, query, needs[tier.name], b.generate(query, needs[tier.name]))
                         responses[tier.name] = response(r, b)
                     f.write(json.dumps({"id": q.id, "split": q.split, "category": q.category,
                                         "responses": responses}, ensure_ascii=False) + "\n")
