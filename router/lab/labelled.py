@@ -226,7 +226,8 @@ def _models_phrase(models: list[str], used: list[str]) -> str:
 
 def _signals(rec: Record, model: str) -> dict[str, float]:
     r = rec.responses[model]
-    return from_record(r.logprob, r.p_true)
+    # a live recording's logprob comes from its token log-probs (under `signals`)
+    return {**{s: r.signals[s] for s in CONFIDENCE_SIGNALS if s in r.signals}, **from_record(r.logprob, r.p_true)}
 
 
 @dataclass

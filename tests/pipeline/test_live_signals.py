@@ -64,5 +64,5 @@ def test_automix_verifier_through_workers_equals_offline(distributed, workers, t
             assert a["tokens_in"] == resp.tokens_in + sum(c["tokens_in"] for c in resp.calls["verify"])
             assert ("p_verify" in a["signals"]) == ("p_verify" in resp.signals)
             verified += 1
-    assert verified >= N  # every job called tiny, with its verifications
+    assert verified >= len(rows)  # every job called tiny, with its verifications
     assert {o.final_tier for o in outcomes} >= {"tiny", "medium"}

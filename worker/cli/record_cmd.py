@@ -74,8 +74,11 @@ def response(r, backend) -> dict:
 @click.option("--shard", default="0/1", show_default=True,
               help="i/n: record only the questions whose position in the draw is i modulo n (parallel runs, "
                    "each with its own --out; concatenate them afterwards)")
+@click.option("--reverse", is_flag=True,
+              help="take the shard's questions from its end (a second run on the same shard, with its own --out, "
+                   "meets the first in the middle; concatenate, keeping the first line of an id)")
 @click.option("--limit", type=int, default=None, help="stop after this many new questions (a pilot)")
-def record(out_path: Path, plan, seed, chain, threads, signals_on, shard, limit) -> None:
+def record(out_path: Path, plan, seed, chain, threads, signals_on, shard, reverse, limit) -> None:
     """Record every local model's answers, token log-probs and extra-call signals on a shared question set."""
     with user_errors():
         bench = build(parse_plan(plan), seed)
@@ -92,6 +95,8 @@ def record(out_path: Path, plan, seed, chain, threads, signals_on, shard, limit)
         except (ValueError, AssertionError):
             raise click.BadParameter(f"{shard!r} is not i/n with 0 <= i < n", param_hint="--shard") from None
         todo = [q for k, q in enumerate(bench.questions) if k % n_shard == i_shard and q.id not in done]
+        if reverse:
+            todo.reverse()
         if limit is not None:
             todo = todo[:limit]
         with_signals = set(names[:-1] if signals_on is None else [s.strip() for s in signals_on.split(",")])
