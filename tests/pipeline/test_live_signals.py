@@ -19,7 +19,7 @@ from worker.items import read_items
 pytestmark = pytest.mark.services
 
 LOCAL_BENCH = REPO / "data" / "local-bench" / "local-bench.jsonl"
-N = 40
+N = 24
 
 
 def test_automix_verifier_through_workers_equals_offline(distributed, workers, tmp_path):
