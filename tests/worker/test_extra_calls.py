@@ -9,8 +9,9 @@ import pytest
 
 from router.core.attempt import Query
 from router.core.policy import Needs
-from router.core.portfolio import parse_portfolio
+from router.core.portfolio import BackendSpec, Price, Tier, parse_portfolio
 from router.core.records import attempt_from_response, load_dataset
+from router.lab import demo_questions as dq
 from worker.backends import build_backend
 from worker.extra_calls import SAMPLES, VERIFY_K
 from worker.settings import Settings
@@ -86,3 +87,24 @@ def test_a_missing_recorded_call_fails_the_attempt(recorded, tmp_path):
     a, _ = call_backend(build_backend(tier), tier, 0, Query("q1", "What is 6 x 7?"), Needs(signals=("p_verify",)),
                         Settings(home=tmp_path))
     assert not a.ok and "no recorded verify call 1" in a.error
+
+
+@pytest.mark.models
+def test_extra_calls_on_a_local_model(tmp_path):
+    """The same calls through llama.cpp, unchanged backend: samples at temperature > 0,
+    verdicts and the confidence token come back and are counted."""
+    tier = Tier(name="tiny", backend=BackendSpec.model_validate(
+        {"kind": "llamacpp", "model": "tiny", "n_threads": 2, "n_ctx": 1024, "max_tokens": 8, "stop": ["\n"],
+         "prompt_template": dq.FEW_SHOT}), price=Price(input_per_mtok=PRICE, output_per_mtok=PRICE))
+    b = build_backend(tier)
+    try:
+        a, meta = call_backend(b, tier, 0, Query("q", "What is 2 + 3?"),
+                               Needs(signals=("p_verify", "neg_semantic_entropy", "self_ref")), Settings(home=tmp_path))
+    finally:
+        b.close()
+    extra = meta["extra_calls"]
+    assert a.ok and extra["calls"] == (SAMPLES - 1) + VERIFY_K + 1
+    assert [len(extra["outputs"][k]) for k in ("samples", "verify", "self_ref")] == [SAMPLES - 1, VERIFY_K, 1]
+    assert a.tokens_in > extra["tokens_in"] > 0 and a.tokens_out > extra["tokens_out"] > 0
+    assert a.cost_usd == pytest.approx((a.tokens_in + a.tokens_out) * PRICE / 1e6)
+    assert -math.log(SAMPLES) - 1e-9 <= a.signals["neg_semantic_entropy"] <= 0.0
