@@ -6,6 +6,10 @@ Hashed bag of words and word bigrams (scikit-learn's `HashingVectorizer`): the
 prompt is lower-cased, split into runs of letters/digits, and every unigram and
 bigram is hashed (MurmurHash3, stable across processes and machines) into
 `buckets` buckets; a bucket present is 1, and the vector is L2-normalised.
+With `shapes`, the text's word shapes are hashed too: the prompt again with each
+number written as its count of digits (`47 times 8` -> `num2 times num1`), so a
+router can tell two-digit products from one-digit ones without having seen the
+numbers.
 `QueryFeaturizer` adds log prompt length and a one-hot of the query's category
 (when the categories are known) in the columns after the buckets.
 
@@ -15,6 +19,7 @@ scikit-learn, so the policy and its tuner share one copy.
 from __future__ import annotations
 
 import math
+import re
 from functools import lru_cache
 from typing import Sequence
 
@@ -40,10 +45,30 @@ def hashed(prompts: Sequence[str], buckets: int = DEFAULT_BUCKETS) -> sp.csr_mat
     return _vectorizer(buckets).transform(list(prompts))
 
 
+_NUMBER = re.compile(r"\d+")
+
+
+def shape(prompt: str) -> str:
+    """The prompt with every run of digits replaced by num<its length>."""
+    return _NUMBER.sub(lambda m: f" num{len(m.group())} ", prompt)
+
+
+def hashed_text(prompts: Sequence[str], buckets: int = DEFAULT_BUCKETS, shapes: bool = False) -> sp.csr_matrix:
+    """`hashed`, plus with `shapes` the hashed word shapes, each row L2-normalised again."""
+    X = hashed(prompts, buckets)
+    if not shapes:
+        return X
+    X = (X + hashed([shape(p) for p in prompts], buckets)).tocsr()
+    X.data[:] = 1.0  # presence, as in `hashed`: a bucket present in both counts once
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    return sp.csr_matrix(sp.diags(1.0 / norms) @ X)
+
+
 @lru_cache(maxsize=4096)
-def text_features(prompt: str, buckets: int = DEFAULT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+def text_features(prompt: str, buckets: int = DEFAULT_BUCKETS, shapes: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Sorted bucket indices and their values (L2-normalised presence)."""
-    row = hashed([prompt], buckets)
+    row = hashed_text([prompt], buckets, shapes)
     row.sort_indices()
     idx, vals = row.indices.astype(np.int64), row.data.copy()
     idx.setflags(write=False)
@@ -53,25 +78,30 @@ def text_features(prompt: str, buckets: int = DEFAULT_BUCKETS) -> tuple[np.ndarr
 
 class QueryFeaturizer:
     """prompt + category -> sparse feature vector of width `dim`:
-    [0, buckets): hashed text; buckets: log(1 + prompt chars) / 8; then one column
-    per known category (none set for an unknown or absent category)."""
+    [0, buckets): hashed text (and word shapes with `shapes`); buckets: log(1 + prompt
+    chars) / 8; then one column per known category (none set for an unknown or absent
+    category)."""
 
-    def __init__(self, buckets: int = DEFAULT_BUCKETS, categories: Sequence[str] = ()):
+    def __init__(self, buckets: int = DEFAULT_BUCKETS, categories: Sequence[str] = (), shapes: bool = False):
         if isinstance(buckets, bool) or not isinstance(buckets, int) or not 16 <= buckets <= 1 << 20:
             raise PolicyError(f"buckets must be an integer in [16, 2**20], got {buckets!r}")
+        if not isinstance(shapes, bool):
+            raise PolicyError(f"shapes must be true or false, got {shapes!r}")
         self.buckets = buckets
+        self.shapes = shapes
         self.categories = tuple(str(c) for c in categories)
         self._cat = {c: buckets + 1 + j for j, c in enumerate(self.categories)}
         self.dim = buckets + 1 + len(self.categories)
 
-    _shared: dict[tuple[int, tuple[str, ...]], "QueryFeaturizer"] = {}
+    _shared: dict[tuple[int, tuple[str, ...], bool], "QueryFeaturizer"] = {}
     CACHE = 1 << 16
 
     @classmethod
-    def shared(cls, buckets: int = DEFAULT_BUCKETS, categories: Sequence[str] = ()) -> "QueryFeaturizer":
+    def shared(cls, buckets: int = DEFAULT_BUCKETS, categories: Sequence[str] = (),
+               shapes: bool = False) -> "QueryFeaturizer":
         """One featurizer (and its cache of query vectors) per configuration, so the many
         policy instances an evaluation builds featurize each query once."""
-        key = (buckets, tuple(str(c) for c in categories))
+        key = (buckets, tuple(str(c) for c in categories), shapes)
         f = cls._shared.get(key)
         if f is None:
             if len(cls._shared) >= 16:
@@ -98,7 +128,7 @@ class QueryFeaturizer:
         return cols, vals
 
     def _compute(self, prompt: str, category: str | None) -> tuple[np.ndarray, np.ndarray]:
-        idx, vals = text_features(prompt, self.buckets)
+        idx, vals = text_features(prompt, self.buckets, self.shapes)
         extra_i, extra_v = self._extras(prompt, category)
         idx, vals = np.concatenate([idx, extra_i]), np.concatenate([vals, extra_v])
         idx.setflags(write=False)
@@ -107,7 +137,7 @@ class QueryFeaturizer:
 
     def matrix(self, items: Sequence[tuple[str, str | None]]) -> sp.csr_matrix:
         """(len(items), dim) CSR matrix of the same vectors `__call__` gives."""
-        text = hashed([p for p, _ in items], self.buckets)
+        text = hashed_text([p for p, _ in items], self.buckets, self.shapes)
         rows, cols, vals = [], [], []
         for r, (prompt, category) in enumerate(items):
             c, v = self._extras(prompt, category)

@@ -2,10 +2,15 @@
 
 `cascade demo --calibrate` calls every model on a separate generated question set
 and keeps, per call, whether it was right, its model time and its signals. Those
-rows become records in the benchmarks format (model time as the cost), the
-threshold tuner searches chains and thresholds for the least model time that keeps
-`keep` x the last tier's accuracy, and `router.lab.simulate` replays the choice with
-the workers' decision code: the figures reported are simulate's, not the search's.
+rows become records in the benchmarks format (model time as the cost, the question
+text as the prompt), the policy's tuner searches its knobs for the least model time
+that keeps `keep` x the last tier's accuracy, and `router.lab.simulate` replays the
+choice with the workers' decision code: the figures reported are simulate's, not the
+search's. Policies: `threshold` (chains and per-tier thresholds) and
+`routed-threshold` (the same cascade behind a pre-call router on the question's
+text, which sends questions it predicts the cheap tiers miss straight to a dearer
+one; its router is fitted on these rows and its knobs chosen on out-of-fold
+predictions).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from router.core.records import Record, Response
 from .labelled import build_table
 from .simulate import TierModel, simulate
 from .tuners import confirm
+from .tuners.routed_threshold import RoutedThresholdTuner
 from .tuners.threshold import ThresholdTuner
 from .tuning import NotApplicable, Target, TargetUnreachable
 
@@ -29,12 +35,16 @@ SIGNALS = ("sum_logprob", "mean_logprob", "min_logprob", "first_token_prob")
 
 @dataclass(frozen=True)
 class Calibration:
-    params: dict[str, Any]  # the threshold policy's: signal, chain, thresholds
+    policy: str
+    params: dict[str, Any]  # the policy's: signal, chain, thresholds (and router)
     accuracy: float  # of the cascade on the calibration set
     baseline_accuracy: float  # of the last tier alone
     time_ratio: float  # cascade model time / last tier alone
     accepted: dict[str, int]  # answers accepted per tier
     n: int
+    # routed-threshold: (accuracy, time ratio) with out-of-fold router predictions, the
+    # figures its knobs were chosen on (in-sample ones flatter a learned router)
+    out_of_fold: tuple[float, float] | None = None
 
     @property
     def signal(self) -> str:
@@ -42,22 +52,27 @@ class Calibration:
 
 
 def records_of(rows: Sequence[dict], tiers: Sequence[str]) -> list[Record]:
-    """Measured calls, rows[i][tier] = {"ok", "ms", "sig", "text"}, as benchmark records
-    whose cost is the call's model time in seconds."""
+    """Measured calls, rows[i][tier] = {"ok", "ms", "sig", "text"} (and rows[i]["prompt"],
+    the question), as benchmark records whose cost is the call's model time in seconds."""
     out = []
     for r in rows:
         responses = {t: Response(text=r[t].get("text"), correct=float(bool(r[t]["ok"])), cost_usd=r[t]["ms"] / 1000,
                                  latency_ms=r[t]["ms"], tokens_in=None, tokens_out=None, logprob=None, p_true=None,
                                  signals=dict(r[t]["sig"]))
                      for t in tiers}
-        out.append(Record(str(r["id"]), "", "train", None, None, responses))
+        out.append(Record(str(r["id"]), str(r.get("prompt", "")), "train", None, None, responses))
     return out
 
 
+POLICIES = ("threshold", "routed-threshold")
+
+
 def calibrate(rows: Sequence[dict], tiers: Sequence[str], signals: Sequence[str] = SIGNALS,
-              keep: float = 0.97) -> Calibration:
+              keep: float = 0.97, policy: str = "threshold") -> Calibration:
     if not rows:
         raise UserError("calibration needs at least one measured question")
+    if policy not in POLICIES:
+        raise UserError(f"the demo calibrates {', '.join(POLICIES)}, not {policy!r}")
     records = records_of(rows, tiers)
     ladder = [TierModel(t, t) for t in tiers]
     table = build_table(records, ladder)
@@ -69,15 +84,28 @@ def calibrate(rows: Sequence[dict], tiers: Sequence[str], signals: Sequence[str]
         if s not in table.conf:
             continue
         try:
-            tuner = ThresholdTuner(table, infos, signal=s, min_tiers=1, max_tiers=len(tiers), prune=False)
+            if policy == "threshold":
+                tuner = ThresholdTuner(table, infos, signal=s, min_tiers=1, max_tiers=len(tiers), prune=False)
+            else:
+                tuner = RoutedThresholdTuner(table, infos, signal=s)
             fitted = confirm(tuner.select(target), records, ladder)
         except (TargetUnreachable, NotApplicable):
             continue
-        if best is None or (fitted.train_cost, -fitted.train_accuracy) < (best.train_cost, -best.train_accuracy):
+        if best is None or _chosen_on(fitted) < _chosen_on(best):
             best = fitted
     if best is None:
         raise UserError(f"no chain reaches {keep:.0%} of {tiers[-1]}'s accuracy on the calibration set")
-    outcomes = simulate(make_policy("threshold", infos, best.params), ladder, records)
+    outcomes = simulate(make_policy(policy, infos, best.params), ladder, records)
     accepted = Counter(o.final_tier for o in outcomes)
-    return Calibration(best.params, best.train_accuracy, base_acc, best.train_cost / float(table.mean_cost()[-1]),
-                       {t: accepted.get(t, 0) for t in tiers}, len(rows))
+    base_cost = float(table.mean_cost()[-1])
+    oof = best.search.get("out_of_fold")
+    return Calibration(policy, best.params, best.train_accuracy, base_acc, best.train_cost / base_cost,
+                       {t: accepted.get(t, 0) for t in tiers}, len(rows),
+                       None if oof is None else (oof["accuracy"], oof["cost"] / base_cost))
+
+
+def _chosen_on(f) -> tuple[float, float]:
+    # a learned router's own in-sample figures flatter it: compare what its knobs were chosen on
+    oof = f.search.get("out_of_fold")
+    acc, cost = (oof["accuracy"], oof["cost"]) if oof else (f.train_accuracy, f.train_cost)
+    return cost, -acc

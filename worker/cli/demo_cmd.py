@@ -1,19 +1,21 @@
 """`cascade demo`: three real local models, tiny -> small -> medium, on a question set
 the project generates itself, through real Celery queues in the embedded mode.
 
-It runs the set twice through the same pipeline: once as a confidence-threshold
-cascade, once with the medium model alone ("always medium"), and prints per tier
-the calls, accuracy, model time (the sum of the attempts' latencies, measured
-around the model's own computation) and cost at configured per-token prices.
-`--calibrate` measures the three models on a separate generated set and picks the
-thresholds (see docs/local-models.md).
+It runs the set twice through the same pipeline: once as the cascade (by default
+a pre-call router on the question's text in front of a confidence-threshold
+cascade, `routed-threshold`, fitted on a separate calibration set), once with the
+last model alone ("always medium"), and prints per tier the calls, accuracy, model
+time (the sum of the attempts' latencies, measured around the model's own
+computation) and cost at configured per-token prices, and both runs' wall times.
+`--calibrate` measures the models on a separate generated set and fits the policy
+(see docs/local-models.md). `--json` ends the output with one JSON line of the
+figures.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +40,11 @@ from .common import user_errors
 TIERS = ("tiny", "small", "medium")
 # Configured prices (USD per 1M tokens, input and output alike): plausible, not real.
 PRICES = {"tiny": 0.02, "small": 0.08, "medium": 0.25}
-# Calibrated with `cascade demo --calibrate` (200 questions, seed 1000, keep 0.96);
-# see docs/local-models.md for the run that produced them.
+# The default policy: written by `cascade demo --calibrate` on questions of another seed
+# (the run is in docs/local-models.md), never on the demo's own.
+DEFAULT_POLICY = Path(__file__).with_name("demo_policy.json")
+# Thresholds for a chain the policy file does not cover (an earlier calibration, 200
+# questions, seed 1000, keep 0.96).
 SIGNAL = "min_logprob"
 THRESHOLDS = {"tiny": -0.1999, "small": -0.592}
 CALIBRATION_SEED = 1000
@@ -54,14 +59,35 @@ def tier_spec(name: str, threads: int) -> dict[str, Any]:
     }
 
 
-def build_portfolio(chain: list[str], threads: int, signal: str, thresholds: dict[str, float]):
+def build_portfolio(chain: list[str], threads: int, signal: str, thresholds: dict[str, float],
+                    router: dict[str, Any] | None = None):
+    """The demo's tiers with a threshold cascade over `chain`, behind the pre-call
+    `router` (routed-threshold) when one is given."""
+    params: dict[str, Any] = {"signal": signal, "chain": list(chain),
+                              "thresholds": {t: thresholds[t] for t in chain[:-1]}}
+    if router is not None:
+        params["router"] = router
     raw = {
         "tiers": [tier_spec(t, threads) for t in chain],
-        "policy": {"name": "threshold", "params": {
-            "signal": signal, "chain": list(chain),
-            "thresholds": {t: thresholds[t] for t in chain[:-1]}}},
+        "policy": {"name": "routed-threshold" if router is not None else "threshold", "params": params},
     }
     return parse_portfolio(raw, base=Path("."), where="demo portfolio")
+
+
+def demo_policy(path: Path) -> tuple[str, dict[str, Any]]:
+    """(policy name, params) of a demo policy file: threshold or routed-threshold."""
+    tuned = read_policy_file(path)
+    try:
+        if tuned.name not in ("threshold", "routed-threshold"):
+            raise KeyError(f"policy {tuned.name!r}, not threshold or routed-threshold")
+        p = tuned.params
+        if not isinstance(p["thresholds"], dict) or not isinstance(p["signal"], str):
+            raise TypeError("signal and thresholds expected")
+        if tuned.name == "routed-threshold" and not isinstance(p["router"], dict):
+            raise TypeError("router expected")
+    except (KeyError, TypeError) as e:
+        raise click.ClickException(f"{path}: not a demo policy file ({e})") from None
+    return tuned.name, p
 
 
 def check_models(names) -> None:
@@ -114,12 +140,50 @@ def _pct(a: float, b: float) -> str:
     return f"{100 * a / b:.0f}%" if b else "-"
 
 
-def render(cascade: dict, medium: dict | None, *, chain: list[str], models: dict[str, str], signal: str,
-           thresholds: dict[str, float], n: int, seed: int, wall: dict[str, float], threads: int) -> str:
-    lines = []
+def describe_policy(chain: list[str], signal: str, thresholds: dict[str, float], router: dict | None) -> str:
     th = ", ".join(f"{t} >= {thresholds[t]:g}" for t in chain[:-1])
-    lines.append(f"cascade demo: {n} generated questions (seed {seed}), {' -> '.join(chain)}, "
-                 f"threshold cascade on {signal} ({th}); embedded Celery workers, llama.cpp, {threads} threads")
+    cascade = f"threshold cascade on {signal} ({th})"
+    if router is None:
+        return cascade
+    return (f"pre-call router on the question text (start at the cheapest tier whose predicted P(right) >= "
+            f"{float(router['alpha']):.3g}, else the likeliest) + {cascade}")
+
+
+def figures(cascade: dict, top: dict | None, wall: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The run's headline figures as plain JSON (the --json line): ratios are cascade over
+    always-top, as fractions; wall time is the serving time (models loaded, first
+    submission to last result), load time separate."""
+    out: dict[str, Any] = {"n": cascade["n"], "cascade": {
+        "correct": cascade["correct"], "accuracy": cascade["accuracy"], "model_time_s": cascade["ms"] / 1000,
+        "cost_usd_configured": cascade["cost"], **{f"{k}_s": v for k, v in wall.get("cascade", {}).items()},
+        "answered": {t: s["accepted"] for t, s in cascade["tiers"].items()},
+        "calls": {t: s["calls"] for t, s in cascade["tiers"].items()}}}
+    if top is None:
+        return out
+    tw = wall.get("top", {})
+    cw = wall.get("cascade", {})
+    out["always_top"] = {"correct": top["correct"], "accuracy": top["accuracy"], "model_time_s": top["ms"] / 1000,
+                         "cost_usd_configured": top["cost"], **{f"{k}_s": v for k, v in tw.items()}}
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    out.update({
+        "accuracy_kept": ratio(cascade["accuracy"], top["accuracy"]),
+        "model_time_ratio": ratio(cascade["ms"], top["ms"]),
+        "wall_time_ratio": ratio(cw.get("serve", 0.0), tw.get("serve", 0.0)),
+        "wall_time_ratio_with_loading": ratio(cw.get("serve", 0.0) + cw.get("start", 0.0),
+                                              tw.get("serve", 0.0) + tw.get("start", 0.0)),
+        "cost_ratio_configured": ratio(cascade["cost"], top["cost"]),
+    })
+    return out
+
+
+def render(cascade: dict, medium: dict | None, *, chain: list[str], models: dict[str, str], policy: str,
+           n: int, seed: int, mix: str, wall: dict[str, dict[str, float]], threads: int) -> str:
+    lines = []
+    lines.append(f"cascade demo: {n} generated questions (seed {seed}, {mix}), {' -> '.join(chain)}; {policy}; "
+                 f"embedded Celery workers, llama.cpp, {threads} threads")
     lines.append("")
     head = (f"{'':15} {'model':28} {'calls':>5} {'accepted':>8} {'right when called':>17} "
             f"{'right when accepted':>19} {'model time':>10} {'cost (USD)':>11}")
@@ -142,10 +206,12 @@ def render(cascade: dict, medium: dict | None, *, chain: list[str], models: dict
                      f"{m['cost']:11.6f}")
         lines.append("")
         kept = c["accuracy"] / m["accuracy"] if m["accuracy"] else float("nan")
+        cw, mw = wall.get("cascade", {}), wall.get("top", {})
         lines.append(f"cascade vs always {last}: accuracy kept {100 * kept:.1f}% "
                      f"({100 * c['accuracy']:.1f}% vs {100 * m['accuracy']:.1f}%), "
                      f"model time {_pct(c['ms'], m['ms'])} (saved {m['ms'] / 1000 - c['ms'] / 1000:.1f}s), "
-                     f"cost {_pct(c['cost'], m['cost'])} (saved ${m['cost'] - c['cost']:.6f})")
+                     f"wall time {_pct(cw.get('serve', 0), mw.get('serve', 0))}, "
+                     f"cost {_pct(c['cost'], m['cost'])} (configured prices; saved ${m['cost'] - c['cost']:.6f})")
     lines.append("")
     lines.append("by level (1 = trivial .. 4 = hard): questions, answered by tier, accuracy cascade"
                  + (" / always " + chain[-1] if medium is not None else ""))
@@ -160,7 +226,11 @@ def render(cascade: dict, medium: dict | None, *, chain: list[str], models: dict
     prices = ", ".join(f"{t} {PRICES[t]:g}" for t in chain)
     lines.append(f"prices are configured, not real: {prices} USD per 1M tokens (input and output); "
                  f"model time = sum of the attempts' latencies")
-    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()))
+    names = {"cascade": "cascade", "top": "always " + chain[-1]}
+    lines.append("wall time, models loaded, first submission to last result: "
+                 + ", ".join(f"{names[k]} {v['serve']:.1f}s" for k, v in wall.items() if "serve" in v)
+                 + "; before it, starting the workers and loading the models: "
+                 + ", ".join(f"{names[k]} {v['start']:.1f}s" for k, v in wall.items() if "start" in v))
     return "\n".join(lines)
 
 
@@ -170,7 +240,7 @@ def measure(questions, chain: list[str], threads: int, progress: bool) -> list[d
     """Every question on every tier, called directly (no queue): the rows `calibrate` replays."""
 
     portfolio = build_portfolio(chain, threads, SIGNAL, {t: 0.0 for t in chain})
-    rows: list[dict] = [{"id": q.id, "level": q.level, "family": q.family} for q in questions]
+    rows: list[dict] = [{"id": q.id, "prompt": q.prompt, "level": q.level, "family": q.family} for q in questions]
     for tier in portfolio.tiers:
         b = build_backend(tier)
         try:
@@ -183,6 +253,11 @@ def measure(questions, chain: list[str], threads: int, progress: bool) -> list[d
     return rows
 
 
+MIXES = {
+    "standard": dq.LEVEL_WEIGHTS,
+}
+
+
 @click.command()
 @click.option("--n", "n", type=click.IntRange(1, 5000), default=60, show_default=True, help="questions")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the generated question set")
@@ -191,27 +266,35 @@ def measure(questions, chain: list[str], threads: int, progress: bool) -> list[d
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
               help="llama.cpp threads per model (default: CASCADE_MODEL_THREADS or all cores)")
 @click.option("--chain", default=None,
-              help="tiers climbed, cheapest first (from tiny, small, medium; default: the policy file's chain, "
-                   "else tiny,small,medium)")
-@click.option("--signal", default=None, help=f"confidence signal (default {SIGNAL})")
+              help="tiers climbed, cheapest first (from tiny, small, medium; default: the policy's chain). A chain "
+                   "other than the policy's runs a plain threshold cascade (its router was fitted for its chain)")
+@click.option("--signal", default=None, help="confidence signal (default: the policy's)")
 @click.option("--threshold", "threshold_opts", multiple=True, metavar="TIER=VALUE",
               help="override a tier's threshold, e.g. --threshold tiny=-0.3")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-              help="a policy file written by --calibrate (signal and thresholds)")
+              help="a policy file written by --calibrate (default: the built-in one, worker/cli/demo_policy.json)")
+@click.option("--no-router", is_flag=True, help="drop the policy's pre-call router: a plain threshold cascade")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="also run every question on the last tier alone")
-@click.option("--calibrate", is_flag=True, help="measure the models on a separate calibration set, pick the "
-                                                "thresholds, write them as a policy file, and stop")
+@click.option("--calibrate", is_flag=True, help="measure the models on a separate calibration set, fit the "
+                                                "policy, write it as a policy file, and stop")
 @click.option("--calibration-n", type=click.IntRange(10, 5000), default=200, show_default=True)
 @click.option("--calibration-seed", type=int, default=CALIBRATION_SEED, show_default=True)
+@click.option("--calibration-rows", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="calibrate on rows a previous --calibrate measured (its .rows.jsonl) instead of calling the models")
+@click.option("--calibration-policy", type=click.Choice(["routed-threshold", "threshold"]), default="routed-threshold",
+              show_default=True, help="the policy --calibrate fits")
 @click.option("--keep", type=click.FloatRange(0.5, 1.0), default=0.96, show_default=True,
               help="calibration: accuracy to keep, as a share of the last tier's")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="write the question set as traffic (DIR/traffic.jsonl: id, prompt, and the gold answer, which "
                    "`cascade calibrate` ignores) and the demo's portfolio (DIR/portfolio.yaml), and stop")
+@click.option("--json", "as_json", is_flag=True, help="end with one JSON line: accuracy_kept, model_time_ratio, "
+                                                       "wall_time_ratio (cascade over always-top) and the raw figures")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
-def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, baseline, calibrate, calibration_n,
-         calibration_seed, keep, export_dir, quiet) -> None:
+def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_router, baseline, calibrate,
+         calibration_n, calibration_seed, calibration_rows, calibration_policy, keep, export_dir, as_json,
+         quiet) -> None:
     """Real local models tiny -> small -> medium on a generated question set, as a cascade
     through embedded Celery workers, against always-medium.
 
@@ -219,22 +302,19 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
     """
     base = get_settings()
     with user_errors():
-        sig_name, ths, file_chain = SIGNAL, dict(THRESHOLDS), None
-        if policy_file is not None:
-            tuned = read_policy_file(policy_file)
-            try:
-                if tuned.name != "threshold":
-                    raise KeyError(f"policy {tuned.name!r}, not threshold")
-                sig_name, ths = tuned.params["signal"], {**ths, **tuned.params["thresholds"]}
-                file_chain = tuned.params.get("chain")
-            except (KeyError, TypeError) as e:
-                raise click.ClickException(f"{policy_file}: not a demo policy file ({e})") from None
-        chain_l = [c.strip() for c in chain.split(",") if c.strip()] if chain else list(file_chain or TIERS)
+        name, params = demo_policy(policy_file or DEFAULT_POLICY)
+        sig_name = params["signal"]
+        ths = {**THRESHOLDS, **params["thresholds"]}
+        file_chain = list(params.get("chain") or TIERS)
+        router = params.get("router") if name == "routed-threshold" and not no_router else None
+        chain_l = [c.strip() for c in chain.split(",") if c.strip()] if chain else file_chain
         for t in chain_l:
             if t not in TIERS:
                 raise click.BadParameter(f"unknown tier {t!r}; the demo's tiers: {', '.join(TIERS)}", param_hint="--chain")
         if len(set(chain_l)) != len(chain_l) or not chain_l:
             raise click.BadParameter("name each tier once", param_hint="--chain")
+        if chain_l != file_chain:
+            router = None
         threads = threads or base.model_threads or None
         threads = threads or os.cpu_count() or 1
         if signal:
@@ -248,39 +328,20 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
                 ths[k.strip()] = float(v)
             except ValueError:
                 raise click.BadParameter(f"{opt!r}: expected TIER=NUMBER", param_hint="--threshold") from None
-        check_models(chain_l)
-        models = {t: modelpack.spec(t).model for t in TIERS}
         home = Path(base.home)
         table_path = out or home / "demo" / f"demo-n{n}-seed{seed}.txt"
 
         if calibrate:
-            qs = dq.generate(calibration_n, seed=calibration_seed, prefix="c")
-            click.echo(f"calibration: {calibration_n} questions (seed {calibration_seed}) on {', '.join(chain_l)}, "
-                       f"{threads} threads", err=True)
-            rows = measure(qs, chain_l, threads, not quiet)
-            cal = calibrate_demo(rows, chain_l, keep=keep)
-            policy_path = table_path.with_name(f"demo-policy-seed{calibration_seed}.json")
-            write_policy_file(policy_path, TunedPolicy("threshold", cal.params, fitted={
-                "calibration": {"n": cal.n, "seed": calibration_seed, "keep": keep, "accuracy": cal.accuracy,
-                                "baseline_accuracy": cal.baseline_accuracy, "time_ratio": cal.time_ratio,
-                                "accepted": cal.accepted}}))
-            rows_path = policy_path.with_suffix(".rows.jsonl")
-            rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            for t in chain_l:
-                acc = sum(r[t]["ok"] for r in rows) / len(rows)
-                ms = sum(r[t]["ms"] for r in rows) / len(rows)
-                click.echo(f"  {t:7} accuracy {100 * acc:5.1f}%  {ms:6.0f} ms/question")
-            click.echo(f"chain {' -> '.join(cal.params['chain'])}, thresholds on {cal.signal}: "
-                       + ", ".join(f"{t} >= {v:g}" for t, v in cal.params["thresholds"].items())
-                       + f"; on the calibration set the cascade keeps {100 * cal.accuracy:.1f}% accuracy "
-                         f"(always {chain_l[-1]}: {100 * cal.baseline_accuracy:.1f}%) in "
-                         f"{100 * cal.time_ratio:.0f}% of the model time; answered: {cal.accepted}")
-            click.echo(f"wrote {policy_path} (use it: cascade demo --policy {policy_path}) and {rows_path}")
+            run_calibration(chain_l, threads, table_path, calibration_n, calibration_seed, calibration_rows,
+                            calibration_policy, keep, quiet)
             return
 
+        check_models(chain_l)
+        models = {t: modelpack.spec(t).model for t in TIERS}
+        mix = "levels 1-4: " + "/".join(f"{100 * w:.0f}%" for _, w in sorted(dq.LEVEL_WEIGHTS.items()))
         qs = dq.generate(n, seed=seed)
         items = [q.item() for q in qs]
-        cascade_pf = build_portfolio(chain_l, threads, sig_name, ths)
+        cascade_pf = build_portfolio(chain_l, threads, sig_name, ths, router)
         if export_dir is not None:
             export_dir.mkdir(parents=True, exist_ok=True)
             (export_dir / "traffic.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
@@ -289,34 +350,74 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, base
                        f"{export_dir / 'portfolio.yaml'} ({' -> '.join(chain_l)})")
             return
         medium_pf = build_portfolio(chain_l[-1:], threads, sig_name, ths)
-        wall: dict[str, float] = {}
+        wall: dict[str, dict[str, float]] = {}
         with tempfile.TemporaryDirectory(prefix="cascade-demo-") as tmp:
             # always embedded, in a throwaway SQLite: the demo never touches a configured broker or database
             settings = Settings(broker_url=None, database_url=None, home=Path(tmp),
                                 model_cache=base.model_cache, model_threads=threads,
                                 worker_concurrency=1, chunk_size=4)
             click.echo(f"cascade: {n} questions through {' -> '.join(chain_l)} (embedded Celery workers)", err=True)
-            t0 = time.perf_counter()
             rep = run_batch(items, cascade_pf, settings=settings, batch_id="demo-cascade", progress=not quiet)
-            wall["cascade"] = time.perf_counter() - t0
+            wall["cascade"] = dict(rep.timing)
             med_rep = None
             if baseline and len(chain_l) > 1:
                 click.echo(f"always {chain_l[-1]}: the same {n} questions", err=True)
-                t0 = time.perf_counter()
                 med_rep = run_batch(items, medium_pf, settings=settings, batch_id="demo-always-medium",
                                     progress=not quiet)
-                wall[f"always {chain_l[-1]}"] = time.perf_counter() - t0
+                wall["top"] = dict(med_rep.timing)
         c_sum = summarise(rep.jobs, chain_l)
         m_sum = summarise(med_rep.jobs, chain_l[-1:]) if med_rep is not None else None
-        text = render(c_sum, m_sum, chain=chain_l, models=models, signal=sig_name, thresholds=ths, n=n, seed=seed,
-                      wall=wall, threads=threads)
+        text = render(c_sum, m_sum, chain=chain_l, models=models,
+                      policy=describe_policy(chain_l, sig_name, ths, router), n=n, seed=seed, mix=mix, wall=wall,
+                      threads=threads)
         click.echo(text)
         table_path.parent.mkdir(parents=True, exist_ok=True)
         table_path.write_text(text + "\n")
         results = table_path.with_suffix(".jobs.jsonl")
         with open(results, "w") as f:
-            for name, r in (("cascade", rep), ("always-" + chain_l[-1], med_rep)):
+            for run, r in (("cascade", rep), ("always-" + chain_l[-1], med_rep)):
                 for j in (r.jobs if r is not None else []):
-                    f.write(json.dumps({"run": name, **{k: v for k, v in j.items()},
+                    f.write(json.dumps({"run": run, **{k: v for k, v in j.items()},
                                         "correct": grade_job(j)}, default=str) + "\n")
         click.echo(f"\nwrote {table_path} and {results}")
+        if as_json:
+            click.echo(json.dumps(figures(c_sum, m_sum, wall)))
+
+
+def run_calibration(chain: list[str], threads: int, table_path: Path, n: int, seed: int, rows_file: Path | None,
+                    policy: str, keep: float, quiet: bool) -> None:
+    if rows_file is not None:
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+        missing = [t for t in chain if rows and t not in rows[0]]
+        if missing:
+            raise click.ClickException(f"{rows_file}: no measured calls of tier(s) {', '.join(missing)}")
+        click.echo(f"calibration: {len(rows)} measured questions from {rows_file}", err=True)
+    else:
+        check_models(chain)
+        qs = dq.generate(n, seed=seed, prefix="c")
+        click.echo(f"calibration: {n} questions (seed {seed}) on {', '.join(chain)}, {threads} threads", err=True)
+        rows = measure(qs, chain, threads, not quiet)
+    cal = calibrate_demo(rows, chain, keep=keep, policy=policy)
+    policy_path = table_path.with_name(f"demo-policy-seed{seed}.json")
+    info = {"n": cal.n, "seed": seed, "keep": keep, "accuracy": cal.accuracy,
+            "baseline_accuracy": cal.baseline_accuracy, "time_ratio": cal.time_ratio, "accepted": cal.accepted}
+    if cal.out_of_fold is not None:
+        info["out_of_fold"] = {"accuracy": cal.out_of_fold[0], "time_ratio": cal.out_of_fold[1]}
+    write_policy_file(policy_path, TunedPolicy(cal.policy, cal.params, fitted={"calibration": info}))
+    rows_path = policy_path.with_suffix(".rows.jsonl")
+    if rows_file is None or rows_file.resolve() != rows_path.resolve():
+        rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for t in chain:
+        acc = sum(r[t]["ok"] for r in rows) / len(rows)
+        ms = sum(r[t]["ms"] for r in rows) / len(rows)
+        click.echo(f"  {t:7} accuracy {100 * acc:5.1f}%  {ms:6.0f} ms/question")
+    p = cal.params
+    click.echo(f"{cal.policy}: chain {' -> '.join(p['chain'])}, "
+               + describe_policy(p["chain"], cal.signal, p["thresholds"], p.get("router"))
+               + f"; on the calibration set the cascade keeps {100 * cal.accuracy:.1f}% accuracy "
+                 f"(always {chain[-1]}: {100 * cal.baseline_accuracy:.1f}%) in "
+                 f"{100 * cal.time_ratio:.0f}% of the model time; answered: {cal.accepted}"
+               + ("" if cal.out_of_fold is None else
+                  f"; with out-of-fold router predictions (what the knobs were chosen on): "
+                  f"{100 * cal.out_of_fold[0]:.1f}% accuracy in {100 * cal.out_of_fold[1]:.0f}% of the model time"))
+    click.echo(f"wrote {policy_path} (use it: cascade demo --policy {policy_path}) and {rows_path}")

@@ -19,6 +19,7 @@ from .logistic_router import LogisticRouter
 from .optllm import OptLLM
 from .random_route import RandomRouting
 from .rational import RationalCascade
+from .routed_threshold import RoutedThreshold
 from .routellm import RouteLLM
 from .select_then_route import SelectThenRoute
 from .single import SingleModel
@@ -42,6 +43,7 @@ POLICIES: dict[str, type[Policy]] = {
     Gatekeeper.name: Gatekeeper,
     LMCascade.name: LMCascade,
     EveryTier.name: EveryTier,
+    RoutedThreshold.name: RoutedThreshold,
 }
 
 __all__ = ["POLICIES", "make_policy"]

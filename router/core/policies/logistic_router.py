@@ -10,7 +10,7 @@ only a fallback should that call fail). With two models this is Hybrid LLM's
 "small model if p >= threshold" and RouteLLM's threshold alpha.
 
 Params (JSON): alpha; order (tier names, cheapest first); features
-{buckets, categories}; models {tier: {bias, w: "column:weight ..."}} (the
+{buckets, categories, shapes (optional: hash the word shapes too)}; models {tier: {bias, w: "column:weight ..."}} (the
 non-zero weights, rounded to 4 decimals, as one compact string). The tuner
 (`router.lab.tuners.logistic_router`) fits the weights on the train rows only
 and sweeps alpha.
@@ -68,11 +68,12 @@ class LogisticRouter(Policy):
                                     else [t.name for t in self.tiers if t.name in models], "order")
         names = [self.tiers[i].name for i in self.order]
         feats = dict(features or {})
-        unknown = set(feats) - {"buckets", "categories"}
+        unknown = set(feats) - {"buckets", "categories", "shapes"}
         if unknown:
-            raise PolicyError(f"features: unknown key(s) {sorted(unknown)}; known: buckets, categories")
+            raise PolicyError(f"features: unknown key(s) {sorted(unknown)}; known: buckets, categories, shapes")
         try:
-            self.featurizer = QueryFeaturizer.shared(feats.get("buckets", DEFAULT_BUCKETS), feats.get("categories", ()))
+            self.featurizer = QueryFeaturizer.shared(feats.get("buckets", DEFAULT_BUCKETS), feats.get("categories", ()),
+                                                     feats.get("shapes", False))
         except (TypeError, ValueError) as e:
             raise PolicyError(f"features: {e}") from None
         d = self.featurizer.dim
@@ -155,7 +156,8 @@ class LogisticRouter(Policy):
         return {
             "alpha": self.alpha,
             "order": [self.tiers[i].name for i in self.order],
-            "features": {"buckets": self.featurizer.buckets, "categories": list(self.featurizer.categories)},
+            "features": {"buckets": self.featurizer.buckets, "categories": list(self.featurizer.categories),
+                         **({"shapes": True} if self.featurizer.shapes else {})},
             "models": self._models,
         }
 

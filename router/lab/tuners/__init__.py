@@ -38,6 +38,7 @@ from .ltt import RiskSpec
 from .optllm import OptLLMTuner
 from .random_route import RandomTuner
 from .rational import RationalTuner
+from .routed_threshold import RoutedThresholdTuner
 from .routellm import RouteLLMTuner
 from .select_then_route import SelectThenRouteTuner
 from .single import SingleTuner
@@ -48,7 +49,8 @@ from .threshold_ltt import RiskControlledThreshold
 TUNERS: dict[str, Callable[..., Tuner]] = {
     t.policy: t for t in (ThresholdTuner, SingleTuner, RandomTuner, CascadeRoutingTuner, AutoMixTuner,
                           LogisticRouterTuner, SelectThenRouteTuner, RationalTuner, RouteLLMTuner, HybridLLMTuner,
-                          OptLLMTuner, CargoTuner, AgreementTuner, FrugalGPTTuner, GatekeeperTuner, LMCascadeTuner)
+                          OptLLMTuner, CargoTuner, AgreementTuner, FrugalGPTTuner, GatekeeperTuner, LMCascadeTuner,
+                          RoutedThresholdTuner)
 }
 # policies whose knobs Learn then Test can certify (`risk=RiskSpec(...)` among the tuning options)
 RISK_TUNERS: dict[str, Callable[..., Tuner]] = {
