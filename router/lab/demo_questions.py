@@ -16,6 +16,7 @@ Pure: no model, no I/O.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass, field
@@ -257,11 +258,25 @@ def level_counts(n: int, weights: dict[int, float] | None = None) -> dict[int, i
     return counts
 
 
+# Every question text belongs to one of two parts, by a hash of the text: calibration
+# draws only from one and the demo only from the other, so no question the demo asks
+# was seen in calibration, even in families with few distinct questions (the day after
+# a day has seven) where two seeds would otherwise share many.
+PARTS = ("calibration", "demo")
+
+
+def part_of(prompt: str) -> str:
+    return PARTS[hashlib.sha256(prompt.encode()).digest()[0] % 2]
+
+
 def generate(n: int, seed: int = 0, families: list[str] | None = None, prefix: str = "q",
-             weights: dict[int, float] | None = None) -> list[Question]:
+             weights: dict[int, float] | None = None, part: str | None = None) -> list[Question]:
     """n questions: levels in the proportions of `weights` (LEVEL_WEIGHTS), the families of
-    a level taken in turn, in a seeded order; no duplicates, no few-shot example.
-    With `families`, only those, in turn, whatever their level."""
+    a level taken in turn, in a seeded order; no duplicates, no few-shot example; with
+    `part`, only texts of that part (`part_of`). With `families`, only those, in turn,
+    whatever their level."""
+    if part is not None and part not in PARTS:
+        raise UserError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
     r = random.Random(seed)
     for name in families or []:
         if name not in FAMILIES:
@@ -285,7 +300,7 @@ def generate(n: int, seed: int = 0, families: list[str] | None = None, prefix: s
         r.shuffle(same)
         r.shuffle(others)
         for cand in [fam] + same + others:
-            made = _new_question(r, cand, seen)
+            made = _new_question(r, cand, seen, part)
             if made is not None:
                 fam, (prompt, answer, kind) = cand, made
                 break
@@ -296,11 +311,11 @@ def generate(n: int, seed: int = 0, families: list[str] | None = None, prefix: s
     return out
 
 
-def _new_question(r: random.Random, fam: str, seen: set[str]) -> tuple[str, str, str] | None:
+def _new_question(r: random.Random, fam: str, seen: set[str], part: str | None = None) -> tuple[str, str, str] | None:
     make = FAMILIES[fam][1]
     for _ in range(200):
         prompt, answer, kind = make(r)
-        if prompt not in seen:
+        if prompt not in seen and (part is None or part_of(prompt) == part):
             return prompt, answer, kind
     return None
 

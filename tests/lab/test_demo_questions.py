@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from router.core.errors import UserError
 from router.lab import demo_questions as dq
 
 
@@ -110,3 +111,14 @@ def test_item_carries_the_gold_fields():
     item = q.item()
     assert item["id"] == q.id and item["prompt"] == q.prompt and item["gold"] == q.answer
     assert item["kind"] == q.kind and item["level"] == q.level
+
+
+def test_calibration_and_demo_parts_share_no_question():
+    cal = dq.generate(300, seed=1000, prefix="c", part="calibration")
+    demo = dq.generate(100, seed=0, part="demo")
+    assert {q.prompt for q in cal}.isdisjoint({q.prompt for q in demo})
+    assert all(dq.part_of(q.prompt) == "calibration" for q in cal) and all(dq.part_of(q.prompt) == "demo" for q in demo)
+    # without a part, two seeds share many of the trivial questions: the parts are what keeps them apart
+    assert {q.prompt for q in dq.generate(300, seed=1000)} & {q.prompt for q in dq.generate(100, seed=0)}
+    with pytest.raises(UserError, match="unknown part"):
+        dq.generate(5, part="test")

@@ -74,8 +74,8 @@ def build_portfolio(chain: list[str], threads: int, signal: str, thresholds: dic
     return parse_portfolio(raw, base=Path("."), where="demo portfolio")
 
 
-def demo_policy(path: Path) -> tuple[str, dict[str, Any]]:
-    """(policy name, params) of a demo policy file: threshold or routed-threshold."""
+def demo_policy(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(policy name, params, fitted) of a demo policy file: threshold or routed-threshold."""
     tuned = read_policy_file(path)
     try:
         if tuned.name not in ("threshold", "routed-threshold"):
@@ -87,7 +87,7 @@ def demo_policy(path: Path) -> tuple[str, dict[str, Any]]:
             raise TypeError("router expected")
     except (KeyError, TypeError) as e:
         raise click.ClickException(f"{path}: not a demo policy file ({e})") from None
-    return tuned.name, p
+    return tuned.name, p, tuned.fitted
 
 
 def check_models(names) -> None:
@@ -253,9 +253,15 @@ def measure(questions, chain: list[str], threads: int, progress: bool) -> list[d
     return rows
 
 
+# Shares of the four difficulty levels in a generated set (dq.LEVEL_WEIGHTS is "standard").
 MIXES = {
     "standard": dq.LEVEL_WEIGHTS,
+    "easy": {1: 0.50, 2: 0.25, 3: 0.15, 4: 0.10},  # most requests easy, as much real traffic is
 }
+
+
+def mix_text(name: str) -> str:
+    return f"{name} mix, levels 1-4 " + "/".join(f"{100 * w:.0f}%" for _, w in sorted(MIXES[name].items()))
 
 
 @click.command()
@@ -291,9 +297,11 @@ MIXES = {
                    "`cascade calibrate` ignores) and the demo's portfolio (DIR/portfolio.yaml), and stop")
 @click.option("--json", "as_json", is_flag=True, help="end with one JSON line: accuracy_kept, model_time_ratio, "
                                                        "wall_time_ratio (cascade over always-top) and the raw figures")
+@click.option("--mix", type=click.Choice(sorted(MIXES)), default=None,
+              help="shares of the difficulty levels (default: the policy file's, else standard)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_router, baseline, calibrate,
-         calibration_n, calibration_seed, calibration_rows, calibration_policy, keep, export_dir, as_json,
+         calibration_n, calibration_seed, calibration_rows, calibration_policy, keep, export_dir, as_json, mix,
          quiet) -> None:
     """Real local models tiny -> small -> medium on a generated question set, as a cascade
     through embedded Celery workers, against always-medium.
@@ -302,7 +310,10 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_r
     """
     base = get_settings()
     with user_errors():
-        name, params = demo_policy(policy_file or DEFAULT_POLICY)
+        name, params, fitted = demo_policy(policy_file or DEFAULT_POLICY)
+        mix = mix or fitted.get("calibration", {}).get("mix", "standard")
+        if mix not in MIXES:
+            raise click.ClickException(f"{policy_file or DEFAULT_POLICY}: unknown mix {mix!r}")
         sig_name = params["signal"]
         ths = {**THRESHOLDS, **params["thresholds"]}
         file_chain = list(params.get("chain") or TIERS)
@@ -333,13 +344,12 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_r
 
         if calibrate:
             run_calibration(chain_l, threads, table_path, calibration_n, calibration_seed, calibration_rows,
-                            calibration_policy, keep, quiet)
+                            calibration_policy, keep, mix, quiet)
             return
 
         check_models(chain_l)
         models = {t: modelpack.spec(t).model for t in TIERS}
-        mix = "levels 1-4: " + "/".join(f"{100 * w:.0f}%" for _, w in sorted(dq.LEVEL_WEIGHTS.items()))
-        qs = dq.generate(n, seed=seed)
+        qs = dq.generate(n, seed=seed, weights=MIXES[mix], part="demo")
         items = [q.item() for q in qs]
         cascade_pf = build_portfolio(chain_l, threads, sig_name, ths, router)
         if export_dir is not None:
@@ -368,7 +378,7 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_r
         c_sum = summarise(rep.jobs, chain_l)
         m_sum = summarise(med_rep.jobs, chain_l[-1:]) if med_rep is not None else None
         text = render(c_sum, m_sum, chain=chain_l, models=models,
-                      policy=describe_policy(chain_l, sig_name, ths, router), n=n, seed=seed, mix=mix, wall=wall,
+                      policy=describe_policy(chain_l, sig_name, ths, router), n=n, seed=seed, mix=mix_text(mix), wall=wall,
                       threads=threads)
         click.echo(text)
         table_path.parent.mkdir(parents=True, exist_ok=True)
@@ -385,21 +395,26 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_r
 
 
 def run_calibration(chain: list[str], threads: int, table_path: Path, n: int, seed: int, rows_file: Path | None,
-                    policy: str, keep: float, quiet: bool) -> None:
+                    policy: str, keep: float, mix: str, quiet: bool) -> None:
     if rows_file is not None:
         rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
         missing = [t for t in chain if rows and t not in rows[0]]
-        if missing:
-            raise click.ClickException(f"{rows_file}: no measured calls of tier(s) {', '.join(missing)}")
-        click.echo(f"calibration: {len(rows)} measured questions from {rows_file}", err=True)
+        if missing or any("prompt" not in r for r in rows):
+            raise click.ClickException(f"{rows_file}: no question texts or no measured calls of tier(s) "
+                                       f"{', '.join(missing) or '-'}")
+        kept = [r for r in rows if dq.part_of(r["prompt"]) == "calibration"]
+        click.echo(f"calibration: {len(rows)} measured questions from {rows_file}, {len(kept)} of them in the "
+                   f"calibration part (the demo asks only questions of the other)", err=True)
+        rows = kept
     else:
         check_models(chain)
-        qs = dq.generate(n, seed=seed, prefix="c")
-        click.echo(f"calibration: {n} questions (seed {seed}) on {', '.join(chain)}, {threads} threads", err=True)
+        qs = dq.generate(n, seed=seed, prefix="c", weights=MIXES[mix], part="calibration")
+        click.echo(f"calibration: {n} questions (seed {seed}, {mix_text(mix)}) on {', '.join(chain)}, "
+                   f"{threads} threads", err=True)
         rows = measure(qs, chain, threads, not quiet)
     cal = calibrate_demo(rows, chain, keep=keep, policy=policy)
     policy_path = table_path.with_name(f"demo-policy-seed{seed}.json")
-    info = {"n": cal.n, "seed": seed, "keep": keep, "accuracy": cal.accuracy,
+    info = {"n": cal.n, "seed": seed, "mix": mix, "keep": keep, "accuracy": cal.accuracy,
             "baseline_accuracy": cal.baseline_accuracy, "time_ratio": cal.time_ratio, "accepted": cal.accepted}
     if cal.out_of_fold is not None:
         info["out_of_fold"] = {"accuracy": cal.out_of_fold[0], "time_ratio": cal.out_of_fold[1]}
