@@ -14,6 +14,7 @@ predictions).
 """
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -51,15 +52,23 @@ class Calibration:
         return self.params["signal"]
 
 
-def records_of(rows: Sequence[dict], tiers: Sequence[str]) -> list[Record]:
+def records_of(rows: Sequence[dict], tiers: Sequence[str], time: str = "call") -> list[Record]:
     """Measured calls, rows[i][tier] = {"ok", "ms", "sig", "text"} (and rows[i]["prompt"],
-    the question), as benchmark records whose cost is the call's model time in seconds."""
+    the question), as benchmark records whose cost is the model time in seconds: the
+    call's own (`time="call"`), or the median of the tier's calls (`"median"`: on a
+    shared machine one call's time is mostly the load of that moment, and what a
+    cascade saves is calls)."""
+    if time not in ("call", "median"):
+        raise UserError(f"time must be 'call' or 'median', got {time!r}")
+    med = {t: statistics.median(r[t]["ms"] for r in rows) for t in tiers} if rows and time == "median" else {}
     out = []
     for r in rows:
-        responses = {t: Response(text=r[t].get("text"), correct=float(bool(r[t]["ok"])), cost_usd=r[t]["ms"] / 1000,
-                                 latency_ms=r[t]["ms"], tokens_in=None, tokens_out=None, logprob=None, p_true=None,
-                                 signals=dict(r[t]["sig"]))
-                     for t in tiers}
+        responses = {}
+        for t in tiers:
+            ms = med.get(t, r[t]["ms"])
+            responses[t] = Response(text=r[t].get("text"), correct=float(bool(r[t]["ok"])), cost_usd=ms / 1000,
+                                    latency_ms=ms, tokens_in=None, tokens_out=None, logprob=None, p_true=None,
+                                    signals=dict(r[t]["sig"]))
         out.append(Record(str(r["id"]), str(r.get("prompt", "")), "train", None, None, responses))
     return out
 
@@ -68,12 +77,12 @@ POLICIES = ("threshold", "routed-threshold")
 
 
 def calibrate(rows: Sequence[dict], tiers: Sequence[str], signals: Sequence[str] = SIGNALS,
-              keep: float = 0.97, policy: str = "threshold") -> Calibration:
+              keep: float = 0.97, policy: str = "threshold", time: str = "call") -> Calibration:
     if not rows:
         raise UserError("calibration needs at least one measured question")
     if policy not in POLICIES:
         raise UserError(f"the demo calibrates {', '.join(POLICIES)}, not {policy!r}")
-    records = records_of(rows, tiers)
+    records = records_of(rows, tiers, time)
     ladder = [TierModel(t, t) for t in tiers]
     table = build_table(records, ladder)
     infos = tier_infos(ladder)

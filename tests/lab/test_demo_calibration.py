@@ -62,3 +62,15 @@ def test_calibrate_can_always_fall_back_to_the_last_tier():
 def test_calibrate_without_rows_is_a_clear_error():
     with pytest.raises(UserError, match="at least one"):
         calibrate([], TIERS)
+
+
+def test_median_time_charges_every_call_its_tiers_median():
+    rows = _rows()
+    for i, r in enumerate(rows):
+        r["small"]["ms"] = 50.0 + (400.0 if i == 3 else 0.0)  # one call slowed down by the machine's load
+    table = build_table(records_of(rows, TIERS, time="median"), [TierModel(t, t) for t in TIERS])
+    assert set(table.cost[1].tolist()) == {0.05}
+    assert calibrate(rows, TIERS, signals=("sum_logprob",), keep=1.0, time="median").time_ratio == pytest.approx(
+        (20 * 10 + 14 * 50 + 5 * 100) / 2000)
+    with pytest.raises(UserError, match="median"):
+        records_of(rows, TIERS, time="mean")

@@ -290,6 +290,9 @@ def mix_text(name: str) -> str:
               help="calibrate on rows a previous --calibrate measured (its .rows.jsonl) instead of calling the models")
 @click.option("--calibration-policy", type=click.Choice(["routed-threshold", "threshold"]), default="routed-threshold",
               show_default=True, help="the policy --calibrate fits")
+@click.option("--calibration-time", type=click.Choice(["median", "call"]), default="median", show_default=True,
+              help="model time a calibration call costs: its tier's median call (robust on a shared machine) or "
+                   "its own")
 @click.option("--keep", type=click.FloatRange(0.5, 1.0), default=0.96, show_default=True,
               help="calibration: accuracy to keep, as a share of the last tier's")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -301,8 +304,8 @@ def mix_text(name: str) -> str:
               help="shares of the difficulty levels (default: the policy file's, else standard)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_router, baseline, calibrate,
-         calibration_n, calibration_seed, calibration_rows, calibration_policy, keep, export_dir, as_json, mix,
-         quiet) -> None:
+         calibration_n, calibration_seed, calibration_rows, calibration_policy, calibration_time, keep, export_dir,
+         as_json, mix, quiet) -> None:
     """Real local models tiny -> small -> medium on a generated question set, as a cascade
     through embedded Celery workers, against always-medium.
 
@@ -344,7 +347,7 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_r
 
         if calibrate:
             run_calibration(chain_l, threads, table_path, calibration_n, calibration_seed, calibration_rows,
-                            calibration_policy, keep, mix, quiet)
+                            calibration_policy, calibration_time, keep, mix, quiet)
             return
 
         check_models(chain_l)
@@ -395,7 +398,7 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_r
 
 
 def run_calibration(chain: list[str], threads: int, table_path: Path, n: int, seed: int, rows_file: Path | None,
-                    policy: str, keep: float, mix: str, quiet: bool) -> None:
+                    policy: str, time: str, keep: float, mix: str, quiet: bool) -> None:
     if rows_file is not None:
         rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
         missing = [t for t in chain if rows and t not in rows[0]]
@@ -412,9 +415,9 @@ def run_calibration(chain: list[str], threads: int, table_path: Path, n: int, se
         click.echo(f"calibration: {n} questions (seed {seed}, {mix_text(mix)}) on {', '.join(chain)}, "
                    f"{threads} threads", err=True)
         rows = measure(qs, chain, threads, not quiet)
-    cal = calibrate_demo(rows, chain, keep=keep, policy=policy)
+    cal = calibrate_demo(rows, chain, keep=keep, policy=policy, time=time)
     policy_path = table_path.with_name(f"demo-policy-seed{seed}.json")
-    info = {"n": cal.n, "seed": seed, "mix": mix, "keep": keep, "accuracy": cal.accuracy,
+    info = {"n": cal.n, "seed": seed, "mix": mix, "keep": keep, "time": time, "accuracy": cal.accuracy,
             "baseline_accuracy": cal.baseline_accuracy, "time_ratio": cal.time_ratio, "accepted": cal.accepted}
     if cal.out_of_fold is not None:
         info["out_of_fold"] = {"accuracy": cal.out_of_fold[0], "time_ratio": cal.out_of_fold[1]}
