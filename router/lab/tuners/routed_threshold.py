@@ -22,7 +22,7 @@ from router.core.policies import make_policy
 from router.core.policies.logistic_router import weights_text
 from router.core.policy import TierInfo
 from router.lab.labelled import CONFIDENCE_SIGNALS, Table
-from router.lab.tuning import Fitted, NotApplicable, Target, Tuner, TuningError, given_chain, select_index
+from router.lab.tuning import Fitted, NotApplicable, Target, Tuner, TuningError, cost_order, given_chain, select_index
 
 from .logistic_router import routes
 from .threshold import _candidates, chain_grid
@@ -30,6 +30,7 @@ from .threshold import _candidates, chain_grid
 WEIGHT_DECIMALS = 4
 ALPHAS = 41  # router alphas searched: as many evenly spaced and at quantiles of the out-of-fold predictions
 THRESHOLDS = 30  # candidate thresholds per non-last chain tier
+MAX_TIERS = 3  # the threshold grid grows as THRESHOLDS ** (tiers - 1)
 
 
 def grid(conf: np.ndarray, correct: np.ndarray, cost: np.ndarray, start: np.ndarray,
@@ -56,7 +57,12 @@ class RoutedThresholdTuner(Tuner):
         if n < 20:
             raise NotApplicable(f"{n} train rows are too few to fit a router")
         by_name = {t.name: t.index for t in infos}
-        ch = given_chain(chain, by_name) if chain is not None else tuple(range(len(infos)))
+        if chain is None and len(infos) > MAX_TIERS:
+            raise NotApplicable(f"routed-threshold searches one chain of at most {MAX_TIERS} tiers; "
+                                f"name it (chain=[...]) among the {len(infos)} tiers")
+        ch = given_chain(chain, by_name) if chain is not None else tuple(cost_order(table))
+        if len(ch) > MAX_TIERS:
+            raise TuningError(f"routed-threshold: a chain of at most {MAX_TIERS} tiers, got {len(ch)}")
         if len(ch) < 2:
             raise NotApplicable("a routed cascade needs a chain of at least two tiers")
         if signal is None:  # as the threshold tuner: the recorded confidence most rows have
