@@ -128,7 +128,8 @@ LIVE = ("automix-threshold", "automix-pomdp", "semantic-entropy", "self-ref")
 CANNOT_RUN_HERE = {
     "automix": "p_true",  # reads a self-verification probability
     "lm-cascade": "no token log-probs",  # the format records a completion's mean log-prob only
-    **{p: "too few" for p in ("frugalgpt", "routellm", "hybrid-llm", "optllm", "cargo", "cascade-routing")},
+    **{p: "too few" for p in ("frugalgpt", "routellm", "hybrid-llm", "optllm", "cargo", "cascade-routing",
+                              "routed-threshold")},
     # learned: >= 20 rows
 }
 
