@@ -9,7 +9,9 @@ backend's own time (commits, messages, queue hops).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import redis
 from sqlalchemy import create_engine, text
 
@@ -172,6 +175,105 @@ def run_pipeline_bench(cfg: BenchConfig) -> dict:
         "p50_overhead_ms": round(statistics.median(overheads), 2),
         "p90_overhead_ms": round(statistics.quantiles(overheads, n=10)[-1], 2) if len(overheads) >= 10 else None,
     }
+
+
+@dataclass
+class HttpBenchConfig:
+    latency: float = 0.2  # seconds the server takes per request
+    capacity: int = 32  # requests it serves at once
+    seconds: float = 15.0  # jobs: what the server could answer in this long at capacity
+    concurrency: int | None = None  # the tier's backend option (default: the server's capacity)
+    chunk: int | None = None  # jobs per stage message (default: the settings' chunk_size)
+    pg_admin: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    log: Callable[[str], None] = print
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the fake model server did not listen on port {port} within {timeout}s")
+
+
+def run_http_bench(cfg: HttpBenchConfig) -> dict:
+    """One openai tier against a local server answering after `latency` with `capacity`
+    requests at once, one worker process (default settings): jobs/s against the
+    server's capacity (capacity / latency)."""
+    capacity_per_s = cfg.capacity / cfg.latency
+    n = max(10, int(capacity_per_s * cfg.seconds))
+    concurrency = cfg.concurrency or cfg.capacity
+    with _private(cfg.pg_admin, cfg.redis_url) as (db_url, prefix, tmp, r):
+        settings = Settings(broker_url=cfg.redis_url, database_url=db_url, redis_prefix=prefix, home=tmp,
+                            **({"chunk_size": cfg.chunk} if cfg.chunk else {}))
+        env = {**os.environ, "CASCADE_BROKER_URL": cfg.redis_url, "CASCADE_DATABASE_URL": db_url,
+               "CASCADE_REDIS_PREFIX": prefix, "CASCADE_HOME": str(tmp), "CASCADE_REMOTE_CONTROL": "flower",
+               **({"CASCADE_CHUNK_SIZE": str(cfg.chunk)} if cfg.chunk else {})}
+        with ExitStack() as stack:
+            port = _free_port()
+            server = _spawn(["worker.fakeserver", "--port", str(port), "--latency", str(cfg.latency),
+                             "--capacity", str(cfg.capacity)], env, tmp / "server.log")
+            stack.callback(_stop, [server])
+            _wait_port(port)
+            path = tmp / "http.toml"
+            path.write_text('[policy]\nname = "threshold"\nsignal = "mean_logprob"\n\n[[tiers]]\nname = "t0"\n'
+                            f'backend = {{ kind = "openai", base_url = "http://127.0.0.1:{port}/v1", model = "fake", '
+                            f'max_tokens = 8, concurrency = {concurrency} }}\n')
+            portfolio = load_portfolio(path)
+            runtime = Runtime(settings)
+            app = make_app(settings, runtime)
+            dispatcher = Dispatcher(app, settings.chunk_size)
+            worker = _spawn(["worker.cli", "worker", "--tier", "t0", "--portfolio", str(path), "-l", "WARNING"],
+                            env, tmp / "t0.log")
+            stack.callback(_stop, [worker])
+            _wait_ping(app, 1)
+            items = [Item(f"q{i}", i + 1, {"id": f"q{i}", "prompt": f"question {i}: what is {i} + {i}?"})
+                     for i in range(n)]
+            cfg.log(f"http: {n} jobs, one openai tier, server {cfg.latency * 1000:.0f} ms x {cfg.capacity} at once "
+                    f"({capacity_per_s:.0f}/s), concurrency {concurrency}, chunks of {settings.chunk_size}")
+            t0 = time.perf_counter()
+            submit(runtime, dispatcher, portfolio, items, "http", source=None)
+            b = wait_for(runtime.store, "http", progress=False, poll=0.02)
+            took = time.perf_counter() - t0
+            if b["succeeded"] != n:
+                errors = {j["error"] for j in runtime.store.batch_jobs("http") if j["error"]}
+                raise RuntimeError(f"{n - b['succeeded']} jobs did not succeed: {sorted(errors)[:3]}")
+            stats = httpx.get(f"http://127.0.0.1:{port}/v1/stats", timeout=5).json()
+            runtime.close()
+    jobs_per_s = n / took
+    return {"jobs": n, "latency_ms": cfg.latency * 1000, "capacity": cfg.capacity, "concurrency": concurrency,
+            "chunk": settings.chunk_size, "seconds": round(took, 2), "server_requests": stats["served"],
+            "peak_in_flight": stats["peak_in_flight"], "jobs_per_s": round(jobs_per_s, 1),
+            "server_capacity_per_s": round(capacity_per_s, 1), "ratio": round(jobs_per_s / capacity_per_s, 3)}
+
+
+@contextlib.contextmanager
+def _private(pg_admin: str, redis_url: str):
+    """A database and a Redis key prefix of the bench's own, dropped afterwards."""
+    tag = uuid.uuid4().hex[:10]
+    dbname = f"cascade_bench_{tag}"
+    prefix = f"cascade-bench-{tag}:"
+    admin = create_engine(pg_admin, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{dbname}"'))
+    db_url = pg_admin.rsplit("/", 1)[0] + f"/{dbname}"
+    r = redis.Redis.from_url(redis_url)
+    try:
+        upgrade(db_url)
+        yield db_url, prefix, Path(tempfile.mkdtemp(prefix="cascade-bench-")), r
+    finally:
+        _clear_prefix(r, prefix)
+        _drop(admin, dbname)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _drop(admin, dbname: str) -> None:

@@ -11,6 +11,7 @@ Idempotency lives here, in the statements themselves:
 from __future__ import annotations
 
 import json
+import math
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -257,6 +259,72 @@ _FINALIZE = (
             total_cost=bindparam("b_cost"), error=bindparam("b_error"), finished_at=bindparam("b_t"),
             updated_at=bindparam("b_t"))
 )
+
+
+# A stage's start on PostgreSQL, in one statement: the message's jobs and their
+# attempts so far, and a delivery counted on those a first delivery runs. The outer
+# SELECT reads the snapshot from before the UPDATE (the deliveries as they were).
+_START_STAGE = text("""
+WITH started AS (
+  UPDATE jobs SET status = 'running', started_at = coalesce(started_at, :t), deliveries = deliveries + 1,
+                  updated_at = :t
+  WHERE id = ANY(CAST(:ids AS text[])) AND status IN ('queued', 'running') AND current_tier = :tier
+    AND deliveries = 0 AND (deadline IS NULL OR deadline >= :t)
+    AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = jobs.id AND a.tier = :tier)
+  RETURNING id)
+SELECT j.id, j.batch_id, j.tenant, j.portfolio, j.input, j.plan, j.status, j.current_tier, j.deliveries, j.deadline,
+       j.error, j.updated_at, s.id IS NOT NULL AS started,
+       coalesce((SELECT jsonb_agg(jsonb_build_object(
+                  'tier', a.tier, 'tier_index', a.tier_index, 'step', a.step, 'model', a.model, 'answer', a.answer,
+                  'signals', a.signals, 'tokens_in', a.tokens_in, 'tokens_out', a.tokens_out, 'cost_usd', a.cost_usd,
+                  'latency_ms', a.latency_ms, 'decision', a.decision, 'error', a.error) ORDER BY a.step)
+                 FROM attempts a WHERE a.job_id = j.id), '[]'::jsonb) AS attempts
+FROM jobs j LEFT JOIN started s ON s.id = j.id
+WHERE j.id = ANY(CAST(:ids AS text[]))
+""")
+
+# A stage's results on PostgreSQL, in one statement (its own transaction): the
+# attempts (one per job and tier: a duplicate's is dropped), each new one's job
+# escalated or finalized if still open, and the batches' counters moved by the jobs
+# that became final. The rows travel as one JSON array (a non-finite float as its
+# text, "NaN" or "Infinity", which float8 reads back).
+_RECORD_STAGE = text("""
+WITH x AS (
+  SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+    AS x(job_id text, tier text, tier_index int, step int, model text, answer text, signals jsonb, tokens_in int,
+         tokens_out int, cost_usd float8, latency_ms float8, decision text, reason text, error text, meta jsonb,
+         status text, next_tier text, final_answer text, final_tier text, total_cost float8, job_error text)
+), ins AS (
+  INSERT INTO attempts (job_id, tier, tier_index, step, model, answer, signals, tokens_in, tokens_out, cost_usd,
+                        latency_ms, decision, reason, error, meta, created_at)
+  SELECT job_id, tier, tier_index, step, model, answer, signals, tokens_in, tokens_out, cost_usd, latency_ms,
+         decision, reason, error, meta, :t FROM x ORDER BY job_id
+  ON CONFLICT (job_id, tier) DO NOTHING
+  RETURNING job_id
+), moved AS (
+  UPDATE jobs j SET
+    status = x.status,
+    current_tier = CASE WHEN x.decision = 'escalate' THEN x.next_tier ELSE j.current_tier END,
+    deliveries = CASE WHEN x.decision = 'escalate' THEN 0 ELSE j.deliveries END,
+    error = CASE WHEN x.decision = 'escalate' THEN NULL ELSE x.job_error END,
+    final_answer = CASE WHEN x.decision = 'escalate' THEN j.final_answer ELSE x.final_answer END,
+    final_tier = CASE WHEN x.decision = 'escalate' THEN j.final_tier ELSE x.final_tier END,
+    total_cost = CASE WHEN x.decision = 'escalate' THEN j.total_cost ELSE x.total_cost END,
+    finished_at = CASE WHEN x.decision = 'escalate' THEN j.finished_at ELSE :t END,
+    updated_at = :t
+  FROM x WHERE j.id = x.job_id AND j.id IN (SELECT job_id FROM ins) AND j.status IN ('queued', 'running')
+  RETURNING j.id, j.batch_id, x.decision, x.total_cost
+), counted AS (
+  UPDATE batches b SET done = b.done + n.done, succeeded = b.succeeded + n.succeeded, failed = b.failed + n.failed,
+                       total_cost = b.total_cost + n.cost, updated_at = :t
+  FROM (SELECT batch_id, count(*) AS done, count(*) FILTER (WHERE decision = 'accept') AS succeeded,
+               count(*) FILTER (WHERE decision <> 'accept') AS failed, sum(total_cost) AS cost
+        FROM moved WHERE decision <> 'escalate' AND batch_id IS NOT NULL GROUP BY batch_id) n
+  WHERE b.id = n.batch_id
+  RETURNING b.id
+)
+SELECT id FROM moved
+""")
 
 
 # what a finished job's input becomes when content is not kept
@@ -501,6 +569,29 @@ class Store:
         rows.sort(key=lambda r: order[r["id"]])
         return rows, ats
 
+    def start_stage(self, tier: str, job_ids: Sequence[str]) -> tuple[list[dict], dict[str, list[dict]], set[str]]:
+        """`load_stage`, and `start_delivery` of the jobs a first delivery will run (open,
+        waiting at `tier`, never delivered here, not answered here, not past their
+        deadline), in one statement on PostgreSQL (its own transaction): the rows show
+        the values from before it (`deliveries` as it was), the set says which started.
+        Elsewhere the two steps, the set empty (the stage starts its jobs itself)."""
+        if self.engine.dialect.name != "postgresql":
+            rows, ats = self.load_stage(job_ids)
+            return rows, ats, set()
+        ids = list(dict.fromkeys(job_ids))
+        with self.read() as c:
+            got = c.execute(_START_STAGE, {"ids": ids, "tier": tier, "t": now()}).mappings().all()
+        rows, ats, started = [], {}, set()
+        for r in got:
+            r = dict(r)
+            ats[r["id"]] = r.pop("attempts")
+            if r.pop("started"):
+                started.add(r["id"])
+            rows.append(r)
+        order = {j: i for i, j in enumerate(ids)}
+        rows.sort(key=lambda r: order[r["id"]])
+        return rows, ats, started
+
     def start_delivery(self, job_ids: Sequence[str]) -> None:
         """These jobs' stage starts: running, and one more delivery at their tier
         (reset when they move on), so a job that keeps crashing its stage is counted."""
@@ -539,6 +630,8 @@ class Store:
         if not outcomes:
             return []
         t = now()
+        if self.engine.dialect.name == "postgresql" and self.keep_content:
+            return self._record_stage_at_once(outcomes, t)
         with self.tx() as c:
             ins = _insert(c, attempts).on_conflict_do_nothing(index_elements=["job_id", "tier"]).returning(attempts.c.job_id)
             inserted = {r.job_id for r in c.execute(ins, [o.attempt_row(t) for o in outcomes]).all()}
@@ -565,6 +658,25 @@ class Store:
                     failed=batches.c.failed + k[FAILED], total_cost=batches.c.total_cost + k["cost"],
                     updated_at=t))
         return applied
+
+    def _record_stage_at_once(self, outcomes: Sequence[StageOutcome], t: datetime) -> list[StageOutcome]:
+        """record_stage on PostgreSQL: one statement, one round trip (_RECORD_STAGE)."""
+        rows = []
+        for o in outcomes:
+            row = o.attempt_row(t)
+            del row["created_at"]
+            final = o.decision != "escalate"
+            row.update(status=RUNNING if not final else SUCCEEDED if o.decision == "accept" else FAILED,
+                       next_tier=o.next_tier, final_answer=clean_text(o.final_answer) if final else None,
+                       final_tier=o.final_tier, total_cost=o.total_cost,
+                       job_error=clean_text(o.error) if final else None)
+            for k in ("cost_usd", "total_cost"):
+                if not math.isfinite(row[k]):
+                    row[k] = str(row[k]).replace("inf", "Infinity").replace("nan", "NaN")
+            rows.append(row)
+        with self.read() as c:
+            moved = set(c.execute(_RECORD_STAGE, {"rows": json.dumps(rows), "t": t}).scalars())
+        return [o for o in outcomes if o.job_id in moved]
 
     @staticmethod
     def _guarded(c: Connection, outs: list[StageOutcome], t: datetime, params, stmt) -> list[StageOutcome]:

@@ -173,3 +173,40 @@ class CannedServer(_TestHTTPServer):
 
     def handle(self, n, path, raw):
         return self.status, self.headers, self.body
+
+
+class ScriptedModel(_TestHTTPServer):
+    """An OpenAI-compatible chat server whose answers and failures follow the prompt,
+    whatever the order or concurrency of the requests: the answer and its token
+    log-probs come from (model, prompt) (worker.fakeserver.answer); a prompt with
+    `[bad]` gets a 400 (not retried), `[down]` a 503 every time, `[flaky]` a 503 the
+    first time this model sees it, `[slow]` its answer after `slow` seconds. Counts
+    the requests per (model, prompt) and the most it had in flight."""
+
+    def __init__(self, slow: float = 0.2):
+        super().__init__()
+        self.slow = slow
+        self.seen: dict[tuple[str, str], int] = {}
+        self.in_flight = 0
+        self.peak = 0
+
+    def handle(self, n, path, raw):
+        from worker.fakeserver import answer
+
+        body = json.loads(raw)
+        model, prompt = body["model"], body["messages"][-1]["content"]
+        with self._lock:
+            k = self.seen[(model, prompt)] = self.seen.get((model, prompt), 0) + 1
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            if "[slow]" in prompt:
+                time.sleep(self.slow)
+            if "[bad]" in prompt:
+                return 400, {}, json.dumps({"error": {"message": "bad request (scripted)"}}).encode()
+            if "[down]" in prompt or ("[flaky]" in prompt and k == 1):
+                return 503, {}, json.dumps({"error": {"message": "overloaded (scripted)"}}).encode()
+            return 200, {}, json.dumps(answer(f"{model}|{prompt}")).encode()
+        finally:
+            with self._lock:
+                self.in_flight -= 1

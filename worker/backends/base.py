@@ -114,16 +114,19 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, query: Query, needs: Needs) -> BackendResult: ...
 
-    def generate_many(self, queries: Sequence[Query], needs: Needs) -> list[BackendResult | BackendFailure]:
+    def generate_many(self, queries: Sequence[Query], needs: Needs) -> list[BackendResult | Exception]:
         """One call per query of a stage, in order; a query whose call failed gets its
-        BackendFailure in its place, so one bad job never costs the others their answers.
-        This default calls one at a time; a backend that serves many requests at once
-        (an HTTP server, batched local decoding) overrides it."""
-        out: list[BackendResult | BackendFailure] = []
+        BackendFailure in its place, so one bad job never costs the others their answers
+        (and a query whose call crashed, any other exception: the stage records that job
+        as crashed and sends it again alone). The stage retries transient failures and
+        applies the breaker (worker.stage.call_backend_many). This default calls one at
+        a time; a backend that serves many requests at once (an HTTP server, batched
+        local decoding) overrides it."""
+        out: list[BackendResult | Exception] = []
         for q in queries:
             try:
                 out.append(self.generate(q, needs))
-            except BackendFailure as e:
+            except Exception as e:  # noqa: BLE001 - kept in its query's place; the stage sorts it
                 out.append(e)
         return out
 

@@ -32,6 +32,14 @@ Options (portfolio `[tiers.backend]`):
   backoff          first in-backend retry delay, doubled each time (default 0.5 s)
   max_backoff      cap of a delay, Retry-After included (default 30 s)
   headers          extra HTTP headers (a table of strings)
+  concurrency      requests in flight at once per worker process (default 16): a stage
+                   sends its jobs' requests together (generate_many), at most this many
+                   open at a time across the process's stage threads; size it to what the
+                   server serves at once (vLLM batches them) and to the provider's limits
+  max_rps          requests started per second per worker process (default: no limit),
+                   for an API with a request-rate limit
+A 429 (or 503) with Retry-After pauses every request of the process to this server
+for that long, not only the one that got it: its rate limit is respected by all.
 base_url and header values may reference secrets as ${NAME} (expanded in the
 worker); a credential written literally is blanked in everything stored or shown.
 Usage (prompt/completion tokens) is recorded per attempt; the cost comes from the
@@ -41,8 +49,10 @@ from __future__ import annotations
 
 import email.utils
 import math
+import threading
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
 
 import httpx
 
@@ -66,7 +76,7 @@ from .base import (
 
 _OPTIONS = {"base_url", "model", "api_key_env", "endpoint", "prompt_template", "system", "max_tokens", "stop",
             "temperature", "connect_timeout", "read_timeout", "logprobs", "top_logprobs", "retries", "backoff",
-            "max_backoff", "headers"}
+            "max_backoff", "headers", "concurrency", "max_rps"}
 # signals computed from token log-probs (everything but self-verification)
 TOKEN_SIGNALS = frozenset(SIGNALS) - {"p_true"}
 _TRANSIENT_STATUS = {408, 409, 425, 429}
@@ -148,14 +158,43 @@ class OpenAIBackend(Backend):
         key_env = option(tier, "api_key_env", str, None)
         if key_env is not None:
             self.headers["Authorization"] = f"Bearer {_secret(tier, secret, key_env)}"
+        self.concurrency = option(tier, "concurrency", int, 16)
+        if not 1 <= self.concurrency <= 1024:
+            raise BackendConfigError(f"tier {tier.name!r}: backend option 'concurrency' must be in 1..1024, "
+                                     f"got {self.concurrency}")
+        max_rps = option(tier, "max_rps", (int, float), None)
+        if max_rps is not None and not max_rps > 0:
+            raise BackendConfigError(f"tier {tier.name!r}: backend option 'max_rps' must be > 0, got {max_rps}")
+        self.pacer = Pacer(max_rps)
         self.client = httpx.Client(
             timeout=httpx.Timeout(connect=self.connect_timeout, read=self.read_timeout, write=self.read_timeout,
-                                  pool=self.connect_timeout),
+                                  # a request waiting for a free connection waits for its turn in the
+                                  # executor, not here: the pool never holds it up longer than a read
+                                  pool=self.read_timeout),
             headers=self.headers,
+            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
         )
+        # one pool per backend, so per worker process: every stage thread's requests share it
+        self.executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"openai-{tier.name}")
 
     def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+
+    def generate_many(self, queries: Sequence[Query], needs: Needs) -> list[BackendResult | Exception]:
+        """The queries' requests in flight together, at most `concurrency` at once in this
+        process; each query gets its result, its BackendFailure, or the exception its call
+        raised, in its place."""
+        if len(queries) == 1:
+            return super().generate_many(queries, needs)
+        futures = [self.executor.submit(self.generate, q, needs) for q in queries]
+        out: list[Any] = []
+        for f in futures:
+            try:
+                out.append(f.result())
+            except Exception as e:  # noqa: BLE001 - kept in its query's place; the stage sorts it
+                out.append(e)
+        return out
 
     # -- the request ----------------------------------------------------------------
     @classmethod
@@ -212,6 +251,7 @@ class OpenAIBackend(Backend):
                 delay *= 2
 
     def _once(self, body: dict[str, Any], stop: tuple[str, ...]) -> BackendResult:
+        self.pacer.wait()
         started = time.perf_counter()
         try:
             resp = self.client.post(self._post_url, json=body)
@@ -232,7 +272,10 @@ class OpenAIBackend(Backend):
             detail = _error_detail(resp)
             msg = f"{self.url}: HTTP {resp.status_code}{': ' + detail if detail else ''}"
             if resp.status_code >= 500 or resp.status_code in _TRANSIENT_STATUS:
-                raise TransientBackendError(msg, retry_after=retry_after_seconds(resp.headers.get("retry-after")))
+                wait = retry_after_seconds(resp.headers.get("retry-after"))
+                if wait is not None and resp.status_code in (429, 503):
+                    self.pacer.pause(min(wait, self.max_backoff))  # the server's limit holds for every request
+                raise TransientBackendError(msg, retry_after=wait)
             raise BackendFailure(msg)
         try:
             data = resp.json()
@@ -262,6 +305,28 @@ class OpenAIBackend(Backend):
             meta={"finish_reason": choice.get("finish_reason"), "model": data.get("model") or self.model_name,
                   "server": self.base_url},
         )
+
+
+class Pacer:
+    """Spacing of one process's requests to one server: at most `rate` started per
+    second (None: no limit), and none before a pause a server asked for is over."""
+
+    def __init__(self, rate: float | None):
+        self.interval = 1.0 / rate if rate else 0.0
+        self._lock = threading.Lock()
+        self._next = 0.0  # monotonic time the next request may start
+
+    def wait(self) -> None:
+        with self._lock:
+            t = time.monotonic()
+            start = max(t, self._next)
+            self._next = start + self.interval
+        if start > t:
+            time.sleep(start - t)
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self._next = max(self._next, time.monotonic() + seconds)
 
 
 def _secret(tier: Tier, how, value: str) -> str:

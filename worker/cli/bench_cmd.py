@@ -10,7 +10,7 @@ import click
 from router.lab.risk import PROCEDURES
 from router.lab.risk_check import coverage, render
 from router.lab.tuners import RiskSpec
-from worker.bench import BenchConfig, run_pipeline_bench
+from worker.bench import BenchConfig, HttpBenchConfig, run_http_bench, run_pipeline_bench
 from worker.bench_api import ApiBenchConfig, run_api_bench
 from worker.faults import SCENARIOS, FaultConfig, run_faults
 
@@ -52,6 +52,32 @@ def pipeline(jobs, chunk, latency_jobs, concurrency, events, data, pg_admin_url,
     else:
         for k, v in result.items():
             click.echo(f"{k:>18}: {v}")
+
+
+@bench.command()
+@click.option("--latency-ms", type=click.FloatRange(min=1), default=200.0, show_default=True,
+              help="the server's time per request")
+@click.option("--capacity", type=click.IntRange(min=1), default=32, show_default=True,
+              help="requests the server serves at once")
+@click.option("--seconds", type=click.FloatRange(min=1), default=15.0, show_default=True,
+              help="jobs: what the server answers in this long at capacity")
+@click.option("--concurrency", type=click.IntRange(1, 1024), help="the tier's requests in flight (default: capacity)")
+@click.option("--chunk", type=click.IntRange(1, 1000), help="jobs per stage message (default: CASCADE_CHUNK_SIZE's)")
+@click.option("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres", show_default=True)
+@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
+def http(latency_ms, capacity, seconds, concurrency, chunk, pg_admin_url, redis_url, as_json) -> None:
+    """One OpenAI-compatible tier against a local server of fixed latency and capacity,
+    one worker process: jobs/s over the server's capacity (capacity / latency)."""
+    cfg = HttpBenchConfig(latency=latency_ms / 1000, capacity=capacity, seconds=seconds, concurrency=concurrency,
+                          chunk=chunk, pg_admin=pg_admin_url, redis_url=redis_url,
+                          log=lambda m: click.echo(m, err=True))
+    result = run_http_bench(cfg)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            click.echo(f"{k:>22}: {v}")
 
 
 @bench.command("risk")
