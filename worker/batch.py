@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from router.core import cascade
 from router.core.errors import UserError
+from router.core.policy import Policy
 from router.core.portfolio import Portfolio
 
 from .backends import validate_portfolio
@@ -30,13 +31,15 @@ from .credentials import redact_url
 from .dispatch import Dispatcher
 from .embedded import EmbeddedWorkers
 from .items import MAX_BATCH_ID, Item, items_from_dicts, storable
-from .jobs import FAILED, job_row, query_of
+from .jobs import FAILED, QUEUED, job_row, query_of
 from .migrate import current, upgrade
 from .runtime import Runtime
 from .settings import Settings, get_settings
 from .store import Store, now
 
 log = structlog.get_logger("cascade.batch")
+
+SUBMIT_SLICE = 2000  # jobs planned, committed and sent at a time when a new batch is submitted
 
 
 class BatchError(UserError):
@@ -87,14 +90,28 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
             f"batch {batch_id!r} was started with another portfolio ({batch['portfolio']}); "
             f"this one is {portfolio.digest}: use another --batch name"
         )
-    rows = job_rows(batch_id, items, portfolio)
     timeout = runtime.settings.job_timeout
-    if timeout:
-        deadline = now() + timedelta(seconds=timeout)
-        for r in rows:
-            r.setdefault("deadline", deadline)
+    deadline = now() + timedelta(seconds=timeout) if timeout else None
+    if not batch["total"]:
+        # A new batch goes in slices: each slice's first stages leave as soon as its rows
+        # are committed, so the workers start while the rest is planned and written.
+        new = sent = messages = 0
+        joint = type(portfolio.built_policy).plan_batch is not Policy.plan_batch  # OptLLM plans them together
+        planned = job_rows(batch_id, items, portfolio) if joint else None
+        for i in range(0, len(items), SUBMIT_SLICE):
+            rows = planned[i : i + SUBMIT_SLICE] if joint else job_rows(batch_id, items[i : i + SUBMIT_SLICE], portfolio)
+            for r in rows if deadline else ():
+                r.setdefault("deadline", deadline)
+            ids = store.insert_jobs(batch_id, rows)
+            first = [(r["id"], r["current_tier"], runtime.queue_of(portfolio.digest, r["current_tier"]))
+                     for r in rows if r["id"] in ids and r["status"] == QUEUED]
+            new, sent, messages = new + len(ids), sent + len(first), messages + dispatcher.send(first)
+        return Submitted(batch_id, new, sent, messages)
+    rows = job_rows(batch_id, items, portfolio)
+    for r in rows if deadline else ():
+        r.setdefault("deadline", deadline)
     new = store.add_jobs(batch_id, rows)
-    changed, missing = changed_items(store, batch_id, rows) if batch["total"] else ([], 0)
+    changed, missing = changed_items(store, batch_id, rows)
     sent, messages = resend_open(runtime, dispatcher, batch_id)
     sub = Submitted(batch_id, new, sent, messages, changed, missing)
     if sub.warning():

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -33,12 +34,14 @@ from router.core.records import load_dataset
 from .batch import submit, wait_for
 from .bench_app import NOOP_QUEUE, NOOP_TASK
 from .celery_app import make_app
+from .client import Client
 from .dispatch import Dispatcher
 from .items import Item
 from .migrate import upgrade
+from .notify import JOB_CHANNEL
 from .runtime import Runtime
 from .settings import Settings
-from .store import dispose_all
+from .store import dispose_all, now
 
 BENCH_MODELS = ("llama3.2-3b", "llama3.1-70b", "llama3.1-405b")
 BENCH_THRESHOLDS = (-0.3, -0.2)
@@ -48,10 +51,12 @@ BENCH_THRESHOLDS = (-0.3, -0.2)
 class BenchConfig:
     jobs: int
     data: Path
-    chunk: int = 16
+    chunk: int | None = None  # jobs per stage message (default: the settings' chunk_size)
     latency_jobs: int = 100
     concurrency: int = 1
+    processes: int = 1  # worker processes per tier
     events: bool = False  # workers send task events, as Flower has them do
+    count_ops: int = 1000  # jobs of the counting run (Redis MONITOR, statement counters); 0 = none
     pg_admin: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     redis_url: str = "redis://127.0.0.1:6379/0"
     log: Callable[[str], None] = print
@@ -89,92 +94,228 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
+def _items(data: Path, n: int, tag: str = "") -> list[Item]:
+    rows = load_dataset(data).split("test")
+    return [Item(f"{tag}{rows[i % len(rows)].id}~{i}", i + 1,
+                 {"id": f"{tag}{rows[i % len(rows)].id}~{i}", "prompt": rows[i % len(rows)].prompt}) for i in range(n)]
+
+
+class _Workers:
+    """`processes` worker processes per tier, each serving its metrics on a port of its own."""
+
+    def __init__(self, portfolio_path: Path, tiers: list[str], env: dict, tmp: Path, processes: int, events: bool):
+        self.ports = [_free_port() for _ in range(processes * len(tiers))]
+        self.procs = [
+            _spawn(["worker.cli", "worker", "--tier", t, "--portfolio", str(portfolio_path), "-l", "WARNING",
+                    "--metrics-port", str(self.ports[i * len(tiers) + k]), *(["--events"] if events else [])],
+                   env, tmp / f"{t}-{i}.log")
+            for i in range(processes) for k, t in enumerate(tiers)]
+
+    def statements(self) -> dict[str, float]:
+        """The workers' SQL statements so far, by kind (their cascade_db_statements counters)."""
+        out: dict[str, float] = {}
+        for port in self.ports:
+            for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+                if line.startswith("cascade_db_statements_total{"):
+                    kind = line.split('kind="', 1)[1].split('"', 1)[0]
+                    out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+
 def run_pipeline_bench(cfg: BenchConfig) -> dict:
-    tag = uuid.uuid4().hex[:10]
-    dbname = f"cascade_bench_{tag}"
-    prefix = f"cascade-bench-{tag}:"
-    admin = create_engine(cfg.pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{dbname}"'))
-    db_url = cfg.pg_admin.rsplit("/", 1)[0] + f"/{dbname}"
-    tmp = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
-    settings = Settings(broker_url=cfg.redis_url, database_url=db_url, redis_prefix=prefix, home=tmp,
-                        chunk_size=cfg.chunk, worker_concurrency=cfg.concurrency)
-    env = {**os.environ, "CASCADE_BROKER_URL": cfg.redis_url, "CASCADE_DATABASE_URL": db_url,
-           "CASCADE_REDIS_PREFIX": prefix, "CASCADE_HOME": str(tmp), "CASCADE_WORKER_CONCURRENCY": str(cfg.concurrency),
-           "CASCADE_REMOTE_CONTROL": "flower"}  # the bench pings its workers
-    r = redis.Redis.from_url(cfg.redis_url)
-    with ExitStack() as stack:
-        stack.callback(_drop, admin, dbname)
-        stack.callback(_clear_prefix, r, prefix)
-        upgrade(db_url)
-        runtime = Runtime(settings)
-        app = make_app(settings, runtime)
-        dispatcher = Dispatcher(app, cfg.chunk)
+    with _private(cfg.pg_admin, cfg.redis_url) as (db_url, prefix, tmp, r):
+        settings = Settings(broker_url=cfg.redis_url, database_url=db_url, redis_prefix=prefix, home=tmp,
+                            worker_concurrency=cfg.concurrency, **({"chunk_size": cfg.chunk} if cfg.chunk else {}))
+        env = {**os.environ, "CASCADE_BROKER_URL": cfg.redis_url, "CASCADE_DATABASE_URL": db_url,
+               "CASCADE_REDIS_PREFIX": prefix, "CASCADE_HOME": str(tmp),
+               "CASCADE_WORKER_CONCURRENCY": str(cfg.concurrency), "CASCADE_CHUNK_SIZE": str(settings.chunk_size),
+               "CASCADE_REMOTE_CONTROL": "flower"}  # the bench pings its workers
+        with ExitStack() as stack:
+            return _pipeline(cfg, settings, env, stack, prefix, tmp, r)
 
-        # -- baseline: N no-op tasks through one worker process ------------------
-        cfg.log(f"baseline: {cfg.jobs} no-op Celery tasks")
-        noop = _spawn(["celery", "-A", "worker.bench_app:app", "worker", "-Q", NOOP_QUEUE, "-P", "threads",
-                       "-c", str(cfg.concurrency), "--without-gossip", "--without-mingle", "-l", "WARNING",
-                       "-n", f"noop-{tag}@%h"], env, tmp / "noop.log")
-        stack.callback(_stop, [noop])
-        _wait_ping(app, 1)
-        key = f"{prefix}bench-noop-count"
-        t0 = time.perf_counter()
-        for _ in range(cfg.jobs):
-            app.send_task(NOOP_TASK, args=[key], queue=NOOP_QUEUE, routing_key=NOOP_QUEUE)
-        while int(r.get(key) or 0) < cfg.jobs:
-            time.sleep(0.005)
-        noop_s = time.perf_counter() - t0
-        _stop([noop])
 
-        # -- the pipeline: one worker process per tier --------------------------
-        path = _portfolio(tmp / "bench.toml", cfg.data)
-        portfolio = load_portfolio(path)
-        procs = [_spawn(["worker.cli", "worker", "--tier", t.name, "--portfolio", str(path), "-l", "WARNING",
-                         *(["--events"] if cfg.events else [])], env, tmp / f"{t.name}.log") for t in portfolio.tiers]
-        stack.callback(_stop, procs)
-        _wait_ping(app, len(procs))
-        rows = load_dataset(cfg.data).split("test")
-        items = [Item(f"{rows[i % len(rows)].id}~{i}", i + 1,
-                      {"id": f"{rows[i % len(rows)].id}~{i}", "prompt": rows[i % len(rows)].prompt})
-                 for i in range(cfg.jobs)]
-        cfg.log(f"pipeline: {cfg.jobs} replay jobs, {len(procs)} tiers, chunks of {cfg.chunk}"
-                + (", task events on" if cfg.events else ""))
-        store = runtime.store
-        t0 = time.perf_counter()
-        submit(runtime, dispatcher, portfolio, items, "bench", source=str(cfg.data))
-        b = wait_for(store, "bench", progress=False, poll=0.01)
-        pipe_s = time.perf_counter() - t0
-        if b["succeeded"] != cfg.jobs:
-            errors = {j["error"] for j in store.batch_jobs("bench") if j["error"]}
-            raise RuntimeError(f"{cfg.jobs - b['succeeded']} benchmark jobs did not succeed: {sorted(errors)[:3]}")
-        with store.engine.connect() as c:
-            stages = c.execute(text("SELECT count(*) FROM attempts")).scalar()
+def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack, prefix: str, tmp: Path, r) -> dict:
+    runtime = Runtime(settings)
+    stack.callback(runtime.close)
+    app = make_app(settings, runtime)
+    dispatcher = Dispatcher(app, settings.chunk_size)
 
-        # -- overhead: jobs one at a time ----------------------------------------
-        cfg.log(f"overhead: {cfg.latency_jobs} jobs one at a time")
-        overheads = []
-        single_sender = Dispatcher(app, 1)
-        for i in range(cfg.latency_jobs):
-            it = items[i]
-            single = Item(f"lat-{i}", i + 1, {**it.data, "id": it.data["id"]})
-            submit(runtime, single_sender, portfolio, [single], f"lat-{i}", source=None)
-            while store.batch(f"lat-{i}")["done"] < 1:
-                time.sleep(0.001)
-            job = store.batch_jobs(f"lat-{i}")[0]
-            backend_ms = sum(a["meta"].get("backend_ms", 0.0) for a in store.attempts_of([job["id"]])[job["id"]])
-            overheads.append((job["finished_at"] - job["created_at"]).total_seconds() * 1000 - backend_ms)
-        _stop(procs)
+    # -- baseline: N no-op tasks through one worker process ----------------------
+    cfg.log(f"baseline: {cfg.jobs} no-op Celery tasks")
+    noop = _spawn(["celery", "-A", "worker.bench_app:app", "worker", "-Q", NOOP_QUEUE, "-P", "threads",
+                   "-c", str(cfg.concurrency), "--without-gossip", "--without-mingle", "-l", "WARNING",
+                   "-n", f"noop-{prefix.strip(':')}@%h"], env, tmp / "noop.log")
+    stack.callback(_stop, [noop])
+    _wait_ping(app, 1)
+    key = f"{prefix}bench-noop-count"
+    t0 = time.perf_counter()
+    for _ in range(cfg.jobs):
+        app.send_task(NOOP_TASK, args=[key], queue=NOOP_QUEUE, routing_key=NOOP_QUEUE)
+    while int(r.get(key) or 0) < cfg.jobs:
+        time.sleep(0.005)
+    noop_s = time.perf_counter() - t0
+    _stop([noop])
+
+    # -- the pipeline: worker processes per tier ----------------------------------
+    path = _portfolio(tmp / "bench.toml", cfg.data)
+    portfolio = load_portfolio(path)
+    tiers = [t.name for t in portfolio.tiers]
+    workers = _Workers(path, tiers, env, tmp, cfg.processes, cfg.events)
+    stack.callback(_stop, workers.procs)
+    _wait_ping(app, len(workers.procs))
+    items = _items(cfg.data, cfg.jobs)
+    cfg.log(f"pipeline: {cfg.jobs} replay jobs, {len(tiers)} tiers x {cfg.processes} process(es), chunks of "
+            f"{settings.chunk_size}" + (", task events on" if cfg.events else ""))
+    store = runtime.store
+    t0 = time.perf_counter()
+    submit(runtime, dispatcher, portfolio, items, "bench", source=str(cfg.data))
+    b = wait_for(store, "bench", progress=False, poll=0.01)
+    pipe_s = time.perf_counter() - t0
+    durable = _durable(store, "bench")
+    if b["succeeded"] != cfg.jobs or durable["succeeded"] != cfg.jobs:
+        errors = {j["error"] for j in store.batch_jobs("bench") if j["error"]}
+        raise RuntimeError(f"{cfg.jobs - b['succeeded']} benchmark jobs did not succeed: {sorted(errors)[:3]}")
+
+    # -- overhead: interactive jobs one at a time, submitted and awaited as a client does
+    cfg.log(f"overhead: {cfg.latency_jobs} interactive jobs one at a time")
+    client = Client(settings, portfolio=portfolio, workers=False)
+    stack.callback(client.close)
+    parts: dict[str, list[float]] = {k: [] for k in ("overhead", "submit", "to_first_stage", "stage", "hop", "learn")}
+    for it in _items(cfg.data, cfg.latency_jobs, "lat-"):
+        t_sub = now()
+        s0 = time.perf_counter()
+        job_id = client.submit(it.data["prompt"])
+        s1 = time.perf_counter()
+        client.waiter.wait(JOB_CHANNEL, job_id, lambda: client._final(job_id), 60)
+        took_ms = (time.perf_counter() - s0) * 1000
+        learned = now()
+        job = store.job(job_id)
+        ats = store.attempts_of([job_id])[job_id]
+        backend = [a["meta"].get("backend_ms", 0.0) for a in ats]
+        parts["overhead"].append(took_ms - sum(backend))
+        parts["submit"].append((s1 - s0) * 1000)
+        parts["to_first_stage"].append(_ms(job["started_at"] - t_sub) - parts["submit"][-1])
+        parts["stage"].append(_ms(ats[0]["created_at"] - job["started_at"]) - backend[0])
+        parts["hop"] += [_ms(ats[i]["created_at"] - ats[i - 1]["created_at"]) - backend[i] for i in range(1, len(ats))]
+        parts["learn"].append(_ms(learned - job["finished_at"]))
+    overheads = parts.pop("overhead")
+
+    # -- what a job costs in round trips: a counting run ---------------------------
+    ops = _count_ops(cfg, runtime, dispatcher, portfolio, workers, prefix) if cfg.count_ops else None
+    _stop(workers.procs)
     jobs_per_s = cfg.jobs / pipe_s
     noop_per_s = cfg.jobs / noop_s
     return {
-        "jobs": cfg.jobs, "chunk": cfg.chunk, "events": cfg.events, "pipeline_s": round(pipe_s, 2), "tiers": len(BENCH_MODELS), "stages_per_job": round(stages / cfg.jobs, 3),
+        "jobs": cfg.jobs, "chunk": settings.chunk_size, "processes_per_tier": cfg.processes, "events": cfg.events,
+        "pipeline_s": round(pipe_s, 2), "tiers": len(BENCH_MODELS),
+        "stages_per_job": round(durable["attempts"] / cfg.jobs, 3), "durable_succeeded": durable["succeeded"],
         "jobs_per_s": round(jobs_per_s, 1), "celery_noop_per_s": round(noop_per_s, 1),
         "ratio": round(jobs_per_s / noop_per_s, 3),
         "p50_overhead_ms": round(statistics.median(overheads), 2),
         "p90_overhead_ms": round(statistics.quantiles(overheads, n=10)[-1], 2) if len(overheads) >= 10 else None,
+        # where a single job's overhead goes (medians, ms): the submit call (insert + send); from its return to
+        # the first stage's start (queue, worker pickup, start statement); a stage from its start to its record
+        # (beyond the call); an escalation, from one stage's record to the next's (record statement, send,
+        # queue, pickup, start); from the final record's start to the client waking (commit, NOTIFY, wake)
+        "p50_parts_ms": {k: round(statistics.median(v), 2) for k, v in parts.items() if v},
+        "ops": ops,
     }
+
+
+def _ms(d) -> float:
+    return d.total_seconds() * 1000
+
+
+def _durable(store, batch_id: str) -> dict:
+    """What PostgreSQL holds of the batch, read back: succeeded jobs with an answer, attempts."""
+    with store.engine.connect() as c:
+        ok = c.execute(text("SELECT count(*) FROM jobs WHERE batch_id = :b AND status = 'succeeded' "
+                            "AND final_answer IS NOT NULL"), {"b": batch_id}).scalar()
+        n = c.execute(text("SELECT count(*) FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.batch_id = :b"),
+                      {"b": batch_id}).scalar()
+    return {"succeeded": ok, "attempts": n}
+
+
+def _count_ops(cfg: BenchConfig, runtime: Runtime, dispatcher: Dispatcher, portfolio, workers: _Workers,
+               prefix: str) -> dict:
+    """A separate run of `count_ops` jobs (MONITOR slows Redis: never during the timed runs), counting
+    the Redis commands of every connection that touched this bench's keys and the workers' SQL
+    statements; then one interactive job, counted the same way."""
+    cfg.log(f"counting: {cfg.count_ops} jobs, then 1 interactive job, under Redis MONITOR")
+    out = {}
+    for name, n in (("batch", cfg.count_ops), ("single", 1)):
+        before = workers.statements()
+        with _RedisMonitor(cfg.redis_url, prefix) as mon:
+            if name == "batch":
+                submit(runtime, dispatcher, portfolio, _items(cfg.data, n, "ops-"), "ops", source=None)
+                wait_for(runtime.store, "ops", progress=False, poll=0.05)
+                stages = _durable(runtime.store, "ops")["attempts"]
+            else:
+                client = Client(runtime.settings, portfolio=portfolio, workers=False)
+                job_id = client.submit(_items(cfg.data, 1, "one-")[0].data["prompt"])
+                client.waiter.wait(JOB_CHANNEL, job_id, lambda: client._final(job_id), 60)
+                stages = len(runtime.store.attempts_of([job_id])[job_id])
+                client.close()
+            time.sleep(1.0)  # the last acks land
+        after = workers.statements()
+        sql = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        total = sum(sql.values())
+        out[name] = {"jobs": n, "stages": stages, "redis_commands": mon.count, "redis_per_job": round(mon.count / n, 2),
+                     "redis_by_command": mon.by_command, "worker_sql_statements": round(total),
+                     "worker_sql_per_job": round(total / n, 3), "worker_sql_by_kind": {k: round(v) for k, v in sql.items() if v}}
+    return out
+
+
+class _RedisMonitor:
+    """Counts the commands Redis receives from the connections that use keys under `prefix`
+    (MONITOR shows every client's commands; a connection is this bench's once one of its
+    commands names such a key, and then all its commands count, the MULTI/EXEC around them too)."""
+
+    def __init__(self, url: str, prefix: str):
+        self.r = redis.Redis.from_url(url)
+        self.prefix = prefix
+        self.per_client: dict[str, dict[str, int]] = {}
+        self.ours: set[str] = set()
+        self._stop = threading.Event()
+        self.by_command: dict[str, int] = {}
+        self.count = 0
+
+    def __enter__(self):
+        self.mon = self.r.monitor().__enter__()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                m = self.mon.next_command()
+            except Exception:  # noqa: BLE001 - the monitor connection closed
+                return
+            client = f"{m.get('client_address')}:{m.get('client_port')}"
+            cmd = str(m.get("command", ""))
+            if f"{self.prefix}monitor-stop" in cmd:
+                return
+            name = cmd.split(" ", 1)[0].upper()
+            self.per_client.setdefault(client, {})
+            self.per_client[client][name] = self.per_client[client].get(name, 0) + 1
+            if self.prefix in cmd:
+                self.ours.add(client)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.r.set(f"{self.prefix}monitor-stop", 1)  # one more command: the reader wakes and stops
+        self.thread.join(5)
+        try:
+            self.mon.__exit__(*exc)
+        except Exception:  # noqa: BLE001 - the monitor connection is only closed
+            pass
+        by: dict[str, int] = {}
+        for c in self.ours:
+            for k, v in self.per_client.get(c, {}).items():
+                by[k] = by.get(k, 0) + v
+        self.by_command = dict(sorted(by.items(), key=lambda kv: -kv[1]))
+        self.count = sum(by.values())
 
 
 @dataclass

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("", description="prefix of every Redis key the broker uses (isolates deployments)")
     visibility_timeout: int = Field(3600, ge=5, description="seconds before an unacknowledged task is redelivered; above the longest task")
     worker_concurrency: int = Field(1, ge=1)
-    chunk_size: int = Field(16, ge=1, le=1000, description="jobs per stage task when a batch is submitted")
+    chunk_size: int = Field(256, ge=1, le=1000, description="jobs per stage message (a batch's, and a stage's escalations): one read, one call of generate_many and one write per message")
     backend_retries: int = Field(3, ge=0, le=10, description="retries of a transient backend error before falling back")
     backend_retry_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each time")
     backend_retry_max_delay: float = Field(30.0, ge=0)

@@ -264,11 +264,14 @@ _FINALIZE = (
 # A stage's start on PostgreSQL, in one statement: the message's jobs and their
 # attempts so far, and a delivery counted on those a first delivery runs. The outer
 # SELECT reads the snapshot from before the UPDATE (the deliveries as they were).
+# Its commit does not wait for the disk (synchronous_commit off for this statement's
+# transaction, as the heartbeat's): a count lost to a database crash costs at most one
+# more delivery before a dead letter, and a flush per stage start costs milliseconds.
 _START_STAGE = text("""
 WITH started AS (
   UPDATE jobs SET status = 'running', started_at = coalesce(started_at, :t), deliveries = deliveries + 1,
                   updated_at = :t
-  WHERE id = ANY(CAST(:ids AS text[])) AND status IN ('queued', 'running') AND current_tier = :tier
+  WHERE (SELECT set_config('synchronous_commit', 'off', true)) = 'off' AND id = ANY(CAST(:ids AS text[])) AND status IN ('queued', 'running') AND current_tier = :tier
     AND deliveries = 0 AND (deadline IS NULL OR deadline >= :t)
     AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = jobs.id AND a.tier = :tier)
   RETURNING id)
@@ -312,7 +315,8 @@ WITH x AS (
     total_cost = CASE WHEN x.decision = 'escalate' THEN j.total_cost ELSE x.total_cost END,
     finished_at = CASE WHEN x.decision = 'escalate' THEN j.finished_at ELSE :t END,
     updated_at = :t
-  FROM x WHERE j.id = x.job_id AND j.id IN (SELECT job_id FROM ins) AND j.status IN ('queued', 'running')
+  FROM (SELECT x.* FROM x JOIN ins ON ins.job_id = x.job_id) AS x  -- the new attempts' jobs, found by their key
+  WHERE j.id = x.job_id AND j.status IN ('queued', 'running')
   RETURNING j.id, j.batch_id, x.decision, x.total_cost
 ), counted AS (
   UPDATE batches b SET done = b.done + n.done, succeeded = b.succeeded + n.succeeded, failed = b.failed + n.failed,

@@ -60,6 +60,7 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
             raise click.ClickException("the database has no schema: run `cascade db upgrade` first")
         check_broker_credentials(settings)
         rt = Runtime(settings)
+        metrics.count_statements(rt.store.engine)
         app = make_app(settings, rt, Catalog.from_settings(settings, portfolio), tiers=[tier.name])
         rt.add_portfolio(portfolio)
         rt.store.save_portfolio(portfolio.digest, portfolio.spec())
