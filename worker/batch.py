@@ -325,7 +325,7 @@ def run_batch(items: Iterable[dict[str, Any]] | Sequence[Item], portfolio: Portf
         batch_id = default_batch_id(source, portfolio)
     runtime = Runtime(settings)
     app = make_app(settings, runtime)
-    dispatcher = Dispatcher(app, settings.chunk_size, publish_wait=settings.publish_wait)
+    dispatcher = Dispatcher(app, settings.chunk_size, publish_wait=settings.publish_wait, size_of=runtime.stage_size)
     store = runtime.store
     t0 = time.perf_counter()
     try:

@@ -138,7 +138,7 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
     runtime = Runtime(settings)
     stack.callback(runtime.close)
     app = make_app(settings, runtime)
-    dispatcher = Dispatcher(app, settings.chunk_size)
+    dispatcher = Dispatcher(app, settings.chunk_size, size_of=runtime.stage_size)
 
     # -- baseline: N no-op tasks through one worker process ----------------------
     cfg.log(f"baseline: {cfg.jobs} no-op Celery tasks")
@@ -366,8 +366,10 @@ def run_http_bench(cfg: HttpBenchConfig) -> dict:
                             f'max_tokens = 8, concurrency = {concurrency} }}\n')
             portfolio = load_portfolio(path)
             runtime = Runtime(settings)
+            runtime.add_portfolio(portfolio)
+            chunk = runtime.stage_size("t0", portfolio.tier("t0").queue_name, settings.chunk_size)
             app = make_app(settings, runtime)
-            dispatcher = Dispatcher(app, settings.chunk_size)
+            dispatcher = Dispatcher(app, settings.chunk_size, size_of=runtime.stage_size)
             worker = _spawn(["worker.cli", "worker", "--tier", "t0", "--portfolio", str(path), "-l", "WARNING"],
                             env, tmp / "t0.log")
             stack.callback(_stop, [worker])
@@ -375,7 +377,7 @@ def run_http_bench(cfg: HttpBenchConfig) -> dict:
             items = [Item(f"q{i}", i + 1, {"id": f"q{i}", "prompt": f"question {i}: what is {i} + {i}?"})
                      for i in range(n)]
             cfg.log(f"http: {n} jobs, one openai tier, server {cfg.latency * 1000:.0f} ms x {cfg.capacity} at once "
-                    f"({capacity_per_s:.0f}/s), concurrency {concurrency}, chunks of {settings.chunk_size}")
+                    f"({capacity_per_s:.0f}/s), concurrency {concurrency}, chunks of {chunk}")
             t0 = time.perf_counter()
             submit(runtime, dispatcher, portfolio, items, "http", source=None)
             b = wait_for(runtime.store, "http", progress=False, poll=0.02)
@@ -387,7 +389,7 @@ def run_http_bench(cfg: HttpBenchConfig) -> dict:
             runtime.close()
     jobs_per_s = n / took
     return {"jobs": n, "latency_ms": cfg.latency * 1000, "capacity": cfg.capacity, "concurrency": concurrency,
-            "chunk": settings.chunk_size, "seconds": round(took, 2), "server_requests": stats["served"],
+            "chunk": chunk, "seconds": round(took, 2), "server_requests": stats["served"],
             "peak_in_flight": stats["peak_in_flight"], "jobs_per_s": round(jobs_per_s, 1),
             "server_capacity_per_s": round(capacity_per_s, 1), "ratio": round(jobs_per_s / capacity_per_s, 3)}
 

@@ -147,7 +147,7 @@ def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
     served = None if tiers is None else frozenset(tiers)
     rt = runtime or Runtime(settings)
     app = base_app(settings)
-    dispatcher = Dispatcher(app, settings.chunk_size, publish_wait=settings.publish_wait)
+    dispatcher = Dispatcher(app, settings.chunk_size, publish_wait=settings.publish_wait, size_of=rt.stage_size)
     submitters: list[Submitter] = []
 
     def submitter() -> Submitter:

@@ -2,7 +2,8 @@
 submitter, a stage escalating, the sweeper, `cascade resume`).
 
 Jobs are grouped by (tier, queue) and chunked, so a batch travels as few messages
-(one message, one read, one transaction per chunk per tier). A message's task id
+(one message, one read, one call of generate_many, one write per chunk per tier);
+a chunk's size is the tier backend's `stage_size` under CASCADE_CHUNK_SIZE. A message's task id
 says which jobs and tier it carries, and ends in 128 random bits: nobody can
 predict an id and revoke it before it is sent, and a re-send (the sweeper,
 `cascade resume`) never reuses one. Duplicates need no shared id: a stage is
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from celery import Celery
 
@@ -58,11 +59,14 @@ class Dispatcher:
     publishes again, every second or two, for up to `publish_wait` seconds (the
     messages of a stage whose results are committed must not wait for the sweeper)."""
 
-    def __init__(self, app: Celery, chunk_size: int, *, publish_wait: float = 600.0):
+    def __init__(self, app: Celery, chunk_size: int, *, publish_wait: float = 600.0,
+                 size_of: Callable[[str, str, int], int] | None = None):
         if not 1 <= chunk_size <= MAX_STAGE_JOBS:
             raise ValueError(f"chunk_size must be in 1..{MAX_STAGE_JOBS}, got {chunk_size}")
         self.app = app
         self.chunk_size = chunk_size
+        # (tier, queue, chunk_size) -> jobs per message to that queue (Runtime.stage_size: the tier's backend)
+        self.size_of = size_of
         # intervals 0, 0.5, 1, 1.5, 2, 2, ...: about publish_wait seconds in all
         self.retry_policy = {"interval_start": 0, "interval_step": 0.5, "interval_max": 2.0,
                              "max_retries": max(3, int(publish_wait / 2) + 3)}
@@ -81,7 +85,8 @@ class Dispatcher:
             grouped.setdefault((tier, queue), []).append(job_id)
         messages = 0
         for (tier, queue), ids in grouped.items():
-            for chunk in chunks(ids, self.chunk_size):
+            size = self.size_of(tier, queue, self.chunk_size) if self.size_of else self.chunk_size
+            for chunk in chunks(ids, max(1, min(size, MAX_STAGE_JOBS))):
                 self.send_one(tier, queue, chunk)
                 messages += 1
         return messages

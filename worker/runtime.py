@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
 
-from .backends import Backend, BackendConfigError, build_backend
+from .backends import Backend, BackendConfigError, backend_class, build_backend
 from .credentials import is_redacted
 from .settings import Settings
 from .store import Store
@@ -61,6 +61,15 @@ class Runtime:
         if got is None:
             got = self.add_portfolio(portfolio_from_spec(self.store.portfolio_spec(digest)))
         return got
+
+    def stage_size(self, tier: str, queue: str, cap: int) -> int:
+        """Jobs per stage message to this tier's queue (its backend's stage_size), `cap`
+        for a tier no portfolio of this process names."""
+        for p in list(self._portfolios.values()):
+            for t in p.tiers:
+                if t.name == tier and queue in (t.queue_name, f"{t.queue_name}.interactive"):
+                    return max(1, min(cap, backend_class(t.backend.kind).stage_size(t, cap)))
+        return cap
 
     def queue_of(self, digest: str, tier: str) -> str:
         return self.portfolio(digest).tier(tier).queue_name

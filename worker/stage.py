@@ -1,9 +1,12 @@
 """One stage: the jobs of one message, at one tier.
 
-Load the jobs, call the tier's backend for each (with bounded retries), compute
-the signals, ask the policy through `router.cascade` (the same code the offline
+Load the jobs (and count their delivery) in one statement, call the tier's backend
+for all of them at once (`generate_many`: an HTTP tier has many requests in flight,
+a local model may decode them together; bounded retries per job), compute the
+signals, ask the policy through `router.cascade` (the same code the offline
 evaluator runs), then write every attempt and its consequence in one transaction
-and return the messages to send next. No Celery here: the task wraps this.
+(one statement on PostgreSQL) and return the messages to send next. No Celery
+here: the task wraps this.
 
 Redelivery is safe by construction: a job already final is skipped; a job that
 already has an attempt at this tier is not called again (its stored decision

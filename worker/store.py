@@ -423,6 +423,11 @@ class Store:
                 "error": None, "started_at": None, "finished_at": t if r.get("status") in FINAL else None,
                 "created_at": t, "updated_at": t, "deliveries": 0, "deadline": None, **r,
             })
+        if batch_id is None and len(full) <= _COPY_FROM and self.engine.dialect.name == "postgresql":
+            # jobs of no batch (the interactive path): one INSERT, its own transaction, one round trip
+            with self.read() as c:
+                ins = _insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id)
+                return {g[0] for g in c.execute(ins, full).all()}
         new: set[str] = set()
         failed = 0
         with self.tx() as c:

@@ -71,6 +71,14 @@ class Backend(ABC):
         return "logprobs" in self.capabilities
 
     @classmethod
+    def stage_size(cls, tier: Tier, cap: int) -> int:
+        """Jobs per stage message for this tier, at most `cap` (CASCADE_CHUNK_SIZE): as
+        many as keep the backend busy, few enough that an interactive stage (its own
+        queue, drained first) never waits long behind the message in progress. Default:
+        the cap for a fast or remote backend, 16 for a model inside the worker process."""
+        return cap if cls.pool == "threads" else min(cap, 16)
+
+    @classmethod
     def check_options(cls, tier: Tier) -> None:
         """Cheap checks a submitter can run without loading a model (default: none)."""
 

@@ -196,6 +196,12 @@ class OpenAIBackend(Backend):
                 out.append(e)
         return out
 
+    @classmethod
+    def stage_size(cls, tier: Tier, cap: int) -> int:
+        # four rounds of `concurrency` requests: the server stays busy between messages
+        concurrency = tier.backend.options.get("concurrency", 16)
+        return min(cap, 4 * concurrency) if isinstance(concurrency, int) and concurrency > 0 else cap
+
     # -- the request ----------------------------------------------------------------
     @classmethod
     def refuses(cls, tier: Tier, query: Query) -> str | None:
