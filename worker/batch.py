@@ -39,7 +39,7 @@ from .store import Store, now
 
 log = structlog.get_logger("cascade.batch")
 
-SUBMIT_SLICE = 2000  # jobs planned, committed and sent at a time when a new batch is submitted
+SUBMIT_SLICE = 500  # jobs planned, committed and sent at a time when a new batch is submitted
 
 
 class BatchError(UserError):

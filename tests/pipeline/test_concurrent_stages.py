@@ -22,7 +22,7 @@ from worker.store import Store, attempts, jobs
 
 pytestmark = pytest.mark.services
 
-N = 48
+N = 32
 
 
 def prompts() -> list[str]:
