@@ -39,7 +39,7 @@ from .store import Store, now
 
 log = structlog.get_logger("cascade.batch")
 
-SUBMIT_SLICE = 500  # jobs planned, committed and sent at a time when a new batch is submitted
+SUBMIT_SLICE = (128, 2000)  # jobs planned, committed and sent at a time when a new batch is submitted: first, most
 
 
 class BatchError(UserError):
@@ -98,8 +98,10 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
         new = sent = messages = 0
         joint = type(portfolio.built_policy).plan_batch is not Policy.plan_batch  # OptLLM plans them together
         planned = job_rows(batch_id, items, portfolio) if joint else None
-        for i in range(0, len(items), SUBMIT_SLICE):
-            rows = planned[i : i + SUBMIT_SLICE] if joint else job_rows(batch_id, items[i : i + SUBMIT_SLICE], portfolio)
+        i, size = 0, SUBMIT_SLICE[0]
+        while i < len(items):
+            rows = planned[i : i + size] if joint else job_rows(batch_id, items[i : i + size], portfolio)
+            i, size = i + size, min(size * 2, SUBMIT_SLICE[1])  # the first jobs leave soonest
             for r in rows if deadline else ():
                 r.setdefault("deadline", deadline)
             ids = store.insert_jobs(batch_id, rows)

@@ -57,6 +57,9 @@ class Backend(ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset()
     # Celery pool that suits it: "threads" for I/O-bound, "solo" for an in-process model
     pool: ClassVar[str] = "threads"
+    # stage threads a worker process runs by default (CASCADE_WORKER_CONCURRENCY or --concurrency
+    # raise it): 2 lets an HTTP tier's next message start its requests while the last one records
+    stage_threads: ClassVar[int] = 1
 
     def __init__(self, tier: Tier):
         self.tier = tier

@@ -105,6 +105,7 @@ class OpenAIBackend(Backend):
     kind = "openai"
     capabilities = frozenset({"logprobs", "top_logprobs"})
     pool = "threads"
+    stage_threads = 2
 
     def __init__(self, tier: Tier):
         super().__init__(tier)

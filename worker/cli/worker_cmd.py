@@ -70,7 +70,7 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
     if backend.pool == "solo" and pool != "solo":
         raise click.ClickException(f"the {backend.kind} backend holds one model per process: use --pool solo "
                                    "and start more processes to scale")
-    conc = 1 if pool == "solo" else (concurrency or settings.worker_concurrency)
+    conc = 1 if pool == "solo" else (concurrency or max(settings.worker_concurrency, backend.stage_threads))
     limit_remote_control(settings.remote_control)
     app.set_default()
     app.set_current()
