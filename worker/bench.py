@@ -199,6 +199,7 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
         parts["hop"] += [_ms(ats[i]["created_at"] - ats[i - 1]["created_at"]) - backend[i] for i in range(1, len(ats))]
         parts["learn"].append(_ms(learned - job["finished_at"]))
     overheads = parts.pop("overhead")
+    commit_ms = _commit_ms(store)
 
     # -- what a job costs in round trips: a counting run ---------------------------
     ops = _count_ops(cfg, runtime, dispatcher, portfolio, workers, prefix) if cfg.count_ops else None
@@ -218,8 +219,30 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
         # (beyond the call); an escalation, from one stage's record to the next's (record statement, send,
         # queue, pickup, start); from the final record's start to the client waking (commit, NOTIFY, wake)
         "p50_parts_ms": {k: round(statistics.median(v), 2) for k, v in parts.items() if v},
+        # a durable commit here and now (one row UPDATE, waiting for the disk) against one that does not wait:
+        # an interactive job waits for a durable commit at submission and at each stage's record
+        "p50_commit_ms": commit_ms,
         "ops": ops,
     }
+
+
+def _commit_ms(store, n: int = 50) -> dict:
+    """Median time of a one-row UPDATE in its own transaction, durable and not (synchronous_commit off),
+    on a table of the bench's own database (dropped with it)."""
+    out = {}
+    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text("CREATE TABLE IF NOT EXISTS bench_commit_probe (id int PRIMARY KEY, v int)"))
+        c.execute(text("INSERT INTO bench_commit_probe VALUES (1, 0) ON CONFLICT DO NOTHING"))
+        for mode in ("on", "off"):
+            c.execute(text(f"SET synchronous_commit = {mode}"))
+            took = []
+            for _ in range(n):
+                t = time.perf_counter()
+                c.execute(text("UPDATE bench_commit_probe SET v = v + 1 WHERE id = 1"))
+                took.append((time.perf_counter() - t) * 1000)
+            out["durable" if mode == "on" else "not_waiting"] = round(statistics.median(took), 2)
+        c.execute(text("RESET synchronous_commit"))
+    return out
 
 
 def _ms(d) -> float:
