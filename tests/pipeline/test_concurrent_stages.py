@@ -115,3 +115,24 @@ def test_bulk_concurrent_stages_equal_one_at_a_time(distributed, tmp_path):
     assert {j["final_tier"] for j in one.values() if j["status"] == "succeeded"} == {"t0", "t1"}
     # each call made as often in both runs (a flaky prompt twice, a down one 4 times): duplicates called nothing again
     assert requests_bulk == requests_one
+
+
+def test_openai_generate_many_bounds_requests_in_flight_and_keeps_order():
+    from router.core.attempt import Query
+    from router.core.policy import Needs
+    from router.core.portfolio import parse_portfolio
+    from worker.backends import BackendFailure, build_backend
+
+    with ScriptedModel(slow=0.2) as server:
+        pf = parse_portfolio({"policy": {"name": "threshold"}, "tiers": [{"name": "t", "backend": {
+            "kind": "openai", "base_url": server.base_url, "model": "m", "concurrency": 3}}]}, where="test")
+        backend = build_backend(pf.tiers[0])
+        try:
+            queries = [Query(f"q{i}", f"{i} [slow]" if i != 4 else "4 [bad]") for i in range(9)]
+            got = backend.generate_many(queries, Needs())
+            alone = [backend.generate(q, Needs()).text for q in queries if q.id != "q4"]
+        finally:
+            backend.close()
+    assert server.peak == 3  # never more than `concurrency` at once, and that many
+    assert isinstance(got[4], BackendFailure) and "HTTP 400" in str(got[4])
+    assert [r.text for r in got if not isinstance(r, Exception)] == alone  # each answer in its query's place
