@@ -162,7 +162,7 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
     tiers = [t.name for t in portfolio.tiers]
     workers = _Workers(path, tiers, env, tmp, cfg.processes, cfg.events)
     stack.callback(_stop, workers.procs)
-    _wait_ping(app, len(workers.procs))
+    _wait_ping(app, len(workers.procs), timeout=max(60.0, 15.0 * len(workers.procs)))  # a loaded machine starts them slowly
     items = _items(cfg.data, cfg.jobs)
     cfg.log(f"pipeline: {cfg.jobs} replay jobs, {len(tiers)} tiers x {cfg.processes} process(es), chunks of "
             f"{settings.chunk_size}" + (", task events on" if cfg.events else ""))
