@@ -65,7 +65,8 @@ class Client:
         prepare_database(self.settings)
         self.runtime = Runtime(self.settings)
         self.app = make_app(self.settings, self.runtime)
-        self.submitter = Submitter(self.runtime, Dispatcher(self.app, self.settings.chunk_size), self.catalog)
+        dispatcher = Dispatcher(self.app, self.settings.chunk_size, size_of=self.runtime.stage_size)
+        self.submitter = Submitter(self.runtime, dispatcher, self.catalog)
         self.store = self.runtime.store
         self.waiter = Waiter(self.settings.db_url)
         self._owner = True

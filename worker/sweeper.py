@@ -45,7 +45,8 @@ class Sweeper(threading.Thread):
         self.watchdog = watchdog
         self.app = app
         self.runtime = runtime
-        self.dispatcher = Dispatcher(app, chunk_size, publish_wait=runtime.settings.publish_wait)
+        self.dispatcher = Dispatcher(app, chunk_size, publish_wait=runtime.settings.publish_wait,
+                                     size_of=runtime.stage_size)
         self.tier = tier
         self.interval = interval
         self.idle = idle

@@ -33,7 +33,8 @@ def resume(batch_id, idle) -> None:
     rt = Runtime(settings)
     if rt.store.batch(batch_id) is None:
         raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
-    dispatcher = Dispatcher(make_app(settings, rt), settings.chunk_size, publish_wait=settings.publish_wait)
+    dispatcher = Dispatcher(make_app(settings, rt), settings.chunk_size, publish_wait=settings.publish_wait,
+                            size_of=rt.stage_size)
     idle_before = now() - timedelta(seconds=idle) if idle else None
     jobs, messages = resend_open(rt, dispatcher, batch_id, idle_before=idle_before)
     click.echo(f"batch {batch_id}: the current stage of {jobs} unfinished jobs sent again in {messages} messages")

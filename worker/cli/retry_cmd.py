@@ -36,6 +36,6 @@ def retry(batch_id, match) -> None:
     deadline = now() + timedelta(seconds=settings.job_timeout) if settings.job_timeout else None
     reopened = rt.store.reopen_failed(batch_id, match, deadline)
     digest = batch["portfolio"]
-    messages = Dispatcher(make_app(settings, rt), settings.chunk_size).send(
+    messages = Dispatcher(make_app(settings, rt), settings.chunk_size, size_of=rt.stage_size).send(
         (job_id, tier, rt.queue_of(digest, tier)) for job_id, tier in reopened)
     click.echo(f"batch {batch_id}: {len(reopened)} failed jobs queued again in {messages} messages")
