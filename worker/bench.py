@@ -111,6 +111,18 @@ class _Workers:
                    env, tmp / f"{t}-{i}.log")
             for i in range(processes) for k, t in enumerate(tiers)]
 
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        for port in self.ports:
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+                    break
+                except httpx.HTTPError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"a worker's metrics port {port} did not answer within {timeout}s") from None
+                    time.sleep(0.2)
+
     def statements(self) -> dict[str, float]:
         """The workers' SQL statements so far, by kind (their cascade_db_statements counters)."""
         out: dict[str, float] = {}
@@ -162,7 +174,10 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
     tiers = [t.name for t in portfolio.tiers]
     workers = _Workers(path, tiers, env, tmp, cfg.processes, cfg.events)
     stack.callback(_stop, workers.procs)
-    _wait_ping(app, len(workers.procs), timeout=max(60.0, 15.0 * len(workers.procs)))  # a loaded machine starts them slowly
+    # the processes of one tier share a node name (so a ping reaches one of them): every tier answers,
+    # and every process serves its metrics, i.e. has loaded its backend and is starting its consumer
+    _wait_ping(app, len(tiers), timeout=max(60.0, 15.0 * len(workers.procs)))
+    workers.wait_ready(timeout=max(60.0, 15.0 * len(workers.procs)))
     items = _items(cfg.data, cfg.jobs)
     cfg.log(f"pipeline: {cfg.jobs} replay jobs, {len(tiers)} tiers x {cfg.processes} process(es), chunks of "
             f"{settings.chunk_size}" + (", task events on" if cfg.events else ""))
