@@ -29,6 +29,8 @@ Options (portfolio `[tiers.backend]`):
   cpu_lock         run on the process's one shared llama.cpp thread, taking turns
                    with the other models of this process (default true); false:
                    on a thread of its own, in parallel with them.
+  n_parallel       jobs of a stage decoded together as parallel sequences (default
+                   8); the KV cache holds n_ctx tokens for each
 
 Where the computation runs: every llama.cpp call (load, prompt, decode) of a
 backend runs on one long-lived "llama-cpu" thread, never on the calling thread.
@@ -42,25 +44,27 @@ one process, each model uses all cores, and two models decoding at once on the
 same cores slow each other down far more than 2x. In the distributed mode (one
 model per process) nothing waits.
 
-The decode is our own small loop over llama.cpp's logits rather than
-`create_completion(logprobs=...)`: that path needs `logits_all=True` (an
+The decode is our own loop over llama.cpp's logits (`llama_decoder.py`) rather
+than `create_completion(logprobs=...)`: that path needs `logits_all=True` (an
 n_ctx x vocab float array) and sorts the whole vocabulary in Python for every
-token; here only the last position's logits are read, and the shared prompt
-prefix (e.g. the few-shot block) stays in the KV cache between jobs.
+token; here only each sequence's last logits row is read, in place, and the
+shared prompt prefix (e.g. the few-shot block) stays in the KV cache between
+jobs. `generate_many` decodes a stage's jobs together (n_parallel sequences of
+one context, one `llama_decode` per step for all of them); `generate` is the
+same loop with one job.
 """
 from __future__ import annotations
 
 import math
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from router.core.attempt import Query, TokenLogprob
+from router.core.attempt import Query
 from router.core.policy import Needs
 from router.core.portfolio import Tier
 from worker import modelpack
@@ -76,9 +80,11 @@ from .base import (
     refused_field,
     reject_unknown_options,
 )
+from .llama_decoder import DecodeJob, ParallelDecoder
 
 _OPTIONS = {"model", "model_path", "n_ctx", "n_threads", "n_batch", "max_tokens", "stop", "mode",
-            "prompt_template", "system", "temperature", "seed", "top_logprobs", "warm_prefix", "cpu_lock"}
+            "prompt_template", "system", "temperature", "seed", "top_logprobs", "warm_prefix", "cpu_lock",
+            "n_parallel"}
 _shared: "_ComputeThread | None" = None
 _shared_lock = threading.Lock()
 
@@ -166,6 +172,7 @@ class LlamaCppBackend(Backend):
                                      f"'model' (tiny | small | medium, see `cascade models list`) or 'model_path'")
         self.n_ctx = option(tier, "n_ctx", int, 1024)
         self.n_batch = option(tier, "n_batch", int, 256)
+        self.n_parallel = option(tier, "n_parallel", int, 8)
         self.max_tokens = option(tier, "max_tokens", int, 32)
         self.temperature = float(option(tier, "temperature", (int, float), 0.0))
         self.seed = option(tier, "seed", int, 0)
@@ -181,9 +188,13 @@ class LlamaCppBackend(Backend):
         threads = option(tier, "n_threads", int, None)
         self.n_threads = threads or settings.model_threads or os.cpu_count() or 1
         for key, v, low in (("n_ctx", self.n_ctx, 16), ("n_batch", self.n_batch, 1), ("max_tokens", self.max_tokens, 1),
-                            ("n_threads", self.n_threads, 1), ("top_logprobs", self.top_k_default, 0)):
+                            ("n_threads", self.n_threads, 1), ("top_logprobs", self.top_k_default, 0),
+                            ("n_parallel", self.n_parallel, 1)):
             if v < low:
                 raise BackendConfigError(f"tier {tier.name!r}: backend option {key!r} must be >= {low}, got {v}")
+        if self.n_parallel > min(self.n_batch, self.n_ctx, 256):
+            raise BackendConfigError(f"tier {tier.name!r}: backend option 'n_parallel' ({self.n_parallel}) must be "
+                                     f"<= n_batch ({self.n_batch}), <= n_ctx ({self.n_ctx}) and <= 256")
         if self.mode not in ("completion", "chat"):
             raise BackendConfigError(f"tier {tier.name!r}: backend option 'mode' must be 'completion' or 'chat', "
                                      f"got {self.mode!r}")
@@ -221,8 +232,8 @@ class LlamaCppBackend(Backend):
         tokens = self._llm.tokenize(prefix.encode("utf-8"), add_bos=True, special=False)
         if not 1 < len(tokens) < self.n_ctx:
             return  # too long: the job that uses it gets the clear error
-        self._llm.reset()
-        self._llm.eval(tokens[:-1])  # the last token may merge with the prompt's first
+        # budget 0: only into the KV cache; the last token may merge with the prompt's first
+        self._decoder.run([DecodeJob(prompt=tokens[:-1], budget=0)])
 
     # -- loading -----------------------------------------------------------------
     def _load(self):
@@ -236,9 +247,14 @@ class LlamaCppBackend(Backend):
                 f"tier {self.tier.name!r}: llama.cpp cannot load model file {self.path}: {e}; if it is a pack "
                 f"model run `cascade models prepare`, else check that the file is a GGUF model"
             ) from None
-        self._n_vocab = llm.n_vocab()
-        self._eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, t))
-        self._logits_ptr = lambda: llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        try:
+            self._decoder = ParallelDecoder(llm, llama_cpp, n_seq=self.n_parallel, n_ctx=self.n_ctx,
+                                            n_batch=min(self.n_batch, self.n_ctx), rng=self._rng_of)
+        except (ValueError, RuntimeError) as e:
+            llm.close()
+            raise BackendConfigError(f"tier {self.tier.name!r}: llama.cpp cannot make a context of "
+                                     f"{self.n_parallel} x {self.n_ctx} tokens for {self.path}: {e}; lower "
+                                     f"n_parallel or n_ctx") from None
         self._chat = None
         if self.mode == "chat":
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # deferred: llama_cpp is optional
@@ -282,21 +298,55 @@ class LlamaCppBackend(Backend):
         return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def generate(self, query: Query, needs: Needs) -> BackendResult:
-        self.check_request(query)
+        r = self.generate_many([query], needs)[0]
+        if isinstance(r, BackendFailure):
+            raise r
+        return r
+
+    def generate_many(self, queries: Sequence[Query], needs: Needs) -> list[BackendResult | BackendFailure]:
+        """The queries decoded together as parallel sequences (up to n_parallel at a time),
+        each with its own parameters; a query that cannot run gets its BackendFailure."""
         top_k = max(needs.top_logprobs, self.top_k_default)
-        return self._compute.run(self._generate, query, top_k)
+        out: list[BackendResult | BackendFailure | None] = []
+        for q in queries:
+            try:
+                self.check_request(q)
+                out.append(None)
+            except BackendFailure as e:
+                out.append(e)
+        return self._compute.run(self._generate_many, list(queries), top_k, out)
 
     def _generate(self, query: Query, top_k: int) -> BackendResult:
+        r = self._generate_many([query], top_k, [None])[0]
+        if isinstance(r, BackendFailure):
+            raise r
+        return r
+
+    def _generate_many(self, queries: list[Query], top_k: int,
+                       out: list[BackendResult | BackendFailure | None]) -> list[BackendResult | BackendFailure]:
+        # on the compute thread
+        if self._llm is None:
+            failure = BackendFailure(f"tier {self.tier.name!r}: the model {self.model_name} was closed")
+            return [r if r is not None else failure for r in out]
+        jobs: list[tuple[int, DecodeJob]] = []
+        for i, q in enumerate(queries):
+            if out[i] is None:
+                try:
+                    jobs.append((i, self._job(q, top_k)))
+                except BackendFailure as e:
+                    out[i] = e
+        self._decoder.run([j for _, j in jobs])
+        for i, job in jobs:
+            out[i] = self._result(job)
+        return out  # type: ignore[return-value]
+
+    def _job(self, query: Query, top_k: int) -> DecodeJob:
         p = query.params
-        max_tokens = p.get("max_tokens", self.max_tokens)
-        temperature = p.get("temperature", self.temperature)
-        stops = self.stop if p.get("stop") is None else tuple(p["stop"])
-        # on the compute thread: one job at a time
-        llm = self._llm
-        if llm is None:
-            raise BackendFailure(f"tier {self.tier.name!r}: the model {self.model_name} was closed")
-        started = time.perf_counter()
-        prompt = self._prompt_tokens(query)
+        try:
+            prompt = self._prompt_tokens(query)
+        except Exception as e:  # noqa: BLE001 - a template or tokenizer error is this job's
+            raise BackendFailure(f"llama.cpp cannot tokenize this prompt for model {self.model_name}: "
+                                 f"{type(e).__name__}: {e}") from None
         n_prompt = len(prompt)
         if n_prompt >= self.n_ctx:
             raise BackendFailure(
@@ -304,76 +354,34 @@ class LlamaCppBackend(Backend):
                 f"{self.n_ctx} tokens (backend option n_ctx of tier {self.tier.name!r}); shorten the prompt "
                 f"or raise n_ctx"
             )
-        budget = min(max_tokens, self.n_ctx - n_prompt)
-        try:
-            # keep the longest shared prefix (few-shot block) in the KV cache; decode at least one token
-            prev = llm.input_ids[: llm.n_tokens].tolist()
-            keep = 0
-            for a, b in zip(prev, prompt):
-                if a != b:
-                    break
-                keep += 1
-            keep = min(keep, n_prompt - 1)
-            llm.n_tokens = keep  # eval() drops the KV cells from here on
-            llm.eval(prompt[keep:])
-            out: list[int] = []
-            toks: list[TokenLogprob] = []
-            text = ""
-            finished = False
-            for _ in range(budget):
-                logits = np.ctypeslib.as_array(self._logits_ptr(), shape=(self._n_vocab,)).astype(np.float64)
-                m = logits.max()
-                logprobs = logits - (m + math.log(float(np.exp(logits - m).sum())))
-                tok = self._pick(logits, np, temperature)
-                top: dict[str, float] = {}
-                if top_k:
-                    idx = np.argpartition(-logprobs, top_k)[:top_k] if top_k < self._n_vocab else np.arange(self._n_vocab)
-                    for i in idx[np.argsort(-logprobs[idx])]:
-                        top.setdefault(self._piece(int(i)), float(logprobs[i]))
-                lp = float(logprobs[tok])
-                toks.append(TokenLogprob(self._piece(tok), lp, top))
-                if self._eog(tok):
-                    finished = True
-                    break
-                out.append(tok)
-                text = llm.detokenize(out, prev_tokens=prompt).decode("utf-8", errors="ignore")
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-                    finished = True
-                    break
-                if len(out) < budget:
-                    llm.eval([tok])
-        except BackendFailure:
-            raise
-        except Exception as e:  # a decode failure must not take the worker down
-            llm.reset()
-            raise BackendFailure(f"llama.cpp failed on this prompt with model {self.model_name}: "
-                                 f"{type(e).__name__}: {e}") from None
-        latency_ms = (time.perf_counter() - started) * 1000
+        if n_prompt == 0:
+            raise BackendFailure(f"empty prompt: nothing to answer for model {self.model_name}")
+        return DecodeJob(prompt=prompt, budget=min(p.get("max_tokens", self.max_tokens), self.n_ctx - n_prompt),
+                         temperature=p.get("temperature", self.temperature),
+                         stops=self.stop if p.get("stop") is None else tuple(p["stop"]), top_k=top_k)
+
+    def _result(self, job: DecodeJob) -> BackendResult | BackendFailure:
+        if job.error is not None:
+            return BackendFailure(f"llama.cpp failed on this prompt with model {self.model_name}: {job.error}")
         return BackendResult(
-            text=text.strip(),
-            tokens=toks,
-            stop=stops,
-            tokens_in=n_prompt,
-            tokens_out=len(toks),
-            latency_ms=latency_ms,
+            text=job.text.strip(),
+            tokens=job.tokens,
+            stop=job.stops,
+            tokens_in=len(job.prompt),
+            tokens_out=len(job.tokens),
+            latency_ms=job.elapsed_ms,
             cost_usd=None,
-            meta={"finish_reason": "stop" if finished else "length", "model": self.model_name},
+            meta={"finish_reason": "stop" if job.finished else "length", "model": self.model_name,
+                  "compute_ms": round(job.compute_ms, 3)},
         )
 
-    def _pick(self, logits, np, temperature: float) -> int:
-        if temperature <= 0:
-            return int(np.argmax(logits))
+    def _rng_of(self):
         if self._rng is None:
             self._rng = np.random.default_rng(self.seed)
-        z = logits / temperature
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        return int(self._rng.choice(len(p), p=p))
+        return self._rng
 
     def _piece(self, tok: int) -> str:
-        return self._llm.detokenize([tok], special=True).decode("utf-8", errors="replace")
+        return self._decoder.piece(tok)
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.model_name, "path": str(self.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads}
