@@ -269,6 +269,11 @@ class LlamaCppBackend(Backend):
                                              bos_token=piece(llm.token_bos()) if llm.token_bos() >= 0 else "")
         return llm
 
+    def clear_cache(self) -> None:
+        """Forget the prompts kept in the KV cache: the next jobs start cold (benchmarks)."""
+        if self._llm is not None:
+            self._compute.run(self._decoder.reset)
+
     def close(self) -> None:
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:

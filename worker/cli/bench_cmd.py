@@ -12,6 +12,7 @@ from router.lab.risk_check import coverage, render
 from router.lab.tuners import RiskSpec
 from worker.bench import BenchConfig, HttpBenchConfig, run_http_bench, run_pipeline_bench
 from worker.bench_api import ApiBenchConfig, run_api_bench
+from worker.bench_llamacpp import LlamaBenchConfig, run_llamacpp_bench
 from worker.faults import SCENARIOS, FaultConfig, run_faults
 
 from .common import user_errors
@@ -158,3 +159,24 @@ def faults(scenarios, jobs, threads, short_outage, long_outage, budget, as_json)
     else:
         for name, r in result["faults"].items():
             click.echo(f"{name:>22}: {r}")
+
+
+@bench.command("llamacpp")
+@click.option("--model", default="medium", show_default=True, help="pack model (tiny | small | medium)")
+@click.option("--jobs", "-n", type=click.IntRange(1, 256), default=8, show_default=True, help="jobs in the message")
+@click.option("--max-tokens", type=click.IntRange(1, 400), default=64, show_default=True, help="tokens per answer")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="llama.cpp threads")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True, help="alternating rounds")
+@click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
+def llamacpp(model, jobs, max_tokens, threads, rounds, as_json) -> None:
+    """A local tier's tokens/s: a message's jobs decoded together vs one at a time vs bare
+    llama-cpp-python (create_completion), same model, prompts and greedy answers."""
+    cfg = LlamaBenchConfig(model=model, jobs=jobs, max_tokens=max_tokens, threads=threads, rounds=rounds,
+                           log=lambda m: click.echo(m, err=True))
+    with user_errors():
+        result = run_llamacpp_bench(cfg)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            click.echo(f"{k:>18}: {v}")
