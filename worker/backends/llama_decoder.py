@@ -101,6 +101,7 @@ class ParallelDecoder:
         self._vocab = llm._model.vocab
         self.n_vocab = llm.n_vocab()
         self._scratch = np.empty(self.n_vocab, dtype=np.float32)
+        self._row_t = ctypes.c_float * self.n_vocab
         self._cells: list[list[int]] = [[] for _ in range(n_seq)]  # tokens in each slot's KV, position order
         self._piece: dict[int, str] = {}
         self._raw: dict[int, bytes] = {}
@@ -134,7 +135,7 @@ class ParallelDecoder:
             for i, job in rows:
                 try:
                     if job.budget > 0:  # budget 0: only fill the cache (a warm prefix)
-                        self._step(job, i)
+                        self._step(job, self._logits(i))
                 except Exception as e:  # noqa: BLE001 - one job's failure is its own
                     job.error = f"{type(e).__name__}: {e}"
                     job._next = None
@@ -206,16 +207,22 @@ class ParallelDecoder:
         self._seq[i][0] = seq
         self._want[i] = want
 
-    def _step(self, job: DecodeJob, row: int) -> None:
-        """Read the job's logits row: pick its next token, record its log-prob, stop or go on."""
-        ptr = self._lib.llama_get_logits_ith(self._llm._ctx.ctx, row)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))  # llama.cpp's buffer, not a copy
+    def _logits(self, i: int) -> np.ndarray:
+        """Batch token i's logits, read in place in llama.cpp's buffer (valid until the next decode)."""
+        addr = ctypes.cast(self._lib.llama_get_logits_ith(self._llm._ctx.ctx, i), ctypes.c_void_p).value
+        if not addr:
+            raise DecodeError(f"llama.cpp has no logits for batch token {i}")
+        return np.frombuffer(self._row_t.from_address(addr), dtype=np.float32)
+
+    def _step(self, job: DecodeJob, logits: np.ndarray) -> None:
+        """The job's logits row: pick its next token, record its log-prob, stop or go on."""
         scratch = self._scratch
-        m = float(logits.max())
+        top_tok = int(logits.argmax())
+        m = float(logits[top_tok])
         np.subtract(logits, m, out=scratch)
         np.exp(scratch, out=scratch)
         lse = m + math.log(float(scratch.sum()))
-        tok = int(logits.argmax()) if job.temperature <= 0 else self._sample(logits, job.temperature)
+        tok = top_tok if job.temperature <= 0 else self._sample(logits, job.temperature)
         top: dict[str, float] = {}
         if job.top_k:
             k = min(job.top_k, self.n_vocab)
