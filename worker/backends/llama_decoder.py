@@ -8,14 +8,17 @@ One job alone goes through the same loop: there is one decode path.
 
 - Slots: the context has `n_seq` sequence ids (`n_seq_max`), one per running job; more jobs
   than slots wait and take the first slot that frees up (continuous batching).
-- KV cache: unified (`kv_unified`), `n_ctx` cells per slot, so a job's prompt and answer
-  always fit whatever the others hold. A cell holding a token shared by several sequences
-  is stored once: a new job starts from the longest prefix it shares with what any slot
-  holds (`llama_memory_seq_cp` adds the sequence to those cells, nothing is copied), so
-  a few-shot block is evaluated once per worker, not once per job.
-- Flash attention is on: the CPU kernel skips the masked cells of the other sequences,
-  so a job's numbers do not depend on which jobs ran beside it (greedy answers and
-  log-probs are the same batched as alone).
+- KV cache: one stream of `n_ctx` cells per slot (`kv_unified = false`), so a job's prompt
+  and answer always fit whatever the others hold. A new job starts in the free slot that
+  shares the longest prompt prefix with it; when a busy slot holds a longer one (the
+  few-shot block, while the first job of a message decodes), that slot's stream is copied
+  over (`llama_memory_seq_cp` across streams: a memcpy) and trimmed to the prefix, so a
+  few-shot block is evaluated once per worker, not once per job.
+- Same numbers batched as alone: with one stream per job, a job's cells are laid out as if
+  it ran alone (the other streams' cells never enter its sums), and with flash attention
+  off the masked cells past its end only add zeros. A unified cache interleaves the jobs'
+  cells, and flash attention takes a split-KV path for single-token steps that a batch
+  does not: both change the order of float sums (log-prob differences up to 0.08 seen).
 - Log-probs: log-softmax of the job's logits row, read in place from llama.cpp's buffer
   (no copy of the vocabulary, float32 in one scratch array); top-k alternatives only when
   asked for.

@@ -389,4 +389,5 @@ class LlamaCppBackend(Backend):
         return self._decoder.piece(tok)
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model_name, "path": str(self.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads}
+        return {"model": self.model_name, "path": str(self.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
+                "n_parallel": self.n_parallel}
