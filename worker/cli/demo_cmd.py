@@ -51,9 +51,12 @@ CALIBRATION_SEED = 1000
 
 
 def tier_spec(name: str, threads: int) -> dict[str, Any]:
+    # n_parallel 1: one job decoded at a time, so an attempt's latency is that model's own time and
+    # "model time" (their sum) compares the two runs; decoded together, jobs' latencies overlap
     return {
         "name": name,
         "backend": {"kind": "llamacpp", "model": name, "n_ctx": 1024, "n_threads": threads, "max_tokens": 8,
+                    "n_parallel": 1,
                     "stop": list(dq.STOP), "prompt_template": dq.FEW_SHOT_TINY if name == "tiny" else dq.FEW_SHOT},
         "price": {"input_per_mtok": PRICES[name], "output_per_mtok": PRICES[name]},
     }
