@@ -19,6 +19,7 @@ _KINDS = {
     "replay": "worker.backends.replay:ReplayBackend",
     "llamacpp": "worker.backends.llamacpp:LlamaCppBackend",
     "openai": "worker.backends.openai:OpenAIBackend",
+    "speculative": "worker.backends.speculative:SpeculativeBackend",
 }
 
 __all__ = ["Backend", "BackendConfigError", "BackendFailure", "BackendResult", "TransientBackendError",

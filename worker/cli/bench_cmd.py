@@ -13,15 +13,20 @@ from router.lab.tuners import RiskSpec
 from worker.bench import BenchConfig, HttpBenchConfig, run_http_bench, run_pipeline_bench
 from worker.bench_api import ApiBenchConfig, run_api_bench
 from worker.bench_llamacpp import LlamaBenchConfig, run_llamacpp_bench
+from worker.bench_speculative import SpecBenchConfig, run_speculative_bench
+from worker.bench_speculative import render as render_speculative
 from worker.faults import SCENARIOS, FaultConfig, run_faults
 
 from .common import user_errors
 
 
-def _default_data() -> Path:
+def _shared() -> Path:
     shared = os.environ.get("CASCADE_SHARED")
-    base = Path(shared) if shared else Path(__file__).resolve().parents[2].parent / "shared"
-    return base / "benchmarks" / "rc-mmlu.jsonl.gz"
+    return Path(shared) if shared else Path(__file__).resolve().parents[2].parent / "shared"
+
+
+def _default_data() -> Path:
+    return _shared() / "benchmarks" / "rc-mmlu.jsonl.gz"
 
 
 @click.group()
@@ -180,3 +185,24 @@ def llamacpp(model, jobs, max_tokens, threads, rounds, as_json) -> None:
     else:
         for k, v in result.items():
             click.echo(f"{k:>18}: {v}")
+
+
+@bench.command()
+@click.option("--n", "n", type=click.IntRange(min=1), default=30, show_default=True, help="GSM8K test questions")
+@click.option("--seed", type=int, default=0, show_default=True, help="which questions are drawn")
+@click.option("--spec", "specs", multiple=True, metavar="RULE[:ALPHA]",
+              help="a speculative tier to run (repeatable; rules chow, diff, opt, always, never; default opt:0.3)")
+@click.option("--gamma", type=click.IntRange(1, 32), default=4, show_default=True, help="tokens drafted per block")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=160, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="llama.cpp threads (default: all cores)")
+@click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
+def speculative(n, seed, specs, gamma, max_tokens, threads, as_json) -> None:
+    """A speculative cascade (drafter Qwen2.5-Coder-0.5B, verifier 1.5B) against the
+    1.5B alone and the 0.5B alone: accuracy and tokens/s on GSM8K test questions."""
+    cfg = SpecBenchConfig(shared=_shared(), n=n, seed=seed, specs=tuple(specs) or ("opt:0.3",), gamma=gamma,
+                          max_tokens=max_tokens, threads=threads, log=lambda m: click.echo(m, err=True))
+    with user_errors():
+        result = run_speculative_bench(cfg)
+    click.echo(render_speculative(result))
+    if as_json:
+        click.echo(json.dumps(result))
