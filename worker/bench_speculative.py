@@ -131,7 +131,8 @@ def run_speculative_bench(cfg: SpecBenchConfig) -> dict:
                     cfg.log(f"{q.id}: {s.name} failed: {e}")
                     s.texts.append("")
                     continue
-                s.seconds += time.perf_counter() - started
+                took = time.perf_counter() - started
+                s.seconds += took
                 s.tokens += r.tokens_out or 0
                 ok = same_answer(r.text, q.gold, "number")
                 s.right += ok
@@ -139,7 +140,7 @@ def run_speculative_bench(cfg: SpecBenchConfig) -> dict:
                 for k in ("drafted", "accepted", "deferred", "corrected", "blocks"):
                     if k in r.meta:
                         s.counts[k] = s.counts.get(k, 0) + int(r.meta[k])
-                line.append(f"{s.name} {'right' if ok else 'wrong'}")
+                line.append(f"{s.name} {'right' if ok else 'wrong'} {r.tokens_out} tok {took:.1f}s")
             cfg.log(f"[{i + 1}/{len(questions)}] {q.id}: " + ", ".join(line))
     finally:
         for s in systems:
@@ -179,12 +180,12 @@ def _ratio(a: float, b: float) -> float | None:
 def render(result: dict) -> str:
     lines = [f"cascade bench speculative: {result['questions']} GSM8K test questions (seed {result['seed']}), "
              f"{result['prompt']}, max {result['max_tokens']} tokens, gamma {result['gamma']}", "",
-             f"{'system':<22}{'right':>10}{'tokens':>8}{'model s':>9}{'tok/s':>7}{'s/q':>6}"
+             f"{'system':<22}{'right':>10}{'tokens':>8}{'model s':>9}{'tok/s':>7}{'s/q':>8}"
              f"{'accept':>8}{'defer':>7}{'tok/pass':>9}{'time vs medium':>16}"]
     n = result["questions"]
     for name, r in result["systems"].items():
         extra = (f"{r['accept_rate']:>8.0%}{r['defer_rate']:>7.0%}{r['tokens_per_verifier_pass']:>9.2f}"
                  f"{r['time_vs_medium']:>16.0%}") if "accept_rate" in r else ""
         lines.append(f"{name:<22}{r['right']:>5}/{n:<4}{r['tokens_out']:>8}{r['model_seconds']:>9.1f}"
-                     f"{r['tokens_per_s']:>7.1f}{r['s_per_question']:>6.2f}{extra}")
+                     f"{r['tokens_per_s']:>7.2f}{r['s_per_question']:>8.2f}{extra}")
     return "\n".join(lines)

@@ -57,8 +57,10 @@ _SHARED = {"n_ctx", "n_threads", "n_batch", "max_tokens", "stop", "mode", "promp
 
 def _model_tier(tier: Tier, role: str, model: str) -> Tier:
     shared = {k: v for k, v in tier.backend.options.items() if k in _SHARED}
-    # cpu_lock: both models on the one shared llama.cpp thread, where this backend's loop runs
-    spec = BackendSpec.model_validate({"kind": "llamacpp", "model": model, "cpu_lock": True, **shared})
+    # cpu_lock: both models on the one shared llama.cpp thread, where this backend's loop runs; the prefix is
+    # warmed by this backend (into the KV cache its own loop reads), not by the llamacpp backend's decoder
+    spec = BackendSpec.model_validate({"kind": "llamacpp", "model": model, "cpu_lock": True, **shared,
+                                       "warm_prefix": False})
     return Tier(name=f"{tier.name}.{role}", backend=spec, price=tier.price)
 
 
@@ -113,18 +115,34 @@ class SpeculativeBackend(Backend):
             self.drafter.close()
             raise
         d, v = self.drafter, self.verifier
-        if d._n_vocab != v._n_vocab:
+        self.n_vocab = v._llm.n_vocab()
+        if d._llm.n_vocab() != self.n_vocab:
             self.close()
             raise BackendConfigError(f"tier {tier.name!r}: drafter {d.model_name} and verifier {v.model_name} do not "
-                                     f"share a vocabulary ({d._n_vocab} vs {v._n_vocab} tokens)")
+                                     f"share a vocabulary ({d._llm.n_vocab()} vs {self.n_vocab} tokens)")
         self.max_tokens, self.stop, self.n_ctx = v.max_tokens, v.stop, v.n_ctx
         self.top_k_default = v.top_k_default
         self.model_name = f"{d.model_name}>{v.model_name}"
         self._compute = v._compute
-        self._logits_ith = _import_llama().llama_get_logits_ith
+        llama_cpp = _import_llama()
+        self._logits_ith = llama_cpp.llama_get_logits_ith
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        template = option(tier, "prompt_template", str, None)
+        if template and option(tier, "warm_prefix", bool, True):
+            self._compute.run(self._warm, template.split("{prompt}", 1)[0])
+
+    def _warm(self, prefix: str) -> None:
+        for llm in (self.drafter._llm, self.verifier._llm):
+            tokens = llm.tokenize(prefix.encode("utf-8"), add_bos=True, special=False)
+            if 1 < len(tokens) < self.n_ctx:
+                llm.reset()
+                llm.eval(tokens[:-1])  # the last token may merge with the prompt's first
 
     def _logits(self, llm, i: int) -> np.ndarray:
-        return np.ctypeslib.as_array(self._logits_ith(llm.ctx, i), shape=(self.verifier._n_vocab,)).copy()
+        return np.ctypeslib.as_array(self._logits_ith(llm.ctx, i), shape=(self.n_vocab,)).copy()
+
+    def _eog(self, token: int) -> bool:
+        return bool(self._is_eog(self.verifier._llm._model.vocab, token))
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.model_name, "rule": self.rule.name, "alpha": self.rule.alpha, "gamma": self.gamma,
@@ -178,7 +196,7 @@ class SpeculativeBackend(Backend):
                     counts["deferred"] += pos.deferred
                     counts["corrected" if pos.corrected else "accepted"] += 1
                     toks.append(TokenLogprob(self.verifier._piece(pos.token), pos.logprob, _top(self, pos.logprobs, top_k)))
-                    if self.verifier._eog(pos.token):
+                    if self._eog(pos.token):
                         finished = True
                         break
                     out.append(pos.token)
@@ -215,9 +233,8 @@ class SpeculativeBackend(Backend):
 
     def _draft(self, llm, ctx: list[int], g: int) -> tuple[list[int], np.ndarray]:
         """The drafter's g + 1 greedy tokens after ctx, with its distribution at each."""
-        vocab = self.drafter._n_vocab
         llm.eval(ctx[llm.n_tokens:])
-        rows = np.empty((g + 1, vocab), dtype=np.float32)
+        rows = np.empty((g + 1, self.n_vocab), dtype=np.float32)
         drafts: list[int] = []
         for i in range(g + 1):
             if i:
