@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers.env import SHARED
 
 from router.core.answers import same_answer
 from router.core.errors import UserError
-from tests.helpers.env import SHARED
 from worker.bench_speculative import N_SHOTS, STOP, _read, draw_questions, few_shot_template, parse_spec
 
 QUESTIONS = SHARED / "benchmarks" / "questions"
