@@ -29,6 +29,15 @@ def _default_data() -> Path:
     return _shared() / "benchmarks" / "rc-mmlu.jsonl.gz"
 
 
+def _emit(result: dict, as_json: bool, width: int) -> None:
+    """A bench's result: one JSON line, or one aligned `key: value` line per figure."""
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            click.echo(f"{k:>{width}}: {v}")
+
+
 @click.group()
 def bench() -> None:
     """Benchmarks (never asserted in tests: these machines are noisy)."""
@@ -57,11 +66,7 @@ def pipeline(jobs, chunk, latency_jobs, concurrency, processes, count_ops, event
     cfg = BenchConfig(jobs=jobs, data=data.resolve(), chunk=chunk, latency_jobs=latency_jobs, concurrency=concurrency,
                       processes=processes, count_ops=count_ops, events=events, pg_admin=pg_admin_url, redis_url=redis_url, log=lambda m: click.echo(m, err=True))
     result = run_pipeline_bench(cfg)
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        for k, v in result.items():
-            click.echo(f"{k:>18}: {v}")
+    _emit(result, as_json, width=18)
 
 
 @bench.command()
@@ -83,11 +88,7 @@ def http(latency_ms, capacity, seconds, concurrency, chunk, pg_admin_url, redis_
                           chunk=chunk, pg_admin=pg_admin_url, redis_url=redis_url,
                           log=lambda m: click.echo(m, err=True))
     result = run_http_bench(cfg)
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        for k, v in result.items():
-            click.echo(f"{k:>22}: {v}")
+    _emit(result, as_json, width=22)
 
 
 @bench.command("risk")
@@ -180,11 +181,7 @@ def llamacpp(model, jobs, max_tokens, threads, rounds, as_json) -> None:
                            log=lambda m: click.echo(m, err=True))
     with user_errors():
         result = run_llamacpp_bench(cfg)
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        for k, v in result.items():
-            click.echo(f"{k:>18}: {v}")
+    _emit(result, as_json, width=18)
 
 
 @bench.command()
