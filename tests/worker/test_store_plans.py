@@ -1,0 +1,24 @@
+"""The stage's bulk statements are planned for the ids they are given: the store's
+connections keep no server-side prepared statements, whose generic plan (made for a
+message of hundreds of jobs) PostgreSQL would reuse for a single job."""
+from __future__ import annotations
+
+import pytest
+from helpers.env import private_database
+from sqlalchemy import text
+
+from worker.migrate import upgrade
+from worker.store import _START_STAGE, Store, now
+
+pytestmark = pytest.mark.services
+
+
+def test_no_statement_is_prepared_on_the_server():
+    with private_database() as url:
+        upgrade(url)
+        store = Store(url)
+        with store.engine.connect() as c:
+            for i in range(12):  # psycopg's default prepares a statement at its 5th run
+                c.execute(_START_STAGE, {"ids": [f"job-{i}"], "tier": "t0", "t": now()}).all()
+            prepared = c.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar()
+            assert prepared == 0
