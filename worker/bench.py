@@ -196,6 +196,7 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
     client = Client(settings, portfolio=portfolio, workers=False)
     stack.callback(client.close)
     parts: dict[str, list[float]] = {k: [] for k in ("overhead", "submit", "to_first_stage", "stage", "hop", "learn")}
+    by_stages: dict[int, list[float]] = {}
     for it in _items(cfg.data, cfg.latency_jobs, "lat-"):
         t_sub = now()
         s0 = time.perf_counter()
@@ -208,6 +209,7 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
         ats = store.attempts_of([job_id])[job_id]
         backend = [a["meta"].get("backend_ms", 0.0) for a in ats]
         parts["overhead"].append(took_ms - sum(backend))
+        by_stages.setdefault(len(ats), []).append(parts["overhead"][-1])
         parts["submit"].append((s1 - s0) * 1000)
         parts["to_first_stage"].append(_ms(job["started_at"] - t_sub) - parts["submit"][-1])
         parts["stage"].append(_ms(ats[0]["created_at"] - job["started_at"]) - backend[0])
@@ -234,6 +236,9 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
         # (beyond the call); an escalation, from one stage's record to the next's (record statement, send,
         # queue, pickup, start); from the final record's start to the client waking (commit, NOTIFY, wake)
         "p50_parts_ms": {k: round(statistics.median(v), 2) for k, v in parts.items() if v},
+        # the same overhead by the stages a job ran (accepted at the first tier, escalated once, twice)
+        "p50_overhead_by_stages_ms": {str(k): round(statistics.median(v), 2) for k, v in sorted(by_stages.items())},
+        "jobs_by_stages": {str(k): len(v) for k, v in sorted(by_stages.items())},
         # a durable commit here and now (one row UPDATE, waiting for the disk) against one that does not wait:
         # an interactive job waits for a durable commit at submission and at each stage's record
         "p50_commit_ms": commit_ms,
