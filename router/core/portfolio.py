@@ -129,9 +129,10 @@ class Portfolio(_Strict):
     def spec(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
-    @property
+    @cached_property
     def digest(self) -> str:
-        """Content hash: jobs pin the exact portfolio they were submitted with."""
+        """Content hash: jobs pin the exact portfolio they were submitted with (once per
+        portfolio: a batch asks for it per job, and the hash is half a submitter's CPU)."""
         blob = json.dumps(self.spec(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
