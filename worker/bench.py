@@ -39,6 +39,7 @@ from .dispatch import Dispatcher
 from .items import Item
 from .migrate import upgrade
 from .notify import JOB_CHANNEL
+from .procs import stop_all as _stop
 from .runtime import Runtime
 from .settings import Settings
 from .store import dispose_all, now
@@ -81,17 +82,6 @@ def _wait_ping(app, n: int, timeout: float = 60) -> None:
         if len(app.control.ping(timeout=0.5) or []) >= n:
             return
     raise RuntimeError(f"fewer than {n} workers answered within {timeout}s")
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def _items(data: Path, n: int, tag: str = "") -> list[Item]:

@@ -43,6 +43,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from .credentials import redact_text
 from .migrate import upgrade
+from .procs import stop_all
 from .store import attempts, batches, dispose_all, jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,16 +355,7 @@ class Run:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        procs = list(self.workers.values()) + self.submitters
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(list(self.workers.values()) + self.submitters)
         dispose_all()
 
     def kill_worker(self, tier: str, sig: int) -> None:
