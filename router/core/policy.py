@@ -19,7 +19,7 @@ import difflib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, Sequence
+from typing import Any, ClassVar, Container, Literal, Protocol, Sequence
 
 from .attempt import Attempt, Query
 from .errors import PolicyError
@@ -185,6 +185,14 @@ class ChainPolicy(Policy):
 
     def plan(self, query: Query) -> Plan:
         return Plan(first=self.chain[0], allowed=self.chain)
+
+    def require_fitted(self, fitted: Container[int], what: str, remedy: str) -> None:
+        """A PolicyError naming the chain's non-last tiers that `fitted` lacks: the last
+        tier always accepts, so only the others need fitted knobs."""
+        missing = [self.tiers[i].name for i in self.chain[:-1] if i not in fitted]
+        if missing:
+            raise PolicyError(f"no {what} for tier(s) {missing}: every tier but the last of the chain needs one "
+                              f"({remedy})")
 
     def rest_of_chain(self, attempt: Attempt) -> tuple[int, ...]:
         """The chain's tiers after this attempt's (empty on the last tier)."""

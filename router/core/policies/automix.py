@@ -90,10 +90,7 @@ class AutoMix(ChainPolicy):
         self.steps: dict[int, Step] = {}
         for name, d in (steps or {}).items():
             self.steps[self.tier_index(name, "step for tier")] = Step(name, d)
-        missing = [self.tiers[i].name for i in self.chain[:-1] if i not in self.steps]
-        if missing:
-            raise PolicyError(f"no fitted step for tier(s) {missing}: every tier but the last of the chain needs one "
-                              f"(run `cascade tune --policy automix`)")
+        self.require_fitted(self.steps, "fitted step", "run `cascade tune --policy automix`")
 
     def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
         cur = attempts[-1]

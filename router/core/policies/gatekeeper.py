@@ -58,10 +58,7 @@ class Gatekeeper(ChainPolicy):
                 raise PolicyError(f"calibration for tier {name!r} must be [a, b], got {ab!r}")
             self.calibration[i] = (finite_number(ab[0], f"calibration a of tier {name!r}"),
                                    finite_number(ab[1], f"calibration b of tier {name!r}"))
-        missing = [self.tiers[i].name for i in self.chain[:-1] if i not in self.calibration]
-        if missing:
-            raise PolicyError(f"no calibration for tier(s) {missing}: every tier but the last of the chain needs "
-                              f"one (run `cascade tune --policy gatekeeper`)")
+        self.require_fitted(self.calibration, "calibration", "run `cascade tune --policy gatekeeper`")
 
     def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
         cur = attempts[-1]
