@@ -1,11 +1,27 @@
-"""Labelled-data builders: the "tuning never reads the test split" checks."""
+"""Labelled-data builders: planted keyword rows, and the "tuning never reads the test split" checks."""
 from __future__ import annotations
 
 import dataclasses
 import random
 from typing import Any, Iterable
 
-from router.core.records import Dataset
+from router.core.records import Dataset, Record, Response
+
+FILLER = "please answer the question about the river the mountain the city and the year".split()
+
+
+def keyword_rows(n: int, split: str, seed: int, answer: str = "x") -> list[Record]:
+    """'small' is right exactly when the prompt holds 'zebra'; 'big' always. Both give `answer`."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(FILLER, 6)
+        hit = i % 2 == 0
+        words.insert(rng.randrange(7), "zebra" if hit else "okapi")
+        resp = {"small": Response(answer, float(hit), 1e-5, None, None, None, None, None),
+                "big": Response(answer, 1.0, 1e-3, None, None, None, None, None)}
+        rows.append(Record(f"{split}-{i}", " ".join(words) + f" {rng.randrange(1000)}", split, None, None, resp))
+    return rows
 
 
 def scramble(ds: Dataset, ids: set[str] | None = None, seed: int = 0) -> Dataset:

@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import pytest
+from helpers.labelled import keyword_rows
 
 from router.core import cascade
 from router.core.attempt import Attempt, Query
@@ -176,24 +177,8 @@ def test_params_round_trip_and_bad_params_are_named():
 
 
 # -- the tuner on planted data -----------------------------------------------------------
-FILLER = "please answer the question about the river the mountain the city and the year".split()
-
-
 def _resp(text: str, correct: float, cost: float) -> Response:
     return Response(text, correct, cost, None, None, None, None, None)
-
-
-def keyword_rows(n: int, split: str, seed: int) -> list[Record]:
-    """'small' is right exactly when the prompt holds 'zebra'; 'big' always."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        words = rng.sample(FILLER, 6)
-        hit = i % 2 == 0
-        words.insert(rng.randrange(7), "zebra" if hit else "okapi")
-        rows.append(Record(f"{split}-{i}", " ".join(words) + f" {rng.randrange(1000)}", split, None, None,
-                           {"small": _resp("A", float(hit), 1e-5), "big": _resp("A", 1.0, 1e-3)}))
-    return rows
 
 
 def voter_rows(n: int, split: str, seed: int) -> list[Record]:
@@ -213,7 +198,7 @@ def voter_rows(n: int, split: str, seed: int) -> list[Record]:
 
 
 def test_tuner_learns_to_route_on_the_query():
-    train, test = keyword_rows(200, "train", 1), keyword_rows(100, "test", 2)
+    train, test = keyword_rows(200, "train", 1, answer="A"), keyword_rows(100, "test", 2, answer="A")
     tiers = [TierModel("small", "small"), TierModel("big", "big")]
     f = fit("cascade-routing", train, tiers, Target.match_best(), text="hashed", buckets=256)
     assert f.train_accuracy == 1.0 and f.train_cost < 0.7e-3
@@ -241,8 +226,8 @@ def test_tuner_learns_that_agreeing_cheap_models_need_no_strong_call():
 def test_tuner_errors_name_the_count():
     tiers = [TierModel("small", "small"), TierModel("big", "big")]
     with pytest.raises(NotApplicable, match="19 train rows are too few"):
-        fit("cascade-routing", keyword_rows(19, "train", 1), tiers, Target.match_best())
-    rows = keyword_rows(40, "train", 1)
+        fit("cascade-routing", keyword_rows(19, "train", 1, answer="A"), tiers, Target.match_best())
+    rows = keyword_rows(40, "train", 1, answer="A")
     for r in rows:
         r.responses["small"] = _resp("A", 1.0, 1e-5)
     with pytest.raises(NotApplicable, match="of one class"):

@@ -4,10 +4,10 @@ the errors bad input gets."""
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
+from helpers.labelled import keyword_rows
 
 from router.core.attempt import Query
 from router.core.errors import PolicyError
@@ -22,7 +22,6 @@ from router.lab.simulate import TierModel, simulate
 from router.lab.tuners import fit
 from router.lab.tuning import NotApplicable, Target
 
-FILLER = "please answer the question about the river the mountain the city and the year".split()
 TIERS = [TierModel("small", "small"), TierModel("big", "big")]
 ROUTERS = [("routellm", {"scorer": "mf"}), ("routellm", {"scorer": "sw"}), ("routellm", {"scorer": "linear"}),
            ("optllm", {}), ("cargo", {}), ("hybrid-llm", {})]
@@ -30,19 +29,6 @@ ROUTERS = [("routellm", {"scorer": "mf"}), ("routellm", {"scorer": "sw"}), ("rou
 
 def _resp(correct: float, cost: float | None) -> Response:
     return Response("x", correct, cost, None, None, None, None, None)
-
-
-def keyword_rows(n: int, split: str, seed: int) -> list[Record]:
-    """'small' is right exactly when the prompt holds 'zebra'; 'big' always."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        words = rng.sample(FILLER, 6)
-        hit = i % 2 == 0
-        words.insert(rng.randrange(7), "zebra" if hit else "okapi")
-        rows.append(Record(f"{split}-{i}", " ".join(words) + f" {rng.randrange(1000)}", split, None, None,
-                           {"small": _resp(float(hit), 1e-5), "big": _resp(1.0, 1e-3)}))
-    return rows
 
 
 # -- the maths on planted fixtures ---------------------------------------------------------
