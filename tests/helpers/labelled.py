@@ -10,16 +10,17 @@ from router.core.records import Dataset, Record, Response
 FILLER = "please answer the question about the river the mountain the city and the year".split()
 
 
-def keyword_rows(n: int, split: str, seed: int, answer: str = "x") -> list[Record]:
-    """'small' is right exactly when the prompt holds 'zebra'; 'big' always. Both give `answer`."""
+def keyword_rows(n: int, split: str, seed: int, answer: str = "x", costs: bool = True) -> list[Record]:
+    """'small' is right exactly when the prompt holds 'zebra'; 'big' always. Both give `answer`;
+    `costs=False` leaves the costs unrecorded."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         words = rng.sample(FILLER, 6)
         hit = i % 2 == 0
         words.insert(rng.randrange(7), "zebra" if hit else "okapi")
-        resp = {"small": Response(answer, float(hit), 1e-5, None, None, None, None, None),
-                "big": Response(answer, 1.0, 1e-3, None, None, None, None, None)}
+        resp = {"small": Response(answer, float(hit), 1e-5 if costs else None, None, None, None, None, None),
+                "big": Response(answer, 1.0, 1e-3 if costs else None, None, None, None, None, None)}
         rows.append(Record(f"{split}-{i}", " ".join(words) + f" {rng.randrange(1000)}", split, None, None, resp))
     return rows
 

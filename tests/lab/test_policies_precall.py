@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers.env import BENCH
-from helpers.labelled import chosen_knobs, scramble
+from helpers.labelled import chosen_knobs, keyword_rows, scramble
 
 from router.core.attempt import Query
 from router.core.features import QueryFeaturizer, text_features
@@ -30,25 +29,9 @@ DATA = BENCH
 MMLU = DATA / "rc-mmlu.jsonl.gz"
 RL_GSM8K = DATA / "routellm-gsm8k.jsonl.gz"
 
-FILLER = "please answer the question about the river the mountain the city and the year".split()
-
 
 def _resp(correct: float, cost: float | None, p_true: float | None = None) -> Response:
     return Response("x", correct, cost, None, None, None, None, p_true)
-
-
-def _keyword_rows(n: int, split: str, seed: int, costs: bool = True) -> list[Record]:
-    """'small' is right exactly when the prompt holds the word 'zebra'; 'big' always."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        words = rng.sample(FILLER, 6)
-        hit = i % 2 == 0
-        words.insert(rng.randrange(7), "zebra" if hit else "okapi")
-        rows.append(Record(f"{split}-{i}", " ".join(words) + f" {rng.randrange(1000)}", split, None, None,
-                           {"small": _resp(float(hit), 1e-5 if costs else None),
-                            "big": _resp(1.0, 1e-3 if costs else None)}))
-    return rows
 
 
 TIERS = [TierModel("small", "small"), TierModel("big", "big")]
@@ -68,7 +51,7 @@ def test_text_features_are_stable_sparse_and_normalised():
 
 # -- router ------------------------------------------------------------------------------
 def test_router_learns_the_deciding_word():
-    train, test = _keyword_rows(200, "train", 1), _keyword_rows(100, "test", 2)
+    train, test = keyword_rows(200, "train", 1), keyword_rows(100, "test", 2)
     f = fit("logistic-router", train, TIERS, Target.match_best())  # the target: big's train accuracy, 1.0
     assert f.train_accuracy == 1.0 and f.train_cost < 0.6e-3
     pol = make_policy("logistic-router", tier_infos(TIERS), json.loads(json.dumps(f.params)))
@@ -83,7 +66,7 @@ def test_router_learns_the_deciding_word():
 
 
 def test_router_params_are_json_and_rebuild_identically():
-    train = _keyword_rows(60, "train", 3)
+    train = keyword_rows(60, "train", 3)
     f = fit("logistic-router", train, TIERS, Target.budget(1e-3))
     text = json.dumps(f.params)
     assert len(text) < 200_000
@@ -93,7 +76,7 @@ def test_router_params_are_json_and_rebuild_identically():
 
 
 def test_router_alpha_sweeps_from_cheap_to_dear():
-    train = _keyword_rows(100, "train", 4)
+    train = keyword_rows(100, "train", 4)
     f = fit("logistic-router", train, TIERS, Target.budget(1e-3))
     infos = tier_infos(TIERS)
     base = {k: v for k, v in f.params.items() if k != "alpha"}
@@ -105,7 +88,7 @@ def test_router_alpha_sweeps_from_cheap_to_dear():
 
 
 def test_router_runs_without_costs_or_confidences():
-    rows = _keyword_rows(80, "train", 5, costs=False)
+    rows = keyword_rows(80, "train", 5, costs=False)
     tiers = [TierModel("small", "small"), TierModel("big", "big", Price(per_call=1.0))]
     f = fit("logistic-router", rows, tiers, Target.budget(0.6))
     assert f.train_cost <= 0.6 + 1e-9 and f.train_accuracy > 0.9
@@ -198,7 +181,7 @@ def test_evaluate_reports_apgr_on_routellm_gsm8k():
 def test_tune_cli_renames_the_tiers(tmp_path):
     from worker.cli.tune_cmd import tune
 
-    rows = _keyword_rows(60, "train", 6)
+    rows = keyword_rows(60, "train", 6)
     path = tmp_path / "kw.jsonl"
     path.write_text("".join(json.dumps({"id": r.id, "prompt": r.prompt, "split": r.split, "responses": {
         m: {"text": "x", "correct": x.correct, "cost_usd": x.cost_usd} for m, x in r.responses.items()}}) + "\n"
