@@ -40,12 +40,7 @@ class ThresholdCascade(ChainPolicy):
             if math.isnan(v):
                 raise PolicyError(f"threshold for tier {name!r} is NaN")
             self.thresholds[idx] = v
-        missing = [self.tiers[i].name for i in self.chain[:-1] if i not in self.thresholds]
-        if missing:
-            raise PolicyError(
-                f"no threshold for tier(s) {missing}: every tier but the last of the chain needs one "
-                f"(set `threshold = ...` on the tier or policy.thresholds)"
-            )
+        self.require_fitted(self.thresholds, "threshold", "set `threshold = ...` on the tier or policy.thresholds")
 
     def decide(self, query: Query, attempts: Sequence[Attempt]) -> Decision:
         cur = attempts[-1]
