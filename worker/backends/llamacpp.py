@@ -31,6 +31,9 @@ Options (portfolio `[tiers.backend]`):
                    on a thread of its own, in parallel with them.
   n_parallel       jobs of a stage decoded together as parallel sequences (default
                    8); the KV cache holds n_ctx tokens for each
+  batch_invariant  answers and log-probs of a job the same, bit for bit, whatever else
+                   is decoded with it (default true); costs ggml's tiled k-quant
+                   matmul for the whole process (see `tiled_matmul_off`)
 
 Where the computation runs: every llama.cpp call (load, prompt, decode) of a
 backend runs on one long-lived "llama-cpu" thread, never on the calling thread.
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,7 +88,7 @@ from .llama_decoder import DecodeJob, ParallelDecoder
 
 _OPTIONS = {"model", "model_path", "n_ctx", "n_threads", "n_batch", "max_tokens", "stop", "mode",
             "prompt_template", "system", "temperature", "seed", "top_logprobs", "warm_prefix", "cpu_lock",
-            "n_parallel"}
+            "n_parallel", "batch_invariant"}
 _shared: "_ComputeThread | None" = None
 _shared_lock = threading.Lock()
 
@@ -157,6 +161,33 @@ def disable_extra_buffers() -> None:
     _patched = True
 
 
+_tiled_off: bool | None = None  # ggml's tiled k-quant matmul in this process, fixed by the first model loaded
+
+
+def tiled_matmul_off(wanted: bool) -> bool:
+    """Whether ggml's tiled k-quant matmul is off in this process; turns it off (GGML_CPU_TILED_MM=0)
+    when `wanted` and no model was loaded yet.
+
+    This build of ggml-cpu multiplies k-quant weights (Q4_K, Q6_K: the Qwen models) by 8 or
+    more activation columns with a tiled kernel and by fewer with one dot product per column;
+    the sums run in a different order, so a job's logits depend on how many jobs share its
+    decode step (the 1.5B model's greedy answers diverged, log-prob differences up to 2.7).
+    Off, every column takes the dot product whatever the batch. ggml reads the variable once
+    per process, at its first matmul: the first model loaded decides, and a value set in the
+    environment beforehand wins. The tiled kernel is the faster one for 8 or more columns
+    (`cascade bench llamacpp`, 8 jobs: 3.5-6.5% more tokens/s batched); a single job's step
+    never used it.
+    """
+    global _tiled_off
+    if _tiled_off is None:
+        if wanted:
+            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+        value = os.environ.get("GGML_CPU_TILED_MM")
+        number = re.match(r"\s*[+-]?\d+", value or "")  # ggml: on unless atoi(value) == 0
+        _tiled_off = value is not None and (number is None or int(number.group()) == 0)
+    return _tiled_off
+
+
 class LlamaCppBackend(Backend):
     kind = "llamacpp"
     capabilities = frozenset({"logprobs", "top_logprobs"})
@@ -182,6 +213,7 @@ class LlamaCppBackend(Backend):
         self.template = option(tier, "prompt_template", str, None)
         self.warm_prefix = option(tier, "warm_prefix", bool, True)
         self.cpu_lock = option(tier, "cpu_lock", bool, True)
+        self.batch_invariant = option(tier, "batch_invariant", bool, True)
         stop = option(tier, "stop", (list, str), [])
         self.stop = tuple([stop] if isinstance(stop, str) else stop)
         settings = get_settings()
@@ -238,6 +270,7 @@ class LlamaCppBackend(Backend):
     # -- loading -----------------------------------------------------------------
     def _load(self):
         llama_cpp = _import_llama()
+        self.tiled_off = tiled_matmul_off(self.batch_invariant)
         try:
             llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=min(self.n_batch, self.n_ctx),
                                   n_threads=self.n_threads, n_threads_batch=self.n_threads, logits_all=False,
@@ -249,7 +282,8 @@ class LlamaCppBackend(Backend):
             ) from None
         try:
             self._decoder = ParallelDecoder(llm, llama_cpp, n_seq=self.n_parallel, n_ctx=self.n_ctx,
-                                            n_batch=min(self.n_batch, self.n_ctx), rng=self._rng_of)
+                                            n_batch=min(self.n_batch, self.n_ctx), rng=self._rng_of,
+                                            exact=self.batch_invariant)
         except (ValueError, RuntimeError) as e:
             llm.close()
             raise BackendConfigError(f"tier {self.tier.name!r}: llama.cpp cannot make a context of "
@@ -390,4 +424,4 @@ class LlamaCppBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.model_name, "path": str(self.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
-                "n_parallel": self.n_parallel}
+                "n_parallel": self.n_parallel, "batch_invariant": self.batch_invariant and self.tiled_off}
