@@ -76,7 +76,8 @@ class DecodeJob:
 
 
 class DecodeError(RuntimeError):
-    """llama.cpp refused a decode call (the jobs in it fail, the others go on)."""
+    """llama.cpp refused a decode call: the jobs being decoded fail (clearing the cache
+    loses their state), the jobs not yet started go on."""
 
 
 class ParallelDecoder:
