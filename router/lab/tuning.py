@@ -133,9 +133,11 @@ class Tuner:
     policy: str = ""
 
     def __init__(self, table: Table, infos: Sequence[TierInfo], **options: Any):
+        """`options`: what a subclass did not take as keyword arguments, i.e. unknown ones."""
+        if options:
+            raise TuningError(f"policy {self.policy!r}: unknown tuning option(s) {sorted(options)}")
         self.table = table
         self.infos = list(infos)
-        self.options = options
 
     def select(self, target: Target) -> Fitted:
         raise NotImplementedError

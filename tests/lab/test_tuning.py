@@ -22,9 +22,9 @@ from router.lab.evaluate import evaluate
 from router.lab.labelled import build_table, prepare
 from router.lab.metrics import summarize
 from router.lab.simulate import TierModel, simulate, tiers_of
-from router.lab.tuners import fit, make_tuner
+from router.lab.tuners import TUNERS, fit, make_tuner
 from router.lab.tuners.threshold import ThresholdTuner, chain_grid, fast_threshold
-from router.lab.tuning import NotApplicable, Target, TargetUnreachable
+from router.lab.tuning import NotApplicable, Target, TargetUnreachable, TuningError
 
 DATA = BENCH
 MMLU = DATA / "rc-mmlu.jsonl.gz"
@@ -144,6 +144,12 @@ def test_unreachable_targets_are_clear_errors(mmlu):
         fit("random", train, tiers, Target.accuracy(0.99))
     with pytest.raises(TargetUnreachable, match="below"):
         fit("single", train, tiers, Target.budget(1e-6))
+
+
+@pytest.mark.parametrize("policy", sorted(TUNERS))
+def test_an_unknown_tuning_option_is_named_before_any_fitting(mmlu, policy):
+    with pytest.raises(TuningError, match=rf"policy '{policy}': unknown tuning option\(s\) \['nonsense'\]"):
+        fit(policy, mmlu.split("train"), _tiers(mmlu), Target.match_best(), nonsense=1)
 
 
 def test_threshold_not_applicable_without_confidences():

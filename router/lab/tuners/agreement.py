@@ -72,9 +72,7 @@ class AgreementTuner(Tuner):
 
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, chain: Sequence[str] | None = None,
                  answer_kind: str | None = None, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'agreement': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         texts = answer_texts(table)
         if not any(t is not None and t.strip() for row in texts for t in row):
             raise NotApplicable("no answer text is recorded, so answers cannot be compared")

@@ -57,9 +57,7 @@ class AutoMixTuner(SweepTuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, chain: Sequence[str] | None = None,
                  prune: bool = True, bins: int = 8, max_tiers: int = 2, signal: str | None = None,
                  **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'automix': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         if signal not in (None, *VERIFIER_SIGNALS):
             raise NotApplicable(f"automix bins a self-verification probability ({' or '.join(VERIFIER_SIGNALS)}), "
                                 f"not {signal!r}")

@@ -90,9 +90,7 @@ class CascadeRoutingTuner(Tuner):
                  chain: Sequence[str] | None = None, prune: bool = True, text: str | None = None,
                  buckets: int = 512, inner_folds: int = 3, holdout_above: int = 1500, lambdas: int = 24,
                  max_pool: int = 6, bins: int = 10, seed: int = 0, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'cascade-routing': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         k, n = len(infos), table.n
         names = [t.name for t in infos]
         check_trainable(table.correct, names, "policy 'cascade-routing'")

@@ -64,9 +64,7 @@ class FrugalGPTTuner(Tuner):
                  max_tiers: int = 3, prune: bool = True, text: Sequence[str] | None = None,
                  signals: Sequence[str] | None = None, components: int = 32, folds: int = 5,
                  Cs: Sequence[float] = CS, seed: int = 0, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'frugalgpt': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         if not 2 <= max_tiers <= 3:
             raise TuningError(f"frugalgpt: max_tiers must be 2 or 3, got {max_tiers}")
         self.texts = answer_texts(table)

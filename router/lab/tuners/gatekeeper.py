@@ -58,9 +58,7 @@ class GatekeeperTuner(Tuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, signal: str | None = None,
                  chain: Sequence[str] | None = None, max_tiers: int = 3, prune: bool = True, quantiles: int = 300,
                  **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'gatekeeper': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         if not 2 <= max_tiers <= 4:
             raise TuningError(f"gatekeeper: max_tiers must be 2..4, got {max_tiers}")
         self.signal = pick_signal(table, signal, "a calibrated cascade")

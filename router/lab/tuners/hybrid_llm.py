@@ -20,7 +20,7 @@ from router.core.policy import TierInfo
 from router.core.quality import predictor_from_params
 from router.lab.labelled import Table
 from router.lab.quality_fit import fit_linear
-from router.lab.tuning import Fitted, NotApplicable, Target, Tuner, TuningError, select_index
+from router.lab.tuning import Fitted, NotApplicable, Target, Tuner, select_index
 
 from .quality_routing import Encoded, folds_of
 
@@ -48,9 +48,7 @@ class HybridLLMTuner(Tuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, text: str | None = None, buckets: int = 512,
                  l2: float = 1e-3, neighbours: int = 20, reference: int = 1500, inner_folds: int = 3,
                  holdout_above: int = 1500, seed: int = 0, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'hybrid-llm': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         e = Encoded(table, infos, "policy 'hybrid-llm'", text, buckets)
         acc, cost = table.accuracy()[e.order], table.mean_cost()[e.order]
         k, n = len(e.order), table.n

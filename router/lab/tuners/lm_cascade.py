@@ -30,7 +30,6 @@ from router.lab.tuning import (
     NotApplicable,
     Target,
     Tuner,
-    TuningError,
     given_chain,
     select_index,
     undominated_pool,
@@ -67,9 +66,7 @@ class LMCascadeTuner(Tuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, rules: Sequence[str] | None = None,
                  chain: Sequence[str] | None = None, max_tiers: int = 3, prune: bool = True, folds: int = 5,
                  C: float = 1.0, seed: int = 0, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'lm-cascade': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         sig = token_signals(table)
         has = {s: np.isfinite(v).any(axis=1) for s, v in sig.items()}
         if not any(h.any() for h in has.values()):

@@ -13,7 +13,6 @@ from router.lab.labelled import Table
 from router.lab.tuning import (
     NotApplicable,
     Tuner,
-    TuningError,
     cost_order,
     select_index,
 )
@@ -41,9 +40,7 @@ class LogisticRouterTuner(Tuner):
 
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, l2: float = 1e-3, buckets: int = DEFAULT_BUCKETS,
                  inner_folds: int = 5, holdout_above: int = 4000, seed: int = 0, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'logistic-router': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         n = table.n
         if n < 10:
             raise NotApplicable(f"{n} train rows are too few to fit a router")

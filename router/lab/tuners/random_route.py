@@ -9,16 +9,14 @@ from router.core.policies import make_policy
 from router.core.policy import TierInfo
 from router.lab.labelled import Table
 from router.lab.metrics import hull
-from router.lab.tuning import TOL, Fitted, Target, TargetUnreachable, Tuner, TuningError
+from router.lab.tuning import TOL, Fitted, Target, TargetUnreachable, Tuner
 
 
 class RandomTuner(Tuner):
     policy = "random"
 
     def __init__(self, table: Table, infos: Sequence[TierInfo], seed: int = 0, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'random': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         self.seed = int(seed)
         acc, cost = table.accuracy(), table.mean_cost()
         pts = {}

@@ -40,9 +40,7 @@ class RationalTuner(Tuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, signal: str | None = None,
                  chain: Sequence[str] | None = None, min_tiers: int = 2, max_tiers: int = 3, grid: int = 12,
                  samples: int = 10_000, prune: bool = True, seed: int = 0, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'rational': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         if not 2 <= min_tiers <= max_tiers <= 3:
             raise TuningError(f"rational: need 2 <= min_tiers <= max_tiers <= 3, got {min_tiers}, {max_tiers}")
         self.signal = pick_signal(table, signal, "a rational-tuning cascade")

@@ -50,9 +50,7 @@ class RoutedThresholdTuner(Tuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, signal: str | None = None,
                  chain: Sequence[str] | None = None, l2: float = 1e-2, buckets: int = DEFAULT_BUCKETS,
                  shapes: bool = True, inner_folds: int = 5, seed: int = 0, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'routed-threshold': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         n = table.n
         if n < 20:
             raise NotApplicable(f"{n} train rows are too few to fit a router")

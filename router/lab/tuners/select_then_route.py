@@ -80,9 +80,7 @@ class SelectThenRouteTuner(Tuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, signal: str | None = None,
                  deltas: Sequence[float] = DELTAS, shrinks: Sequence[float] = SHRINKS, quantiles: int = 60,
                  **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'select-then-route': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         if signal is None:
             counts = {s: int(np.isfinite(table.conf[s]).sum()) for s in CONFIDENCE_SIGNALS}
             best = max(CONFIDENCE_SIGNALS, key=lambda s: counts[s])

@@ -5,16 +5,14 @@ from typing import Any, Sequence
 
 from router.core.policy import TierInfo
 from router.lab.labelled import Table
-from router.lab.tuning import Fitted, Target, Tuner, TuningError, select_index
+from router.lab.tuning import Fitted, Target, Tuner, select_index
 
 
 class SingleTuner(Tuner):
     policy = "single"
 
     def __init__(self, table: Table, infos: Sequence[TierInfo], **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'single': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         self.acc = table.accuracy()
         self.cost = table.mean_cost()
 

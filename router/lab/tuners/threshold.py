@@ -78,9 +78,7 @@ class ThresholdTuner(Tuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, signal: str | None = None,
                  min_tiers: int = 2, max_tiers: int = 4, chain: Sequence[str] | None = None,
                  prune: bool = True, **options: Any):
-        super().__init__(table, infos)
-        if options:
-            raise TuningError(f"policy 'threshold': unknown tuning option(s) {sorted(options)}")
+        super().__init__(table, infos, **options)
         if signal is None:
             counts = {s: int(np.isfinite(table.conf[s]).sum()) for s in CONFIDENCE_SIGNALS}
             signal = max(CONFIDENCE_SIGNALS, key=lambda s: counts[s])
