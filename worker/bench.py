@@ -39,7 +39,7 @@ from .dispatch import Dispatcher
 from .items import Item
 from .migrate import upgrade
 from .notify import JOB_CHANNEL
-from .procs import stop_all as _stop
+from .procs import stop_all
 from .runtime import Runtime
 from .settings import Settings
 from .store import dispose_all, now
@@ -147,7 +147,7 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
     noop = _spawn(["celery", "-A", "worker.bench_app:app", "worker", "-Q", NOOP_QUEUE, "-P", "threads",
                    "-c", str(cfg.concurrency), "--without-gossip", "--without-mingle", "-l", "WARNING",
                    "-n", f"noop-{prefix.strip(':')}@%h"], env, tmp / "noop.log")
-    stack.callback(_stop, [noop])
+    stack.callback(stop_all, [noop])
     _wait_ping(app, 1)
     key = f"{prefix}bench-noop-count"
     t0 = time.perf_counter()
@@ -156,14 +156,14 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
     while int(r.get(key) or 0) < cfg.jobs:
         time.sleep(0.005)
     noop_s = time.perf_counter() - t0
-    _stop([noop])
+    stop_all([noop])
 
     # -- the pipeline: worker processes per tier ----------------------------------
     path = _portfolio(tmp / "bench.toml", cfg.data)
     portfolio = load_portfolio(path)
     tiers = [t.name for t in portfolio.tiers]
     workers = _Workers(path, tiers, env, tmp, cfg.processes, cfg.events)
-    stack.callback(_stop, workers.procs)
+    stack.callback(stop_all, workers.procs)
     # the processes of one tier share a node name (so a ping reaches one of them): every tier answers,
     # and every process serves its metrics, i.e. has loaded its backend and is starting its consumer
     _wait_ping(app, len(tiers), timeout=max(60.0, 15.0 * len(workers.procs)))
@@ -210,7 +210,7 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
 
     # -- what a job costs in round trips: a counting run ---------------------------
     ops = _count_ops(cfg, runtime, dispatcher, portfolio, workers, prefix) if cfg.count_ops else None
-    _stop(workers.procs)
+    stop_all(workers.procs)
     jobs_per_s = cfg.jobs / pipe_s
     noop_per_s = cfg.jobs / noop_s
     return {
@@ -391,7 +391,7 @@ def run_http_bench(cfg: HttpBenchConfig) -> dict:
             port = _free_port()
             server = _spawn(["worker.fakeserver", "--port", str(port), "--latency", str(cfg.latency),
                              "--capacity", str(cfg.capacity)], env, tmp / "server.log")
-            stack.callback(_stop, [server])
+            stack.callback(stop_all, [server])
             _wait_port(port)
             path = tmp / "http.toml"
             path.write_text('[policy]\nname = "threshold"\nsignal = "mean_logprob"\n\n[[tiers]]\nname = "t0"\n'
@@ -405,7 +405,7 @@ def run_http_bench(cfg: HttpBenchConfig) -> dict:
             dispatcher = Dispatcher(app, settings.chunk_size, size_of=runtime.stage_size)
             worker = _spawn(["worker.cli", "worker", "--tier", "t0", "--portfolio", str(path), "-l", "WARNING"],
                             env, tmp / "t0.log")
-            stack.callback(_stop, [worker])
+            stack.callback(stop_all, [worker])
             _wait_ping(app, 1)
             items = [Item(f"q{i}", i + 1, {"id": f"q{i}", "prompt": f"question {i}: what is {i} + {i}?"})
                      for i in range(n)]

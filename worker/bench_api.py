@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -28,15 +26,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
-import redis
-from sqlalchemy import create_engine, text
 
 from router.core.records import load_dataset
 
-from .bench import _clear_prefix, _drop, _portfolio, _spawn, _stop, _wait_ping
+from .bench import _portfolio, _private, _spawn, _wait_ping
 from .celery_app import make_app
 from .client import Client
-from .migrate import upgrade
+from .procs import stop_all
 from .settings import Settings
 from .store import Store
 from .tenants import Tenants
@@ -101,34 +97,24 @@ def _batch_body(n: int, prompts: list[str]) -> Iterator[bytes]:
 
 
 def run_api_bench(cfg: ApiBenchConfig) -> dict:
-    tag = uuid.uuid4().hex[:10]
-    dbname, prefix = f"cascade_bench_{tag}", f"cascade-bench-{tag}:"
-    admin = create_engine(cfg.pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{dbname}"'))
-    db_url = cfg.pg_admin.rsplit("/", 1)[0] + f"/{dbname}"
-    tmp = Path(tempfile.mkdtemp(prefix="cascade-bench-api-"))
-    settings = Settings(broker_url=cfg.redis_url, database_url=db_url, redis_prefix=prefix, home=tmp)
-    env = {**os.environ, "CASCADE_BROKER_URL": cfg.redis_url, "CASCADE_DATABASE_URL": db_url,
-           "CASCADE_REDIS_PREFIX": prefix, "CASCADE_HOME": str(tmp)}
-    r = redis.Redis.from_url(cfg.redis_url)
     out: dict = {}
-    with ExitStack() as stack:
-        stack.callback(_drop, admin, dbname)
-        stack.callback(_clear_prefix, r, prefix)
-        upgrade(db_url)
+    with _private(cfg.pg_admin, cfg.redis_url) as (db_url, prefix, tmp, _), ExitStack() as stack:
+        settings = Settings(broker_url=cfg.redis_url, database_url=db_url, redis_prefix=prefix, home=tmp)
+        env = {**os.environ, "CASCADE_BROKER_URL": cfg.redis_url, "CASCADE_DATABASE_URL": db_url,
+               "CASCADE_REDIS_PREFIX": prefix, "CASCADE_HOME": str(tmp),
+               "CASCADE_REMOTE_CONTROL": "flower"}  # the bench pings its workers
         path = _portfolio(tmp / "bench.toml", cfg.data)
         tiers = [f"t{i}" for i in range(3)]
         procs = [_spawn(["worker.cli", "worker", "--tier", t, "--portfolio", str(path), "-l", "WARNING"], env,
                         tmp / f"{t}.log") for t in tiers]
-        stack.callback(_stop, procs)
+        stack.callback(stop_all, procs)
         _wait_ping(make_app(settings), len(procs))
         tenants = Tenants(Store(db_url), settings)
         key = tenants.create_key("bench")[1]
         tenants.close()
         serve = _spawn(["worker.cli", "serve", "--portfolio", str(path), "--port", str(cfg.port)], env,
                        tmp / "serve.log")
-        stack.callback(_stop, [serve])
+        stack.callback(stop_all, [serve])
         url = f"http://127.0.0.1:{cfg.port}"
         deadline = time.time() + 60
         while True:
@@ -164,7 +150,7 @@ def run_api_bench(cfg: ApiBenchConfig) -> dict:
         cfg.log(f"client: {len(prompts)} jobs one at a time, then from {cfg.concurrency} threads")
         out["client"] = _summary(*_timed(prompts, through_client, cfg.concurrency))
         if cfg.batch_items:
-            _stop(procs)
+            stop_all(procs)
             cfg.log(f"batch: {cfg.batch_items} items streamed into POST /v1/batches (tier workers stopped)")
             t = time.perf_counter()
             resp = http.post("/v1/batches", content=_batch_body(cfg.batch_items, prompts), timeout=None)
