@@ -1,9 +1,9 @@
-"""Alembic environment: the URL comes from the caller (worker.migrate), the
-schema from worker.store.metadata (used only for autogenerate)."""
+"""Alembic environment: the URL comes from the caller (worker.ops.migrate), the
+schema from worker.store.legacy.metadata (used only for autogenerate)."""
 from alembic import context
 from sqlalchemy import create_engine
 
-from worker.store import metadata
+from worker.store.legacy import metadata
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")

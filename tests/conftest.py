@@ -31,8 +31,8 @@ def redis_prefix():
 @pytest.fixture
 def distributed(pg_url, redis_prefix, tmp_path):
     """Settings (and the matching environment) of a private distributed deployment."""
-    from worker.migrate import upgrade
-    from worker.settings import Settings
+    from worker.config.settings import Settings
+    from worker.ops.migrate import upgrade
 
     env = {
         "CASCADE_BROKER_URL": REDIS,

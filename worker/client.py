@@ -1,235 +1,50 @@
-"""The Python client of the task API: how a backend service in Python submits work.
+"""The Python client as users import it (docs/api.md), and the one place where the
+service is wired to run stages in its own process.
 
     from worker.client import Client
-    with Client() as c:                       # settings from CASCADE_* (see docs/api.md)
-        job = c.submit("What is 2 + 2?", idempotency_key="order-17")
-        print(c.wait(job)["answer"])
+    with Client() as c:
+        print(c.run("What is 2 + 2?")["answer"])
 
-It goes the same way as every submitter (worker.submit: validate, plan, commit,
-send) and reads through worker.views. `wait` is woken by PostgreSQL LISTEN/NOTIFY
-(worker.notify); on the embedded SQLite database it polls every 50 ms. With no
-broker configured the client runs the tier workers itself, in threads, for the
-portfolios it knows (the embedded mode), so it works on a bare checkout.
-
-`AsyncClient` is the same for asyncio code: every call is awaitable and `wait`
-does not block the event loop.
+worker.service never imports the stage task: its Client submits and reads, and is
+given whatever runs the stages. Here, in the embedded mode (nothing configured:
+SQLite and in-process queues) it is given the embedded tier workers of
+worker.queue.embedded, threads of this process running the same stage task as a
+`cascade worker`; so the client and `cascade serve` work on a bare checkout. In the
+distributed mode the tier workers are other processes and nothing starts here.
 """
 from __future__ import annotations
 
-import asyncio
-import copy
-import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
 
-from router.core.portfolio import Portfolio, load_portfolio
-from router.core.records import iter_lines
+from fastapi import FastAPI
 
-from .batch import prepare_database
-from .catalog import Catalog
-from .celery_app import make_app
-from .dispatch import BATCH, INTERACTIVE, Dispatcher
-from .embedded import EmbeddedWorkers
-from .items import Item
-from .jobs import FINAL
-from .notify import BATCH_CHANNEL, JOB_CHANNEL, Waiter
-from .runtime import Runtime
-from .settings import Settings, get_settings
-from .submit import TENANT_DEFAULT, Submitter
-from .views import batch_view, job_view
+from router.core.portfolio import Portfolio
+from worker.config.settings import Settings, get_settings
+from worker.queue.embedded import tier_workers
+from worker.queue.submit import TENANT_DEFAULT
+from worker.service import client as service
+from worker.service.api import create_app as service_app
+from worker.service.client import JobNotFound
+
+__all__ = ["AsyncClient", "Client", "JobNotFound", "create_app"]
 
 
-class JobNotFound(LookupError):
-    pass
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object or an Item naming the unparsable line) of a JSONL(.gz) file, streamed."""
-    for n, line in iter_lines(Path(path)):
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield n, Item(f"line-{n}", n, error=f"line {n}: not valid JSON ({e.msg} at column {e.colno})")
-
-
-class Client:
+class Client(service.Client):
     def __init__(self, settings: Settings | None = None, *, portfolio: Portfolio | str | Path | None = None,
                  tenant: str = TENANT_DEFAULT, workers: bool | None = None):
-        """portfolio: the default (`cascade/default`); else CASCADE_PORTFOLIO. workers: run
-        the tiers in this process (default: only in the embedded mode)."""
-        self.settings = settings or get_settings()
-        if isinstance(portfolio, (str, Path)):
-            portfolio = load_portfolio(portfolio)
-        self.catalog = Catalog.from_settings(self.settings, portfolio)
-        self.tenant = tenant
-        prepare_database(self.settings)
-        self.runtime = Runtime(self.settings)
-        self.app = make_app(self.settings, self.runtime)
-        dispatcher = Dispatcher(self.app, self.settings.chunk_size, size_of=self.runtime.stage_size)
-        self.submitter = Submitter(self.runtime, dispatcher, self.catalog)
-        self.store = self.runtime.store
-        self.waiter = Waiter(self.settings.db_url)
-        self._owner = True
-        self._workers: list[EmbeddedWorkers] = []
-        if self.settings.embedded if workers is None else workers:
-            for name in self.catalog.names():
-                w = EmbeddedWorkers(self.runtime, self.catalog.get(name), concurrency=self.settings.worker_concurrency)
-                self._workers.append(w.__enter__())
-
-    def for_tenant(self, tenant: str) -> "Client":
-        """A view of this client acting for another tenant, sharing its connections and
-        workers (the HTTP service keeps one client and one view per caller)."""
-        view = copy.copy(self)
-        view.tenant = tenant
-        view._owner = False
-        return view
-
-    # -- one job ---------------------------------------------------------------------
-    def submit(self, prompt: str | None = None, *, messages: list[Mapping[str, str]] | None = None,
-               params: Mapping[str, Any] | None = None, portfolio: str | None = None,
-               metadata: Mapping[str, Any] | None = None, idempotency_key: str | None = None,
-               priority: str = INTERACTIVE) -> str:
-        """Submit a prompt or chat messages; returns the job id (the same id again for a
-        repeated idempotency key). Raises RequestError/PortfolioError naming the field."""
-        request = {k: v for k, v in (("prompt", prompt), ("messages", messages), ("params", params)) if v is not None}
-        return self.submitter.submit(request, portfolio=portfolio, tenant=self.tenant, idempotency_key=idempotency_key,
-                                     priority=priority, metadata=metadata).job_id
-
-    def get(self, job_id: str) -> dict[str, Any]:
-        job = self.store.job(job_id)
-        if job is None or job["tenant"] != self.tenant:
-            raise JobNotFound(f"no job {job_id!r}")
-        return job_view(job, self.store.attempts_of([job_id])[job_id])
-
-    def _final(self, job_id: str) -> bool:
-        job = self.store.job(job_id)
-        if job is None or job["tenant"] != self.tenant:
-            raise JobNotFound(f"no job {job_id!r}")
-        return job["status"] in FINAL
-
-    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """The finished job; TimeoutError if it is still open after `timeout` seconds."""
-        if not self.waiter.wait(JOB_CHANNEL, job_id, lambda: self._final(job_id), timeout):
-            raise TimeoutError(f"job {job_id} not finished after {timeout}s")
-        return self.get(job_id)
-
-    def run(self, prompt: str | None = None, *, timeout: float | None = None, **kw) -> dict[str, Any]:
-        return self.wait(self.submit(prompt, **kw), timeout)
-
-    def cancel(self, job_id: str) -> bool:
-        """Cancel an open job; False if it had finished already."""
-        self.get(job_id)
-        return self.store.cancel_job(job_id)
-
-    # -- batches ---------------------------------------------------------------------
-    def submit_batch(self, items: Iterable[Mapping[str, Any]] | str | Path, *, portfolio: str | None = None,
-                     batch_id: str | None = None, priority: str = BATCH, chunk: int = 1000) -> str:
-        """Stream items (dicts like a JSONL line: id, prompt or messages, params, ...) or a
-        JSONL file into a batch; returns its id. Bad items become failed jobs naming the line."""
-        if isinstance(items, (str, Path)):
-            records, source = read_jsonl(items), str(items)
-        else:
-            records, source = enumerate(items, 1), None
-        return self.submitter.submit_batch(records, portfolio=portfolio, tenant=self.tenant, batch_id=batch_id,
-                                           priority=priority, source=source, chunk=chunk)
-
-    def batch(self, batch_id: str) -> dict[str, Any]:
-        b = self.store.batch(batch_id)
-        if b is None or b["tenant"] != self.tenant:
-            raise JobNotFound(f"no batch {batch_id!r}")
-        return batch_view(b, self.store.batch_tiers(batch_id))
-
-    def _batch_done(self, batch_id: str) -> bool:
-        b = self.store.batch(batch_id)
-        if b is None or b["tenant"] != self.tenant:
-            raise JobNotFound(f"no batch {batch_id!r}")
-        return b["done"] >= b["total"]
-
-    def wait_batch(self, batch_id: str, timeout: float | None = None) -> dict[str, Any]:
-        if not self.waiter.wait(BATCH_CHANNEL, batch_id, lambda: self._batch_done(batch_id), timeout):
-            raise TimeoutError(f"batch {batch_id} not finished after {timeout}s")
-        return self.batch(batch_id)
-
-    def results(self, batch_id: str, page: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every job of the batch in input order, read a page at a time."""
-        self.batch(batch_id)
-        after = -1
-        while True:
-            rows = self.store.jobs_page(batch_id, after, page)
-            if not rows:
-                return
-            ats = self.store.attempts_of([r["id"] for r in rows])
-            for r in rows:
-                yield job_view(r, ats[r["id"]])
-            after = rows[-1]["seq"]
-
-    def map(self, items: Iterable[Mapping[str, Any]] | str | Path, *, timeout: float | None = None,
-            **kw) -> Iterator[dict[str, Any]]:
-        """Items in, results out: submit a batch, wait for it, stream its results."""
-        batch_id = self.submit_batch(items, **kw)
-        self.wait_batch(batch_id, timeout)
-        yield from self.results(batch_id)
-
-    def cancel_batch(self, batch_id: str) -> int:
-        self.batch(batch_id)
-        return self.store.cancel_batch(batch_id)
-
-    # -- lifetime ----------------------------------------------------------------------
-    def close(self) -> None:
-        if not self._owner:
-            return
-        for w in self._workers:
-            w.__exit__(None, None, None)
-        self._workers.clear()
-        self.waiter.close()
-        self.runtime.close()
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        """workers: run the tiers in this process (default: only in the embedded mode)."""
+        settings = settings or get_settings()
+        here = settings.embedded if workers is None else workers
+        super().__init__(settings, portfolio=portfolio, tenant=tenant,
+                         tier_workers=tier_workers(settings) if here else None)
 
 
-class AsyncClient:
-    """The client for asyncio code: the same calls, awaitable; database work runs in
-    threads and `wait` awaits the notification without blocking the loop."""
+class AsyncClient(service.AsyncClient):
+    sync_class = Client
 
-    def __init__(self, *args, **kw):
-        self.sync = Client(*args, **kw)
 
-    async def submit(self, prompt: str | None = None, **kw) -> str:
-        return await asyncio.to_thread(self.sync.submit, prompt, **kw)
-
-    async def get(self, job_id: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.sync.get, job_id)
-
-    async def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
-        s = self.sync
-        if not await s.waiter.wait_async(JOB_CHANNEL, job_id, lambda: s._final(job_id), timeout):
-            raise TimeoutError(f"job {job_id} not finished after {timeout}s")
-        return await self.get(job_id)
-
-    async def run(self, prompt: str | None = None, *, timeout: float | None = None, **kw) -> dict[str, Any]:
-        return await self.wait(await self.submit(prompt, **kw), timeout)
-
-    async def cancel(self, job_id: str) -> bool:
-        return await asyncio.to_thread(self.sync.cancel, job_id)
-
-    async def submit_batch(self, items, **kw) -> str:
-        return await asyncio.to_thread(self.sync.submit_batch, items, **kw)
-
-    async def wait_batch(self, batch_id: str, timeout: float | None = None) -> dict[str, Any]:
-        s = self.sync
-        if not await s.waiter.wait_async(BATCH_CHANNEL, batch_id, lambda: s._batch_done(batch_id), timeout):
-            raise TimeoutError(f"batch {batch_id} not finished after {timeout}s")
-        return await asyncio.to_thread(s.batch, batch_id)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self.sync.close)
-
-    async def __aenter__(self) -> "AsyncClient":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
+def create_app(settings: Settings | None = None, portfolio: Portfolio | None = None, *,
+               workers: bool | None = None) -> FastAPI:
+    """`cascade serve`'s application: the HTTP service with this module's Client."""
+    settings = settings or get_settings()
+    return service_app(settings, client_factory=lambda: Client(settings, portfolio=portfolio, workers=workers))

@@ -3,7 +3,7 @@ batch expiry and webhooks, tenants (budgets, rate limits) and their API keys (ha
 
 A job that is not part of a batch notifies `cascade_job_final` with its id when it
 becomes final; a batch notifies `cascade_batch_done` with its id when its last job
-does. Waiters (worker.notify) LISTEN instead of polling. Batch jobs do not notify
+does. Waiters (worker.store.notify) LISTEN instead of polling. Batch jobs do not notify
 one by one: a million-item batch would queue a million notifications.
 
 Revision ID: 0003

@@ -1,6 +1,6 @@
 """Confidence from extra model calls: the maths of the live-signal methods, pure.
 
-The workers' `worker.extra_calls` makes the calls (through the tier's own backend)
+The workers' `worker.models.extra_calls` makes the calls (through the tier's own backend)
 and hands the texts here; the replay backend serves recorded texts, so the lab and
 the workers compute the same numbers.
 
@@ -106,7 +106,7 @@ def self_ref_confidence(text: str | None, token_logprob: float | None = None) ->
     return p if certain else 1.0 - p
 
 
-# Which extra calls each live signal needs (kinds of derived query, see worker.extra_calls).
+# Which extra calls each live signal needs (kinds of derived query, see worker.models.extra_calls).
 CALLS_FOR: dict[str, str] = {"p_verify": "verify", "neg_semantic_entropy": "samples", "self_ref": "self_ref"}
 CALL_KINDS = ("samples", "verify", "self_ref")
 

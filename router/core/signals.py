@@ -27,7 +27,7 @@ SIGNALS: dict[str, str] = {
     "answer_logprob": "log-prob of the answer span, stop tokens excluded (= sum_logprob)",
     "neg_entropy": "minus the mean entropy over the top-k alternatives (higher = surer)",
     "n_tokens": "number of answer tokens",
-    # live signals: extra calls through the tier's backend (worker.extra_calls, router.core.live_signals)
+    # live signals: extra calls through the tier's backend (worker.models.extra_calls, router.core.live_signals)
     "p_verify": "AutoMix: share of k sampled few-shot self-verifications that say the answer is correct",
     "neg_semantic_entropy": "minus the semantic entropy of k sampled answers clustered by meaning (0 = all agree)",
     "self_ref": "Self-REF (prompt-based): P(certain) of the confidence token asked for after the answer",

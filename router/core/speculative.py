@@ -26,7 +26,7 @@ Greedy decoding only: a kept position emits the drafter's argmax (the draft itse
 a deferred one the verifier's argmax. Each emitted token carries its log-probability
 under the distribution it was taken from (q when kept, p when deferred).
 
-Pure numpy; the backend (worker/backends/speculative.py) runs the models.
+Pure numpy; the backend (worker/models/backends/speculative.py) runs the models.
 """
 from __future__ import annotations
 

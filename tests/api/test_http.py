@@ -26,10 +26,10 @@ from helpers.workers import Workers
 from sqlalchemy import func, select
 
 from router.core.records import load_dataset
-from worker.migrate import upgrade
-from worker.settings import Settings
-from worker.store import Store, attempts, batches, jobs
-from worker.tenants import Tenants
+from worker.config.settings import Settings
+from worker.ops.migrate import upgrade
+from worker.service.tenants import Tenants
+from worker.store.legacy import Store, attempts, batches, jobs
 
 pytestmark = pytest.mark.services
 MODELS = ["llama3.2-3b", "llama3.1-70b"]

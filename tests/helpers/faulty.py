@@ -10,8 +10,8 @@ import os
 import sys
 
 from router.core.portfolio import BackendSpec
-from worker.backends import _KINDS
-from worker.backends.replay import ReplayBackend
+from worker.models.backends import _KINDS
+from worker.models.backends.replay import ReplayBackend
 
 KIND = "faulty"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import socket
 import time
 
-from worker.celery_app import make_app
+from worker.queue.tasks import make_app
 
 
 def wait_ready(settings, tier: str, timeout: float = 60) -> None:

@@ -24,10 +24,10 @@ def free_port() -> int:
 
 
 # llama-cpp-python's server, started through a wrapper that applies the same
-# "no extra buffer types" fix as the llamacpp backend (see worker/backends/llamacpp.py).
+# "no extra buffer types" fix as the llamacpp backend (see worker/models/backends/llamacpp.py).
 _LAUNCH = (
     "import runpy, sys; sys.path.insert(0, {root!r});"
-    "from worker.backends.llamacpp import disable_extra_buffers; disable_extra_buffers();"
+    "from worker.models.backends.llamacpp import disable_extra_buffers; disable_extra_buffers();"
     "sys.argv = ['llama_cpp.server'] + sys.argv[1:];"
     "runpy.run_module('llama_cpp.server', run_name='__main__')"
 )
@@ -178,7 +178,7 @@ class CannedServer(_TestHTTPServer):
 class ScriptedModel(_TestHTTPServer):
     """An OpenAI-compatible chat server whose answers and failures follow the prompt,
     whatever the order or concurrency of the requests: the answer and its token
-    log-probs come from (model, prompt) (worker.fakeserver.answer); a prompt with
+    log-probs come from (model, prompt) (worker.bench.fakeserver.answer); a prompt with
     `[bad]` gets a 400 (not retried), `[down]` a 503 every time, `[flaky]` a 503 the
     first time this model sees it, `[slow]` its answer after `slow` seconds. Counts
     the requests per (model, prompt) and the most it had in flight."""
@@ -191,7 +191,7 @@ class ScriptedModel(_TestHTTPServer):
         self.peak = 0
 
     def handle(self, n, path, raw):
-        from worker.fakeserver import answer
+        from worker.bench.fakeserver import answer
 
         body = json.loads(raw)
         model, prompt = body["model"], body["messages"][-1]["content"]

@@ -17,7 +17,7 @@ import yaml
 from helpers.env import REPO
 
 from router.core.portfolio import load_portfolio
-from worker.backends import validate_portfolio
+from worker.models.backends import validate_portfolio
 
 K8S = REPO / "ops" / "k8s"
 K8S_VERSION = "1.30.0"

@@ -13,12 +13,13 @@ from helpers.env import REDIS
 from helpers.portfolios import write_portfolio
 
 from router.core.portfolio import load_portfolio
-from worker.batch import run_batch
-from worker.bench_app import NOOP_TASK, make_noop_app, noop_key_prefix
-from worker.celery_app import base_app, check_stage_message, make_app
-from worker.dispatch import MAX_STAGE_JOBS, STAGE_TASK, SUBMIT_TASK, task_id
-from worker.items import read_items
-from worker.settings import Settings
+from worker.bench.noop_app import NOOP_TASK, make_noop_app, noop_key_prefix
+from worker.config.settings import Settings
+from worker.queue.app import base_app, check_stage_message
+from worker.queue.dispatch import MAX_STAGE_JOBS, STAGE_TASK, SUBMIT_TASK, task_id
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
+from worker.queue.tasks import make_app
 
 pytestmark = pytest.mark.services
 
@@ -116,7 +117,7 @@ def test_task_ids_cannot_be_predicted():
     ("t9", ["a"], "tier 't9' is not served here"),
 ])
 def test_stage_message_checks(tier, job_ids, message):
-    from worker.celery_app import BadMessage
+    from worker.queue.app import BadMessage
 
     with pytest.raises(BadMessage, match=re.escape(message)):
         check_stage_message(tier, job_ids, {"t0", "t1"})

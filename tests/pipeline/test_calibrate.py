@@ -12,8 +12,8 @@ from helpers.cli import cascade
 
 from router.core.answers import same_answer
 from router.core.records import load_dataset
-from worker.settings import Settings
-from worker.store import Store
+from worker.config.settings import Settings
+from worker.store.legacy import Store
 
 MODELS = ["llama3.2-1b", "llama3.1-8b", "gpt-4o"]  # tiers t0, t1 and the top, t2
 

@@ -16,11 +16,11 @@ from sqlalchemy import func, select
 
 from router.core.records import load_dataset
 from worker.client import AsyncClient, Client, JobNotFound
-from worker.notify import JOB_CHANNEL, Waiter
-from worker.request import RequestError
-from worker.settings import Settings
-from worker.store import Store, attempts, jobs
-from worker.submit import IdempotencyConflict, job_id_for
+from worker.config.settings import Settings
+from worker.job.request import RequestError
+from worker.queue.submit import IdempotencyConflict, job_id_for
+from worker.store.legacy import Store, attempts, jobs
+from worker.store.notify import JOB_CHANNEL, Waiter
 
 pytestmark = pytest.mark.services
 

@@ -14,11 +14,12 @@ from helpers.workers import Workers
 from sqlalchemy import func, select
 
 from router.core.portfolio import load_portfolio
-from worker.batch import job_results, run_batch, wait_for
-from worker.celery_app import make_app
-from worker.dispatch import Dispatcher
-from worker.items import Item
-from worker.store import Store, attempts, jobs
+from worker.queue.batch import job_results, wait_for
+from worker.queue.dispatch import Dispatcher
+from worker.queue.items import Item
+from worker.queue.run import run_batch
+from worker.queue.tasks import make_app
+from worker.store.legacy import Store, attempts, jobs
 
 pytestmark = pytest.mark.services
 
@@ -121,7 +122,7 @@ def test_openai_generate_many_bounds_requests_in_flight_and_keeps_order():
     from router.core.attempt import Query
     from router.core.policy import Needs
     from router.core.portfolio import parse_portfolio
-    from worker.backends import BackendFailure, build_backend
+    from worker.models.backends import BackendFailure, build_backend
 
     with ScriptedModel(slow=0.2) as server:
         pf = parse_portfolio({"policy": {"name": "threshold"}, "tiers": [{"name": "t", "backend": {

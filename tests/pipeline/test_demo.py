@@ -76,7 +76,7 @@ def test_demo_figures_are_cascade_over_always_top():
 
 def test_demo_reports_unprepared_models_with_the_fix(tmp_path, monkeypatch):
     from worker.cli import cli
-    from worker.settings import get_settings
+    from worker.config.settings import get_settings
 
     monkeypatch.setenv("CASCADE_MODEL_CACHE", str(tmp_path / "empty"))
     get_settings.cache_clear()

@@ -15,11 +15,12 @@ from sqlalchemy import func, select
 from router.core.portfolio import load_portfolio
 from router.core.records import load_dataset
 from router.lab.simulate import simulate, tiers_of
-from worker.batch import job_results, run_batch, wait_for
-from worker.celery_app import make_app
-from worker.dispatch import Dispatcher
-from worker.items import read_items
-from worker.store import Store, attempts, jobs
+from worker.queue.batch import job_results, wait_for
+from worker.queue.dispatch import Dispatcher
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
+from worker.queue.tasks import make_app
+from worker.store.legacy import Store, attempts, jobs
 
 pytestmark = pytest.mark.services
 

@@ -20,9 +20,9 @@ from helpers.portfolios import write_portfolio
 from router.core.portfolio import load_portfolio
 from router.core.records import load_dataset
 from router.lab.simulate import simulate, tiers_of
-from worker.batch import run_batch
-from worker.items import read_items
-from worker.settings import Settings
+from worker.config.settings import Settings
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
 
 MODELS = ["llama3.2-3b", "llama3.1-70b", "llama3.1-405b"]
 
@@ -177,7 +177,7 @@ def test_cancel_stops_unfinished_jobs_and_keeps_finished_ones(bench, tmp_path):
     # submitted, mostly never worked on: the embedded workers stop when run_batch returns
     run_batch(items, portfolio, settings=settings, batch_id="c", progress=False, wait=False)
     p = cascade("cancel", "c", home=home)
-    from worker.store import Store
+    from worker.store.legacy import Store
 
     store = Store(settings.db_url)
     b = store.batch("c")

@@ -1,4 +1,4 @@
-"""The fault-injection suite (worker/faults.py) in the test command: real worker
+"""The fault-injection suite (worker/bench/faults.py) in the test command: real worker
 processes and the real submitter against this suite's OWN Redis and PostgreSQL on
 spare ports. Every job finishes without a human step, none has two final results,
 and counts, costs and backend calls reconcile with the attempts.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.faults import FaultConfig, Lab, run_scenario
+from worker.bench.faults import FaultConfig, Lab, run_scenario
 
 pytestmark = pytest.mark.services
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from router.core.portfolio import load_portfolio
-from worker.batch import BatchError, run_batch
-from worker.items import read_items
-from worker.settings import Settings
+from worker.config.settings import Settings
+from worker.queue.batch import BatchError
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
 
 pytestmark = pytest.mark.services
 

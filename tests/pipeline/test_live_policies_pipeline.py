@@ -12,9 +12,9 @@ from helpers.env import REPO
 from router.core.portfolio import load_portfolio
 from router.core.records import load_dataset
 from router.lab.simulate import simulate, tiers_of
-from worker.batch import run_batch
-from worker.extra_calls import VERIFY_K
-from worker.items import read_items
+from worker.models.extra_calls import VERIFY_K
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
 
 pytestmark = pytest.mark.services
 

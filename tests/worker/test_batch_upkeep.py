@@ -1,4 +1,4 @@
-"""Batch upkeep (worker.webhooks) on the embedded database, with no workers: a batch
+"""Batch upkeep (worker.service.webhooks) on the embedded database, with no workers: a batch
 past its completion window has its unfinished jobs expired, never to be sent again."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from datetime import timedelta
 from helpers.portfolios import write_portfolio
 
 from worker.client import Client
-from worker.settings import Settings
-from worker.store import now
-from worker.webhooks import EXPIRED, BatchUpkeep, signature
+from worker.config.settings import Settings
+from worker.service.webhooks import EXPIRED, BatchUpkeep, signature
+from worker.store.legacy import now
 
 
 def test_expired_batch_jobs_are_cancelled_and_not_resent(bench, tmp_path):

@@ -6,7 +6,7 @@ from helpers.env import SHARED
 
 from router.core.answers import same_answer
 from router.core.errors import UserError
-from worker.bench_speculative import N_SHOTS, STOP, _read, draw_questions, few_shot_template, parse_spec
+from worker.bench.speculative import N_SHOTS, STOP, _read, draw_questions, few_shot_template, parse_spec
 
 QUESTIONS = SHARED / "benchmarks" / "questions"
 

@@ -17,11 +17,12 @@ from helpers.env import REPO
 from sqlalchemy import create_engine, text
 
 from router.core.portfolio import parse_portfolio
-from worker.backends import BackendConfigError, build_backend
-from worker.batch import run_batch, write_results
-from worker.credentials import SecretError, expand, redact_spec, redact_text, redact_url
-from worker.logs import configure_logging
-from worker.settings import Settings
+from worker.config.credentials import SecretError, expand, redact_spec, redact_text, redact_url
+from worker.config.logs import configure_logging
+from worker.config.settings import Settings
+from worker.models.backends import BackendConfigError, build_backend
+from worker.queue.batch import write_results
+from worker.queue.run import run_batch
 
 SECRETS = ("alice-pw-4242", "hdr-secret-777", "file-key-999", "env-tok-555")
 

@@ -7,8 +7,8 @@ import re
 from helpers.env import REPO
 from prometheus_client import REGISTRY
 
-import worker.canary  # noqa: F401 (registers its gauges)
-import worker.metrics  # noqa: F401 (registers its metrics)
+import worker.ops.canary  # noqa: F401 (registers its gauges)
+import worker.ops.metrics  # noqa: F401 (registers its metrics)
 
 
 def exported_names() -> set[str]:

@@ -18,10 +18,11 @@ from helpers.ping import wait_ready
 from helpers.portfolios import write_portfolio
 
 from router.core.portfolio import load_portfolio
-from worker.batch import job_results, run_batch, wait_for
-from worker.items import read_items
-from worker.jobs import EXPIRED
-from worker.store import Store
+from worker.job.codec import EXPIRED
+from worker.queue.batch import job_results, wait_for
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
+from worker.store.legacy import Store
 
 pytestmark = pytest.mark.services
 

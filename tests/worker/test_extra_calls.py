@@ -12,10 +12,10 @@ from router.core.policy import Needs
 from router.core.portfolio import BackendSpec, Price, Tier, parse_portfolio
 from router.core.records import attempt_from_response, load_dataset
 from router.lab import demo_questions as dq
-from worker.backends import build_backend
-from worker.extra_calls import SAMPLES, VERIFY_K
-from worker.settings import Settings
-from worker.stage import call_backend
+from worker.config.settings import Settings
+from worker.models.backends import build_backend
+from worker.models.extra_calls import SAMPLES, VERIFY_K
+from worker.queue.stage import call_backend
 
 PRICE = 1000.0  # USD per 1M tokens: 0.001 per token, so token counts show in the cost
 

@@ -21,8 +21,8 @@ from helpers.portfolios import write_portfolio
 from helpers.servers import free_port
 
 from router.core.portfolio import load_portfolio
-from worker.batch import run_batch
-from worker.items import read_items
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
 
 pytestmark = pytest.mark.services
 

@@ -11,7 +11,7 @@ from router.core.attempt import Query
 from router.core.policy import Needs
 from router.core.portfolio import BackendSpec, Tier
 from router.lab import demo_questions as dq
-from worker.backends import BackendConfigError, BackendFailure, build_backend
+from worker.models.backends import BackendConfigError, BackendFailure, build_backend
 
 
 def tier(name="t", **opts) -> Tier:
@@ -125,7 +125,7 @@ def test_missing_model_file_names_it():
 
 @pytest.fixture
 def model_cache(tmp_path, monkeypatch):
-    from worker.settings import get_settings
+    from worker.config.settings import get_settings
 
     monkeypatch.setenv("CASCADE_MODEL_CACHE", str(tmp_path))
     get_settings.cache_clear()
@@ -142,7 +142,7 @@ def test_unprepared_pack_model_names_the_file_and_the_fix(model_cache):
 
 
 def test_corrupt_pack_model_names_the_file_and_the_fix(model_cache):
-    from worker.modelpack import PACK
+    from worker.models.modelpack import PACK
 
     path = model_cache / PACK["tiny"].filename
     path.write_bytes(b"GGUF" + b"\0" * 1000)  # wrong size
@@ -179,8 +179,8 @@ def test_bad_options_are_config_errors(opts, match):
 @pytest.mark.models
 def test_too_long_prompt_fails_its_job_and_falls_back_without_crashing_the_worker(tmp_path):
     from router.core.portfolio import parse_portfolio
-    from worker.batch import run_batch
-    from worker.settings import Settings
+    from worker.config.settings import Settings
+    from worker.queue.run import run_batch
 
     pf = parse_portfolio({
         "tiers": [

@@ -9,8 +9,8 @@ from router.core.attempt import Query
 from router.core.policy import Needs
 from router.core.portfolio import BackendSpec, Tier
 from router.lab import demo_questions as dq
-from worker.backends import BackendConfigError, BackendFailure, build_backend, llamacpp
-from worker.bench_llamacpp import PROMPTS
+from worker.bench.llamacpp import PROMPTS
+from worker.models.backends import BackendConfigError, BackendFailure, build_backend, llamacpp
 
 PRICE = {"input_per_mtok": 0.02, "output_per_mtok": 0.04}
 

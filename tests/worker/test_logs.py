@@ -7,7 +7,7 @@ import logging
 
 import structlog
 
-from worker.logs import configure_logging, context
+from worker.config.logs import configure_logging, context
 
 
 def lines(capsys) -> list[dict]:

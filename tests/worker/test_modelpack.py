@@ -12,7 +12,7 @@ import sys
 import pytest
 from helpers.env import REPO
 
-from worker import modelpack as mp
+from worker.models import modelpack as mp
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ from helpers.servers import CannedServer, FlakyProxy, LlamaServer, free_port
 from router.core.attempt import Query
 from router.core.policy import Needs
 from router.core.portfolio import BackendSpec, Tier
-from worker.backends import (
+from worker.models.backends import (
     BackendConfigError,
     BackendFailure,
     TransientBackendError,
     build_backend,
 )
-from worker.backends.openai import retry_after_seconds
+from worker.models.backends.openai import retry_after_seconds
 
 FEW_SHOT = "Q: What is 2 + 2?\nA: 4\nQ: What day comes after Monday?\nA: Tuesday\nQ: {prompt}\nA:"
 
@@ -221,7 +221,7 @@ def test_bad_options_are_config_errors():
 # -- through the pipeline: retries, then escalation, all recorded in `attempts` --------------
 
 def _settings(tmp_path):
-    from worker.settings import Settings
+    from worker.config.settings import Settings
 
     return Settings(broker_url=None, database_url=None, home=tmp_path, backend_retries=2,
                     backend_retry_backoff=0.01, backend_retry_max_delay=0.05, chunk_size=4)
@@ -266,7 +266,7 @@ def _check_escalated(report, address: str, what: str):
 
 @pytest.mark.models
 def test_pipeline_5xx_retries_then_escalates(server, tmp_path):
-    from worker.batch import run_batch
+    from worker.queue.run import run_batch
 
     with FlakyProxy(server.base_url, always_fail=True, status=503, retry_after="0") as proxy:
         pf = _portfolio({"base_url": proxy.base_url}, {"base_url": server.base_url})
@@ -279,7 +279,7 @@ def test_pipeline_5xx_retries_then_escalates(server, tmp_path):
 
 @pytest.mark.models
 def test_pipeline_read_timeout_retries_then_escalates(server, tmp_path):
-    from worker.batch import run_batch
+    from worker.queue.run import run_batch
 
     with FlakyProxy(server.base_url, stall=2.0) as proxy:
         pf = _portfolio({"base_url": proxy.base_url, "read_timeout": 0.3}, {"base_url": server.base_url})
@@ -290,7 +290,7 @@ def test_pipeline_read_timeout_retries_then_escalates(server, tmp_path):
 @pytest.mark.models
 def test_pipeline_stopped_server_retries_then_escalates(server, tmp_path):
     from worker import modelpack
-    from worker.batch import run_batch
+    from worker.queue.run import run_batch
 
     stopped = LlamaServer(modelpack.resolve("tiny")).start()
     stopped.stop()  # it ran, and now nothing listens at its address
@@ -301,7 +301,7 @@ def test_pipeline_stopped_server_retries_then_escalates(server, tmp_path):
 
 def test_pipeline_unreachable_last_tier_fails_the_job_naming_the_address(tmp_path):
     from router.core.portfolio import parse_portfolio
-    from worker.batch import run_batch
+    from worker.queue.run import run_batch
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     pf = parse_portfolio({"tiers": [{"name": "only", "backend": {"kind": "openai", "base_url": url, "model": "m"}}],

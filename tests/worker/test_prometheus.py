@@ -19,10 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from router.core.portfolio import load_portfolio
-from worker.batch import run_batch, wait_for
-from worker.celery_app import make_app
-from worker.items import read_items
-from worker.store import Store, attempts, jobs
+from worker.queue.batch import wait_for
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
+from worker.queue.tasks import make_app
+from worker.store.legacy import Store, attempts, jobs
 
 pytestmark = pytest.mark.services
 

@@ -6,9 +6,10 @@ import pytest
 from helpers.portfolios import write_portfolio
 
 from router.core.portfolio import load_portfolio
-from worker.items import item_from
-from worker.jobs import job_row, new_job_row, query_of
-from worker.request import RequestError, job_input
+from worker.job.codec import query_of
+from worker.job.request import RequestError, job_input
+from worker.queue.admission import job_row, new_job_row
+from worker.queue.items import item_from
 
 
 @pytest.mark.parametrize("raw, field", [

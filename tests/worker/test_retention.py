@@ -15,10 +15,11 @@ from helpers.portfolios import write_portfolio
 from sqlalchemy import func, select
 
 from router.core.portfolio import load_portfolio
-from worker.batch import run_batch, wait_for
-from worker.items import read_items
-from worker.jobs import OPEN
-from worker.store import ERASED_INPUT, Store, attempts, batches, jobs
+from worker.job.codec import OPEN
+from worker.queue.batch import wait_for
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
+from worker.store.legacy import ERASED_INPUT, Store, attempts, batches, jobs
 
 pytestmark = pytest.mark.services
 

@@ -8,7 +8,7 @@ from router.core.attempt import Query
 from router.core.policy import Needs
 from router.core.portfolio import BackendSpec, Price, Tier
 from router.core.speculative import DeferralRule
-from worker.backends import BackendConfigError, backend_class, build_backend
+from worker.models.backends import BackendConfigError, backend_class, build_backend
 
 SHORT = dict(n_threads=2, n_ctx=256, max_tokens=10, prompt_template="Question: {prompt}\nAnswer:")
 QUESTION = "What is 36 + 47 + 18? Think step by step."  # a short prompt whose answer runs past one block

@@ -7,8 +7,8 @@ import pytest
 from helpers.env import private_database
 from sqlalchemy import text
 
-from worker.migrate import upgrade
-from worker.store import _START_STAGE, Store, now
+from worker.ops.migrate import upgrade
+from worker.store.legacy import _START_STAGE, Store, now
 
 pytestmark = pytest.mark.services
 

@@ -11,9 +11,9 @@ import click
 from pydantic import ValidationError
 
 from router.core.errors import UserError
-from worker.credentials import redact_text
-from worker.logs import configure_logging
-from worker.settings import get_settings
+from worker.config.credentials import redact_text
+from worker.config.logs import configure_logging
+from worker.config.settings import get_settings
 
 _COMMANDS = {
     "run": ("worker.cli.run_cmd:run", "run a JSONL batch through the tiers and write the results"),

@@ -10,14 +10,13 @@ import click
 from router.lab.risk import PROCEDURES
 from router.lab.risk_check import coverage, render
 from router.lab.tuners import RiskSpec
-from worker.bench import BenchConfig, HttpBenchConfig, run_http_bench, run_pipeline_bench
-from worker.bench_api import ApiBenchConfig, run_api_bench
-from worker.bench_llamacpp import LlamaBenchConfig, run_llamacpp_bench
-from worker.bench_speculative import SpecBenchConfig, run_speculative_bench
-from worker.bench_speculative import render as render_speculative
-from worker.faults import SCENARIOS, FaultConfig, run_faults
-
-from .common import user_errors
+from worker.bench.api import ApiBenchConfig, run_api_bench
+from worker.bench.faults import SCENARIOS, FaultConfig, run_faults
+from worker.bench.llamacpp import LlamaBenchConfig, run_llamacpp_bench
+from worker.bench.pipeline import BenchConfig, HttpBenchConfig, run_http_bench, run_pipeline_bench
+from worker.bench.speculative import SpecBenchConfig, run_speculative_bench
+from worker.bench.speculative import render as render_speculative
+from worker.cli.common import user_errors
 
 
 def _shared() -> Path:

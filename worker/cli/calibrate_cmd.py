@@ -3,7 +3,7 @@
     cascade calibrate --portfolio P --input TRAFFIC.jsonl --sample N --out LABELLED.jsonl
 
 Draws N requests, runs each through every tier of P as ordinary jobs (the
-portfolio with the `every-tier` policy: see worker.calibration), and writes the
+portfolio with the `every-tier` policy: see worker.labwork.calibration), and writes the
 benchmarks format with each tier's `correct` = agreement with the top tier's
 answer. `cascade tune --data LABELLED.jsonl` then tunes against the top tier.
 """
@@ -17,8 +17,10 @@ import click
 from router.core.comparators import make_comparator
 from router.core.records import parse_record, record_json, write_records
 from router.lab.pseudo_labels import pseudo_label
-from worker.batch import default_batch_id, prepare_database, run_batch
-from worker.calibration import (
+from worker.cli.common import load_portfolio_option, user_errors
+from worker.cli.pseudo_cmd import comparator_options
+from worker.config.settings import get_settings
+from worker.labwork.calibration import (
     CalibrationError,
     calibration_portfolio,
     calibration_rows,
@@ -26,12 +28,10 @@ from worker.calibration import (
     estimate_tier,
     stored_answers,
 )
-from worker.items import read_items
-from worker.settings import get_settings
-from worker.store import Store
-
-from .common import load_portfolio_option, user_errors
-from .pseudo_cmd import comparator_options
+from worker.queue.batch import default_batch_id, prepare_database
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
+from worker.store.legacy import Store
 
 
 @click.command("calibrate")

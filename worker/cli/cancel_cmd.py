@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from worker.migrate import current
-from worker.settings import get_settings
-from worker.store import Store
+from worker.config.settings import get_settings
+from worker.ops.migrate import current
+from worker.store.legacy import Store
 
 
 @click.command()

@@ -7,7 +7,7 @@ import click
 
 from router.core.errors import UserError
 from router.core.portfolio import load_portfolio
-from worker.settings import get_settings
+from worker.config.settings import get_settings
 
 
 @contextlib.contextmanager

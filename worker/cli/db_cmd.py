@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from worker import migrate
-from worker.credentials import redact_text, redact_url
-from worker.settings import get_settings
+from worker.config.credentials import redact_text, redact_url
+from worker.config.settings import get_settings
+from worker.ops import migrate
 
 
 @click.group()

@@ -30,12 +30,11 @@ from router.core.policyfile import TunedPolicy, read_policy_file, write_policy_f
 from router.core.portfolio import parse_portfolio
 from router.lab import demo_questions as dq
 from router.lab.demo_calibration import calibrate as calibrate_demo
-from worker import modelpack
-from worker.backends import build_backend
-from worker.batch import run_batch
-from worker.settings import Settings, get_settings
-
-from .common import user_errors
+from worker.cli.common import user_errors
+from worker.config.settings import Settings, get_settings
+from worker.models import modelpack
+from worker.models.backends import build_backend
+from worker.queue.run import run_batch
 
 TIERS = ("tiny", "small", "medium")
 # Configured prices (USD per 1M tokens, input and output alike): plausible, not real.

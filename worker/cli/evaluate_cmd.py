@@ -10,8 +10,7 @@ from router.lab.evaluate import render
 from router.lab.report import write
 from router.lab.risk import PROCEDURES
 from router.lab.tuners import RiskSpec
-
-from .common import user_errors
+from worker.cli.common import user_errors
 
 
 @click.command("evaluate")

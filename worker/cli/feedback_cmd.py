@@ -6,12 +6,11 @@ from pathlib import Path
 
 import click
 
-from worker.feedback import export_rows, parse_grades, record, write_export
-from worker.migrate import current
-from worker.settings import get_settings
-from worker.store import Store
-
-from .common import user_errors
+from worker.cli.common import user_errors
+from worker.config.settings import get_settings
+from worker.ops.migrate import current
+from worker.service.feedback import export_rows, parse_grades, record, write_export
+from worker.store.legacy import Store
 
 FEEDBACK_REVISION = "0002"
 

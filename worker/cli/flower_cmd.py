@@ -11,8 +11,8 @@ import re
 
 import click
 
-from worker.celery_app import make_app
-from worker.settings import get_settings
+from worker.config.settings import get_settings
+from worker.queue.tasks import make_app
 
 _PAIR = re.compile(r"^[^:,\s]+:[^,\s]+$")
 

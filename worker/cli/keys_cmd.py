@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from worker.batch import prepare_database
 from worker.cli.common import user_errors
-from worker.settings import get_settings
-from worker.store import Store
-from worker.tenants import Tenants
+from worker.config.settings import get_settings
+from worker.queue.batch import prepare_database
+from worker.service.tenants import Tenants
+from worker.store.legacy import Store
 
 
 def _tenants() -> Tenants:

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import click
 
-from worker import modelpack
-from worker.settings import get_settings
-
-from .common import user_errors
+from worker.cli.common import user_errors
+from worker.config.settings import get_settings
+from worker.models import modelpack
 
 
 def _cache(cache: Path | None) -> Path:

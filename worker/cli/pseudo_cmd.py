@@ -15,8 +15,7 @@ from router.lab.labelled import DataError
 from router.lab.pseudo_labels import GOLD, UNPARSED_MODES, most_accurate, pseudo_label
 from router.lab.risk import PROCEDURES
 from router.lab.tuners import RiskSpec
-
-from .common import user_errors
+from worker.cli.common import user_errors
 
 
 def comparator_options(f):

@@ -6,9 +6,9 @@ from datetime import timedelta
 
 import click
 
-from worker.migrate import current
-from worker.settings import get_settings
-from worker.store import Store, now
+from worker.config.settings import get_settings
+from worker.ops.migrate import current
+from worker.store.legacy import Store, now
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 

@@ -4,7 +4,7 @@
 
 Each question (drawn by router.lab.local_bench from ../shared/benchmarks/questions,
 train and test splits) goes to every model of the chain through its llamacpp backend,
-asking for every live signal, so the answer and all its extra calls (worker.extra_calls:
+asking for every live signal, so the answer and all its extra calls (worker.models.extra_calls:
 k samples, k self-verifications, the Self-REF confidence token) are made the way a
 worker makes them. One line per question, written as soon as its last model answered:
 only what the models produced (texts, token log-probs, tokens, latency, cost at the
@@ -26,10 +26,9 @@ from router.core.live_signals import CALLS_FOR
 from router.core.policy import Needs
 from router.core.portfolio import parse_portfolio
 from router.lab.local_bench import MAX_CHARS, build, parse_plan
-from worker.backends import build_backend
-from worker.extra_calls import with_extra_calls
-
-from .common import user_errors
+from worker.cli.common import user_errors
+from worker.models.backends import build_backend
+from worker.models.extra_calls import with_extra_calls
 
 # Configured prices (USD per 1M tokens, input and output alike), the demo's: plausible, not real.
 PRICES = {"tiny": 0.02, "small": 0.08, "medium": 0.25}

@@ -5,13 +5,13 @@ from datetime import timedelta
 
 import click
 
-from worker.batch import resend_open
-from worker.celery_app import make_app
-from worker.dispatch import Dispatcher
-from worker.migrate import current
-from worker.runtime import Runtime
-from worker.settings import get_settings
-from worker.store import now
+from worker.config.settings import get_settings
+from worker.ops.migrate import current
+from worker.queue.batch import resend_open
+from worker.queue.dispatch import Dispatcher
+from worker.queue.runtime import Runtime
+from worker.queue.tasks import make_app
+from worker.store.legacy import now
 
 
 @click.command()

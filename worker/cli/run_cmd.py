@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
-from worker.batch import default_batch_id, run_batch, write_results
 from worker.cli.common import load_portfolio_option, user_errors
-from worker.items import read_items
-from worker.settings import get_settings
+from worker.config.settings import get_settings
+from worker.queue.batch import default_batch_id, write_results
+from worker.queue.items import read_items
+from worker.queue.run import run_batch
 
 
 @click.command()

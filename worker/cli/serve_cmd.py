@@ -7,9 +7,9 @@ from __future__ import annotations
 import click
 import uvicorn
 
-from worker.api import create_app
 from worker.cli.common import load_portfolio_option, user_errors
-from worker.settings import get_settings
+from worker.client import create_app
+from worker.config.settings import get_settings
 
 
 @click.command()

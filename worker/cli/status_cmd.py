@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 
 import click
-from sqlalchemy import select
 
 from router.core.errors import UserError
 from router.core.policyfile import read_policy_file
 from router.lab import drift
-from worker.migrate import current
-from worker.settings import get_settings
-from worker.store import Store, batches
+from worker.config.settings import get_settings
+from worker.ops.migrate import current
+from worker.store.legacy import Store
 
 
 @click.command()
@@ -30,8 +29,7 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
         raise click.ClickException("the database has no schema yet: nothing has run (or run `cascade db upgrade`)")
     store = Store(settings.db_url)
     if batch_id is None:
-        with store.engine.connect() as c:
-            rows = c.execute(select(batches).order_by(batches.c.created_at.desc()).limit(20)).mappings().all()
+        rows = store.recent_batches(20)
         for b in rows:
             click.echo(f"{b['id']}  {b['done']}/{b['total']} done  {b['failed']} failed  ${b['total_cost']:.6g}  {b['created_at']:%Y-%m-%d %H:%M}")
         if not rows:

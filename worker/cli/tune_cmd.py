@@ -16,8 +16,7 @@ from router.lab.risk import PROCEDURES
 from router.lab.simulate import simulate
 from router.lab.tuners import RiskSpec, confirm, make_tuner
 from router.lab.tuning import Target, TuningError
-
-from .common import user_errors
+from worker.cli.common import user_errors
 
 
 def _mapping(text: str | None) -> dict[str, str]:

@@ -7,18 +7,19 @@ from urllib.parse import urlsplit
 import click
 from celery.signals import setup_logging
 
-from worker import metrics
-from worker.canary import Canary, canary_queue
-from worker.catalog import Catalog
-from worker.celery_app import limit_remote_control, make_app
 from worker.cli.common import load_portfolio_option, user_errors
-from worker.credentials import redact_url
-from worker.dispatch import worker_queues
-from worker.logs import configure_logging
-from worker.migrate import current
-from worker.runtime import Runtime
-from worker.settings import get_settings
-from worker.sweeper import Sweeper
+from worker.config.credentials import redact_url
+from worker.config.logs import configure_logging
+from worker.config.settings import get_settings
+from worker.ops import metrics
+from worker.ops.canary import Canary, canary_queue
+from worker.ops.migrate import current
+from worker.queue.app import limit_remote_control
+from worker.queue.catalog import Catalog
+from worker.queue.dispatch import worker_queues
+from worker.queue.runtime import Runtime
+from worker.queue.sweeper import Sweeper
+from worker.queue.tasks import make_app
 
 _LOCAL = {"127.0.0.1", "localhost", "::1", ""}
 
@@ -60,7 +61,7 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
             raise click.ClickException("the database has no schema: run `cascade db upgrade` first")
         check_broker_credentials(settings)
         rt = Runtime(settings)
-        metrics.count_statements(rt.store.engine)
+        rt.store.on_statement(metrics.count_statement)
         app = make_app(settings, rt, Catalog.from_settings(settings, portfolio), tiers=[tier.name])
         rt.add_portfolio(portfolio)
         rt.store.save_portfolio(portfolio.digest, portfolio.spec())

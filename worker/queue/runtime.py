@@ -1,0 +1,99 @@
+"""What a worker process builds once and reuses for every job: the store, the
+portfolios jobs were submitted with (by digest, each with its policy built once),
+and one backend per tier (a local model is loaded once, not per job).
+
+It is passed explicitly: to the Celery app's stage task (`make_app(settings,
+runtime)`), to the submitter and to the sweeper; nothing hangs it on the app."""
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from typing import Iterator, Sequence
+
+from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
+from worker.config.credentials import is_redacted
+from worker.config.settings import Settings
+from worker.models.backends import Backend, BackendConfigError, backend_class, build_backend
+from worker.store.legacy import Store
+
+
+class Runtime:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(settings.db_url, keep_content=settings.store_content)
+        self._portfolios: dict[str, Portfolio] = {}
+        self._backends: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+        self._inflight: dict[str, int] = {}  # job id -> stages of this process working on it
+        self.last_stage_at = time.monotonic()  # when a stage last started here (the sweeper's watchdog)
+
+    @contextlib.contextmanager
+    def running(self, job_ids: Sequence[str]) -> Iterator[list[str]]:
+        """Hold these jobs for a stage of this process: yields those no other thread of
+        the process holds (a duplicate message waits its turn elsewhere, never calls a
+        model a second time at once); the sweeper's heartbeat keeps held jobs fresh."""
+        with self._lock:
+            self.last_stage_at = time.monotonic()
+            mine = [j for j in job_ids if j not in self._inflight]
+            for j in mine:
+                self._inflight[j] = 1
+        try:
+            yield mine
+        finally:
+            with self._lock:
+                for j in mine:
+                    self._inflight.pop(j, None)
+
+    def inflight(self) -> list[str]:
+        with self._lock:
+            return list(self._inflight)
+
+    def add_portfolio(self, portfolio: Portfolio) -> Portfolio:
+        with self._lock:
+            return self._portfolios.setdefault(portfolio.digest, portfolio)
+
+    def portfolio(self, digest: str) -> Portfolio:
+        """The portfolio jobs were submitted with (read from the store the first time)."""
+        got = self._portfolios.get(digest)
+        if got is None:
+            got = self.add_portfolio(portfolio_from_spec(self.store.portfolio_spec(digest)))
+        return got
+
+    def stage_size(self, tier: str, queue: str, cap: int) -> int:
+        """Jobs per stage message to this tier's queue (its backend's stage_size), `cap`
+        for a tier no portfolio of this process names."""
+        for p in list(self._portfolios.values()):
+            for t in p.tiers:
+                if t.name == tier and queue in (t.queue_name, f"{t.queue_name}.interactive"):
+                    return max(1, min(cap, backend_class(t.backend.kind).stage_size(t, cap)))
+        return cap
+
+    def queue_of(self, digest: str, tier: str) -> str:
+        return self.portfolio(digest).tier(tier).queue_name
+
+    @staticmethod
+    def _backend_key(tier: Tier) -> str:
+        return json.dumps({"name": tier.name, "backend": tier.backend.model_dump(mode="json")}, sort_keys=True)
+
+    def backend(self, tier: Tier) -> Backend:
+        """The tier's backend, built on first use; identical specs share one."""
+        if is_redacted(tier.backend.options):
+            raise BackendConfigError(
+                f"tier {tier.name!r}: this portfolio was read back from the database, where its credentials "
+                f"are blanked: start this worker with the portfolio file (--portfolio), with secrets as ${{NAME}}")
+        key = self._backend_key(tier)
+        b = self._backends.get(key)
+        if b is None:
+            with self._lock:
+                b = self._backends.get(key)
+                if b is None:
+                    b = self._backends[key] = build_backend(tier)
+        return b
+
+    def close(self) -> None:
+        with self._lock:
+            for b in self._backends.values():
+                b.close()
+            self._backends.clear()

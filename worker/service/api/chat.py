@@ -1,0 +1,68 @@
+"""OpenAI-compatible: POST /v1/chat/completions (`stream=true` included) and GET
+/v1/models. `model` names a portfolio (`cascade/default`, ...); the answer is the
+cascade's, and the `cascade` extension field says which tier answered, its attempts
+and the cost (worker.service.openai_format)."""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from worker.queue.dispatch import INTERACTIVE
+from worker.service.api.common import caller, error_response, submitter
+from worker.service.api.jobs import Message
+from worker.service.client import Client
+from worker.service.openai_format import chat_request, chunks, completion
+from worker.store.notify import JOB_CHANNEL
+
+# how long a chat completion waits for its job before answering 504 (the job goes on)
+WAIT_S = 300.0
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="a portfolio name, e.g. cascade/default (GET /v1/models)")
+    messages: list[Message]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    n: Literal[1] | None = None
+
+
+router = APIRouter(tags=["openai"])
+
+
+@router.get("/v1/models")
+def models(c: Client = Depends(caller)) -> dict:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "cascade"}
+                                       for name in c.catalog.names()]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, c: Client = Depends(submitter),
+                           idempotency_key: str | None = Header(None, max_length=200)):
+    model, request = chat_request(body.model_dump(exclude_none=True))
+    c.catalog.get(model)  # an unknown model is a 404 naming it, before anything is written
+    sub = await run_in_threadpool(c.submitter.submit, request, portfolio=model, tenant=c.tenant,
+                                  idempotency_key=idempotency_key, priority=INTERACTIVE, metadata=body.metadata)
+    done = await c.waiter.wait_async(JOB_CHANNEL, sub.job_id, lambda: c._final(sub.job_id), WAIT_S)
+    if not done:
+        return error_response(504, f"job {sub.job_id} is not finished after {WAIT_S:.0f}s; "
+                                   f"GET /v1/jobs/{sub.job_id} for its result", type_="timeout", code="timeout")
+    job = await run_in_threadpool(c.get, sub.job_id)
+    if job["status"] != "succeeded":
+        return error_response(502, f"job {job['id']} {job['status']}: {job['error']}", type_="cascade_error",
+                              code=f"job_{job['status']}")
+    if body.stream:
+        lines = [f"data: {json.dumps(ch)}\n\n" for ch in chunks(job, model)] + ["data: [DONE]\n\n"]
+        return StreamingResponse(iter(lines), media_type="text/event-stream")
+    return JSONResponse(completion(job, model))

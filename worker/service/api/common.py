@@ -1,0 +1,52 @@
+"""What every route shares: the service's client, the caller's tenant, and errors in
+the OpenAI shape ({"error": {"message", "type", "param", "code"}}) naming the field."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Depends, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from worker.queue.submit import TENANT_DEFAULT
+from worker.service.client import Client
+from worker.service.tenants import AuthError, Tenants
+
+
+class ApiError(HTTPException):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers=headers)
+        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                   type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def service(request: Request) -> Client:
+    return request.app.state.client
+
+
+def caller(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> Client:
+    """The service's client acting for the caller's tenant: the one its API key names
+    (Authorization: Bearer <key>) when keys are required, else the default tenant."""
+    tenants: Tenants = request.app.state.tenants
+    if not tenants.settings.auth_required:
+        return service(request).for_tenant(TENANT_DEFAULT)
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise AuthError("an API key is required: Authorization: Bearer <key> (cascade keys create)")
+    return service(request).for_tenant(tenants.authenticate(key.strip()))
+
+
+def submitter(request: Request, c: Client = Depends(caller)) -> Client:
+    """`caller`, for a request that submits work: refused (402, 429) before anything is
+    written when the tenant's budget is spent or its rate limit reached."""
+    request.app.state.tenants.admit(c.tenant)
+    return c
+
+
+def not_found(kind: str, ident: Any) -> ApiError:
+    return ApiError(404, f"no {kind} {ident!r}", code="not_found", param="id")
