@@ -1,7 +1,8 @@
 """The architecture is enforced, and the enforcement is live.
 
 `.importlinter` holds the contracts (core pure, lab offline, runtime never imports
-the lab, no cycles); `make test` runs `lint-imports` before pytest. Here each
+the lab, the worker's layers, the service runs no stage, SQL only in the store,
+backends need no queue, no cycles); `make test` runs `lint-imports` before pytest. Here each
 contract is broken on purpose in a temporary copy of the tree, and lint-imports
 must fail naming it; and no module hides an import inside a function unless it
 says why (a deferred heavy optional dependency)."""
@@ -40,11 +41,19 @@ def test_the_tree_keeps_every_contract():
 
 
 @pytest.mark.parametrize("module, line, contract", [
-    ("router/core/cascade.py", "import worker.store.legacy", "The decision core (router.core) imports no execution layer"),
+    ("router/core/cascade.py", "import worker.store", "The decision core (router.core) imports no execution layer"),
     ("router/core/policy.py", "import router.lab.metrics", "The decision core (router.core) imports no execution layer"),
     ("router/core/signals.py", "import matplotlib", "The decision core (router.core) imports no execution layer"),
     ("router/lab/metrics.py", "import sqlalchemy", "The lab (router.lab) runs offline"),
-    ("worker/queue/stage.py", "import router.lab.simulate", "The runtime (worker, except the cascade command) never imports the lab"),
+    ("worker/queue/stage.py", "import router.lab.simulate", "The runtime never imports the lab"),
+    ("worker/queue/dispatch.py", "import worker.service.views", "The worker's layers"),
+    ("worker/job/codec.py", "import worker.config.settings", "The worker's layers"),
+    ("worker/bench/noop_app.py", "import worker.labwork.calibration", "The worker's layers"),
+    ("worker/service/views.py", "import worker.queue.stage", "The service (API, client, webhooks, tenants) submits and reads"),
+    ("worker/service/views.py", "import worker.queue.run", "The service (API, client, webhooks, tenants) submits and reads"),
+    ("worker/queue/dispatch.py", "import sqlalchemy", "SQL (SQLAlchemy, psycopg, Alembic) only in the store"),
+    ("worker/cli/status_cmd.py", "import psycopg", "SQL (SQLAlchemy, psycopg, Alembic) only in the store"),
+    ("worker/models/backends/replay.py", "import celery", "The backends (worker.models) call models"),
     ("router/core/attempt.py", "import router.core.cascade", "No import cycles"),
 ])
 def test_breaking_a_contract_fails_the_lint(tmp_path, module, line, contract):
