@@ -40,7 +40,7 @@ def test_the_tree_keeps_every_contract():
 
 
 @pytest.mark.parametrize("module, line, contract", [
-    ("router/core/cascade.py", "import worker.store.legacy", "The decision core (router.core) imports no execution layer"),
+    ("router/core/cascade.py", "import worker.store.stages", "The decision core (router.core) imports no execution layer"),
     ("router/core/policy.py", "import router.lab.metrics", "The decision core (router.core) imports no execution layer"),
     ("router/core/signals.py", "import matplotlib", "The decision core (router.core) imports no execution layer"),
     ("router/lab/metrics.py", "import sqlalchemy", "The lab (router.lab) runs offline"),
