@@ -1,9 +1,9 @@
 """Alembic environment: the URL comes from the caller (worker.ops.migrate), the
-schema from worker.store.legacy.metadata (used only for autogenerate)."""
+schema from worker.store.schema.metadata (used only for autogenerate)."""
 from alembic import context
 from sqlalchemy import create_engine
 
-from worker.store.legacy import metadata
+from worker.store.schema import metadata
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")

@@ -29,7 +29,9 @@ from router.core.records import load_dataset
 from worker.config.settings import Settings
 from worker.ops.migrate import upgrade
 from worker.service.tenants import Tenants
-from worker.store.legacy import Store, attempts, batches, jobs
+from worker.store.engine import engine_for
+from worker.store.schema import attempts, batches, jobs
+from worker.store.tenants import TenantStore
 
 pytestmark = pytest.mark.services
 MODELS = ["llama3.2-3b", "llama3.1-70b"]
@@ -70,7 +72,7 @@ def deployment(bench, tmp_path_factory):
         for t in ("t0", "t1"):
             w.start(t)
         settings = Settings(broker_url=REDIS, database_url=pg_url, redis_prefix=prefix)
-        tenants = Tenants(Store(pg_url), settings)
+        tenants = Tenants(TenantStore(pg_url), settings)
         keys = {t: tenants.create_key(t)[1] for t in ("a", "b", "poor", "busy")}
         tenants.store.upsert_tenant("poor", budget_usd=1e-9)
         tenants.store.upsert_tenant("busy", rate_per_min=1)
@@ -93,7 +95,7 @@ def recorded(bench, prompt, model="llama3.2-3b"):
 
 
 def count(d, table, *where) -> int:
-    with Store(d.settings.db_url).engine.connect() as c:
+    with engine_for(d.settings.db_url).connect() as c:
         return c.execute(select(func.count()).select_from(table).where(*where)).scalar()
 
 

@@ -26,7 +26,7 @@ def private_database():
     try:
         yield url
     finally:
-        from worker.store.legacy import dispose_all
+        from worker.store.engine import dispose_all
 
         dispose_all()
         with admin.connect() as c:

@@ -13,7 +13,8 @@ from helpers.cli import cascade
 from router.core.answers import same_answer
 from router.core.records import load_dataset
 from worker.config.settings import Settings
-from worker.store.legacy import Store
+from worker.store.batches import BatchStore
+from worker.store.jobs import JobStore
 
 MODELS = ["llama3.2-1b", "llama3.1-8b", "gpt-4o"]  # tiers t0, t1 and the top, t2
 
@@ -67,9 +68,9 @@ def test_calibrate_labels_every_tier_by_agreement_with_the_top_tier(bench, tmp_p
     # a re-run resumes the same batch: no job is run (or paid) twice
     again = cascade(*args, home=home)
     assert labelled(out) == rows
-    store = Store(Settings(home=home).db_url)
+    store = JobStore(Settings(home=home).db_url)
     (batch_id,) = {j.split(":")[0] for j in (r["job"] for r in rows)}
-    assert store.batch(batch_id)["total"] == 50
+    assert BatchStore(store.url).batch(batch_id)["total"] == 50
     assert sum(len(a) for a in store.attempts_of([r["job"] for r in rows]).values()) == 150
     assert "batch " + batch_id in again.stdout
 
@@ -86,7 +87,7 @@ def test_top_tier_answers_of_a_previous_batch_are_reused_not_paid_again(bench, t
     pf, home = portfolio(tmp_path / "p.toml", bench), tmp_path / "h"
     cascade("run", str(traffic), "--portfolio", str(pf), "--batch", "earlier", "--quiet",
             "--out", str(tmp_path / "r.jsonl"), home=home)
-    store = Store(Settings(home=home).db_url)
+    store = JobStore(Settings(home=home).db_url)
     earlier = store.attempts_of([j["id"] for j in store.batch_jobs("earlier")])
     answered_by_top = {a["job_id"].split(":", 1)[1] for atts in earlier.values() for a in atts if a["tier"] == "t2"}
     assert 0 < len(answered_by_top) < 60  # the threshold cascade stopped early on some

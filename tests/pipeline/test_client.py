@@ -19,8 +19,9 @@ from worker.client import AsyncClient, Client, JobNotFound
 from worker.config.settings import Settings
 from worker.job.request import RequestError
 from worker.queue.submit import IdempotencyConflict, job_id_for
-from worker.store.legacy import Store, attempts, jobs
+from worker.store.jobs import JobStore
 from worker.store.notify import JOB_CHANNEL, Waiter
+from worker.store.schema import attempts, jobs
 
 pytestmark = pytest.mark.services
 
@@ -43,7 +44,7 @@ def deployment(bench, distributed, workers, tmp_path):
     client.close()
 
 
-def count(store: Store, table, *where) -> int:
+def count(store: JobStore, table, *where) -> int:
     with store.engine.connect() as c:
         return c.execute(select(func.count()).select_from(table).where(*where)).scalar()
 
@@ -63,7 +64,7 @@ def test_submit_wait_idempotent_and_scoped(bench, deployment):
     assert done["cost_usd"] == pytest.approx(sum(a["cost_usd"] for a in done["attempts"]))
     # the same key again: the same job, and no second set of attempts
     assert client.submit(r[0].prompt, idempotency_key="order-1", metadata={"customer": "acme"}) == job
-    store = Store(settings.db_url)
+    store = JobStore(settings.db_url)
     assert count(store, attempts, attempts.c.job_id == job) == len(done["attempts"])
     with pytest.raises(IdempotencyConflict, match="order-1"):
         client.submit(r[1].prompt, idempotency_key="order-1")
@@ -78,7 +79,7 @@ def test_submit_wait_idempotent_and_scoped(bench, deployment):
 
 def test_refused_requests_write_nothing(bench, deployment):
     settings, client, _, _ = deployment
-    store = Store(settings.db_url)
+    store = JobStore(settings.db_url)
     before = count(store, jobs)
     with pytest.raises(RequestError, match=r"^params.temperature: tier 't0' \(replay backend\)"):
         client.submit("hi", params={"temperature": 0.7})
@@ -95,7 +96,7 @@ def test_wait_is_woken_by_a_notification_not_a_poll(bench, deployment):
     settings, client, _, _ = deployment
     job = client.submit("a prompt no replay has", idempotency_key="nowhere")  # fails at every tier, quickly
     client.wait(job, timeout=60)
-    store = Store(settings.db_url)
+    store = JobStore(settings.db_url)
     # a job finished by another connection 1.5 s from now: the waiter reads the row when
     # it starts and when woken, a handful of times, not every few milliseconds
     job2 = client.submit("another prompt no replay has", priority="batch")

@@ -19,7 +19,9 @@ from worker.queue.dispatch import Dispatcher
 from worker.queue.items import Item
 from worker.queue.run import run_batch
 from worker.queue.tasks import make_app
-from worker.store.legacy import Store, attempts, jobs
+from worker.store.batches import BatchStore
+from worker.store.jobs import JobStore
+from worker.store.schema import attempts, jobs
 
 pytestmark = pytest.mark.services
 
@@ -55,7 +57,7 @@ def run(distributed, tmp_path, server, name: str, *, chunk: int, concurrency: in
         for t in portfolio.tiers:
             w.start(t.name)
         items = [Item(f"q{i}", i + 1, {"id": f"q{i}", "prompt": p}) for i, p in enumerate(prompts())]
-        store = Store(settings.db_url)
+        store = BatchStore(settings.db_url)
         run_batch(items, portfolio, settings=settings, batch_id=name, progress=False, wait=False)
         sender = Dispatcher(make_app(settings), chunk)
         ids = [f"{name}:{it.key}" for it in items]
@@ -69,12 +71,12 @@ def run(distributed, tmp_path, server, name: str, *, chunk: int, concurrency: in
             raise
         time.sleep(0.5)  # stray duplicates drain; they must change nothing
         assert_exactly_once(store, name, N)
-        return {j["id"]: j for j in job_results(store, name)}
+        return {j["id"]: j for j in job_results(JobStore(store.url), name)}
     finally:
         w.stop_all()
 
 
-def assert_exactly_once(store: Store, batch_id: str, n: int) -> None:
+def assert_exactly_once(store: BatchStore, batch_id: str, n: int) -> None:
     b = store.batch(batch_id)
     assert (b["total"], b["done"]) == (n, n)
     with store.engine.connect() as c:

@@ -20,7 +20,9 @@ from worker.queue.dispatch import Dispatcher
 from worker.queue.items import read_items
 from worker.queue.run import run_batch
 from worker.queue.tasks import make_app
-from worker.store.legacy import Store, attempts, jobs
+from worker.store.batches import BatchStore
+from worker.store.jobs import JobStore
+from worker.store.schema import attempts, jobs
 
 pytestmark = pytest.mark.services
 
@@ -46,7 +48,7 @@ def assert_matches_offline(db_jobs, outcomes):
     assert sum(j["correct"] for j in db_jobs) == sum(o.correct for o in outcomes)
 
 
-def assert_exactly_once(store: Store, batch_id: str, n: int):
+def assert_exactly_once(store: BatchStore, batch_id: str, n: int):
     b = store.batch(batch_id)
     assert (b["total"], b["done"]) == (n, n)
     with store.engine.connect() as c:
@@ -91,7 +93,7 @@ def test_1000_rows_three_tiers_equal_offline(bench, distributed, workers, tmp_pa
     # the cascade really cascades here: every tier answers some
     assert set(Counter(o.final_tier for o in outcomes)) == {"t0", "t1", "t2"}
     assert_matches_offline(report.jobs, outcomes)
-    assert_exactly_once(Store(settings.db_url), "it-1000", 1000)
+    assert_exactly_once(BatchStore(settings.db_url), "it-1000", 1000)
 
 
 def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, workers, tmp_path):
@@ -103,7 +105,7 @@ def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, worker
     n = 60
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
     run_batch(items, portfolio, settings=settings, batch_id="crash", progress=False, wait=False)
-    store = Store(settings.db_url)
+    store = BatchStore(settings.db_url)
     deadline = time.time() + 120
     while time.time() < deadline:
         with store.engine.connect() as c:
@@ -118,7 +120,7 @@ def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, worker
     w.start("t1")
     wait_for(store, "crash", progress=False, timeout=300)
     _, outcomes = offline(portfolio, bench, "test", n)
-    assert_matches_offline(job_results(store, "crash"), outcomes)
+    assert_matches_offline(job_results(JobStore(store.url), "crash"), outcomes)
     assert_exactly_once(store, "crash", n)
 
 
@@ -128,7 +130,7 @@ def test_duplicated_messages_change_nothing(bench, distributed, workers, tmp_pat
     portfolio, w, _ = three_tiers(bench, tmp_path, workers, "-c", "3")
     n = 200
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
-    store = Store(settings.db_url)
+    store = BatchStore(settings.db_url)
     run_batch(items, portfolio, settings=settings, batch_id="dup", progress=False, wait=False)
     sender = Dispatcher(make_app(settings), 16)
     # every job's first stage delivered three more times, while the batch runs
@@ -139,7 +141,7 @@ def test_duplicated_messages_change_nothing(bench, distributed, workers, tmp_pat
     wait_for(store, "dup", progress=False, timeout=300)
     time.sleep(1.0)  # let stray duplicates drain; they must not change anything
     _, outcomes = offline(portfolio, bench, "test", n)
-    assert_matches_offline(job_results(store, "dup"), outcomes)
+    assert_matches_offline(job_results(JobStore(store.url), "dup"), outcomes)
     assert_exactly_once(store, "dup", n)
 
 
@@ -186,7 +188,7 @@ def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, 
     w.env["CASCADE_SWEEP_INTERVAL"] = "3600"  # no sweeper: only `cascade resume` can recover them
     for t in portfolio.tiers:
         w.start(t.name)
-    store = Store(settings.db_url)
+    store = BatchStore(settings.db_url)
     time.sleep(3)
     assert store.batch("lost")["done"] == 0  # nothing left to deliver
     p = subprocess.run([sys.executable, "-m", "worker.cli", "resume", "lost"], env={**os.environ, **env},
@@ -195,7 +197,7 @@ def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, 
     assert f"of {n} unfinished jobs sent again" in p.stdout
     wait_for(store, "lost", progress=False, timeout=120)
     _, outcomes = offline(portfolio, bench, "test", n)
-    assert_matches_offline(job_results(store, "lost"), outcomes)
+    assert_matches_offline(job_results(JobStore(store.url), "lost"), outcomes)
     assert_exactly_once(store, "lost", n)
 
 
@@ -208,8 +210,8 @@ def test_workers_resend_lost_messages_by_themselves(bench, distributed, workers,
     w = workers(path)
     for t in portfolio.tiers:
         w.start(t.name)
-    store = Store(settings.db_url)
+    store = BatchStore(settings.db_url)
     wait_for(store, "swept", progress=False, timeout=120)
     _, outcomes = offline(portfolio, bench, "test", n)
-    assert_matches_offline(job_results(store, "swept"), outcomes)
+    assert_matches_offline(job_results(JobStore(store.url), "swept"), outcomes)
     assert_exactly_once(store, "swept", n)

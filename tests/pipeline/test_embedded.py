@@ -177,14 +177,14 @@ def test_cancel_stops_unfinished_jobs_and_keeps_finished_ones(bench, tmp_path):
     # submitted, mostly never worked on: the embedded workers stop when run_batch returns
     run_batch(items, portfolio, settings=settings, batch_id="c", progress=False, wait=False)
     p = cascade("cancel", "c", home=home)
-    from worker.store.legacy import Store
+    from worker.store.batches import BatchStore
+    from worker.store.jobs import JobStore
 
-    store = Store(settings.db_url)
-    b = store.batch("c")
+    b = BatchStore(settings.db_url).batch("c")
     n = int(p.stdout.split(":")[1].split()[0])
     assert n > 0 and b["cancelled"] == n and b["done"] == b["total"] == 200
     assert b["succeeded"] + b["cancelled"] == 200
-    statuses = {j["status"] for j in store.batch_jobs("c")}
+    statuses = {j["status"] for j in JobStore(settings.db_url).batch_jobs("c")}
     assert statuses <= {"succeeded", "cancelled"}
     assert "no batch 'nope'" in cascade("cancel", "nope", home=home, check=False).stderr
 

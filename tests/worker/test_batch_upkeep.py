@@ -11,7 +11,9 @@ from helpers.portfolios import write_portfolio
 from worker.client import Client
 from worker.config.settings import Settings
 from worker.service.webhooks import EXPIRED, BatchUpkeep, signature
-from worker.store.legacy import now
+from worker.store.schema import now
+from worker.store.stages import StageStore
+from worker.store.webhooks import WebhookStore
 
 
 def test_expired_batch_jobs_are_cancelled_and_not_resent(bench, tmp_path):
@@ -19,16 +21,17 @@ def test_expired_batch_jobs_are_cancelled_and_not_resent(bench, tmp_path):
     with Client(Settings(home=tmp_path / "home"), portfolio=path, workers=False) as c:
         batch_id = c.submit_batch([{"id": f"q{i}", "prompt": f"question {i}"} for i in range(5)])
         later = c.submit_batch([{"id": "r", "prompt": "later"}])
-        c.store.set_batch_options(batch_id, expires_at=now() - timedelta(seconds=1), webhook_url=None)
-        c.store.set_batch_options(later, expires_at=now() + timedelta(hours=1), webhook_url=None)
-        upkeep = BatchUpkeep(c.store, secret="k", backoff=1, attempts=1)
+        webhooks = WebhookStore(c.settings.db_url)
+        webhooks.set_batch_options(batch_id, expires_at=now() - timedelta(seconds=1), webhook_url=None)
+        webhooks.set_batch_options(later, expires_at=now() + timedelta(hours=1), webhook_url=None)
+        upkeep = BatchUpkeep(webhooks, c.batches, secret="k", backoff=1, attempts=1)
         upkeep.tick()
         b = c.batch(batch_id)
         assert b["status"] == "cancelled" and b["counts"]["cancelled"] == 5 and b["counts"]["open"] == 0
         assert {j["error"] for j in c.results(batch_id)} == {EXPIRED}
         assert c.batch(later)["counts"]["open"] == 1  # not yet due
         # the sweeper's claim finds nothing of the expired batch to send again
-        assert [j for j, _ in c.store.claim_stale("t0", now() + timedelta(seconds=1)) if j.startswith(batch_id)] == []
+        assert [j for j, _ in StageStore(c.settings.db_url).claim_stale("t0", now() + timedelta(seconds=1)) if j.startswith(batch_id)] == []
 
 
 def test_signature_is_an_hmac_of_timestamp_and_body():

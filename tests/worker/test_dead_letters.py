@@ -22,7 +22,8 @@ from worker.job.codec import EXPIRED
 from worker.queue.batch import job_results, wait_for
 from worker.queue.items import read_items
 from worker.queue.run import run_batch
-from worker.store.legacy import Store
+from worker.store.batches import BatchStore
+from worker.store.jobs import JobStore
 
 pytestmark = pytest.mark.services
 
@@ -87,7 +88,7 @@ def supervisor(distributed, tmp_path):
         s.stop()
 
 
-def run_until_done(store: Store, sup: Supervisor, batch_id: str, timeout: float) -> int:
+def run_until_done(store: BatchStore, sup: Supervisor, batch_id: str, timeout: float) -> int:
     """Wait for the batch, restarting dead workers; returns the number of restarts."""
     restarts = 0
     end = time.time() + timeout
@@ -101,7 +102,7 @@ def run_until_done(store: Store, sup: Supervisor, batch_id: str, timeout: float)
 
 
 def check_only_culprits_failed_by_crash(store, batch_id, culprits, n, deliveries):
-    jobs = {j["job_id"]: j for j in job_results(store, batch_id)}
+    jobs = {j["job_id"]: j for j in job_results(JobStore(store.url), batch_id)}
     assert len(jobs) == n
     for key in culprits:
         j = jobs[key]
@@ -127,7 +128,7 @@ def test_a_job_that_raises_every_time_fails_alone_after_max_deliveries(bench, di
     sup = supervisor(path, CASCADE_MAX_DELIVERIES="3")
     for t in ("t0", "t1"):
         sup.start(t)
-    store = Store(settings.db_url)
+    store = BatchStore(settings.db_url)
     run_batch(items, load_portfolio(path), settings=settings, batch_id="poison", progress=False, wait=False)
     assert run_until_done(store, sup, "poison", timeout=120) == 0  # raising never kills the worker
     jobs = check_only_culprits_failed_by_crash(store, "poison", {f"poison:{k}" for k in culprits}, 40, 3)
@@ -153,7 +154,7 @@ def test_a_job_that_kills_its_worker_every_time_fails_alone(bench, distributed, 
     sup = supervisor(path, CASCADE_MAX_DELIVERIES="2", CASCADE_VISIBILITY_TIMEOUT="5")
     for t in ("t0", "t1"):
         sup.start(t)
-    store = Store(settings.db_url)
+    store = BatchStore(settings.db_url)
     run_batch(items, load_portfolio(path), settings=settings.model_copy(update={"chunk_size": 8}),
               batch_id="killer", progress=False, wait=False)
     restarts = run_until_done(store, sup, "killer", timeout=180)
@@ -169,12 +170,12 @@ def test_jobs_past_their_deadline_expire_instead_of_waiting_forever(bench, distr
     sup = supervisor(path, CASCADE_SWEEP_INTERVAL="1", CASCADE_REMOTE_CONTROL="flower")
     sup.start("t0")  # no worker for t1: escalated jobs make no progress
     wait_ready(settings, "t0")  # the deadline must not pass while the worker is still starting
-    store = Store(settings.db_url)
+    store = BatchStore(settings.db_url)
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=30)
     run_batch(items, load_portfolio(path), settings=settings.model_copy(update={"job_timeout": 6}),
               batch_id="late", progress=False, wait=False)
     b = wait_for(store, "late", progress=False, timeout=60)
-    jobs = job_results(store, "late")
+    jobs = job_results(JobStore(store.url), "late")
     expired = [j for j in jobs if j["error"] == EXPIRED]
     assert expired and b["failed"] >= len(expired)
     assert all(j["status"] == "failed" and "t1" not in [a["tier"] for a in j["attempts"]] for j in expired), \
@@ -184,7 +185,7 @@ def test_jobs_past_their_deadline_expire_instead_of_waiting_forever(bench, distr
     # their t1 messages, delivered late, change nothing
     sup.start("t1")
     time.sleep(3)
-    again = job_results(store, "late")
+    again = job_results(JobStore(store.url), "late")
     assert [(j["status"], j["error"], len(j["attempts"])) for j in again] == \
         [(j["status"], j["error"], len(j["attempts"])) for j in jobs]
 
@@ -194,7 +195,7 @@ def test_jobs_past_their_deadline_expire_instead_of_waiting_forever(bench, distr
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith(f"batch late: {len(expired)} failed jobs queued again")
     b = wait_for(store, "late", progress=False, timeout=60)
-    final = {j["job_id"]: j for j in job_results(store, "late")}
+    final = {j["job_id"]: j for j in job_results(JobStore(store.url), "late")}
     assert b["done"] == b["total"] == 30 and b["failed"] == sum(j["status"] == "failed" for j in final.values())
     for j in expired:
         assert [a["tier"] for a in final[j["job_id"]]["attempts"]] == [a["tier"] for a in j["attempts"]] + ["t1"]

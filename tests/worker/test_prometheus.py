@@ -23,7 +23,9 @@ from worker.queue.batch import wait_for
 from worker.queue.items import read_items
 from worker.queue.run import run_batch
 from worker.queue.tasks import make_app
-from worker.store.legacy import Store, attempts, jobs
+from worker.store.batches import BatchStore
+from worker.store.jobs import JobStore
+from worker.store.schema import attempts, jobs
 
 pytestmark = pytest.mark.services
 
@@ -47,7 +49,7 @@ def per_tier(samples: list[dict], name: str, **match) -> Counter:
     return out
 
 
-def db_counts(store: Store) -> tuple[Counter, Counter, dict, Counter]:
+def db_counts(store: JobStore) -> tuple[Counter, Counter, dict, Counter]:
     with store.engine.connect() as c:
         calls = Counter(dict(c.execute(select(attempts.c.tier, func.count()).group_by(attempts.c.tier)).all()))
         decisions = Counter({(t, d): n for t, d, n in c.execute(
@@ -69,7 +71,7 @@ def test_counters_scraped_during_a_batch_equal_postgres(bench, distributed, work
         w.start(t, "--metrics-port", str(ports[t]))
     for t in ("t0", "t1"):
         wait_ready(settings, t)
-    store = Store(settings.db_url)
+    store = JobStore(settings.db_url)
     n = 300
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
     run_batch(items, portfolio, settings=settings, batch_id="m", progress=False, wait=False)
@@ -98,7 +100,7 @@ def test_counters_scraped_during_a_batch_equal_postgres(bench, distributed, work
     assert g[("cascade_queue_depth", (("queue", portfolio.tier("t0").queue_name), ("tier", "t0")))] == 0
 
     w.start("t2", "--metrics-port", str(ports["t2"]))
-    wait_for(store, "m", progress=False, timeout=180)
+    wait_for(BatchStore(store.url), "m", progress=False, timeout=180)
     wait_ready(settings, "t2")
     time.sleep(0.5)
     scraped = [scrape(p) for p in ports.values()]

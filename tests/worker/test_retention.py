@@ -19,7 +19,9 @@ from worker.job.codec import OPEN
 from worker.queue.batch import wait_for
 from worker.queue.items import read_items
 from worker.queue.run import run_batch
-from worker.store.legacy import ERASED_INPUT, Store, attempts, batches, jobs
+from worker.store.batches import BatchStore
+from worker.store.jobs import ERASED_INPUT, JobStore
+from worker.store.schema import attempts, batches, jobs
 
 pytestmark = pytest.mark.services
 
@@ -33,12 +35,12 @@ def cascade(env, *args):
     return p.stdout
 
 
-def counts(store: Store) -> tuple[int, int, int]:
+def counts(store: JobStore) -> tuple[int, int, int]:
     with store.engine.connect() as c:
         return tuple(c.execute(select(func.count()).select_from(t)).scalar() for t in (batches, jobs, attempts))
 
 
-def wait_until_none_at(store: Store, batch_id: str, tier: str, timeout: float = 60) -> None:
+def wait_until_none_at(store: JobStore, batch_id: str, tier: str, timeout: float = 60) -> None:
     end = time.time() + timeout
     while time.time() < end:
         if not [j for j, t in store.open_jobs(batch_id) if t == tier]:
@@ -54,7 +56,7 @@ def test_purge_deletes_finished_work_and_never_open_work(bench, distributed, wor
     w = workers(path)
     w.start("t0")
     w.start("t1")
-    store = Store(settings.db_url)
+    store, batch_store = JobStore(settings.db_url), BatchStore(settings.db_url)
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=40)
     run_batch(items[:20], portfolio, settings=settings, batch_id="old", progress=False, timeout=120)
     w.stop_all()
@@ -62,7 +64,7 @@ def test_purge_deletes_finished_work_and_never_open_work(bench, distributed, wor
     w2.start("t0")  # t1 is down: the batch "open" keeps jobs waiting there, next to finished ones
     run_batch(items[20:], portfolio, settings=settings, batch_id="open", progress=False, wait=False)
     wait_until_none_at(store, "open", "t0")
-    open_batch = store.batch("open")
+    open_batch = batch_store.batch("open")
     assert 0 < open_batch["done"] < 20  # partly finished, partly open
     store.add_jobs(None, [{"id": "loose-1", "portfolio": portfolio.digest, "input": {"line": 1},
                            "status": "failed", "error": "bad line"}])
@@ -78,13 +80,13 @@ def test_purge_deletes_finished_work_and_never_open_work(bench, distributed, wor
     old_attempts = sum(len(a) for a in store.attempts_of([f"old:{it.key}" for it in items[:20]]).values())
     out = cascade(env, "purge", "--older-than", "0s")
     assert out.startswith(f"deleted 1 batches, 21 jobs, {old_attempts} attempts")
-    assert store.batch("old") is None and store.job("loose-1") is None
+    assert batch_store.batch("old") is None and store.job("loose-1") is None
     assert store.attempts_of([f"old:{it.key}" for it in items[:20]]) == {f"old:{it.key}": [] for it in items[:20]}
-    assert store.batch("open") == open_batch  # untouched, finished jobs included
+    assert batch_store.batch("open") == open_batch  # untouched, finished jobs included
     assert len(store.batch_jobs("open")) == 20
     # and its open jobs still finish
     w2.start("t1")
-    b = wait_for(store, "open", progress=False, timeout=120)
+    b = wait_for(batch_store, "open", progress=False, timeout=120)
     assert b["done"] == 20 and all(j["status"] not in OPEN for j in store.batch_jobs("open"))
 
 
@@ -96,7 +98,7 @@ def test_without_stored_content_prompts_and_answers_leave_the_database(bench, di
     w = workers(path)
     w.env["CASCADE_STORE_CONTENT"] = "false"
     w.start("t0")
-    store = Store(settings.db_url)
+    store = JobStore(settings.db_url)
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=30)
     run_batch(items, portfolio, settings=settings, batch_id="private", progress=False, wait=False)
     wait_until_none_at(store, "private", "t0")

@@ -8,7 +8,8 @@ from helpers.env import private_database
 from sqlalchemy import text
 
 from worker.ops.migrate import upgrade
-from worker.store.legacy import _START_STAGE, Store, now
+from worker.store.schema import now
+from worker.store.stages import _START_STAGE, StageStore
 
 pytestmark = pytest.mark.services
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.services
 def test_no_statement_is_prepared_on_the_server():
     with private_database() as url:
         upgrade(url)
-        store = Store(url)
+        store = StageStore(url)
         with store.engine.connect() as c:
             for i in range(12):  # psycopg's default prepares a statement at its 5th run
                 c.execute(_START_STAGE, {"ids": [f"job-{i}"], "tier": "t0", "t": now()}).all()

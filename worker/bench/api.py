@@ -34,7 +34,7 @@ from worker.config.settings import Settings
 from worker.ops.procs import stop_all
 from worker.queue.tasks import make_app
 from worker.service.tenants import Tenants
-from worker.store.legacy import Store
+from worker.store.tenants import TenantStore
 
 
 @dataclass
@@ -108,7 +108,7 @@ def run_api_bench(cfg: ApiBenchConfig) -> dict:
                         tmp / f"{t}.log") for t in tiers]
         stack.callback(stop_all, procs)
         _wait_ping(make_app(settings), len(procs))
-        tenants = Tenants(Store(db_url), settings)
+        tenants = Tenants(TenantStore(db_url), settings)
         key = tenants.create_key("bench")[1]
         tenants.close()
         serve = _spawn(["worker.cli", "serve", "--portfolio", str(path), "--port", str(cfg.port)], env,

@@ -39,12 +39,14 @@ from pathlib import Path
 from typing import Callable
 
 import redis
-from sqlalchemy import create_engine, func, select, text
 
 from worker.config.credentials import redact_text
 from worker.ops.migrate import upgrade
 from worker.ops.procs import stop_all
-from worker.store.legacy import attempts, batches, dispose_all, jobs
+from worker.store.admin import create_database
+from worker.store.batches import BatchStore
+from worker.store.engine import dispose_all
+from worker.store.jobs import JobStore
 
 REPO = Path(__file__).resolve().parents[2]
 TIERS = ("t0", "t1", "t2")
@@ -154,11 +156,7 @@ class OwnPostgres:
         return f"postgresql+psycopg://postgres:{password or self.password}@127.0.0.1:{self.port}/{db}"
 
     def create_db(self, name: str) -> None:
-        eng = create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT")
-        with eng.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-        eng.dispose()
+        create_database(self.url("postgres"), name, replace=True)
 
 
 class _Server(ThreadingHTTPServer):
@@ -318,6 +316,7 @@ class Run:
         lab.pg.create_db(self.db)
         self.url = lab.pg.url(self.db)
         upgrade(self.url)
+        self.jobs, self.batches = JobStore(self.url), BatchStore(self.url)
         lab.redis.client().flushall()
         lab.models.reset()
         self.env = lab.env(self.db, self.dir / "home")
@@ -371,28 +370,12 @@ class Run:
         return p
 
     # -- reading the outcome ------------------------------------------------------
-    def engine(self):
-        return create_engine(self.url, pool_pre_ping=True)
-
     def progress(self) -> tuple[int, int]:
         """(finished jobs, attempts) so far."""
-        eng = self.engine()
-        try:
-            with eng.connect() as c:
-                done = c.execute(select(func.count()).select_from(jobs).where(
-                    jobs.c.batch_id == self.name, jobs.c.status.in_(("succeeded", "failed", "cancelled")))).scalar()
-                calls = c.execute(select(func.count()).select_from(attempts)).scalar()
-            return done, calls
-        finally:
-            eng.dispose()
+        return self.jobs.final_count(self.name), self.jobs.attempt_count()
 
     def tier_attempts(self, tier: str) -> int:
-        eng = self.engine()
-        try:
-            with eng.connect() as c:
-                return c.execute(select(func.count()).select_from(attempts).where(attempts.c.tier == tier)).scalar()
-        finally:
-            eng.dispose()
+        return self.jobs.attempt_count(tier)
 
     def wait_done(self, n: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -404,16 +387,8 @@ class Run:
         return False
 
     def reconcile(self, submitted: int) -> dict:
-        eng = self.engine()
-        try:
-            with eng.connect() as c:
-                rows = c.execute(select(jobs.c.id, jobs.c.status, jobs.c.total_cost).where(
-                    jobs.c.batch_id == self.name)).all()
-                ats = c.execute(select(attempts.c.job_id, attempts.c.decision, attempts.c.cost_usd,
-                                       attempts.c.meta)).all()
-                b = c.execute(select(batches).where(batches.c.id == self.name)).mappings().one_or_none()
-        finally:
-            eng.dispose()
+        rows, ats = self.jobs.ledger(self.name)
+        b = self.batches.batch(self.name)
         final = [r for r in rows if r.status in ("succeeded", "failed", "cancelled")]
         finals_per_job: dict[str, int] = {}
         cost_per_job: dict[str, list[float]] = {}
@@ -512,14 +487,7 @@ def _poison(run: Run, cfg: FaultConfig) -> float:
 def _submitter_kill(run: Run, cfg: FaultConfig) -> float:
     run.write_input(_lines(cfg))
     first = run.submit()
-    eng = run.engine()
-    try:
-        def started() -> bool:
-            with eng.connect() as c:
-                return c.execute(select(func.count()).select_from(batches)).scalar() > 0
-        _wait(started, 60, "the batch row", step=0.01)
-    finally:
-        eng.dispose()
+    _wait(lambda: run.batches.batch_count() > 0, 60, "the batch row", step=0.01)
     first.send_signal(signal.SIGKILL)
     first.wait()
     run.submit()  # the same command again: it resumes the batch

@@ -26,7 +26,6 @@ from typing import Callable
 
 import httpx
 import redis
-from sqlalchemy import create_engine, text
 
 from router.core.portfolio import load_portfolio
 from router.core.records import load_dataset
@@ -40,8 +39,10 @@ from worker.queue.dispatch import Dispatcher
 from worker.queue.items import Item
 from worker.queue.runtime import Runtime
 from worker.queue.tasks import make_app
-from worker.store.legacy import dispose_all, now
+from worker.store.admin import commit_ms, create_database, drop_database
+from worker.store.engine import dispose_all
 from worker.store.notify import JOB_CHANNEL
+from worker.store.schema import now
 
 BENCH_MODELS = ("llama3.2-3b", "llama3.1-70b", "llama3.1-405b")
 BENCH_THRESHOLDS = (-0.3, -0.2)
@@ -170,12 +171,12 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
     items = _items(cfg.data, cfg.jobs)
     cfg.log(f"pipeline: {cfg.jobs} replay jobs, {len(tiers)} tiers x {cfg.processes} process(es), chunks of "
             f"{settings.chunk_size}" + (", task events on" if cfg.events else ""))
-    store = runtime.store
+    store = runtime.jobs
     t0 = time.perf_counter()
     submit(runtime, dispatcher, portfolio, items, "bench", source=str(cfg.data))
-    b = wait_for(store, "bench", progress=False, poll=0.01)
+    b = wait_for(runtime.batches, "bench", progress=False, poll=0.01)
     pipe_s = time.perf_counter() - t0
-    durable = _durable(store, "bench")
+    durable = store.durable("bench")
     if b["succeeded"] != cfg.jobs or durable["succeeded"] != cfg.jobs:
         errors = {j["error"] for j in store.batch_jobs("bench") if j["error"]}
         raise RuntimeError(f"{cfg.jobs - b['succeeded']} benchmark jobs did not succeed: {sorted(errors)[:3]}")
@@ -205,7 +206,7 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
         parts["hop"] += [_ms(ats[i]["created_at"] - ats[i - 1]["created_at"]) - backend[i] for i in range(1, len(ats))]
         parts["learn"].append(_ms(learned - job["finished_at"]))
     overheads = parts.pop("overhead")
-    commit_ms = _commit_ms(store)
+    commit = commit_ms(store.url)
 
     # -- what a job costs in round trips: a counting run ---------------------------
     ops = _count_ops(cfg, runtime, dispatcher, portfolio, workers, prefix) if cfg.count_ops else None
@@ -230,42 +231,13 @@ def _pipeline(cfg: BenchConfig, settings: Settings, env: dict, stack: ExitStack,
         "jobs_by_stages": {str(k): len(v) for k, v in sorted(by_stages.items())},
         # a durable commit here and now (one row UPDATE, waiting for the disk) against one that does not wait:
         # an interactive job waits for a durable commit at submission and at each stage's record
-        "p50_commit_ms": commit_ms,
+        "p50_commit_ms": commit,
         "ops": ops,
     }
 
 
-def _commit_ms(store, n: int = 50) -> dict:
-    """Median time of a one-row UPDATE in its own transaction, durable and not (synchronous_commit off),
-    on a table of the bench's own database (dropped with it)."""
-    out = {}
-    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text("CREATE TABLE IF NOT EXISTS bench_commit_probe (id int PRIMARY KEY, v int)"))
-        c.execute(text("INSERT INTO bench_commit_probe VALUES (1, 0) ON CONFLICT DO NOTHING"))
-        for mode in ("on", "off"):
-            c.execute(text(f"SET synchronous_commit = {mode}"))
-            took = []
-            for _ in range(n):
-                t = time.perf_counter()
-                c.execute(text("UPDATE bench_commit_probe SET v = v + 1 WHERE id = 1"))
-                took.append((time.perf_counter() - t) * 1000)
-            out["durable" if mode == "on" else "not_waiting"] = round(statistics.median(took), 2)
-        c.execute(text("RESET synchronous_commit"))
-    return out
-
-
 def _ms(d) -> float:
     return d.total_seconds() * 1000
-
-
-def _durable(store, batch_id: str) -> dict:
-    """What PostgreSQL holds of the batch, read back: succeeded jobs with an answer, attempts."""
-    with store.engine.connect() as c:
-        ok = c.execute(text("SELECT count(*) FROM jobs WHERE batch_id = :b AND status = 'succeeded' "
-                            "AND final_answer IS NOT NULL"), {"b": batch_id}).scalar()
-        n = c.execute(text("SELECT count(*) FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.batch_id = :b"),
-                      {"b": batch_id}).scalar()
-    return {"succeeded": ok, "attempts": n}
 
 
 def _count_ops(cfg: BenchConfig, runtime: Runtime, dispatcher: Dispatcher, portfolio, workers: _Workers,
@@ -280,13 +252,13 @@ def _count_ops(cfg: BenchConfig, runtime: Runtime, dispatcher: Dispatcher, portf
         with _RedisMonitor(cfg.redis_url, prefix) as mon:
             if name == "batch":
                 submit(runtime, dispatcher, portfolio, _items(cfg.data, n, "ops-"), "ops", source=None)
-                wait_for(runtime.store, "ops", progress=False, poll=0.05)
-                stages = _durable(runtime.store, "ops")["attempts"]
+                wait_for(runtime.batches, "ops", progress=False, poll=0.05)
+                stages = runtime.jobs.durable("ops")["attempts"]
             else:
                 client = Client(runtime.settings, portfolio=portfolio, workers=False)
                 job_id = client.submit(_items(cfg.data, 1, "one-")[0].data["prompt"])
                 client.waiter.wait(JOB_CHANNEL, job_id, lambda: client._final(job_id), 60)
-                stages = len(runtime.store.attempts_of([job_id])[job_id])
+                stages = len(runtime.jobs.attempts_of([job_id])[job_id])
                 client.close()
             time.sleep(1.0)  # the last acks land
         after = workers.statements()
@@ -412,10 +384,10 @@ def run_http_bench(cfg: HttpBenchConfig) -> dict:
                     f"({capacity_per_s:.0f}/s), concurrency {concurrency}, chunks of {chunk}")
             t0 = time.perf_counter()
             submit(runtime, dispatcher, portfolio, items, "http", source=None)
-            b = wait_for(runtime.store, "http", progress=False, poll=0.02)
+            b = wait_for(runtime.batches, "http", progress=False, poll=0.02)
             took = time.perf_counter() - t0
             if b["succeeded"] != n:
-                errors = {j["error"] for j in runtime.store.batch_jobs("http") if j["error"]}
+                errors = {j["error"] for j in runtime.jobs.batch_jobs("http") if j["error"]}
                 raise RuntimeError(f"{n - b['succeeded']} jobs did not succeed: {sorted(errors)[:3]}")
             stats = httpx.get(f"http://127.0.0.1:{port}/v1/stats", timeout=5).json()
             runtime.close()
@@ -432,9 +404,7 @@ def _private(pg_admin: str, redis_url: str):
     tag = uuid.uuid4().hex[:10]
     dbname = f"cascade_bench_{tag}"
     prefix = f"cascade-bench-{tag}:"
-    admin = create_engine(pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{dbname}"'))
+    create_database(pg_admin, dbname)
     db_url = pg_admin.rsplit("/", 1)[0] + f"/{dbname}"
     r = redis.Redis.from_url(redis_url)
     try:
@@ -442,7 +412,7 @@ def _private(pg_admin: str, redis_url: str):
         yield db_url, prefix, Path(tempfile.mkdtemp(prefix="cascade-bench-")), r
     finally:
         _clear_prefix(r, prefix)
-        _drop(admin, dbname)
+        _drop(pg_admin, dbname)
 
 
 def _free_port() -> int:
@@ -451,11 +421,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _drop(admin, dbname: str) -> None:
+def _drop(pg_admin: str, dbname: str) -> None:
     dispose_all()
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-    admin.dispose()
+    drop_database(pg_admin, dbname)
 
 
 def _clear_prefix(r, prefix: str) -> None:

@@ -31,7 +31,8 @@ from worker.labwork.calibration import (
 from worker.queue.batch import default_batch_id, prepare_database
 from worker.queue.items import read_items
 from worker.queue.run import run_batch
-from worker.store.legacy import Store
+from worker.store.batches import BatchStore
+from worker.store.jobs import JobStore
 
 
 @click.command("calibrate")
@@ -73,7 +74,8 @@ def calibrate(portfolio_path, input_path, n, out_path, seed, test_share, max_spe
         stored = {}
         if reuse:
             prepare_database(settings)
-            stored = stored_answers(Store(settings.db_url), reuse, top, {it.data["prompt"] for it in sample})
+            stored = stored_answers(BatchStore(settings.db_url), JobStore(settings.db_url), reuse, top,
+                                    {it.data["prompt"] for it in sample})
         fresh = [it for it in sample if it.data["prompt"] not in stored]
         known = [it for it in sample if it.data["prompt"] in stored]
         estimate = math.fsum(estimate_tier(t, [it.data["prompt"] for it in fresh]) for t in portfolio.tiers)

@@ -5,7 +5,7 @@ import click
 
 from worker.config.settings import get_settings
 from worker.ops.migrate import current
-from worker.store.legacy import Store
+from worker.store.batches import BatchStore
 
 
 @click.command()
@@ -19,7 +19,7 @@ def cancel(batch_id) -> None:
     settings = get_settings()
     if current(settings.db_url) is None:
         raise click.ClickException("the database has no schema yet: nothing to cancel")
-    store = Store(settings.db_url, keep_content=settings.store_content)
+    store = BatchStore(settings.db_url, keep_content=settings.store_content)
     if store.batch(batch_id) is None:
         raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
     n = store.cancel_batch(batch_id)

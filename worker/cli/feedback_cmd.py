@@ -10,12 +10,14 @@ from worker.cli.common import user_errors
 from worker.config.settings import get_settings
 from worker.ops.migrate import current
 from worker.service.feedback import export_rows, parse_grades, record, write_export
-from worker.store.legacy import Store
+from worker.store.batches import BatchStore
+from worker.store.feedback import FeedbackStore
+from worker.store.jobs import JobStore
 
 FEEDBACK_REVISION = "0002"
 
 
-def _store() -> Store:
+def _db_url() -> str:
     settings = get_settings()
     rev = current(settings.db_url)
     if rev is None:
@@ -23,7 +25,7 @@ def _store() -> Store:
     if rev < FEEDBACK_REVISION:
         raise click.ClickException(f"the database schema is at revision {rev}, feedback needs {FEEDBACK_REVISION}: "
                                    f"run `cascade db upgrade`")
-    return Store(settings.db_url)
+    return settings.db_url
 
 
 @click.group()
@@ -45,15 +47,15 @@ def add(batch_id, path, job_id, correct, gold) -> None:
     if job_id is not None and correct is None:
         raise click.UsageError("--job needs --correct")
     with user_errors():
-        store = _store()
-        if batch_id is not None and store.batch(batch_id) is None:
+        url = _db_url()
+        if batch_id is not None and BatchStore(url).batch(batch_id) is None:
             raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
         if path is not None:
             grades = parse_grades(Path(path).read_text(encoding="utf-8").splitlines(), Path(path).name)
-            n = record(store, batch_id, grades, Path(path).name)
+            n = record(FeedbackStore(url), JobStore(url), batch_id, grades, Path(path).name)
         else:
-            n = record(store, batch_id, [{"key": None, "job": job_id, "correct": correct, "gold": gold, "tiers": {},
-                                          "line": 1}], "--job")
+            n = record(FeedbackStore(url), JobStore(url), batch_id, [{"key": None, "job": job_id, "correct": correct,
+                                                                      "gold": gold, "tiers": {}, "line": 1}], "--job")
     click.echo(f"recorded {n} grade(s)")
 
 
@@ -64,10 +66,10 @@ def add(batch_id, path, job_id, correct, gold) -> None:
 def export(batch_id, out, split) -> None:
     """Write BATCH's graded jobs in the benchmarks format (`cascade tune --data OUT`)."""
     with user_errors():
-        store = _store()
-        if store.batch(batch_id) is None:
+        url = _db_url()
+        if BatchStore(url).batch(batch_id) is None:
             raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
-        rows = export_rows(store, batch_id, split)
+        rows = export_rows(FeedbackStore(url), JobStore(url), batch_id, split)
         if not rows:
             raise click.ClickException(f"batch {batch_id!r} has no graded jobs (record some with `cascade feedback add`)")
         write_export(rows, out)

@@ -8,16 +8,16 @@ from worker.cli.common import user_errors
 from worker.config.settings import get_settings
 from worker.queue.batch import prepare_database
 from worker.service.tenants import Tenants
-from worker.store.legacy import Store
+from worker.store.tenants import TenantStore
 
 
 def _tenants() -> Tenants:
     settings = get_settings()
     prepare_database(settings)
-    return Tenants(Store(settings.db_url), settings)
+    return Tenants(TenantStore(settings.db_url), settings)
 
 
-def _limits(store: Store, tenant: str, budget: float | None, rate: int | None, clear: bool) -> None:
+def _limits(store: TenantStore, tenant: str, budget: float | None, rate: int | None, clear: bool) -> None:
     limits = {}
     if budget is not None or clear:
         limits["budget_usd"] = budget

@@ -8,7 +8,8 @@ import click
 
 from worker.config.settings import get_settings
 from worker.ops.migrate import current
-from worker.store.legacy import Store, now
+from worker.store.retention import RetentionStore
+from worker.store.schema import now
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -31,7 +32,7 @@ def purge(age, dry_run) -> None:
     settings = get_settings()
     if current(settings.db_url) is None:
         raise click.ClickException("the database has no schema yet: nothing to purge")
-    n = Store(settings.db_url).purge(before, dry_run=dry_run)
+    n = RetentionStore(settings.db_url).purge(before, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {n['batches']} batches, {n['jobs']} jobs, {n['attempts']} attempts "
                f"finished before {before:%Y-%m-%d %H:%M:%S} UTC")

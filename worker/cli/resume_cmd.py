@@ -11,7 +11,7 @@ from worker.queue.batch import resend_open
 from worker.queue.dispatch import Dispatcher
 from worker.queue.runtime import Runtime
 from worker.queue.tasks import make_app
-from worker.store.legacy import now
+from worker.store.schema import now
 
 
 @click.command()
@@ -31,7 +31,7 @@ def resume(batch_id, idle) -> None:
     if current(settings.db_url) is None:
         raise click.ClickException("the database has no schema yet: nothing to resume")
     rt = Runtime(settings)
-    if rt.store.batch(batch_id) is None:
+    if rt.batches.batch(batch_id) is None:
         raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
     dispatcher = Dispatcher(make_app(settings, rt), settings.chunk_size, publish_wait=settings.publish_wait,
                             size_of=rt.stage_size)

@@ -10,7 +10,7 @@ from worker.ops.migrate import current
 from worker.queue.dispatch import Dispatcher
 from worker.queue.runtime import Runtime
 from worker.queue.tasks import make_app
-from worker.store.legacy import now
+from worker.store.schema import now
 
 
 @click.command()
@@ -30,11 +30,11 @@ def retry(batch_id, match) -> None:
         raise click.ClickException("CASCADE_STORE_CONTENT is off: failed jobs' prompts were erased, so they "
                                    "cannot be replayed; submit them again")
     rt = Runtime(settings)
-    batch = rt.store.batch(batch_id)
+    batch = rt.batches.batch(batch_id)
     if batch is None:
         raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
     deadline = now() + timedelta(seconds=settings.job_timeout) if settings.job_timeout else None
-    reopened = rt.store.reopen_failed(batch_id, match, deadline)
+    reopened = rt.batches.reopen_failed(batch_id, match, deadline)
     digest = batch["portfolio"]
     messages = Dispatcher(make_app(settings, rt), settings.chunk_size, size_of=rt.stage_size).send(
         (job_id, tier, rt.queue_of(digest, tier)) for job_id, tier in reopened)

@@ -10,7 +10,7 @@ from router.core.policyfile import read_policy_file
 from router.lab import drift
 from worker.config.settings import get_settings
 from worker.ops.migrate import current
-from worker.store.legacy import Store
+from worker.store.batches import BatchStore
 
 
 @click.command()
@@ -27,7 +27,7 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
     settings = get_settings()
     if current(settings.db_url) is None:
         raise click.ClickException("the database has no schema yet: nothing has run (or run `cascade db upgrade`)")
-    store = Store(settings.db_url)
+    store = BatchStore(settings.db_url)
     if batch_id is None:
         rows = store.recent_batches(20)
         for b in rows:
@@ -67,7 +67,7 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
             click.echo(line)
 
 
-def _drift(store: Store, batch_id: str, policy_file: str, level: float) -> dict:
+def _drift(store: BatchStore, batch_id: str, policy_file: str, level: float) -> dict:
     try:
         tuned = read_policy_file(policy_file)
     except UserError as e:

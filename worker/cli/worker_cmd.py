@@ -61,10 +61,10 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
             raise click.ClickException("the database has no schema: run `cascade db upgrade` first")
         check_broker_credentials(settings)
         rt = Runtime(settings)
-        rt.store.on_statement(metrics.count_statement)
+        rt.stages.on_statement(metrics.count_statement)
         app = make_app(settings, rt, Catalog.from_settings(settings, portfolio), tiers=[tier.name])
         rt.add_portfolio(portfolio)
-        rt.store.save_portfolio(portfolio.digest, portfolio.spec())
+        rt.jobs.save_portfolio(portfolio.digest, portfolio.spec())
         backend = rt.backend(tier)  # a local model loads once, here, before any job
         backend.check_needs(portfolio.built_policy.needs(portfolio.index(tier.name)))
     pool = pool or backend.pool

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 from router.core.errors import UserError
 from router.core.portfolio import Portfolio, Tier, parse_portfolio
 from worker.queue.items import Item
-from worker.store.legacy import Store
+from worker.store.batches import BatchStore
+from worker.store.jobs import JobStore
 
 # Spend estimate, on the safe side of a cap: a prompt token is taken as 2 characters
 # (English prose tokenises at ~4, but short Q/A lines and digits at ~2.1-2.3: measured
@@ -77,13 +78,14 @@ class Stored:
     attempt: dict[str, Any]
 
 
-def stored_answers(store: Store, batch_ids: Sequence[str], top: Tier, prompts: set[str]) -> dict[str, Stored]:
+def stored_answers(batches: BatchStore, store: JobStore, batch_ids: Sequence[str], top: Tier,
+                   prompts: set[str]) -> dict[str, Stored]:
     """Answers of `prompts` by a tier configured exactly as `top` (same backend and
     price), from the named batches: prompt -> the stored successful attempt."""
     found: dict[str, Stored] = {}
     want = top.model_dump(mode="json", include={"backend", "price"})
     for batch_id in batch_ids:
-        batch = store.batch(batch_id)
+        batch = batches.batch(batch_id)
         if batch is None:
             raise CalibrationError(f"--reuse-batch: no batch {batch_id!r} in the database")
         spec = store.portfolio_spec(batch["portfolio"])

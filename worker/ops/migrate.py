@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
-from worker.store.legacy import engine_for
+from worker.store.engine import engine_for
 
 
 def _config(url: str) -> Config:

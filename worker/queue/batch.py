@@ -30,8 +30,10 @@ from worker.queue.admission import job_row
 from worker.queue.dispatch import Dispatcher
 from worker.queue.items import MAX_BATCH_ID, Item, storable
 from worker.queue.runtime import Runtime
+from worker.store.batches import BatchStore
 from worker.store.errors import InterfaceError, OperationalError
-from worker.store.legacy import Store, now
+from worker.store.jobs import JobStore
+from worker.store.schema import now
 
 log = structlog.get_logger("cascade.batch")
 
@@ -77,10 +79,10 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
            source: str | None) -> Submitted:
     """Commit the batch's jobs (plans computed here, in the submitter), then send the
     first stage of every unfinished one."""
-    store = runtime.store
+    jobs = runtime.jobs
     runtime.add_portfolio(portfolio)
-    store.save_portfolio(portfolio.digest, portfolio.spec())
-    batch = store.ensure_batch(batch_id, portfolio.digest, source)
+    jobs.save_portfolio(portfolio.digest, portfolio.spec())
+    batch = runtime.batches.ensure_batch(batch_id, portfolio.digest, source)
     if batch["portfolio"] != portfolio.digest:
         raise BatchError(
             f"batch {batch_id!r} was started with another portfolio ({batch['portfolio']}); "
@@ -100,7 +102,7 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
             i, size = i + size, min(size * 2, SUBMIT_SLICE[1])  # the first jobs leave soonest
             for r in rows if deadline else ():
                 r.setdefault("deadline", deadline)
-            ids = store.insert_jobs(batch_id, rows)
+            ids = jobs.insert_jobs(batch_id, rows)
             first = [(r["id"], r["current_tier"], runtime.queue_of(portfolio.digest, r["current_tier"]))
                      for r in rows if r["id"] in ids and r["status"] == QUEUED]
             new, sent, messages = new + len(ids), sent + len(first), messages + dispatcher.send(first)
@@ -108,8 +110,8 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
     rows = job_rows(batch_id, items, portfolio)
     for r in rows if deadline else ():
         r.setdefault("deadline", deadline)
-    new = store.add_jobs(batch_id, rows)
-    changed, missing = changed_items(store, batch_id, rows)
+    new = jobs.add_jobs(batch_id, rows)
+    changed, missing = changed_items(jobs, batch_id, rows)
     sent, messages = resend_open(runtime, dispatcher, batch_id)
     sub = Submitted(batch_id, new, sent, messages, changed, missing)
     if sub.warning():
@@ -117,7 +119,7 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
     return sub
 
 
-def changed_items(store: Store, batch_id: str, rows: Sequence[dict[str, Any]]) -> tuple[list[str], int]:
+def changed_items(store: JobStore, batch_id: str, rows: Sequence[dict[str, Any]]) -> tuple[list[str], int]:
     """A re-run: the item keys whose stored job was made from other input, and how
     many stored jobs this input no longer has."""
     stored = store.job_inputs(batch_id)
@@ -165,17 +167,16 @@ def resend_open(runtime: Runtime, dispatcher: Dispatcher, batch_id: str, *, idle
     """Send the current stage of the batch's unfinished jobs (of those idle since
     `idle_before`, if given). Safe at any time: a stage is idempotent, so a job
     whose message still exists is only looked at twice. Returns (jobs, messages)."""
-    store = runtime.store
-    batch = store.batch(batch_id)
+    batch = runtime.batches.batch(batch_id)
     if batch is None:
         raise BatchError(f"no batch {batch_id!r}")
-    open_jobs = store.open_jobs(batch_id, idle_before=idle_before)
+    open_jobs = runtime.jobs.open_jobs(batch_id, idle_before=idle_before)
     digest = batch["portfolio"]
     messages = dispatcher.send((job_id, tier, runtime.queue_of(digest, tier)) for job_id, tier in open_jobs)
     return len(open_jobs), messages
 
 
-def wait_for(store: Store, batch_id: str, *, progress: bool = True, alive=None, timeout: float | None = None,
+def wait_for(store: BatchStore, batch_id: str, *, progress: bool = True, alive=None, timeout: float | None = None,
              poll: float = 0.2, hint: str = "", max_cost: float | None = None) -> dict:
     """Block until every job of the batch is final; a progress bar on stderr. With
     `max_cost`, once the finished jobs' cost passes it the open jobs are cancelled."""
@@ -212,7 +213,7 @@ def wait_for(store: Store, batch_id: str, *, progress: bool = True, alive=None, 
     return b
 
 
-def _read_batch(store: Store, batch_id: str, started: float, timeout: float | None, last: dict | None = None) -> dict:
+def _read_batch(store: BatchStore, batch_id: str, started: float, timeout: float | None, last: dict | None = None) -> dict:
     """The batch row; while the database is away, the last one read (the waiting
     submitter rides out an outage: the workers finish the jobs once it is back)."""
     while True:
@@ -250,7 +251,7 @@ class BatchReport:
         return out
 
 
-def job_results(store: Store, batch_id: str) -> list[dict]:
+def job_results(store: JobStore, batch_id: str) -> list[dict]:
     """Every job of the batch in input order, with its attempts."""
     jobs = store.batch_jobs(batch_id)
     ats = store.attempts_of([j["id"] for j in jobs])

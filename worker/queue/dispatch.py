@@ -7,7 +7,7 @@ a chunk's size is the tier backend's `stage_size` under CASCADE_CHUNK_SIZE. A me
 says which jobs and tier it carries, and ends in 128 random bits: nobody can
 predict an id and revoke it before it is sent, and a re-send (the sweeper,
 `cascade resume`) never reuses one. Duplicates need no shared id: a stage is
-idempotent in the database (worker.store.legacy).
+idempotent in the database (worker.store.stages).
 """
 from __future__ import annotations
 

@@ -61,23 +61,22 @@ def run_batch(items: Iterable[dict[str, Any]] | Sequence[Item], portfolio: Portf
     runtime = Runtime(settings)
     app = make_app(settings, runtime)
     dispatcher = Dispatcher(app, settings.chunk_size, publish_wait=settings.publish_wait, size_of=runtime.stage_size)
-    store = runtime.store
     t0 = time.perf_counter()
     try:
         with _workers(app, runtime, portfolio, settings) as alive:
             t1 = time.perf_counter()
             sub = submit(runtime, dispatcher, portfolio, items, batch_id, source=source)
             if not wait:
-                return BatchReport(batch_id, store.batch(batch_id), sub, timing={"start": t1 - t0})
+                return BatchReport(batch_id, runtime.batches.batch(batch_id), sub, timing={"start": t1 - t0})
             hint = "" if settings.embedded else (
                 "are workers running? start one per tier: "
                 + ", ".join(f"`cascade worker --tier {t.name}`" for t in portfolio.tiers))
-            b = wait_for(store, batch_id, progress=progress, alive=alive, timeout=timeout, hint=hint,
+            b = wait_for(runtime.batches, batch_id, progress=progress, alive=alive, timeout=timeout, hint=hint,
                          max_cost=max_cost)
             t2 = time.perf_counter()
     finally:
         runtime.close()  # unload models now, not at garbage collection
-    results = job_results(store, batch_id)
+    results = job_results(runtime.jobs, batch_id)
     if not settings.store_content:  # collected: the final answers leave the database now
-        store.erase_answers([j["job_id"] for j in results])
+        runtime.jobs.erase_answers([j["job_id"] for j in results])
     return BatchReport(batch_id, b, sub, results, timing={"start": t1 - t0, "serve": t2 - t1})

@@ -1,6 +1,7 @@
-"""What a worker process builds once and reuses for every job: the store, the
-portfolios jobs were submitted with (by digest, each with its policy built once),
-and one backend per tier (a local model is loaded once, not per job).
+"""What a worker process builds once and reuses for every job: the stores of the
+queue (jobs, batches, stages, on one engine), the portfolios jobs were submitted
+with (by digest, each with its policy built once), and one backend per tier (a
+local model is loaded once, not per job).
 
 It is passed explicitly: to the Celery app's stage task (`make_app(settings,
 runtime)`), to the submitter and to the sweeper; nothing hangs it on the app."""
@@ -16,13 +17,17 @@ from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
 from worker.config.credentials import is_redacted
 from worker.config.settings import Settings
 from worker.models.backends import Backend, BackendConfigError, backend_class, build_backend
-from worker.store.legacy import Store
+from worker.store.batches import BatchStore
+from worker.store.jobs import JobStore
+from worker.store.stages import StageStore
 
 
 class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = Store(settings.db_url, keep_content=settings.store_content)
+        self.jobs = JobStore(settings.db_url, keep_content=settings.store_content)
+        self.batches = BatchStore(settings.db_url, keep_content=settings.store_content)
+        self.stages = StageStore(settings.db_url, keep_content=settings.store_content)
         self._portfolios: dict[str, Portfolio] = {}
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
@@ -58,7 +63,7 @@ class Runtime:
         """The portfolio jobs were submitted with (read from the store the first time)."""
         got = self._portfolios.get(digest)
         if got is None:
-            got = self.add_portfolio(portfolio_from_spec(self.store.portfolio_spec(digest)))
+            got = self.add_portfolio(portfolio_from_spec(self.jobs.portfolio_spec(digest)))
         return got
 
     def stage_size(self, tier: str, queue: str, cap: int) -> int:

@@ -36,7 +36,8 @@ from worker.ops import metrics
 from worker.queue.dispatch import queue_for
 from worker.queue.runtime import Runtime
 from worker.store.errors import InterfaceError, OperationalError, StatementError
-from worker.store.legacy import now
+from worker.store.schema import now
+from worker.store.stages import StageStore
 
 log = structlog.get_logger("cascade.stage")
 
@@ -171,7 +172,7 @@ def _failed(tier: Tier, index: int, backend: Backend, error: str, started: float
                    (time.perf_counter() - started) * 1000, error=error)
 
 
-def record(store, outcomes: list[StageOutcome]) -> list[StageOutcome]:
+def record(store: StageStore, outcomes: list[StageOutcome]) -> list[StageOutcome]:
     """record_stage; if the database refuses a value (not an outage: a number out of
     a column's range, say), each outcome alone, and one it still refuses fails its
     own job with its attempt and cost recorded: the others of the stage go on."""
@@ -193,7 +194,7 @@ def record(store, outcomes: list[StageOutcome]) -> list[StageOutcome]:
     return applied
 
 
-def record_durably(store, outcomes: list[StageOutcome], wait: float) -> list[StageOutcome]:
+def record_durably(store: StageStore, outcomes: list[StageOutcome], wait: float) -> list[StageOutcome]:
     """Record the stage's outcomes, waiting out a database outage here, for up to
     `wait` seconds, rather than raising: the models were called and paid for, and a
     retried stage would call them again with the first calls lost from the books."""
@@ -220,9 +221,9 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
     """Run one stage message; returns the stages to send next as (job id, tier, queue).
 
     Bulk: one statement reads the message's jobs and counts their delivery
-    (store.start_stage), one `generate_many` calls the tier for all of them (an HTTP
+    (StageStore.start_stage), one `generate_many` calls the tier for all of them (an HTTP
     backend with many requests in flight), and one statement records every result
-    (store.record_stage): a message costs the same few round trips whatever its size.
+    (StageStore.record_stage): a message costs the same few round trips whatever its size.
 
     Dead letters: every run counts a delivery on its jobs (`deliveries`, per tier).
     A first delivery calls its jobs and records them in one transaction. A job that
@@ -238,8 +239,7 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
 
 
 def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple[str, str, str]]:
-    store = rt.store
-    jobs, prior, started = store.start_stage(tier_name, job_ids)
+    jobs, prior, started = rt.stages.start_stage(tier_name, job_ids)
     if len(jobs) != len(set(job_ids)):
         log.error("stage.unknown_jobs", tier=tier_name, missing=sorted(set(job_ids) - {j["id"] for j in jobs}))
     todo: list[dict] = []
@@ -259,7 +259,7 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
     todo = _drop_overdue_and_dead(rt, tier_name, todo)
     careful = any(j["deliveries"] for j in todo)
     if not careful:
-        store.start_delivery([j["id"] for j in todo if j["id"] not in started])
+        rt.stages.start_delivery([j["id"] for j in todo if j["id"] not in started])
 
     applied: list[StageOutcome] = []
     if careful:
@@ -271,7 +271,7 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
                 outcomes.append(o)
             else:
                 _crashed(rt, tier_name, job, o, resend)
-        applied = record_durably(store, outcomes, rt.settings.record_wait)
+        applied = record_durably(rt.stages, outcomes, rt.settings.record_wait)
     metrics.observe_stage(tier_name, applied)
     for o in applied:
         if o.decision == "escalate":
@@ -290,7 +290,7 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
     gave_up = False
     for job in todo:
         if job["id"] not in started:
-            rt.store.start_delivery([job["id"]])
+            rt.stages.start_delivery([job["id"]])
         with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):  # on every line
             try:
                 o = _run_job(rt, tier_name, job, prior[job["id"]], retries=0 if gave_up else None)
@@ -300,7 +300,7 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
                 _crashed(rt, tier_name, job, e, resend)
                 continue
         gave_up = gave_up or bool(o.meta.get("gave_up"))
-        applied += record_durably(rt.store, [o], rt.settings.record_wait)
+        applied += record_durably(rt.stages, [o], rt.settings.record_wait)
     return applied
 
 
@@ -347,7 +347,7 @@ def _crashed(rt: Runtime, tier_name: str, job: dict, e: BaseException, resend: d
     if runs >= rt.settings.max_deliveries:
         _dead_letter(rt, tier_name, job, runs, error)
     else:
-        rt.store.note_error(job["id"], error)
+        rt.stages.note_error(job["id"], error)
         resend.setdefault(tier_name, []).append(job["id"])  # its next delivery counts
 
 
@@ -362,7 +362,7 @@ def _drop_overdue_and_dead(rt: Runtime, tier_name: str, todo: list[dict]) -> lis
     keep = []
     for job in todo:
         if job["deadline"] is not None and job["deadline"] < t:
-            rt.store.fail_open_jobs([job["id"]], EXPIRED)
+            rt.stages.fail_open_jobs([job["id"]], EXPIRED)
             metrics.EXPIRED.labels(tier_name).inc()
             log.warning("stage.expired", job=job["id"], tier=tier_name)
         elif job["deliveries"] < rt.settings.max_deliveries:
@@ -376,8 +376,8 @@ def _drop_overdue_and_dead(rt: Runtime, tier_name: str, todo: list[dict]) -> lis
 
 
 def _dead_letter(rt: Runtime, tier_name: str, job: dict, runs: int, cause: str) -> None:
-    rt.store.fail_open_jobs([job["id"]], f"dead letter: its stage at tier {tier_name} ran {runs} times "
-                                         f"without a result; last error: {cause}")
+    rt.stages.fail_open_jobs([job["id"]], f"dead letter: its stage at tier {tier_name} ran {runs} times "
+                                          f"without a result; last error: {cause}")
     metrics.DEAD_LETTERS.labels(tier_name).inc()
     log.error("stage.dead_letter", job=job["id"], tier=tier_name, deliveries=runs, error=cause)
 

@@ -2,7 +2,7 @@
 the HTTP service all come here): the same straight line as a CLI batch,
 
     worker.job.request (validate) -> worker.job.codec (plan: pre-call policies run here, in the
-    submitter) -> worker.store.legacy (commit) -> worker.queue.dispatch (first stage)
+    submitter) -> worker.store.jobs (commit) -> worker.queue.dispatch (first stage)
 
 A job with an idempotency key has an id derived from (tenant, key): submitting it
 again finds the same row, and nothing is sent twice. Everything that can be wrong
@@ -96,7 +96,7 @@ class Submitter:
     def portfolio(self, name: str | None) -> Portfolio:
         p = self.runtime.add_portfolio(self.catalog.get(name))
         if p.digest not in self._saved:
-            self.runtime.store.save_portfolio(p.digest, p.spec())
+            self.runtime.jobs.save_portfolio(p.digest, p.spec())
             self._saved.add(p.digest)
         return p
 
@@ -124,12 +124,12 @@ class Submitter:
 
     def submit(self, request: Mapping[str, Any], **kw) -> Submission:
         row, p = self.prepare(request, **kw)
-        store = self.runtime.store
-        if store.insert_jobs(None, [row]):
+        jobs = self.runtime.jobs
+        if jobs.insert_jobs(None, [row]):
             tier = row["current_tier"]
             self.dispatcher.send([(row["id"], tier, queue_for(p.tier(tier).queue_name, row["input"]["priority"]))])
             return Submission(row["id"], True, row["status"])
-        old = store.job(row["id"])
+        old = jobs.job(row["id"])
         if old["input"] != row["input"] or old["portfolio"] != row["portfolio"]:
             raise IdempotencyConflict(f"idempotency key {row['item_key']!r} was used before for another request")
         return Submission(row["id"], False, old["status"])
@@ -147,7 +147,7 @@ class Submitter:
         job_id = job_id_for(tenant, key)
         row = failed_job_row(job_id, key, 0, p, f"refused: {error}")
         row.update(tenant=tenant, input={"id": job_id})
-        return bool(self.runtime.store.insert_jobs(None, [row]))
+        return bool(self.runtime.jobs.insert_jobs(None, [row]))
 
     # -- batches -------------------------------------------------------------------
     def submit_batch(self, records: Iterable[tuple[int, Any]], *, chunk: int = 1000, **kw) -> str:
@@ -168,7 +168,7 @@ class Submitter:
         priority = check_priority(priority)
         p = self.portfolio(portfolio)
         batch_id = batch_id or f"batch-{uuid.uuid4().hex}"
-        self.runtime.store.ensure_batch(batch_id, p.digest, source, tenant)
+        self.runtime.batches.ensure_batch(batch_id, p.digest, source, tenant)
         return BatchWriter(self, p, batch_id, tenant, priority)
 
 
@@ -206,14 +206,14 @@ class BatchWriter:
                           None if data is None else next(starts))
             row["tenant"] = self.tenant
             rows.append(row)
-        store = self.submitter.runtime.store
-        new = store.insert_jobs(batch_id, rows)
+        jobs = self.submitter.runtime.jobs
+        new = jobs.insert_jobs(batch_id, rows)
         dups = [r for r in rows if r["id"] not in new]
         if dups:  # an id used twice in this batch: the later line fails, naming the first
             again = [{**r, "id": f"{batch_id}:line-{r['seq']}", "item_key": f"line-{r['seq']}", "status": "failed",
                       "plan": None, "current_tier": None,
                       "error": f"line {r['seq']}: id {r['item_key']!r} already used in this batch"} for r in dups]
-            store.insert_jobs(batch_id, again)
+            jobs.insert_jobs(batch_id, again)
         self.added += len(rows)
         self.submitter.dispatcher.send(
             (r["id"], r["current_tier"], queue_for(p.tier(r["current_tier"]).queue_name, self.priority))

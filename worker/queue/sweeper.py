@@ -32,7 +32,7 @@ from worker.config.credentials import redact_text
 from worker.ops import metrics
 from worker.queue.dispatch import Dispatcher
 from worker.queue.runtime import Runtime
-from worker.store.legacy import now
+from worker.store.schema import now
 
 log = structlog.get_logger("cascade.sweeper")
 
@@ -54,7 +54,7 @@ class Sweeper(threading.Thread):
         while True:  # a daemon thread: it ends with the worker process
             time.sleep(self.interval)
             try:
-                self.runtime.store.touch(self.runtime.inflight())  # the heartbeat of the jobs held here
+                self.runtime.stages.touch(self.runtime.inflight())  # the heartbeat of the jobs held here
                 self.sweep()
             except Exception as e:  # the database or broker is away: try again next time
                 log.warning("sweep.failed", tier=self.tier.name, error=redact_text(str(e))[:300])
@@ -80,7 +80,7 @@ class Sweeper(threading.Thread):
 
     def sweep(self) -> int:
         rt = self.runtime
-        expired = rt.store.expire_overdue()
+        expired = rt.stages.expire_overdue()
         if expired:  # past their deadline: failed, never re-sent
             for _, tier in expired:
                 metrics.EXPIRED.labels(tier or "").inc()
@@ -90,7 +90,7 @@ class Sweeper(threading.Thread):
             if self.watchdog:
                 self.check_consumer(waiting)
             return 0
-        claimed = rt.store.claim_stale(self.tier.name, now() - timedelta(seconds=self.idle))
+        claimed = rt.stages.claim_stale(self.tier.name, now() - timedelta(seconds=self.idle))
         if not claimed:
             return 0
         t = self.tier.name

@@ -83,7 +83,7 @@ def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
         except Exception as e:
             # A bug or an unexpected backend crash: fail these jobs loudly rather than
             # leave them running forever (the message is acked on failure).
-            rt.store.fail_open_jobs(job_ids, f"internal error at tier {tier}: {type(e).__name__}: {e}")
+            rt.stages.fail_open_jobs(job_ids, f"internal error at tier {tier}: {type(e).__name__}: {e}")
             raise
         dispatcher.send(sends)
         return len(job_ids)

@@ -71,7 +71,7 @@ class Client:
         self.app = base_app(self.settings)  # sends stages by task name; runs none
         dispatcher = Dispatcher(self.app, self.settings.chunk_size, size_of=self.runtime.stage_size)
         self.submitter = Submitter(self.runtime, dispatcher, self.catalog)
-        self.store = self.runtime.store
+        self.jobs, self.batches = self.runtime.jobs, self.runtime.batches
         self.waiter = Waiter(self.settings.db_url)
         self._owner = True
         self._workers = contextlib.ExitStack()
@@ -103,13 +103,13 @@ class Client:
                                      priority=priority, metadata=metadata).job_id
 
     def get(self, job_id: str) -> dict[str, Any]:
-        job = self.store.job(job_id)
+        job = self.jobs.job(job_id)
         if job is None or job["tenant"] != self.tenant:
             raise JobNotFound(f"no job {job_id!r}")
-        return job_view(job, self.store.attempts_of([job_id])[job_id])
+        return job_view(job, self.jobs.attempts_of([job_id])[job_id])
 
     def _final(self, job_id: str) -> bool:
-        job = self.store.job(job_id)
+        job = self.jobs.job(job_id)
         if job is None or job["tenant"] != self.tenant:
             raise JobNotFound(f"no job {job_id!r}")
         return job["status"] in FINAL
@@ -126,7 +126,7 @@ class Client:
     def cancel(self, job_id: str) -> bool:
         """Cancel an open job; False if it had finished already."""
         self.get(job_id)
-        return self.store.cancel_job(job_id)
+        return self.jobs.cancel_job(job_id)
 
     # -- batches ---------------------------------------------------------------------
     def submit_batch(self, items: Iterable[Mapping[str, Any]] | str | Path, *, portfolio: str | None = None,
@@ -141,13 +141,13 @@ class Client:
                                            priority=priority, source=source, chunk=chunk)
 
     def batch(self, batch_id: str) -> dict[str, Any]:
-        b = self.store.batch(batch_id)
+        b = self.batches.batch(batch_id)
         if b is None or b["tenant"] != self.tenant:
             raise JobNotFound(f"no batch {batch_id!r}")
-        return batch_view(b, self.store.batch_tiers(batch_id))
+        return batch_view(b, self.batches.batch_tiers(batch_id))
 
     def _batch_done(self, batch_id: str) -> bool:
-        b = self.store.batch(batch_id)
+        b = self.batches.batch(batch_id)
         if b is None or b["tenant"] != self.tenant:
             raise JobNotFound(f"no batch {batch_id!r}")
         return b["done"] >= b["total"]
@@ -162,10 +162,10 @@ class Client:
         self.batch(batch_id)
         after = -1
         while True:
-            rows = self.store.jobs_page(batch_id, after, page)
+            rows = self.jobs.jobs_page(batch_id, after, page)
             if not rows:
                 return
-            ats = self.store.attempts_of([r["id"] for r in rows])
+            ats = self.jobs.attempts_of([r["id"] for r in rows])
             for r in rows:
                 yield job_view(r, ats[r["id"]])
             after = rows[-1]["seq"]
@@ -179,7 +179,7 @@ class Client:
 
     def cancel_batch(self, batch_id: str) -> int:
         self.batch(batch_id)
-        return self.store.cancel_batch(batch_id)
+        return self.batches.cancel_batch(batch_id)
 
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from router.core.errors import UserError
 from worker.queue.batch import job_results
-from worker.store.legacy import Store
+from worker.store.feedback import FeedbackStore
+from worker.store.jobs import JobStore
 
 
 class FeedbackError(UserError):
@@ -65,14 +66,15 @@ def parse_grades(lines: Sequence[str], name: str) -> list[dict[str, Any]]:
     return out
 
 
-def record(store: Store, batch_id: str | None, grades: list[dict[str, Any]], source: str) -> int:
+def record(store: FeedbackStore, job_store: JobStore, batch_id: str | None, grades: list[dict[str, Any]],
+           source: str) -> int:
     """Store the grades; every line must name a job that exists (of the batch, for item keys)."""
     keys = [g["key"] for g in grades if g["key"] is not None]
     if keys and batch_id is None:
         raise FeedbackError("grades that name items by 'id' need the batch (cascade feedback add BATCH --file ...)")
-    by_key = store.job_ids(batch_id, keys) if keys else {}
+    by_key = job_store.job_ids(batch_id, keys) if keys else {}
     named = [g["job"] for g in grades if g["job"] is not None]
-    known = store.existing_jobs(named) if named else set()
+    known = job_store.existing_jobs(named) if named else set()
     rows = []
     for g in grades:
         job = by_key.get(g["key"]) if g["key"] is not None else (g["job"] if g["job"] in known else None)
@@ -83,12 +85,12 @@ def record(store: Store, batch_id: str | None, grades: list[dict[str, Any]], sou
     return store.record_feedback(rows)
 
 
-def export_rows(store: Store, batch_id: str, split: str = "train") -> list[dict[str, Any]]:
+def export_rows(store: FeedbackStore, job_store: JobStore, batch_id: str, split: str = "train") -> list[dict[str, Any]]:
     """The batch's graded jobs as benchmarks-format rows: one response per model the
     batch called (text, cost, latency, tokens, logprob/p_true as recorded; `correct`
     from the grades: the final tier's from `correct`, others from `tiers`, else null)."""
     grades = store.feedback_of(batch_id)
-    jobs = [j for j in job_results(store, batch_id) if j["job_id"] in grades]
+    jobs = [j for j in job_results(job_store, batch_id) if j["job_id"] in grades]
     models = sorted({a["model"] for j in jobs for a in j["attempts"]})
     rows = []
     for j in jobs:

@@ -26,7 +26,7 @@ import redis
 
 from router.core.errors import UserError
 from worker.config.settings import Settings
-from worker.store.legacy import Store
+from worker.store.tenants import TenantStore
 
 KEY_PREFIX = "csk"
 
@@ -50,7 +50,7 @@ def _digest(key: str) -> str:
 
 
 class Tenants:
-    def __init__(self, store: Store, settings: Settings):
+    def __init__(self, store: TenantStore, settings: Settings):
         self.store = store
         self.settings = settings
         self._redis = None if settings.embedded else redis.Redis.from_url(settings.broker)

@@ -27,7 +27,9 @@ import httpx
 import structlog
 
 from worker.service.views import batch_view
-from worker.store.legacy import Store, now
+from worker.store.batches import BatchStore
+from worker.store.schema import now
+from worker.store.webhooks import WebhookStore
 
 log = structlog.get_logger("cascade.webhooks")
 EXPIRED = "expired: the batch's completion window ended"
@@ -43,9 +45,9 @@ def event_id(batch_id: str) -> str:
 
 
 class BatchUpkeep:
-    def __init__(self, store: Store, *, secret: str, backoff: float, attempts: int, interval: float = 0.5,
-                 timeout: float = 10.0):
-        self.store, self.secret = store, secret
+    def __init__(self, webhooks: WebhookStore, batches: BatchStore, *, secret: str, backoff: float, attempts: int,
+                 interval: float = 0.5, timeout: float = 10.0):
+        self.webhooks, self.batches, self.secret = webhooks, batches, secret
         self.backoff, self.attempts, self.interval, self.timeout = backoff, attempts, interval, timeout
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cascade-upkeep", daemon=True)
@@ -68,15 +70,15 @@ class BatchUpkeep:
                 log.warning("upkeep.error", error=f"{type(e).__name__}: {e}")
 
     def tick(self) -> None:
-        for batch_id in self.store.expired_batches(now()):
-            n = self.store.cancel_batch(batch_id, error=EXPIRED)
+        for batch_id in self.webhooks.expired_batches(now()):
+            n = self.batches.cancel_batch(batch_id, error=EXPIRED)
             log.info("batch.expired", batch=batch_id, jobs=n)
-        for b in self.store.claim_webhooks(now(), lease_s=self.timeout + 5):
+        for b in self.webhooks.claim_webhooks(now(), lease_s=self.timeout + 5):
             self.deliver(b)
 
     def deliver(self, b: dict) -> bool:
         body = json.dumps({"id": event_id(b["id"]), "type": "batch.completed", "created": int(time.time()),
-                           "data": batch_view(b, self.store.batch_tiers(b["id"]))}).encode()
+                           "data": batch_view(b, self.batches.batch_tiers(b["id"]))}).encode()
         ts = int(time.time())
         headers = {"Content-Type": "application/json", "Cascade-Event-Id": event_id(b["id"]),
                    "Cascade-Signature": signature(self.secret, ts, body)}
@@ -87,10 +89,10 @@ class BatchUpkeep:
             log.warning("webhook.error", batch=b["id"], error=str(e), attempt=tries)
             ok = False
         if ok:
-            self.store.webhook_result(b["id"], state="delivered", attempts=tries, next_at=None)
+            self.webhooks.webhook_result(b["id"], state="delivered", attempts=tries, next_at=None)
         elif tries >= self.attempts:
-            self.store.webhook_result(b["id"], state="failed", attempts=tries, next_at=None)
+            self.webhooks.webhook_result(b["id"], state="failed", attempts=tries, next_at=None)
         else:
             wait = self.backoff * 2 ** (tries - 1)
-            self.store.webhook_result(b["id"], state="pending", attempts=tries, next_at=now() + timedelta(seconds=wait))
+            self.webhooks.webhook_result(b["id"], state="pending", attempts=tries, next_at=now() + timedelta(seconds=wait))
         return ok

@@ -19,6 +19,8 @@ from worker.service.api.common import ApiError, error_response
 from worker.service.client import Client, JobNotFound
 from worker.service.tenants import AuthError, BudgetExhausted, RateLimited, Tenants
 from worker.service.webhooks import BatchUpkeep
+from worker.store.tenants import TenantStore
+from worker.store.webhooks import WebhookStore
 
 
 def _loc(loc) -> str:
@@ -39,9 +41,11 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
     async def lifespan(app: FastAPI):
         own = client is None
         app.state.client = client or (client_factory or (lambda: Client(settings, portfolio=portfolio)))()
-        app.state.tenants = Tenants(app.state.client.store, settings)
-        upkeep = BatchUpkeep(app.state.client.store, secret=settings.webhook_secret, backoff=settings.webhook_backoff,
-                             attempts=settings.webhook_attempts).start()
+        db_url = app.state.client.settings.db_url
+        app.state.tenants = Tenants(TenantStore(db_url), settings)
+        app.state.webhooks = WebhookStore(db_url)
+        upkeep = BatchUpkeep(app.state.webhooks, app.state.client.batches, secret=settings.webhook_secret,
+                             backoff=settings.webhook_backoff, attempts=settings.webhook_attempts).start()
         try:
             yield
         finally:
@@ -66,7 +70,7 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
         """The database and the broker answer."""
         c: Client = request.app.state.client
         try:
-            c.store.ping()
+            c.jobs.ping()
             if not settings.embedded:
                 with c.app.connection_for_write() as conn:
                     conn.ensure_connection(max_retries=1, timeout=2)

@@ -20,7 +20,7 @@ from worker.queue.items import Item
 from worker.service.api.common import ApiError, caller, not_found, submitter
 from worker.service.client import Client, JobNotFound
 from worker.service.openai_format import batch_line, batch_output, is_openai_line
-from worker.store.legacy import now
+from worker.store.schema import now
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 CHUNK = 1000
@@ -55,7 +55,7 @@ def _view(c: Client, batch_id: str) -> dict:
         v = c.batch(batch_id)
     except JobNotFound:
         raise not_found("batch", batch_id) from None
-    b = c.store.batch(batch_id)
+    b = c.batches.batch(batch_id)
     v.update(expires_at=b["expires_at"].isoformat() if b["expires_at"] else None, webhook=b["webhook_state"])
     return v
 
@@ -70,13 +70,13 @@ async def create_batch(request: Request, response: Response, c: Client = Depends
     expires = window(completion_window)
     writer = await run_in_threadpool(c.submitter.open_batch, portfolio=model, tenant=c.tenant)
     if expires is not None or webhook_url:
-        await run_in_threadpool(c.store.set_batch_options, writer.batch_id,
+        await run_in_threadpool(request.app.state.webhooks.set_batch_options, writer.batch_id,
                                 expires_at=None if expires is None else now() + expires, webhook_url=webhook_url)
     try:
         await _read_body(request, writer, model)
     except BaseException:
         # an upload cut short (a line too long, the client gone): its jobs are not left half-run
-        await run_in_threadpool(c.store.cancel_batch, writer.batch_id, "cancelled: the upload did not complete")
+        await run_in_threadpool(c.batches.cancel_batch, writer.batch_id, "cancelled: the upload did not complete")
         raise
     response.headers["Location"] = f"/v1/batches/{writer.batch_id}"
     return await run_in_threadpool(_view, c, writer.batch_id)
@@ -125,7 +125,7 @@ def _lines(c: Client, batch_id: str, model: str, errors: bool) -> Iterator[bytes
 
 def _stream(c: Client, batch_id: str, errors: bool) -> StreamingResponse:
     _view(c, batch_id)
-    digest = c.store.batch(batch_id)["portfolio"]
+    digest = c.batches.batch(batch_id)["portfolio"]
     model = next((n for n in c.catalog.names() if c.catalog.get(n).digest == digest), digest)
     return StreamingResponse(_lines(c, batch_id, model, errors), media_type="application/x-ndjson")
 

@@ -1,0 +1,96 @@
+"""Batch rows: created once (a re-run resumes the batch), read with their counters
+and per-tier figures, and the writes to a batch's jobs as a whole (cancel the open
+ones, queue the failed ones again), each moving the batch's counters in the same
+transaction."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+
+from worker.job.codec import CANCELLED, FAILED, OPEN, QUEUED
+from worker.store.engine import Database, dialect_insert
+from worker.store.jobs import forget_content
+from worker.store.schema import attempts, batches, jobs, now
+
+
+class BatchStore(Database):
+    def ensure_batch(self, batch_id: str, portfolio: str, source: str | None, tenant: str = "default") -> dict:
+        """Create the batch, or return the existing one (a re-run resumes it)."""
+        with self.tx() as c:
+            t = now()
+            c.execute(dialect_insert(c, batches).values(
+                id=batch_id, tenant=tenant, portfolio=portfolio, source=source, total=0, done=0, succeeded=0,
+                failed=0, cancelled=0, total_cost=0.0, created_at=t, updated_at=t, webhook_attempts=0,
+            ).on_conflict_do_nothing(index_elements=["id"]))
+            return dict(c.execute(select(batches).where(batches.c.id == batch_id)).mappings().one())
+
+    def batch(self, batch_id: str) -> dict | None:
+        with self.read() as c:
+            r = c.execute(select(batches).where(batches.c.id == batch_id)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    def recent_batches(self, limit: int = 20) -> list[dict]:
+        with self.read() as c:
+            return [dict(r) for r in c.execute(
+                select(batches).order_by(batches.c.created_at.desc()).limit(limit)).mappings()]
+
+    def batch_tiers(self, batch_id: str) -> list[dict]:
+        """Per tier: calls, accepted, escalated/failed, cost and model time."""
+        with self.read() as c:
+            q = (select(attempts.c.tier, attempts.c.tier_index, attempts.c.decision,
+                        func.count().label("n"), func.sum(attempts.c.cost_usd).label("cost"),
+                        func.sum(attempts.c.latency_ms).label("latency_ms"))
+                 .select_from(attempts.join(jobs, jobs.c.id == attempts.c.job_id))
+                 .where(jobs.c.batch_id == batch_id)
+                 .group_by(attempts.c.tier, attempts.c.tier_index, attempts.c.decision))
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def tier_observations(self, batch_id: str) -> list[dict]:
+        """Every answered call of the batch (failed calls excluded): tier, decision, signals."""
+        with self.read() as c:
+            q = (select(attempts.c.tier, attempts.c.decision, attempts.c.signals)
+                 .select_from(attempts.join(jobs, jobs.c.id == attempts.c.job_id))
+                 .where(jobs.c.batch_id == batch_id, attempts.c.error.is_(None)))
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def cancel_batch(self, batch_id: str, error: str = "cancelled") -> int:
+        t = now()
+        with self.tx() as c:
+            ids = c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
+                            .values(status=CANCELLED, finished_at=t, updated_at=t, error=error)
+                            .returning(jobs.c.id)).scalars().all()
+            n = len(ids)
+            if not self.keep_content:
+                forget_content(c, ids)
+            if n:
+                c.execute(update(batches).where(batches.c.id == batch_id).values(
+                    done=batches.c.done + n, cancelled=batches.c.cancelled + n, updated_at=t))
+        return n
+
+    def reopen_failed(self, batch_id: str, match: str | None = None,
+                      deadline: datetime | None = None) -> list[tuple[str, str]]:
+        """Queue again the batch's failed jobs (whose error contains `match`, if given)
+        that never got an answer at the tier they failed at: dead letters, expired
+        jobs, internal errors. A job the policy rejected after its last call stays
+        failed (running it again would change nothing). Returns (job id, tier)."""
+        t = now()
+        tried_here = (select(attempts.c.id).where(attempts.c.job_id == jobs.c.id, attempts.c.tier == jobs.c.current_tier)
+                      .exists())
+        cond = [jobs.c.batch_id == batch_id, jobs.c.status == FAILED, jobs.c.current_tier.is_not(None), ~tried_here]
+        if match:
+            cond.append(jobs.c.error.contains(match, autoescape=True))
+        with self.tx() as c:
+            rows = c.execute(update(jobs).where(*cond)
+                             .values(status=QUEUED, error=None, deliveries=0, finished_at=None, deadline=deadline,
+                                     updated_at=t)
+                             .returning(jobs.c.id, jobs.c.current_tier)).all()
+            if rows:
+                c.execute(update(batches).where(batches.c.id == batch_id).values(
+                    done=batches.c.done - len(rows), failed=batches.c.failed - len(rows), updated_at=t))
+        return sorted((r.id, r.current_tier) for r in rows)
+
+    def batch_count(self) -> int:
+        """Batches in the database (the fault drill waits for its submitter's first)."""
+        with self.read() as c:
+            return c.execute(select(func.count()).select_from(batches)).scalar()

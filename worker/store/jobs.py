@@ -1,0 +1,232 @@
+"""Job rows: the portfolios jobs are submitted with, the jobs themselves (inserted
+before any message names them), their attempts as read back, and the job-level
+writes outside a stage (cancel one job, forget collected answers). The batch
+counters move in the transaction that inserts or cancels a job."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Sequence
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.engine import Connection, Row
+
+from worker.config.credentials import redact_spec
+from worker.job.codec import CANCELLED, FAILED, FINAL, OPEN
+from worker.store.engine import Database, dialect_insert
+from worker.store.schema import attempts, batches, jobs, now, portfolios
+
+# what a finished job's input becomes when content is not kept
+ERASED_INPUT = {"erased": True}
+_JOB_COLUMNS = [c.name for c in jobs.columns]
+_COPY_FROM = 50  # rows; fewer (a single job) go in one plain INSERT, one round trip
+_JSON_COLUMNS = {"input", "plan"}
+
+
+def _copy_jobs(c: Connection, rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Insert job rows through COPY into a temporary table, then one INSERT .. SELECT
+    .. ON CONFLICT DO NOTHING: a multi-row INSERT of a thousand jobs spends most of
+    its time in the driver re-parsing a statement with 20,000 placeholders."""
+    raw = c.connection.driver_connection
+    cols = ", ".join(_JOB_COLUMNS)
+    with raw.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS jobs_in (LIKE jobs) ON COMMIT DELETE ROWS")
+        with cur.copy(f"COPY jobs_in ({cols}) FROM STDIN") as cp:
+            for r in rows:
+                cp.write_row([json.dumps(r[k]) if k in _JSON_COLUMNS and r[k] is not None else r[k]
+                              for k in _JOB_COLUMNS])
+        cur.execute(f"INSERT INTO jobs ({cols}) SELECT {cols} FROM jobs_in ORDER BY seq "
+                    f"ON CONFLICT DO NOTHING RETURNING id, status")
+        got = cur.fetchall()
+        cur.execute("TRUNCATE jobs_in")
+    return got
+
+
+def forget_content(c: Connection, job_ids: Sequence[str]) -> None:
+    """Erase these finished jobs' prompts and their tiers' answers, in the caller's
+    transaction (the one that finishes them), when content is not kept."""
+    if not job_ids:
+        return
+    ids = sorted(job_ids)
+    for i in range(0, len(ids), 1000):
+        part = ids[i : i + 1000]
+        c.execute(update(jobs).where(jobs.c.id.in_(part)).values(input=ERASED_INPUT))
+        c.execute(update(attempts).where(attempts.c.job_id.in_(part)).values(answer=None))
+
+
+class JobStore(Database):
+    def save_portfolio(self, digest: str, spec: dict[str, Any]) -> None:
+        """Stored with every credential blanked (worker.config.credentials): a worker calls with
+        the portfolio it was started with, never with one read back from here."""
+        with self.tx() as c:
+            c.execute(dialect_insert(c, portfolios).values(digest=digest, spec=redact_spec(spec), created_at=now())
+                      .on_conflict_do_nothing(index_elements=["digest"]))
+
+    def portfolio_spec(self, digest: str) -> dict[str, Any]:
+        with self.read() as c:
+            spec = c.execute(select(portfolios.c.spec).where(portfolios.c.digest == digest)).scalar_one_or_none()
+        if spec is None:
+            raise LookupError(f"portfolio {digest} is not in the database")
+        return spec
+
+    def add_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert jobs (skipping ones already there); count new ones into the batch.
+
+        Each row: id, item_key, seq, portfolio, input, plan, status, current_tier,
+        and for rows rejected at submission: error (status failed).
+        Returns how many rows were new.
+        """
+        return len(self.insert_jobs(batch_id, rows))
+
+    def insert_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]]) -> set[str]:
+        """`add_jobs`, returning the ids of the rows that were new."""
+        if not rows:
+            return set()
+        t = now()
+        full = []
+        for r in rows:
+            full.append({
+                "tenant": "default", "batch_id": batch_id, "item_key": None, "seq": 0, "plan": None,
+                "current_tier": None, "final_answer": None, "final_tier": None, "total_cost": 0.0,
+                "error": None, "started_at": None, "finished_at": t if r.get("status") in FINAL else None,
+                "created_at": t, "updated_at": t, "deliveries": 0, "deadline": None, **r,
+            })
+        if batch_id is None and len(full) <= _COPY_FROM and self.engine.dialect.name == "postgresql":
+            # jobs of no batch (the interactive path): one INSERT, its own transaction, one round trip
+            with self.read() as c:
+                ins = dialect_insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id)
+                return {g[0] for g in c.execute(ins, full).all()}
+        new: set[str] = set()
+        failed = 0
+        with self.tx() as c:
+            for i in range(0, len(full), 1000):
+                part = full[i : i + 1000]
+                if c.dialect.name == "postgresql" and len(part) > _COPY_FROM:
+                    got = _copy_jobs(c, part)
+                else:
+                    ins = dialect_insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id, jobs.c.status)
+                    got = c.execute(ins, part).all()
+                new.update(g[0] for g in got)
+                failed += sum(1 for g in got if g[1] == FAILED)
+            if batch_id is not None and new:
+                c.execute(update(batches).where(batches.c.id == batch_id).values(
+                    total=batches.c.total + len(new), done=batches.c.done + failed,
+                    failed=batches.c.failed + failed, updated_at=t))
+        return new
+
+    def job_inputs(self, batch_id: str) -> dict[str, tuple[Any, str | None]]:
+        """item key -> (stored input, error if it failed at submission) of a batch's jobs."""
+        with self.read() as c:
+            q = select(jobs.c.item_key, jobs.c.input, jobs.c.status, jobs.c.plan, jobs.c.error).where(
+                jobs.c.batch_id == batch_id)
+            # a job failed at submission has no plan: its error is what the line was
+            return {r.item_key: (r.input, r.error if r.plan is None and r.status == FAILED else None)
+                    for r in c.execute(q)}
+
+    def open_jobs(self, batch_id: str, *, idle_before: datetime | None = None) -> list[tuple[str, str]]:
+        """(job id, current tier) of the batch's unfinished jobs, in input order;
+        with idle_before, only those not updated since then."""
+        with self.read() as c:
+            q = (select(jobs.c.id, jobs.c.current_tier).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN))
+                 .order_by(jobs.c.seq))
+            if idle_before is not None:
+                q = q.where(jobs.c.updated_at < idle_before)
+            return [(r.id, r.current_tier) for r in c.execute(q)]
+
+    def job_ids(self, batch_id: str, item_keys: Sequence[str]) -> dict[str, str]:
+        """item key -> job id, for the keys that are jobs of the batch."""
+        out: dict[str, str] = {}
+        with self.read() as c:
+            for i in range(0, len(item_keys), 1000):
+                q = select(jobs.c.item_key, jobs.c.id).where(jobs.c.batch_id == batch_id,
+                                                            jobs.c.item_key.in_(item_keys[i : i + 1000]))
+                out.update({r.item_key: r.id for r in c.execute(q)})
+        return out
+
+    def existing_jobs(self, job_ids: Sequence[str]) -> set[str]:
+        with self.read() as c:
+            got: set[str] = set()
+            for i in range(0, len(job_ids), 1000):
+                got |= set(c.execute(select(jobs.c.id).where(jobs.c.id.in_(job_ids[i : i + 1000]))).scalars())
+            return got
+
+    def job(self, job_id: str) -> dict | None:
+        with self.read() as c:
+            r = c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    def batch_jobs(self, batch_id: str) -> list[dict]:
+        with self.read() as c:
+            q = select(jobs).where(jobs.c.batch_id == batch_id).order_by(jobs.c.seq)
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def attempts_of(self, job_ids: Sequence[str]) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {j: [] for j in job_ids}
+        with self.read() as c:
+            for i in range(0, len(job_ids), 1000):
+                q = (select(attempts).where(attempts.c.job_id.in_(job_ids[i : i + 1000]))
+                     .order_by(attempts.c.job_id, attempts.c.step))
+                for r in c.execute(q).mappings():
+                    out[r["job_id"]].append(dict(r))
+        return out
+
+    def jobs_page(self, batch_id: str, after_seq: int, limit: int) -> list[dict]:
+        """The batch's jobs with seq > after_seq, in input order (results stream page by page)."""
+        with self.read() as c:
+            q = (select(jobs).where(jobs.c.batch_id == batch_id, jobs.c.seq > after_seq)
+                 .order_by(jobs.c.seq).limit(limit))
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def cancel_job(self, job_id: str) -> bool:
+        """Cancel one open job (its batch's counters move with it); False if it was final."""
+        t = now()
+        with self.tx() as c:
+            row = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(OPEN))
+                            .values(status=CANCELLED, finished_at=t, updated_at=t, error="cancelled")
+                            .returning(jobs.c.batch_id)).one_or_none()
+            if row is not None and row.batch_id is not None:
+                c.execute(update(batches).where(batches.c.id == row.batch_id).values(
+                    done=batches.c.done + 1, cancelled=batches.c.cancelled + 1, updated_at=t))
+        return row is not None
+
+    def erase_answers(self, job_ids: Sequence[str]) -> None:
+        """Forget finished jobs' final answers (their results were collected)."""
+        ids = sorted(job_ids)
+        with self.tx() as c:
+            for i in range(0, len(ids), 1000):
+                c.execute(update(jobs).where(jobs.c.id.in_(ids[i : i + 1000]), jobs.c.status.in_(FINAL))
+                          .values(final_answer=None))
+
+    # -- the books read back (the benchmarks reconcile them) --------------------------
+    def final_count(self, batch_id: str) -> int:
+        with self.read() as c:
+            return c.execute(select(func.count()).select_from(jobs).where(
+                jobs.c.batch_id == batch_id, jobs.c.status.in_(FINAL))).scalar()
+
+    def attempt_count(self, tier: str | None = None) -> int:
+        """Attempts recorded (at `tier`, if given), of every job in the database."""
+        q = select(func.count()).select_from(attempts)
+        if tier is not None:
+            q = q.where(attempts.c.tier == tier)
+        with self.read() as c:
+            return c.execute(q).scalar()
+
+    def ledger(self, batch_id: str) -> tuple[list[Row], list[Row]]:
+        """The batch's jobs (id, status, total_cost) and every attempt in the database
+        (job_id, decision, cost_usd, meta): what the fault drill checks against the
+        requests its model server counted."""
+        with self.read() as c:
+            rows = c.execute(select(jobs.c.id, jobs.c.status, jobs.c.total_cost).where(
+                jobs.c.batch_id == batch_id)).all()
+            ats = c.execute(select(attempts.c.job_id, attempts.c.decision, attempts.c.cost_usd,
+                                   attempts.c.meta)).all()
+        return rows, ats
+
+    def durable(self, batch_id: str) -> dict[str, int]:
+        """What PostgreSQL holds of the batch, read back: succeeded jobs with an answer, attempts."""
+        with self.read() as c:
+            ok = c.execute(text("SELECT count(*) FROM jobs WHERE batch_id = :b AND status = 'succeeded' "
+                                "AND final_answer IS NOT NULL"), {"b": batch_id}).scalar()
+            n = c.execute(text("SELECT count(*) FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.batch_id = :b"),
+                          {"b": batch_id}).scalar()
+        return {"succeeded": ok, "attempts": n}

@@ -1,0 +1,154 @@
+"""The tables, as SQLAlchemy declares them for every module of the store (and for
+Alembic's autogenerate, migrations/env.py); the migrations in migrations/versions
+create them. `now()` is the one clock every stored timestamp is read from."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import postgresql
+
+metadata = MetaData()
+
+_json = JSON().with_variant(postgresql.JSONB(), "postgresql")
+_ts = DateTime(timezone=True)
+
+portfolios = Table(
+    "portfolios",
+    metadata,
+    Column("digest", String(32), primary_key=True),
+    Column("spec", _json, nullable=False),
+    Column("created_at", _ts, nullable=False),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("tenant", String(200), nullable=False, default="default"),
+    Column("portfolio", String(32), ForeignKey("portfolios.digest"), nullable=False),
+    Column("source", Text),
+    Column("total", Integer, nullable=False, default=0),
+    Column("done", Integer, nullable=False, default=0),
+    Column("succeeded", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("cancelled", Integer, nullable=False, default=0),
+    Column("total_cost", Float(53), nullable=False, default=0.0),
+    Column("created_at", _ts, nullable=False),
+    Column("updated_at", _ts, nullable=False),
+    # task API (worker.service.webhooks): unfinished jobs expire at expires_at; a finished
+    # batch's webhook is delivered (state pending -> delivered | failed) with retries
+    Column("expires_at", _ts, nullable=True),
+    Column("webhook_url", Text, nullable=True),
+    Column("webhook_state", String(16), nullable=True),
+    Column("webhook_attempts", Integer, nullable=False, default=0),
+    Column("webhook_next_at", _ts, nullable=True),
+    Index("ix_batches_webhook", "webhook_state", "webhook_next_at"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("tenant", String(200), nullable=False, default="default"),
+    Column("batch_id", String(200), ForeignKey("batches.id"), nullable=True),
+    Column("item_key", String(200), nullable=True),
+    Column("seq", Integer, nullable=False, default=0),
+    Column("portfolio", String(32), ForeignKey("portfolios.digest"), nullable=False),
+    Column("input", _json, nullable=False),
+    Column("plan", _json, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("current_tier", String(64), nullable=True),
+    Column("final_answer", Text, nullable=True),
+    Column("final_tier", String(64), nullable=True),
+    Column("total_cost", Float(53), nullable=False, default=0.0),
+    Column("error", Text, nullable=True),
+    Column("created_at", _ts, nullable=False),
+    Column("started_at", _ts, nullable=True),
+    Column("finished_at", _ts, nullable=True),
+    Column("updated_at", _ts, nullable=False),
+    # stage runs at the current tier that ended without recording a result (a crash)
+    Column("deliveries", Integer, nullable=False, default=0, server_default="0"),
+    Column("deadline", _ts, nullable=True),  # an open job past it expires (fails), never re-sent
+    UniqueConstraint("batch_id", "item_key", name="uq_jobs_batch_item"),
+    Index("ix_jobs_batch_status", "batch_id", "status"),
+    Index("ix_jobs_status_deadline", "status", "deadline"),
+    Index("ix_jobs_finished_at", "finished_at"),
+    Index("ix_jobs_batch_seq", "batch_id", "seq"),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(200), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("tier", String(64), nullable=False),
+    Column("tier_index", Integer, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("answer", Text, nullable=True),
+    Column("signals", _json, nullable=False),
+    Column("tokens_in", Integer, nullable=True),
+    Column("tokens_out", Integer, nullable=True),
+    Column("cost_usd", Float(53), nullable=False, default=0.0),
+    Column("latency_ms", Float(53), nullable=True),
+    Column("decision", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("meta", _json, nullable=False),
+    Column("created_at", _ts, nullable=False),
+    UniqueConstraint("job_id", "tier", name="uq_attempts_job_tier"),
+)
+
+# graded outcomes (`cascade feedback`): one row per job, a re-grade replaces it
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("job_id", String(200), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("correct", Float(53), nullable=False),
+    Column("gold", Text, nullable=True),
+    Column("tiers", _json, nullable=False),  # tier -> graded correctness of that tier's answer
+    Column("source", Text, nullable=True),
+    Column("created_at", _ts, nullable=False),
+    Column("updated_at", _ts, nullable=False),
+)
+
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("budget_usd", Float(53), nullable=True),
+    Column("rate_per_min", Integer, nullable=True),
+    # moved by a trigger when a job of the tenant becomes final (migration 0003)
+    Column("spent_usd", Float(53), nullable=False, default=0.0),
+    Column("created_at", _ts, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant", String(200), ForeignKey("tenants.id"), nullable=False),
+    Column("hash", String(64), nullable=False),  # sha256 of the whole key; the key itself is never stored
+    Column("name", String(200), nullable=True),
+    Column("created_at", _ts, nullable=False),
+    Column("revoked_at", _ts, nullable=True),
+)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)

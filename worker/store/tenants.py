@@ -1,0 +1,48 @@
+"""Tenants of the task API and their API keys (worker.service.tenants): limits set
+here; a tenant's spend is moved by a trigger of the database (migration 0003);
+a key is stored as its hash only."""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+
+from worker.store.engine import Database, dialect_insert
+from worker.store.schema import api_keys, now, tenants
+
+
+class TenantStore(Database):
+    def upsert_tenant(self, tenant: str, **limits: Any) -> None:
+        """Create the tenant if new; set the given limits (budget_usd, rate_per_min; None clears)."""
+        with self.tx() as c:
+            c.execute(dialect_insert(c, tenants).values(id=tenant, spent_usd=0.0, created_at=now())
+                      .on_conflict_do_nothing(index_elements=["id"]))
+            if limits:
+                c.execute(update(tenants).where(tenants.c.id == tenant).values(**limits))
+
+    def tenant(self, tenant: str) -> dict | None:
+        with self.read() as c:
+            r = c.execute(select(tenants).where(tenants.c.id == tenant)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    def add_key(self, key_id: str, tenant: str, digest: str, name: str | None) -> None:
+        with self.tx() as c:
+            c.execute(api_keys.insert().values(id=key_id, tenant=tenant, hash=digest, name=name, created_at=now()))
+
+    def key(self, key_id: str) -> dict | None:
+        with self.read() as c:
+            r = c.execute(select(api_keys).where(api_keys.c.id == key_id)).mappings().one_or_none()
+            return dict(r) if r else None
+
+    def keys(self, tenant: str | None = None) -> list[dict]:
+        with self.read() as c:
+            q = select(api_keys.c.id, api_keys.c.tenant, api_keys.c.name, api_keys.c.created_at,
+                       api_keys.c.revoked_at).order_by(api_keys.c.tenant, api_keys.c.created_at)
+            if tenant is not None:
+                q = q.where(api_keys.c.tenant == tenant)
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.tx() as c:
+            return c.execute(update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                             .values(revoked_at=now())).rowcount == 1
