@@ -17,12 +17,31 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from router.core.errors import UserError
+from worker.ops.migrate import current
 from worker.queue.batch import job_results
 from worker.store.legacy import Store
+
+FEEDBACK_REVISION = "0002"
 
 
 class FeedbackError(UserError):
     """A grades file or request that cannot be recorded."""
+
+
+def feedback_store(db_url: str) -> Store:
+    """The store at `db_url`, once its schema has the feedback table; else an error naming the fix."""
+    rev = current(db_url)
+    if rev is None:
+        raise FeedbackError("the database has no schema yet: nothing has run (or run `cascade db upgrade`)")
+    if rev < FEEDBACK_REVISION:
+        raise FeedbackError(f"the database schema is at revision {rev}, feedback needs {FEEDBACK_REVISION}: "
+                            f"run `cascade db upgrade`")
+    return Store(db_url)
+
+
+def _known_batch(store: Store, batch_id: str) -> None:
+    if store.batch(batch_id) is None:
+        raise FeedbackError(f"no batch {batch_id!r} (list them with `cascade status`)")
 
 
 def _grade(v: Any, where: str) -> float:
@@ -83,6 +102,23 @@ def record(store: Store, batch_id: str | None, grades: list[dict[str, Any]], sou
     return store.record_feedback(rows)
 
 
+def record_file(store: Store, batch_id: str | None, path: str | Path) -> int:
+    """Store the grades of a grades file (item ids are `batch_id`'s items)."""
+    if batch_id is not None:
+        _known_batch(store, batch_id)
+    p = Path(path)
+    grades = parse_grades(p.read_text(encoding="utf-8").splitlines(), p.name)
+    return record(store, batch_id, grades, p.name)
+
+
+def record_one(store: Store, batch_id: str | None, job_id: str, correct: float, gold: str | None) -> int:
+    """Store one job's grade."""
+    if batch_id is not None:
+        _known_batch(store, batch_id)
+    return record(store, batch_id, [{"key": None, "job": job_id, "correct": correct, "gold": gold, "tiers": {},
+                                     "line": 1}], "--job")
+
+
 def export_rows(store: Store, batch_id: str, split: str = "train") -> list[dict[str, Any]]:
     """The batch's graded jobs as benchmarks-format rows: one response per model the
     batch called (text, cost, latency, tokens, logprob/p_true as recorded; `correct`
@@ -122,3 +158,13 @@ def write_export(rows: list[dict[str, Any]], out: str | Path) -> Path:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(p)
     return p
+
+
+def export(store: Store, batch_id: str, out: str | Path, split: str = "train") -> int:
+    """Write `batch_id`'s graded jobs to `out` (`export_rows`, `write_export`): how many."""
+    _known_batch(store, batch_id)
+    rows = export_rows(store, batch_id, split)
+    if not rows:
+        raise FeedbackError(f"batch {batch_id!r} has no graded jobs (record some with `cascade feedback add`)")
+    write_export(rows, out)
+    return len(rows)
