@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from router.core.comparators import Comparator, resolved
-from router.core.records import Record
+from router.core.records import Record, load_dataset, record_json, write_records
 
 from .labelled import DataError
 
@@ -151,3 +152,20 @@ def pseudo_label(records: Sequence[Record], reference: str, comparator: Comparat
         fidelity={m: a / n for m, (a, n) in same_as_real.items() if n},
     )
     return out, report
+
+
+def label_file(path: str | Path, out: str | Path, comparator: Comparator, *, reference: str | None = None,
+               unparsed: str = "disagree") -> PseudoReport:
+    """Pseudo-label a benchmarks-format file and write it to `out` (`cascade pseudo-label`).
+    The reference: the model named, "gold", or by default the most accurate by the
+    file's own grades (on its train split if it has one)."""
+    ds = load_dataset(path)
+    if reference is None:
+        train = ds.split("train") or ds.records
+        reference = most_accurate(train, ds.models)
+    elif reference not in ds.models and reference != GOLD:
+        raise DataError(f"--reference {reference!r} is not in {Path(path).name}; models: "
+                        f"{', '.join(ds.models)}")
+    rows, report = pseudo_label(ds.records, reference, comparator, unparsed=unparsed)
+    write_records(out, [record_json(r) for r in rows])
+    return report

@@ -57,7 +57,7 @@ def test_demo_json_line_holds_the_ratios_of_the_run_it_ends(tmp_path):
 
 
 def test_demo_figures_are_cascade_over_always_top():
-    from worker.cli.demo_cmd import figures
+    from worker.labwork.demo_report import figures
 
     def run(correct, ms, cost, tiers):
         return {"n": 10, "correct": correct, "accuracy": correct / 10, "ms": ms, "cost": cost,

@@ -2,30 +2,25 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
 from router.lab.risk import PROCEDURES
-from router.lab.risk_check import coverage, render
-from router.lab.tuners import RiskSpec
+from router.lab.risk_check import render
 from worker.bench.api import ApiBenchConfig, run_api_bench
 from worker.bench.faults import SCENARIOS, FaultConfig, run_faults
 from worker.bench.llamacpp import LlamaBenchConfig, run_llamacpp_bench
 from worker.bench.pipeline import BenchConfig, HttpBenchConfig, run_http_bench, run_pipeline_bench
+from worker.bench.risk import RiskBenchConfig, run_risk_bench
+from worker.bench.shared import default_replay_data, shared_dir
 from worker.bench.speculative import SpecBenchConfig, run_speculative_bench
 from worker.bench.speculative import render as render_speculative
 from worker.cli.common import user_errors
 
 
-def _shared() -> Path:
-    shared = os.environ.get("CASCADE_SHARED")
-    return Path(shared) if shared else Path(__file__).resolve().parents[2].parent / "shared"
-
-
-def _default_data() -> Path:
-    return _shared() / "benchmarks" / "rc-mmlu.jsonl.gz"
+def _log(message: str) -> None:
+    click.echo(message, err=True)
 
 
 def _emit(result: dict, as_json: bool, width: int) -> None:
@@ -59,7 +54,7 @@ def bench() -> None:
 def pipeline(jobs, chunk, latency_jobs, concurrency, processes, count_ops, events, data, pg_admin_url, redis_url,
              as_json) -> None:
     """N replay jobs through Redis + PostgreSQL with a worker per tier vs N no-op Celery tasks."""
-    data = Path(data) if data else _default_data()
+    data = Path(data) if data else default_replay_data()
     if not data.exists():
         raise click.ClickException(f"replay data {data} not found: pass --data FILE (benchmarks format)")
     cfg = BenchConfig(jobs=jobs, data=data.resolve(), chunk=chunk, latency_jobs=latency_jobs, concurrency=concurrency,
@@ -107,12 +102,10 @@ def risk(files, risk_bound, delta, risk_procedure, resplits, train_rows, seed, a
     """Coverage of the risk-controlled threshold tuner: over random train/test
     re-splits, the share whose test loss against the reference exceeds the bound
     (it should stay <= delta), with the cost ratio achieved."""
-    paths = [Path(f) for f in files] or [_default_data().with_name(f"rc-{n}.jsonl.gz")
-                                         for n in ("mmlu", "triviaqa", "gsm8k")]
+    cfg = RiskBenchConfig(files=[Path(f) for f in files], risk_bound=risk_bound, delta=delta,
+                          procedure=risk_procedure, resplits=resplits, train_rows=train_rows, seed=seed, log=_log)
     with user_errors():
-        spec = RiskSpec(risk_bound, delta, risk_procedure)
-        results = [coverage(p, spec, resplits=resplits, train_rows=train_rows, seed=seed,
-                            progress=lambda m: click.echo(m, err=True)) for p in paths]
+        results = run_risk_bench(cfg)
     click.echo(render(results))
     if as_json:
         click.echo(json.dumps({"results": results}))
@@ -132,7 +125,7 @@ def risk(files, risk_bound, delta, risk_procedure, resplits, train_rows, seed, a
 @click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
 def api(requests, concurrency, batch_items, port, data, pg_admin_url, redis_url, as_json) -> None:
     """The task API's overhead per job over HTTP and through the Python client (replay tiers)."""
-    data = Path(data) if data else _default_data()
+    data = Path(data) if data else default_replay_data()
     if not data.exists():
         raise click.ClickException(f"replay data {data} not found: pass --data FILE (benchmarks format)")
     cfg = ApiBenchConfig(data=data.resolve(), requests=requests, concurrency=concurrency, batch_items=batch_items,
@@ -195,7 +188,7 @@ def llamacpp(model, jobs, max_tokens, threads, rounds, as_json) -> None:
 def speculative(n, seed, specs, gamma, max_tokens, threads, as_json) -> None:
     """A speculative cascade (drafter Qwen2.5-Coder-0.5B, verifier 1.5B) against the
     1.5B alone and the 0.5B alone: accuracy and tokens/s on GSM8K test questions."""
-    cfg = SpecBenchConfig(shared=_shared(), n=n, seed=seed, specs=tuple(specs) or ("opt:0.3",), gamma=gamma,
+    cfg = SpecBenchConfig(shared=shared_dir(), n=n, seed=seed, specs=tuple(specs) or ("opt:0.3",), gamma=gamma,
                           max_tokens=max_tokens, threads=threads, log=lambda m: click.echo(m, err=True))
     with user_errors():
         result = run_speculative_bench(cfg)

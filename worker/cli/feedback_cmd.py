@@ -2,30 +2,12 @@
 database and exported in the benchmarks format for re-tuning on live traffic."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from worker.cli.common import user_errors
 from worker.config.settings import get_settings
-from worker.ops.migrate import current
-from worker.service.feedback import export_rows, parse_grades, record, write_export
-from worker.store.batches import BatchStore
-from worker.store.feedback import FeedbackStore
-from worker.store.jobs import JobStore
-
-FEEDBACK_REVISION = "0002"
-
-
-def _db_url() -> str:
-    settings = get_settings()
-    rev = current(settings.db_url)
-    if rev is None:
-        raise click.ClickException("the database has no schema yet: nothing has run (or run `cascade db upgrade`)")
-    if rev < FEEDBACK_REVISION:
-        raise click.ClickException(f"the database schema is at revision {rev}, feedback needs {FEEDBACK_REVISION}: "
-                                   f"run `cascade db upgrade`")
-    return settings.db_url
+from worker.service.feedback import export as export_graded
+from worker.service.feedback import feedback_store, record_file, record_one
 
 
 @click.group()
@@ -47,15 +29,11 @@ def add(batch_id, path, job_id, correct, gold) -> None:
     if job_id is not None and correct is None:
         raise click.UsageError("--job needs --correct")
     with user_errors():
-        url = _db_url()
-        if batch_id is not None and BatchStore(url).batch(batch_id) is None:
-            raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
+        store = feedback_store(get_settings().db_url)
         if path is not None:
-            grades = parse_grades(Path(path).read_text(encoding="utf-8").splitlines(), Path(path).name)
-            n = record(FeedbackStore(url), JobStore(url), batch_id, grades, Path(path).name)
+            n = record_file(store, batch_id, path)
         else:
-            n = record(FeedbackStore(url), JobStore(url), batch_id, [{"key": None, "job": job_id, "correct": correct,
-                                                                      "gold": gold, "tiers": {}, "line": 1}], "--job")
+            n = record_one(store, batch_id, job_id, correct, gold)
     click.echo(f"recorded {n} grade(s)")
 
 
@@ -66,11 +44,5 @@ def add(batch_id, path, job_id, correct, gold) -> None:
 def export(batch_id, out, split) -> None:
     """Write BATCH's graded jobs in the benchmarks format (`cascade tune --data OUT`)."""
     with user_errors():
-        url = _db_url()
-        if BatchStore(url).batch(batch_id) is None:
-            raise click.ClickException(f"no batch {batch_id!r} (list them with `cascade status`)")
-        rows = export_rows(FeedbackStore(url), JobStore(url), batch_id, split)
-        if not rows:
-            raise click.ClickException(f"batch {batch_id!r} has no graded jobs (record some with `cascade feedback add`)")
-        write_export(rows, out)
-    click.echo(f"wrote {len(rows)} graded row(s) to {out}")
+        n = export_graded(feedback_store(get_settings().db_url), batch_id, out, split)
+    click.echo(f"wrote {n} graded row(s) to {out}")

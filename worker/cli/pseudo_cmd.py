@@ -3,16 +3,13 @@ and `cascade pseudo-label --compare`: tune on those pseudo-labels, score on real
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from router.core.answers import KINDS
 from router.core.comparators import COMPARATORS, make_comparator
-from router.core.records import load_dataset, record_json, write_records
 from router.lab import pseudo_check
-from router.lab.labelled import DataError
-from router.lab.pseudo_labels import GOLD, UNPARSED_MODES, most_accurate, pseudo_label
+from router.lab.pseudo_labels import UNPARSED_MODES, label_file
 from router.lab.risk import PROCEDURES
 from router.lab.tuners import RiskSpec
 from worker.cli.common import user_errors
@@ -74,14 +71,6 @@ def pseudo_label_cmd(files, out, reference, comparator, kind, similarity, unpars
             return
         if len(files) != 1 or not out:
             raise click.UsageError("give one --data file and --out (or --compare)")
-        ds = load_dataset(files[0])
-        if reference is None:
-            train = ds.split("train") or ds.records
-            reference = most_accurate(train, ds.models)
-        elif reference not in ds.models and reference != GOLD:
-            raise DataError(f"--reference {reference!r} is not in {Path(files[0]).name}; models: "
-                            f"{', '.join(ds.models)}")
-        rows, report = pseudo_label(ds.records, reference, comp, unparsed=unparsed)
-        write_records(out, [record_json(r) for r in rows])
+        report = label_file(files[0], out, comp, reference=reference, unparsed=unparsed)
     click.echo("\n".join(report.lines()))
     click.echo(f"wrote {out}")

@@ -1,21 +1,14 @@
-"""`cascade tune`: fit a policy's knobs on the train split and write a policy file."""
+"""`cascade tune`: fit a policy's knobs on the train split and write a policy file
+(the work is router.lab.tune's; this module reads the options and prints)."""
 from __future__ import annotations
-
-import json
 
 import click
 
-from router.core.policies import make_policy
-from router.core.policy import tier_infos
-from router.core.policyfile import TunedPolicy, write_policy_file
-from router.lab import drift
-from router.lab.evaluate import VARIANTS
-from router.lab.labelled import build_table, prepare
-from router.lab.pseudo_labels import pseudo_reference
 from router.lab.risk import PROCEDURES
-from router.lab.simulate import simulate
-from router.lab.tuners import RiskSpec, confirm, make_tuner
-from router.lab.tuning import Target, TuningError
+from router.lab.tune import CHAIN_SEARCH, policy_name, render
+from router.lab.tune import tune as fit_policy
+from router.lab.tuners import RiskSpec
+from router.lab.tuning import Target
 from worker.cli.common import user_errors
 
 
@@ -29,17 +22,6 @@ def _mapping(text: str | None) -> dict[str, str]:
             raise click.BadParameter(f"expected model=tier, got {part!r}", param_hint="--tier-names")
         out[model.strip()] = tier.strip()
     return out
-
-
-def rows_needed_line(rc: dict) -> str:
-    """How many rows the bound needs, in words (shared with the evaluator's report)."""
-    base = (f"rows: even a cascade with no loss needs {rc['zero_loss_rows']} calibration rows to certify "
-            f"{rc['alpha']:g} at delta {rc['delta']:g}")
-    need = rc.get("rows_needed")
-    if need and need["calibration_rows"] is not None:
-        return (base + f"; the cheapest tested cascade with loss rate {need['loss_rate']:.4f} would be certified "
-                f"with about {need['calibration_rows']} calibration rows ({need['total_rows']} rows in all)")
-    return base
 
 
 @click.command("tune")
@@ -93,93 +75,16 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
         raise click.BadParameter("must lie in [0, 1]", param_hint="--target-accuracy")
     if budget is not None and budget < 0:
         raise click.BadParameter("must be >= 0", param_hint="--budget")
+    if policy_name(policy) not in CHAIN_SEARCH and (chain or min_tiers or max_tiers or no_prune):
+        raise click.UsageError("--chain, --min-tiers, --max-tiers and --no-prune apply to the threshold policy")
     names = _mapping(tier_names)
     with user_errors():
-        L = prepare(data, models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
-                    signal=signal)
-        unknown = [m for m in names if m not in L.models]
-        if unknown:
-            raise click.ClickException(f"--tier-names: model(s) {unknown} are not evaluated; models: {', '.join(L.models)}")
-        if fit_split == "all":
-            rows = list(L.records)
-        else:
-            rows = [r for r in L.records if r.split == fit_split]
-            if not rows:
-                present = sorted({str(r.split) for r in L.records})
-                raise click.ClickException(
-                    f"{L.name} has no {fit_split!r} rows to fit on (splits: {', '.join(present)}); "
-                    f"use --fit-split with one of them, or --fit-split all to fit on every row")
-        variant = VARIANTS.get(policy)
-        name = variant.policy if variant else policy
-        opts: dict = dict(variant.options) if variant else {}
-        if name in ("threshold", "rational"):
-            if L.signal is not None:
-                opts["signal"] = L.signal
-            if chain:
-                opts = {"signal": opts.get("signal"), "chain": [c.strip() for c in chain.split(",") if c.strip()]}
-            if min_tiers is not None:
-                opts["min_tiers"] = min_tiers
-            if max_tiers is not None:
-                opts["max_tiers"] = max_tiers
-            if no_prune:
-                opts["prune"] = False
-        elif chain or min_tiers or max_tiers or no_prune:
-            raise click.UsageError("--chain, --min-tiers, --max-tiers and --no-prune apply to the threshold policy")
-        if name == "random":
-            opts["seed"] = seed
-        if risk_bound is not None:
-            opts["risk"] = RiskSpec(risk_bound, delta, risk_procedure, learn_fraction, reference, seed)
-        tiers = L.tiers(rows, names)
-        table = build_table(rows, tiers)
-        labels = next((r.labels for r in rows if r.labels), None)
-        try:
-            fitted = confirm(make_tuner(name, table, tier_infos(tiers), **opts).select(target), rows, tiers)
-        except TuningError as e:
-            raise click.ClickException(f"{L.name}: {policy}: {e}") from None
-        acc, cost = table.accuracy(), table.mean_cost()
-        b = max(range(len(tiers)), key=lambda i: (acc[i], -cost[i]))
-        # what the tuned tiers saw on these rows, for `cascade status --drift`
-        replayed = simulate(make_policy(fitted.policy, tier_infos(tiers), fitted.params), tiers, rows)
-        tuned = TunedPolicy(
-            name=fitted.policy,
-            params=fitted.params,
-            fitted={
-                "data": L.path,
-                "target": target.as_json() | ({"resolved_accuracy": fitted.target_accuracy}
-                                              if target.kind == "match_best" else {}),
-                "split": fit_split,
-                "train_rows": fitted.train_rows,
-                "train_accuracy": fitted.train_accuracy,
-                "train_cost": fitted.train_cost,
-                "cost_unit": L.cost_unit,
-                "best_single_train": {"tier": tiers[b].name, "accuracy": float(acc[b]), "cost": float(cost[b])},
-                "tiers": {t.name: t.model for t in tiers},
-                "signal": L.signal,
-                **({"labels": labels} if labels else {}),
-                **({"search": fitted.search} if fitted.search else {}),
-                **({"note": fitted.note} if fitted.note else {}),
-                "reference": drift.profile(replayed, table, L.signal),
-            },
-        )
-        write_policy_file(out, tuned)
-        unit = "USD" if L.cost_unit == "usd" else "strong-call share"
-        click.echo(f"{fitted.policy}: {json.dumps(fitted.params)}")
-        click.echo(f"train ({fitted.train_rows} rows): accuracy {fitted.train_accuracy:.4f}, cost {fitted.train_cost:.6g} "
-                   f"{unit} per query; best single on train: {tiers[b].name} {acc[b]:.4f} at {cost[b]:.6g}")
-        top = pseudo_reference(labels)
-        if labels:
-            click.echo(f"labels: {labels}: every accuracy here is agreement with "
-                       f"{names.get(top, top) if top else 'that model'}, not accuracy against the truth")
-        rc = fitted.search.get("risk_control") if fitted.search else None
-        if rc is not None:
-            if top is not None and rc["reference"] == names.get(top, top) and "upper_bound" in rc:
-                click.echo(f"guarantee: the cascade agrees with the top model {rc['reference']} on at least "
-                           f"{1 - rc['alpha']:.4g} of traffic, with probability {1 - rc['delta']:g} (traffic "
-                           f"exchangeable with the calibration rows)")
-            click.echo(f"guarantee{' (as the tuner states it)' if top else ''}: {fitted.note}")
-            click.echo(f"assumption: {rc['assumption']}")
-            if "upper_bound" in rc:
-                click.echo(f"calibration: {rc['calibration_losses']:g} losses in {rc['calibration_rows']} rows, "
-                           f"p-value {rc['p_value']:.3g}, risk <= {rc['upper_bound']:.4f} at delta {rc['delta']:g}")
-            click.echo(rows_needed_line(rc))
-        click.echo(f"wrote {out}")
+        risk = (RiskSpec(risk_bound, delta, risk_procedure, learn_fraction, reference, seed)
+                if risk_bound is not None else None)
+        tuned = fit_policy(data, policy, target, out, fit_split=fit_split,
+                           models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+                           signal=signal, tier_names=names,
+                           chain=[c.strip() for c in chain.split(",") if c.strip()] if chain else None,
+                           min_tiers=min_tiers, max_tiers=max_tiers, prune=not no_prune, seed=seed, risk=risk)
+    click.echo(render(tuned))
+    click.echo(f"wrote {out}")

@@ -6,20 +6,27 @@ accepts the last. So the sample goes through `worker.queue.batch.run_batch` like
 batch: committed jobs, queues, retries, costs, progress, resume on re-run; every
 tier's answer is an attempt row. This module draws the sample, estimates the
 spend, finds top-tier answers already stored by a previous batch (so they are not
-paid for twice), and turns the finished jobs into rows of the benchmarks format.
-Labelling those rows (agreement with the top tier) is the lab's
-`router.lab.pseudo_labels`, done by the `cascade calibrate` command.
+paid for twice), runs the batches, turns the finished jobs into rows of the
+benchmarks format, labels them by agreement with the top tier (the lab's
+`router.lab.pseudo_labels`) and writes them: `cascade calibrate`'s work.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+from router.core.comparators import Comparator
 from router.core.errors import UserError
 from router.core.portfolio import Portfolio, Tier, parse_portfolio
-from worker.queue.items import Item
+from router.core.records import parse_record, record_json, write_records
+from router.lab.pseudo_labels import PseudoReport, pseudo_label
+from worker.config.settings import Settings
+from worker.queue.batch import default_batch_id, prepare_database
+from worker.queue.items import Item, read_items
+from worker.queue.run import run_batch
 from worker.store.batches import BatchStore
 from worker.store.jobs import JobStore
 
@@ -142,3 +149,80 @@ def calibration_rows(jobs: Sequence[dict], tiers: Sequence[str], stored: dict[st
                      "gold": None if inp.get("gold") is None else str(inp["gold"]),  # kept, never used to label
                      "responses": responses, "job": j["job_id"], "status": j["status"]})
     return rows
+
+
+@dataclass
+class Draw:
+    """A calibration's sample, the top-tier answers reused for it, and its estimated spend."""
+    portfolio: Portfolio  # the user's
+    full: Portfolio  # its tiers with the `every-tier` policy
+    sample: list[Item]
+    bad: list[Item]  # unusable lines, left out of the draw
+    stored: dict[str, Stored]
+    fresh: list[Item]  # called on every tier
+    known: list[Item]  # a stored top-tier answer: called on the other tiers
+    estimate: float
+    saved: float  # what the stored answers would have cost
+
+    def check_spend(self, max_spend: float | None) -> None:
+        if max_spend is not None and self.estimate > max_spend:
+            raise CalibrationError(f"estimated spend ${self.estimate:.4g} exceeds --max-spend ${max_spend:g}: "
+                                   f"draw a smaller --sample or raise the cap")
+
+
+def draw(portfolio: Portfolio, input_path: str | Path, n: int, seed: int, reuse: Sequence[str],
+         settings: Settings, *, log: Callable[[str], None] = print) -> Draw:
+    """Draw `n` requests of the traffic, find the top-tier answers the `reuse` batches
+    already paid for, and estimate the spend of the rest."""
+    full_pf = calibration_portfolio(portfolio)
+    top = portfolio.tiers[-1]
+    sample, bad = draw_sample(read_items(input_path), n, seed)
+    if bad:
+        log(f"{len(bad)} unusable lines of {input_path} left out of the draw (first: {bad[0].error})")
+    stored = {}
+    if reuse:
+        prepare_database(settings)
+        stored = stored_answers(BatchStore(settings.db_url), JobStore(settings.db_url), reuse, top, {it.data["prompt"] for it in sample})
+    fresh = [it for it in sample if it.data["prompt"] not in stored]
+    known = [it for it in sample if it.data["prompt"] in stored]
+    estimate = math.fsum(estimate_tier(t, [it.data["prompt"] for it in fresh]) for t in portfolio.tiers)
+    estimate += math.fsum(estimate_tier(t, [it.data["prompt"] for it in known]) for t in portfolio.tiers[:-1])
+    saved = estimate_tier(top, [it.data["prompt"] for it in known])
+    return Draw(portfolio, full_pf, sample, bad, stored, fresh, known, estimate, saved)
+
+
+@dataclass
+class Calibrated:
+    """A finished calibration: its jobs, what they cost, and the labelling's report."""
+    jobs: list[dict]
+    spent: float
+    report: PseudoReport
+    errors: dict[str, int]  # failed calls per tier
+
+
+def run_calibration(d: Draw, comparator: Comparator, out_path: str | Path, *, input_path: str | Path, n: int,
+                    seed: int, test_share: float, unparsed: str, settings: Settings, batch_id: str | None = None,
+                    max_spend: float | None = None, timeout: float | None = None, progress: bool = True,
+                    say: Callable[[str], None] = print) -> Calibrated:
+    """Run the draw as batches (the reused part on the tiers below the top), label every
+    row by agreement with the top tier, and write the labelled file to `out_path`."""
+    portfolio = d.portfolio
+    names = portfolio.tier_names
+    base = batch_id or default_batch_id(input_path, d.full, f"calibrate sample={n} seed={seed}")
+    jobs, spent = [], 0.0
+    for part, pf, bid in ((d.fresh, d.full, base),
+                          (d.known, calibration_portfolio(portfolio, names[:-1]), f"{base}-reuse")):
+        if not part:
+            continue
+        report = run_batch(part, pf, settings=settings, batch_id=bid, source=str(input_path),
+                           progress=progress, timeout=timeout,
+                           max_cost=None if max_spend is None else max_spend - spent)
+        jobs += report.jobs
+        spent += math.fsum(j["cost_usd"] for j in report.jobs)
+        say(f"batch {bid}: {len(report.jobs)} jobs, cost ${math.fsum(j['cost_usd'] for j in report.jobs):.6g}")
+    rows = calibration_rows(jobs, names, d.stored, test_share=test_share, seed=seed)
+    records = [parse_record(r, f"calibration job {r['job']}") for r in rows]
+    labelled, rep = pseudo_label(records, portfolio.tiers[-1].name, comparator, models=names, unparsed=unparsed)
+    errors = {t: sum(1 for j in jobs for a in j["attempts"] if a["tier"] == t and a["error"]) for t in names}
+    write_records(out_path, [record_json(r, {"job": row["job"]}) for r, row in zip(labelled, rows)])
+    return Calibrated(jobs, spent, rep, errors)

@@ -13,17 +13,47 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from router.core.errors import UserError
+from worker.ops.migrate import current
 from worker.queue.batch import job_results
+from worker.store.batches import BatchStore
 from worker.store.feedback import FeedbackStore
 from worker.store.jobs import JobStore
+
+FEEDBACK_REVISION = "0002"
 
 
 class FeedbackError(UserError):
     """A grades file or request that cannot be recorded."""
+
+
+@dataclass(frozen=True)
+class FeedbackStores:
+    """What recording and exporting grades reads and writes."""
+
+    feedback: FeedbackStore
+    jobs: JobStore
+    batches: BatchStore
+
+
+def feedback_store(db_url: str) -> FeedbackStores:
+    """The stores at `db_url`, once its schema has the feedback table; else an error naming the fix."""
+    rev = current(db_url)
+    if rev is None:
+        raise FeedbackError("the database has no schema yet: nothing has run (or run `cascade db upgrade`)")
+    if rev < FEEDBACK_REVISION:
+        raise FeedbackError(f"the database schema is at revision {rev}, feedback needs {FEEDBACK_REVISION}: "
+                            f"run `cascade db upgrade`")
+    return FeedbackStores(FeedbackStore(db_url), JobStore(db_url), BatchStore(db_url))
+
+
+def _known_batch(store: FeedbackStores, batch_id: str) -> None:
+    if store.batches.batch(batch_id) is None:
+        raise FeedbackError(f"no batch {batch_id!r} (list them with `cascade status`)")
 
 
 def _grade(v: Any, where: str) -> float:
@@ -66,15 +96,14 @@ def parse_grades(lines: Sequence[str], name: str) -> list[dict[str, Any]]:
     return out
 
 
-def record(store: FeedbackStore, job_store: JobStore, batch_id: str | None, grades: list[dict[str, Any]],
-           source: str) -> int:
+def record(store: FeedbackStores, batch_id: str | None, grades: list[dict[str, Any]], source: str) -> int:
     """Store the grades; every line must name a job that exists (of the batch, for item keys)."""
     keys = [g["key"] for g in grades if g["key"] is not None]
     if keys and batch_id is None:
         raise FeedbackError("grades that name items by 'id' need the batch (cascade feedback add BATCH --file ...)")
-    by_key = job_store.job_ids(batch_id, keys) if keys else {}
+    by_key = store.jobs.job_ids(batch_id, keys) if keys else {}
     named = [g["job"] for g in grades if g["job"] is not None]
-    known = job_store.existing_jobs(named) if named else set()
+    known = store.jobs.existing_jobs(named) if named else set()
     rows = []
     for g in grades:
         job = by_key.get(g["key"]) if g["key"] is not None else (g["job"] if g["job"] in known else None)
@@ -82,15 +111,32 @@ def record(store: FeedbackStore, job_store: JobStore, batch_id: str | None, grad
             what = f"item {g['key']!r} is not in batch {batch_id!r}" if g["key"] is not None else f"no job {g['job']!r}"
             raise FeedbackError(f"{source}: line {g['line']}: {what}")
         rows.append({"job_id": job, "correct": g["correct"], "gold": g["gold"], "tiers": g["tiers"], "source": source})
-    return store.record_feedback(rows)
+    return store.feedback.record_feedback(rows)
 
 
-def export_rows(store: FeedbackStore, job_store: JobStore, batch_id: str, split: str = "train") -> list[dict[str, Any]]:
+def record_file(store: FeedbackStores, batch_id: str | None, path: str | Path) -> int:
+    """Store the grades of a grades file (item ids are `batch_id`'s items)."""
+    if batch_id is not None:
+        _known_batch(store, batch_id)
+    p = Path(path)
+    grades = parse_grades(p.read_text(encoding="utf-8").splitlines(), p.name)
+    return record(store, batch_id, grades, p.name)
+
+
+def record_one(store: FeedbackStores, batch_id: str | None, job_id: str, correct: float, gold: str | None) -> int:
+    """Store one job's grade."""
+    if batch_id is not None:
+        _known_batch(store, batch_id)
+    return record(store, batch_id, [{"key": None, "job": job_id, "correct": correct, "gold": gold, "tiers": {},
+                                     "line": 1}], "--job")
+
+
+def export_rows(store: FeedbackStores, batch_id: str, split: str = "train") -> list[dict[str, Any]]:
     """The batch's graded jobs as benchmarks-format rows: one response per model the
     batch called (text, cost, latency, tokens, logprob/p_true as recorded; `correct`
     from the grades: the final tier's from `correct`, others from `tiers`, else null)."""
-    grades = store.feedback_of(batch_id)
-    jobs = [j for j in job_results(job_store, batch_id) if j["job_id"] in grades]
+    grades = store.feedback.feedback_of(batch_id)
+    jobs = [j for j in job_results(store.jobs, batch_id) if j["job_id"] in grades]
     models = sorted({a["model"] for j in jobs for a in j["attempts"]})
     rows = []
     for j in jobs:
@@ -124,3 +170,13 @@ def write_export(rows: list[dict[str, Any]], out: str | Path) -> Path:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(p)
     return p
+
+
+def export(store: FeedbackStores, batch_id: str, out: str | Path, split: str = "train") -> int:
+    """Write `batch_id`'s graded jobs to `out` (`export_rows`, `write_export`): how many."""
+    _known_batch(store, batch_id)
+    rows = export_rows(store, batch_id, split)
+    if not rows:
+        raise FeedbackError(f"batch {batch_id!r} has no graded jobs (record some with `cascade feedback add`)")
+    write_export(rows, out)
+    return len(rows)
