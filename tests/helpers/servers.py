@@ -207,8 +207,8 @@ class LogprobStripper(FlakyProxy):
 class CannedServer(_TestHTTPServer):
     """Answers every POST with one fixed JSON body (parsing tests without a model)."""
 
-    def __init__(self, body: dict | str, status: int = 200, headers: dict | None = None):
-        super().__init__()
+    def __init__(self, body: dict | str, status: int = 200, headers: dict | None = None, port: int = 0):
+        super().__init__(port)
         self.body = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.status, self.headers = status, headers or {}
 

@@ -42,6 +42,7 @@ import redis
 from sqlalchemy import create_engine, func, select, text
 
 from worker.config.credentials import redact_text
+from worker.models.preflight import PROBE_PROMPT
 from worker.ops.migrate import upgrade
 from worker.ops.procs import stop_all
 from worker.store.legacy import attempts, batches, dispose_all, jobs
@@ -171,7 +172,8 @@ class _Server(ThreadingHTTPServer):
 class FakeModels:
     """An OpenAI-style chat server for models m0, m1, m2: a fixed latency, a confidence
     (token log-prob) derived from the prompt, usage for the cost; a model can be set to
-    hang or to answer 503. Every request is counted, per model, as it arrives."""
+    hang or to answer 503. Every request is counted, per model, as it arrives, but the
+    workers' start-up probes (the signal preflight's PROBE_PROMPT)."""
 
     def __init__(self, key: str, latency: float = 0.05):
         self.key = key
@@ -188,8 +190,10 @@ class FakeModels:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
                 model = body.get("model", "")
-                with outer._lock:
-                    outer.requests[model] = outer.requests.get(model, 0) + 1
+                probe = (body.get("messages") or [{}])[-1].get("content") == PROBE_PROMPT
+                if not probe:  # a worker's start-up probe (worker.models.preflight) is no job's call
+                    with outer._lock:
+                        outer.requests[model] = outer.requests.get(model, 0) + 1
                 status, payload = outer.answer(model, body, self.headers.get("Authorization"))
                 try:
                     self.send_response(status)

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
                                                          "(default: the system's CAs)")
     allow_open_broker: bool = Field(False, description="let `cascade worker` use a non-local broker URL with no "
                                                        "credentials")
+    allow_missing_signals: bool = Field(False, description="let `cascade worker` start when its tier's server "
+                                                           "answers the start-up probe without a signal the "
+                                                           "policy reads (degraded; such decisions are counted)")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
 
     @property
