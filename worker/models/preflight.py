@@ -41,7 +41,14 @@ from router.core.errors import UserError
 from router.core.live_signals import CALLS_FOR
 from router.core.policy import Needs
 from router.core.signals import TOKEN_SIGNALS
-from worker.models.backends.base import Backend, BackendFailure, BackendResult, TransientBackendError
+from worker.models.backends import build_backend
+from worker.models.backends.base import (
+    Backend,
+    BackendConfigError,
+    BackendFailure,
+    BackendResult,
+    TransientBackendError,
+)
 from worker.models.extra_calls import with_extra_calls
 
 PROBE_ID = "cascade-preflight"
@@ -244,8 +251,6 @@ def check_portfolio(portfolio, tiers: list[str] | None = None, *, wait: float = 
     kind can produce what the policy reads there, and probe it once (waiting up to
     `wait` seconds for a server not reachable yet). A tier whose backend cannot be built
     is a `failed` probe naming why."""
-    from worker.models.backends import BackendConfigError, build_backend
-
     policy = portfolio.built_policy
     out = []
     for i, tier in enumerate(portfolio.tiers):
