@@ -15,7 +15,7 @@ from helpers.servers import CannedServer, free_port
 from router.core.policy import Needs
 from router.core.portfolio import BackendSpec, Tier, load_portfolio
 from worker.models.backends import build_backend
-from worker.models.preflight import PROBE_PROMPT, PreflightRefused, ensure_signals, probe
+from worker.models.preflight import PROBE_PROMPT, PreflightRefused, ensure_signals, probe, verify_later
 
 WITH = {"choices": [{"message": {"role": "assistant", "content": "Yes"}, "finish_reason": "stop",
                      "logprobs": {"content": [{"token": "Yes", "logprob": -0.1, "top_logprobs": [
@@ -79,6 +79,28 @@ def test_a_server_not_up_yet_is_waited_for_with_backoff_then_probed():
         for s in servers:
             s.__exit__()
     assert waits == [1, 2, 3] and p.status == "ok"
+
+
+def test_past_the_wait_the_worker_serves_unverified_and_judges_the_server_once_it_answers():
+    # a server still down after PREFLIGHT_WAIT: the worker serves (its jobs fall back meanwhile) and probes
+    # in the background; a server that then answers without log-probs is refused as at the start
+    port = free_port()
+    b = backend(f"http://127.0.0.1:{port}/v1")
+    needs = Needs(signals=("min_logprob",))
+    assert ensure_signals(b, needs, wait=0).status == "unreachable"
+    for body, refused in ((WITHOUT, True), (WITH, False)):
+        said: list[str] = []
+        servers = []
+
+        def sleep(s: float) -> None:
+            if not servers:
+                servers.append(CannedServer(body, port=port).__enter__())
+
+        try:
+            verify_later(b, needs, allow_missing=False, refuse=said.append, sleep=sleep).join(30)
+        finally:
+            servers[0].__exit__()
+        assert bool(said) is refused and (not said or "'min_logprob'" in said[0])
 
 
 def test_a_server_that_refuses_the_probe_is_refused_with_its_error():

@@ -332,10 +332,12 @@ class Run:
         self._n = 0
         self.input = self.dir / "input.jsonl"
         self.submitters: list[subprocess.Popen] = []
+        self.logs: dict[str, Path] = {}  # the latest log file of each process name
 
     def spawn(self, args: list[str], log: str) -> subprocess.Popen:
         self._n += 1
-        out = open(self.dir / f"{log}-{self._n}.log", "wb")
+        self.logs[log] = self.dir / f"{log}-{self._n}.log"
+        out = open(self.logs[log], "wb")
         return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=self.env, cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT)
 
@@ -355,7 +357,18 @@ class Run:
         for t in TIERS:
             self.start_worker(t)
         threading.Thread(target=self._supervise, daemon=True).start()
+        self.wait_started()
         return self
+
+    def wait_started(self, timeout: float = 120.0) -> None:
+        """Until every tier worker passed its start-up probe of the model server (it then names
+        its queues), so a scenario's fault on a model starts with the workers serving."""
+        deadline = time.monotonic() + timeout
+        for t in TIERS:
+            while f"tier {t}: queues".encode() not in self.logs[f"worker-{t}"].read_bytes():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the {t} worker did not start within {timeout:g}s")
+                time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

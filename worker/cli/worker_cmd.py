@@ -1,7 +1,9 @@
 """`cascade worker --tier NAME`: the worker pool of one tier (distributed mode)."""
 from __future__ import annotations
 
+import os
 import socket
+from signal import SIGTERM
 from urllib.parse import urlsplit
 
 import click
@@ -11,7 +13,7 @@ from worker.cli.common import load_portfolio_option, user_errors
 from worker.config.credentials import redact_url
 from worker.config.logs import configure_logging
 from worker.config.settings import get_settings
-from worker.models.preflight import ensure_signals
+from worker.models.preflight import ensure_signals, verify_later
 from worker.ops import metrics
 from worker.ops.canary import Canary, canary_queue
 from worker.ops.migrate import current
@@ -95,8 +97,11 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
     if port:
         metrics.watch_queues(settings.broker, settings.redis_prefix, [(t.name, t.queue_name) for t in portfolio.tiers])
         metrics.serve(port, health=lambda: health[0]())
+    allow_missing = bool(allow_missing_signals or settings.allow_missing_signals)
     with user_errors():  # waits for a server not up yet; refuses one that lacks a signal (worker.models.preflight)
-        ensure_signals(backend, needs, allow_missing=bool(allow_missing_signals or settings.allow_missing_signals))
+        checked = ensure_signals(backend, needs, allow_missing=allow_missing, wait=settings.preflight_wait)
+    if checked.status == "unreachable":  # still down after PREFLIGHT_WAIT: serve (its jobs fall back), probe later
+        verify_later(backend, needs, allow_missing=allow_missing, refuse=lambda _msg: os.kill(os.getpid(), SIGTERM))
     interval = settings.sweep_interval or max(0.5, settings.stale_after / 4)
     Sweeper(app, rt, tier, interval=interval, idle=settings.stale_after, chunk_size=settings.chunk_size).start()
     node = f"{tier.name}@{socket.gethostname()}"

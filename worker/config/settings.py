@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     allow_missing_signals: bool = Field(False, description="let `cascade worker` start when its tier's server "
                                                            "answers the start-up probe without a signal the "
                                                            "policy reads (degraded; such decisions are counted)")
+    preflight_wait: float = Field(120.0, ge=0, description="seconds a tier worker waits at start for its backend's "
+                                                         "server to answer the signal probe; past it the worker "
+                                                         "serves without it (its jobs fall back while the server "
+                                                         "is down) and probes again in the background")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
 
     @property

@@ -29,6 +29,7 @@ them (`router.core.signals.from_tokens`, `worker.models.extra_calls`). Outcomes:
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -214,20 +215,29 @@ class PreflightRefused(UserError):
     """A tier's server cannot give what its policy reads: the worker does not start."""
 
 
-def ensure_signals(backend: Backend, needs: Needs, *, allow_missing: bool = False,
+def ensure_signals(backend: Backend, needs: Needs, *, allow_missing: bool = False, wait: float | None = None,
                    on_wait: Callable[[Probe, float], Any] | None = None, sleep: Callable[[float], Any] = time.sleep,
                    max_delay: float = 30.0) -> Probe:
-    """A tier worker's start: wait for its server (logged, with backoff), then refuse
-    (PreflightRefused) if the answer lacks a signal the policy reads, or, with
-    `allow_missing`, start degraded with an error logged; a signal the server sent but
-    the probe's answer did not yield is a warning."""
+    """A tier worker's start: wait for its server (logged, with backoff; at most `wait`
+    seconds, None = as long as it takes), then refuse (PreflightRefused) if the answer
+    lacks a signal the policy reads, or, with `allow_missing`, start degraded with an
+    error logged; a signal the server sent but the probe's answer did not yield is a
+    warning. A server still unreachable after `wait` is returned as such (`unreachable`):
+    the caller starts without the probe (its jobs fall back meanwhile) and verifies later
+    (`verify_later`)."""
 
     def waiting(p: Probe, delay: float) -> None:
         log.warning("preflight.waiting", tier=p.tier, server=p.server, error=p.error, retry_in_s=delay)
         if on_wait is not None:
             on_wait(p, delay)
 
-    p = wait_for_probe(backend, needs, on_wait=waiting, sleep=sleep, max_delay=max_delay)
+    p = wait_for_probe(backend, needs, on_wait=waiting, sleep=sleep, max_delay=max_delay, deadline=wait)
+    return judge(p, allow_missing=allow_missing)
+
+
+def judge(p: Probe, *, allow_missing: bool) -> Probe:
+    """Log a probe's outcome; raise PreflightRefused for a server that cannot give what
+    the policy reads (unless `allow_missing`) or that refused the probe."""
     if p.status == "failed":
         raise PreflightRefused(p.message())
     if p.status == "missing":
@@ -239,10 +249,33 @@ def ensure_signals(backend: Backend, needs: Needs, *, allow_missing: bool = Fals
                        "cascade_signal_missing_total")
     elif p.status == "unread":
         log.warning("preflight.unread", tier=p.tier, server=p.server, signals=p.unread, message=p.message())
+    elif p.status == "unreachable":
+        log.error("preflight.unverified", tier=p.tier, server=p.server, error=p.error,
+                  note="the server is still unreachable: the worker starts without the probe (its jobs fall back "
+                       "to the next tier while the server is down) and probes again in the background")
     elif p.status == "ok":
-        log.info("preflight.ok", tier=p.tier, server=p.server, signals=list(needs.signals),
+        log.info("preflight.ok", tier=p.tier, server=p.server, signals=list(p.needs.signals),
                  seconds=round(p.seconds, 3))
     return p
+
+
+def verify_later(backend: Backend, needs: Needs, *, allow_missing: bool, refuse: Callable[[str], Any],
+                 sleep: Callable[[float], Any] = time.sleep, max_delay: float = 30.0) -> threading.Thread:
+    """For a worker that started while its server was unreachable: probe in the
+    background until the server answers, then judge it as at start; a refusal calls
+    `refuse` with the message (the worker stops; restarted, its preflight refuses)."""
+
+    def run() -> None:
+        p = wait_for_probe(backend, needs, sleep=sleep, max_delay=max_delay)
+        try:
+            judge(p, allow_missing=allow_missing)
+        except PreflightRefused as e:
+            log.error("preflight.refused", tier=p.tier, server=p.server, message=str(e))
+            refuse(str(e))
+
+    t = threading.Thread(target=run, name=f"preflight-{backend.tier.name}", daemon=True)
+    t.start()
+    return t
 
 
 def check_portfolio(portfolio, tiers: list[str] | None = None, *, wait: float = 0.0,
