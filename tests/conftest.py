@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers.env import BENCH, REDIS, private_database, private_redis_prefix
+from helpers.llama import llama_server  # noqa: F401 - a session fixture: llama-cpp-python's server, the tiny model
 from helpers.workers import Workers
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .comparators import CanonicalComparator, Comparator
 
@@ -106,9 +106,30 @@ def self_ref_confidence(text: str | None, token_logprob: float | None = None) ->
     return p if certain else 1.0 - p
 
 
+def p_true_from_top(top: Mapping[str, float] | None) -> float | None:
+    """P(True) (Kadavath et al. 2022) from the alternatives of the verdict's first token
+    (the model was asked whether its answer is correct, yes or no): the probability mass
+    of the alternatives that say yes over that of those that say yes or no. None (the
+    signal is absent) when no alternative says either."""
+    yes = no = 0.0
+    for tok, lp in (top or {}).items():
+        if lp is None or not math.isfinite(lp):
+            continue
+        verdict = parse_yes_no(str(tok))
+        if verdict is True:
+            yes += math.exp(min(lp, 0.0))
+        elif verdict is False:
+            no += math.exp(min(lp, 0.0))
+    if yes + no <= 0:
+        return None
+    return yes / (yes + no)
+
+
 # Which extra calls each live signal needs (kinds of derived query, see worker.models.extra_calls).
 CALLS_FOR: dict[str, str] = {"p_verify": "verify", "neg_semantic_entropy": "samples", "self_ref": "self_ref"}
-CALL_KINDS = ("samples", "verify", "self_ref")
+# "p_true" is the call a backend with the "verify" capability makes for the p_true signal (a
+# replay reads p_true from its records instead, so it is no live signal of CALLS_FOR)
+CALL_KINDS = ("samples", "verify", "self_ref", "p_true")
 
 
 def calls_needed(signals: Sequence[str]) -> tuple[str, ...]:
@@ -129,7 +150,8 @@ def from_calls(answer: str | None, calls: dict[str, Sequence[dict[str, Any]]],
                comparator: Comparator | None = None) -> dict[str, float]:
     """The live signals from the extra calls' outputs ({"text", "token_logprobs"} each):
     samples -> neg_semantic_entropy (the answer itself is the first sample), verify ->
-    p_verify, self_ref -> self_ref. A signal that cannot be read is absent."""
+    p_verify, self_ref -> self_ref, p_true (its verdict token's alternatives, `top_logprobs`)
+    -> p_true. A signal that cannot be read is absent."""
     out: dict[str, float] = {}
     if calls.get("samples"):
         comp = comparator if comparator is not None else _default_comparator()
@@ -145,6 +167,10 @@ def from_calls(answer: str | None, calls: dict[str, Sequence[dict[str, Any]]],
         conf = self_ref_confidence(c.get("text"), first_answer_logprob(c.get("token_logprobs")))
         if conf is not None:
             out["self_ref"] = conf
+    if calls.get("p_true"):
+        p = p_true_from_top(calls["p_true"][0].get("top_logprobs"))
+        if p is not None:
+            out["p_true"] = p
     return out
 
 

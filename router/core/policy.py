@@ -179,8 +179,10 @@ class ChainPolicy(Policy):
     signal: str
 
     def needs(self, tier: int) -> Needs:
-        if tier == self.chain[-1] and self.signal in CALLS_FOR:
-            return Needs()  # its answer is always accepted: no extra calls for a live signal it would not read
+        if tier == self.chain[-1] and (self.signal in CALLS_FOR or self.signal == "p_true"):
+            # its answer is always accepted: no extra calls for a signal it would not read
+            # (live signals; p_true, a call on a live backend)
+            return Needs()
         return Needs(signals=(self.signal,))
 
     def plan(self, query: Query) -> Plan:

@@ -48,6 +48,9 @@ class Response:
     # the signals above are derived from them when the row is read, by the workers' own code
     token_logprobs: tuple[tuple[str, float], ...] | None = None
     calls: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=dict)
+    # a recorded `correct` that is no score in [0, 1] (a metric of -0.033, NaN): kept here,
+    # `correct` is then None (unscored), and the evaluator drops the row naming why
+    bad_correct: float | None = None
 
     def calls_cost(self, signals: Sequence[str], price=None) -> tuple[float, float]:
         """Cost and latency of the extra calls the named signals need (0 for none); a call
@@ -128,8 +131,11 @@ def parse_response(raw: Any, where: str) -> Response:
     if text is not None and not isinstance(text, str):
         raise RecordsError(f"{where}: text must be a string or null")
     correct = _num(raw.get("correct"), where, "correct")
+    bad_correct = None
     if correct is not None and not (0.0 <= correct <= 1.0):
-        raise RecordsError(f"{where}: correct must lie in [0, 1], got {correct}")
+        # not a score: the row cannot be scored with this model, like a null `correct`
+        # (router.lab.labelled drops it with a counted reason); never clamped into a score
+        bad_correct, correct = correct, None
     cost = _num(raw.get("cost_usd"), where, "cost_usd")
     if cost is not None and (not math.isfinite(cost) or cost < 0):
         raise RecordsError(f"{where}: cost_usd must be a finite number >= 0, got {cost}")
@@ -154,6 +160,7 @@ def parse_response(raw: Any, where: str) -> Response:
         signals=signals,
         token_logprobs=tokens,
         calls=calls,
+        bad_correct=bad_correct,
     )
 
 

@@ -34,6 +34,12 @@ SIGNALS: dict[str, str] = {
 }
 
 
+# the signals computed from an answer's token log-probs (from_tokens): a backend returns them
+# only with token log-probs, which some servers send only when asked in a particular way
+TOKEN_SIGNALS = frozenset({"logprob", "sum_logprob", "answer_logprob", "mean_logprob", "min_logprob", "q10_logprob",
+                           "q25_logprob", "q50_logprob", "first_token_prob", "n_tokens", "neg_entropy"})
+
+
 class SignalError(UserError):
     pass
 

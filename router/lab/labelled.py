@@ -7,8 +7,8 @@ files and for a user's own logged traffic alike. Handling of incomplete input is
 explicit and reported, never a silent zero:
 
 - A row that lacks one of the evaluated models, or where that model's `correct`
-  is null, cannot be scored: it is dropped, and the count (per reason, with the
-  first line) is part of every result. If more than half the rows would go, it is
+  is null or no score in [0, 1] (a metric of -0.033, NaN), cannot be scored: it is
+  dropped, and the count (per reason, with the first line) is part of every result. If more than half the rows would go, it is
   an error naming the model (exclude it with `models=`/`--models`).
 - Cost: if every evaluated cell records `cost_usd`, cost is US dollars per query
   ("usd"). If no cell does (the RouteLLM files), cost is the share of queries that
@@ -154,9 +154,12 @@ def prepare(
 
     for rec in ds.records:
         absent = [m for m in used if m not in rec.responses]
+        unscored = [m for m in used if m in rec.responses and rec.responses[m].bad_correct is not None]
         unlabelled = [m for m in used if m in rec.responses and rec.responses[m].correct is None]
         if absent:
             note(f"{_models_phrase(absent, used)} absent from the row", rec)
+        elif unscored:
+            note(f"`correct` outside [0, 1] for {_models_phrase(unscored, used)}", rec)
         elif unlabelled:
             note(f"`correct` is null for {_models_phrase(unlabelled, used)}", rec)
         else:

@@ -162,8 +162,9 @@ def test_records_errors_name_line_and_field(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"id": "1", "prompt": "p", "responses": {"m": {"correct": 1.0}}}\n'
                  '{"id": "2", "prompt": "p", "responses": {"m": {"correct": 2.0}}}\n')
-    with pytest.raises(RecordsError, match=r"d.jsonl:2: responses\['m'\]: correct must lie in \[0, 1\]"):
-        load_dataset(f)
+    # a score outside [0, 1] is kept aside, not taken as a score (the evaluator drops the row, counted)
+    bad = load_dataset(f).records[1].responses["m"]
+    assert bad.correct is None and bad.bad_correct == 2.0
     f.write_text('{"id": "1", "prompt": "p", "responses": {"m": {"cost": 1}}}\n')
     with pytest.raises(RecordsError, match=r"unknown field\(s\) \['cost'\]"):
         load_dataset(f)

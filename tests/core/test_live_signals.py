@@ -13,6 +13,7 @@ from router.core.live_signals import (
     calls_needed,
     clusters,
     from_calls,
+    p_true_from_top,
     parse_yes_no,
     self_ref_confidence,
     semantic_entropy,
@@ -65,6 +66,16 @@ def test_from_calls_names_the_signals_and_the_calls_they_need():
     assert s["p_verify"] == 0.75
     assert s["self_ref"] == pytest.approx(0.6)
     assert calls_needed(["self_ref", "min_logprob", "p_verify"]) == ("verify", "self_ref")
+
+
+def test_p_true_is_the_yes_mass_of_the_verdict_tokens_alternatives():
+    top = {"Yes": math.log(0.6), " yes": math.log(0.1), "No": math.log(0.2), "Maybe": math.log(0.05)}
+    assert p_true_from_top(top) == pytest.approx(0.7 / 0.9)
+    assert p_true_from_top({"Maybe": -0.1, "4": -2.0}) is None and p_true_from_top(None) is None
+    assert p_true_from_top({"No": 0.0, "Yes": None}) == 0.0
+    # from the recorded call, as the workers store it (worker.models.extra_calls)
+    s = from_calls("4", {"p_true": [{"text": "Yes", "top_logprobs": {"Yes": math.log(0.8), "No": math.log(0.2)}}]})
+    assert s == {"p_true": pytest.approx(0.8)}
 
 
 def test_pomdp_belief_is_bayes_rule():

@@ -95,3 +95,11 @@ def test_higher_is_surer_for_every_confidence_signal():
     for name in ("logprob", "sum_logprob", "mean_logprob", "min_logprob", "q10_logprob", "q25_logprob",
                  "q50_logprob", "first_token_prob", "answer_logprob"):
         assert sure[name] > unsure[name], name
+
+
+def test_token_signals_are_what_from_tokens_computes():
+    from router.core.attempt import TokenLogprob
+    from router.core.signals import TOKEN_SIGNALS, from_tokens
+
+    toks = [TokenLogprob("4", -0.2, {"4": -0.2, "5": -1.9}), TokenLogprob("2", -0.4, {"2": -0.4})]
+    assert set(from_tokens(toks)) == TOKEN_SIGNALS

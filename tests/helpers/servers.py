@@ -34,12 +34,32 @@ _LAUNCH = (
 
 
 class LlamaServer:
-    def __init__(self, model_path: Path, port: int | None = None, n_ctx: int = 512):
+    """llama-cpp-python's own OpenAI-compatible server (`python -m llama_cpp.server`) in a
+    subprocess on 127.0.0.1 (a spare port unless given): one model (alias "tiny"), or
+    several from a {alias: path} map, which it serves one at a time (a request naming
+    another alias swaps the loaded model; an unknown alias gets the first). One thread
+    per model and a small context: the machine is shared."""
+
+    def __init__(self, model_path: Path | dict[str, Path], port: int | None = None, n_ctx: int = 512,
+                 n_threads: int = 1):
+        import tempfile
+
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.cmd = [sys.executable, "-c", _LAUNCH.format(root=str(ROOT)), "--model", str(model_path),
-                    "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", "1",
-                    "--model_alias", "tiny", "--verbose", "False"]
+        self.config = None
+        launch = [sys.executable, "-c", _LAUNCH.format(root=str(ROOT))]
+        if isinstance(model_path, dict):
+            self.config = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+            json.dump({"host": "127.0.0.1", "port": self.port, "models": [
+                {"model": str(path), "model_alias": alias, "n_ctx": n_ctx, "n_threads": n_threads,
+                 "n_threads_batch": n_threads, "verbose": False} for alias, path in model_path.items()]},
+                self.config)
+            self.config.close()
+            self.cmd = [*launch, "--config_file", self.config.name]
+        else:
+            self.cmd = [*launch, "--model", str(model_path), "--host", "127.0.0.1", "--port", str(self.port),
+                        "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads),
+                        "--model_alias", "tiny", "--verbose", "False"]
         self.proc: subprocess.Popen | None = None
         self.logfile = None
 
@@ -73,6 +93,8 @@ class LlamaServer:
         if self.logfile is not None:
             self.logfile.close()
             self.logfile = None
+        if self.config is not None:
+            Path(self.config.name).unlink(missing_ok=True)
 
     def output(self) -> str:
         if self.logfile is None:
@@ -88,9 +110,10 @@ class LlamaServer:
 
 
 class _TestHTTPServer:
-    """A threaded HTTP server on 127.0.0.1 whose POSTs go to `self.handle`."""
+    """A threaded HTTP server on 127.0.0.1 (a spare port unless given) whose POSTs go to
+    `self.handle`."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.requests = 0
         self.bodies: list[dict] = []
         self._lock = threading.Lock()
@@ -120,7 +143,7 @@ class _TestHTTPServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (read timeout)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -143,8 +166,8 @@ class FlakyProxy(_TestHTTPServer):
     request waits that long first."""
 
     def __init__(self, upstream: str, *, fail_first: int = 0, status: int = 503, retry_after: str | None = None,
-                 stall: float = 0.0, always_fail: bool = False):
-        super().__init__()
+                 stall: float = 0.0, always_fail: bool = False, port: int = 0):
+        super().__init__(port)
         self.upstream = upstream.rstrip("/")
         self.fail_first, self.status, self.retry_after = fail_first, status, retry_after
         self.stall, self.always_fail = stall, always_fail
@@ -163,11 +186,29 @@ class FlakyProxy(_TestHTTPServer):
             return 502, {}, json.dumps({"error": {"message": f"upstream: {e}"}}).encode()
 
 
+class LogprobStripper(FlakyProxy):
+    """Forwards to `upstream` and takes the token log-probs out of every answer (`"logprobs":
+    null`), as a server that never returns them does: fault injection in front of a real
+    server."""
+
+    def __init__(self, upstream: str, port: int = 0):
+        super().__init__(upstream, port=port)
+
+    def handle(self, n, path, raw):
+        status, headers, payload = super().handle(n, path, raw)
+        if status == 200:
+            data = json.loads(payload)
+            for choice in data.get("choices") or []:
+                choice["logprobs"] = None
+            payload = json.dumps(data).encode()
+        return status, headers, payload
+
+
 class CannedServer(_TestHTTPServer):
     """Answers every POST with one fixed JSON body (parsing tests without a model)."""
 
-    def __init__(self, body: dict | str, status: int = 200, headers: dict | None = None):
-        super().__init__()
+    def __init__(self, body: dict | str, status: int = 200, headers: dict | None = None, port: int = 0):
+        super().__init__(port)
         self.body = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.status, self.headers = status, headers or {}
 

@@ -156,11 +156,19 @@ def test_missing_field_names_file_line_and_field(tmp_path):
     assert r.exit_code == 1 and "bad2.jsonl:3: responses['m']: correct must be a number or null" in r.output
 
 
-def test_nan_correct_is_an_error(tmp_path):
+def test_a_score_outside_0_1_drops_its_row_with_a_counted_reason(tmp_path):
+    # one metric of -0.033 in a file used to refuse the whole file; like a missing score, it drops its row
     rows = make_rows()
-    line = json.dumps(rows[7]).replace('"correct": 1.0', '"correct": NaN', 1).replace('"correct": 0.0', '"correct": NaN', 1)
-    r = run(evaluate, "--data", write(tmp_path / "nan.jsonl", rows, {7: line}))
-    assert r.exit_code == 1 and "nan.jsonl:8" in r.output and "correct must lie in [0, 1], got nan" in r.output
+    rows[4]["responses"]["m"]["correct"] = -0.033
+    rows[9]["responses"]["m"]["correct"] = 1.5
+    rows[7]["responses"]["m"]["correct"] = "@@"
+    line = json.dumps(rows[7]).replace('"@@"', "NaN")
+    r = run(evaluate, "--data", write(tmp_path / "bad-scores.jsonl", rows, {7: line}), "--policy", "single", "--json")
+    assert r.exit_code == 0, r.output
+    res = last_json(r.output)
+    assert res["rows"]["dropped"] == 3 and res["rows"]["scored"] == 77
+    assert res["rows"]["dropped_reasons"] == {"`correct` outside [0, 1] for model 'm'": {"rows": 3, "first_line": 5}}
+    assert "rows dropped: 3 (`correct` outside [0, 1] for model 'm'; first on line 5)" in r.output
 
 
 def test_nan_and_infinite_confidences_are_absent_and_reported(tmp_path):

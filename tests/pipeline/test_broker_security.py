@@ -1,7 +1,8 @@
 """The broker is not an open door: tier workers run only the project's own task,
-remote control is off (or read-only for Flower), task ids cannot be predicted,
-a stage message is checked before any work, and a worker refuses a non-local
-broker without credentials."""
+remote control is read-only by default (what Flower reads; nothing that stops,
+revokes or reroutes a worker) or off, task ids cannot be predicted, a stage message
+is checked before any work, and a worker refuses a non-local broker without
+credentials."""
 from __future__ import annotations
 
 import re
@@ -48,6 +49,7 @@ def test_tier_workers_refuse_builtins_forged_stages_and_remote_control(bench, di
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3])
     portfolio = load_portfolio(path)
     w = workers(path)
+    w.env["CASCADE_REMOTE_CONTROL"] = "off"
     procs = {t.name: w.start(t.name) for t in portfolio.tiers}
     app = base_app(settings)
     q0 = portfolio.tiers[0].queue_name
@@ -59,7 +61,7 @@ def test_tier_workers_refuse_builtins_forged_stages_and_remote_control(bench, di
     app.send_task(STAGE_TASK, args=["t1", ["forged:1"]], queue=q0, routing_key=q0)
     app.send_task(STAGE_TASK, args=["t0", "not-a-list"], queue=q0, routing_key=q0)
     app.send_task(STAGE_TASK, args=[["t0"], ["forged:1"]], queue=q0, routing_key=q0)
-    # remote control is off by default: a shutdown or a consumer cancel reaches nobody
+    # remote control off: a shutdown or a consumer cancel reaches nobody
     assert app.control.ping(timeout=1.0) == []
     app.control.broadcast("cancel_consumer", arguments={"queue": q0})
     app.control.broadcast("shutdown")
@@ -79,22 +81,37 @@ def test_tier_workers_refuse_builtins_forged_stages_and_remote_control(bench, di
     assert "tier must be a tier name" in logs
 
 
-def test_flower_mode_answers_inspection_but_not_control(bench, distributed, workers, tmp_path):
-    settings, _ = distributed
+def test_default_remote_control_answers_inspection_but_not_control(bench, distributed, workers, tmp_path):
+    # no CASCADE_REMOTE_CONTROL: the default is the read-only "flower" mode
+    settings, env = distributed
+    assert "CASCADE_REMOTE_CONTROL" not in env and Settings().remote_control == "flower"
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3])
     portfolio = load_portfolio(path)
     w = workers(path)
-    w.env["CASCADE_REMOTE_CONTROL"] = "flower"
     procs = {t.name: w.start(t.name) for t in portfolio.tiers}
-    app = base_app(settings.model_copy(update={"remote_control": "flower"}))
+    app = base_app(settings)
     assert wait_until(lambda: len(app.control.ping(timeout=0.5) or []) == 2, 60), w.logs()
-    registered = app.control.inspect(timeout=1.0).registered()
+    inspect = app.control.inspect(timeout=1.0)
+    registered = inspect.registered()
     assert registered and all(STAGE_TASK in v and not any(t.startswith("celery.") for t in v)
                               for v in registered.values())
-    app.control.broadcast("cancel_consumer", arguments={"queue": portfolio.tiers[0].queue_name})
-    app.control.broadcast("shutdown")
+    queues = {n: sorted(q["name"] for q in qs) for n, qs in inspect.active_queues().items()}
+    q0 = portfolio.tiers[0].queue_name
+    assert any(q0 in qs for qs in queues.values())
+    # everything that stops, revokes, resizes or reroutes a worker is refused
+    forged = task_id("t0", ["fl:some-job"])
+    app.control.revoke(forged, terminate=True)
+    app.control.broadcast("revoke_by_stamped_headers", arguments={"headers": {"x": "y"}})
+    app.control.broadcast("cancel_consumer", arguments={"queue": q0})
+    app.control.broadcast("add_consumer", arguments={"queue": "elsewhere"})
+    app.control.broadcast("rate_limit", arguments={"task_name": STAGE_TASK, "rate_limit": "1/h"})
+    app.control.broadcast("time_limit", arguments={"task_name": STAGE_TASK, "soft": 1, "hard": 1})
+    for command in ("pool_shrink", "pool_grow", "autoscale", "pool_restart", "shutdown"):
+        app.control.broadcast(command)
     time.sleep(2)
     assert all(p.poll() is None for p in procs.values()), w.logs()
+    assert {n: sorted(q["name"] for q in qs) for n, qs in inspect.active_queues().items()} == queues
+    assert all(not v for v in (inspect.revoked() or {}).values())
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=20)
     report = run_batch(items, portfolio, settings=settings, batch_id="fl", progress=False, timeout=120)
     assert report.batch["done"] == 20

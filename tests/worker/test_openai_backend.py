@@ -28,12 +28,9 @@ def tier(base_url: str, name: str = "remote", **opts) -> Tier:
     return Tier(name=name, backend=BackendSpec.model_validate(spec))
 
 
-@pytest.fixture(scope="module")
-def server():
-    from worker import modelpack
-
-    with LlamaServer(modelpack.resolve("tiny")) as s:
-        yield s
+@pytest.fixture
+def server(llama_server):
+    return llama_server  # the session's llama-cpp-python server (helpers.llama)
 
 
 # -- against the real server -------------------------------------------------------------
@@ -58,6 +55,19 @@ def test_chat_endpoint_returns_logprobs(server):
     b.close()
     assert r.tokens and all(t.logprob <= 0 for t in r.tokens)
     assert r.tokens_out and r.tokens_in
+
+
+@pytest.mark.models
+def test_default_options_get_token_logprobs_whenever_the_policy_reads_a_token_signal(server):
+    # llama-cpp-python's server answers `"logprobs": null` to `logprobs: true` alone; the backend
+    # always adds top_logprobs >= 1, so a tier with default options gets its signal
+    with FlakyProxy(server.base_url) as proxy:
+        b = build_backend(tier(proxy.base_url, max_tokens=6))
+        r = b.generate(Query("q1", "What is 2 + 2?"), Needs(signals=("min_logprob",)))
+        b.close()
+    sent = proxy.bodies[-1]
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 1
+    assert r.tokens and all(t.logprob <= 0 for t in r.tokens) and "logprobs_missing" not in r.meta
 
 
 @pytest.mark.models
@@ -122,7 +132,7 @@ def test_prompt_longer_than_the_servers_context_is_a_failure_not_retried(server)
 
 @pytest.mark.models
 def test_stopped_server_is_transient_with_its_address():
-    from worker import modelpack
+    from worker.models import modelpack
 
     s = LlamaServer(modelpack.resolve("tiny")).start()
     b = build_backend(tier(s.base_url, endpoint="completions", prompt_template=FEW_SHOT, stop=["\n"]))
@@ -165,6 +175,39 @@ def test_chat_logprobs_and_usage_cost_are_parsed():
     assert r.tokens[1].logprob == float("-inf")  # null -> dropped by the signals, never averaged in
     assert (r.tokens_in, r.tokens_out, r.cost_usd) == (12, 2, 0.00042)
     assert r.meta["model"] == "gpt-x"
+
+
+def test_legacy_completions_shape_on_the_chat_endpoint_is_read():
+    # some server versions answer a chat request with the completions shape of log-probs
+    body = {"choices": [{"message": {"role": "assistant", "content": "4"}, "finish_reason": "stop",
+                         "logprobs": {"tokens": ["4", "<|im_end|>"], "token_logprobs": [-0.25, None],
+                                      "top_logprobs": [{"4": -0.25, "5": -2.0}, {}], "text_offset": [0, 1]}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 2}}
+    with CannedServer(body) as srv:
+        b = build_backend(tier(srv.base_url))
+        r = b.generate(Query("q", "2+2?"), Needs(signals=("min_logprob",)))
+        b.close()
+    assert [(t.token, t.logprob) for t in r.tokens] == [("4", -0.25), ("<|im_end|>", float("-inf"))]
+    assert r.tokens[0].top == {"4": -0.25, "5": -2.0}
+    # and the chat shape on the completions endpoint
+    chat_shaped = {"choices": [{"text": "4", "logprobs": {"content": [
+        {"token": "4", "logprob": -0.5, "top_logprobs": [{"token": "4", "logprob": -0.5}]}]}}]}
+    with CannedServer(chat_shaped) as srv:
+        b = build_backend(tier(srv.base_url, endpoint="completions"))
+        r = b.generate(Query("q", "2+2?"), Needs(signals=("min_logprob",)))
+        b.close()
+    assert [(t.token, t.logprob) for t in r.tokens] == [("4", -0.5)]
+
+
+def test_an_answer_without_the_logprobs_asked_for_is_marked():
+    body = {"choices": [{"message": {"role": "assistant", "content": "4"}, "logprobs": None}]}
+    with CannedServer(body) as srv:
+        b = build_backend(tier(srv.base_url))
+        asked = b.generate(Query("q", "2+2?"), Needs(signals=("min_logprob",)))
+        not_asked = b.generate(Query("q", "2+2?"), Needs())
+        b.close()
+    assert asked.tokens is None and asked.meta["logprobs_missing"] is True
+    assert "logprobs_missing" not in not_asked.meta
 
 
 def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
@@ -289,7 +332,7 @@ def test_pipeline_read_timeout_retries_then_escalates(server, tmp_path):
 
 @pytest.mark.models
 def test_pipeline_stopped_server_retries_then_escalates(server, tmp_path):
-    from worker import modelpack
+    from worker.models import modelpack
     from worker.queue.run import run_batch
 
     stopped = LlamaServer(modelpack.resolve("tiny")).start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from typing import Callable, Iterator
 
 import httpx
 
+from router.core.errors import UserError
 from router.core.records import load_dataset
 from worker.bench.pipeline import _portfolio, _private, _spawn, _wait_ping
 from worker.client import Client
@@ -45,8 +47,42 @@ class ApiBenchConfig:
     batch_items: int = 0
     pg_admin: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    port: int = 18765
+    port: int | None = None  # the API's port; None: a spare one
     log: Callable[[str], None] = print
+
+
+class BenchPortError(UserError):
+    pass
+
+
+def _serve_port(port: int | None) -> int:
+    """The port `cascade serve` will listen on: a spare one, or the one asked for if no
+    other process holds it (a server already there would answer the bench's requests)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(("127.0.0.1", port or 0))
+        except OSError:
+            raise BenchPortError(f"port {port} is in use by another process: the bench's own `cascade serve` could "
+                                 f"not listen there; pass another --port, or none (a spare port is picked)") from None
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, serve, log: Path) -> None:
+    """Until our `cascade serve` answers /readyz: the process must be alive and the answer its own."""
+    deadline = time.time() + 60
+    while True:
+        if serve.poll() is not None:
+            raise RuntimeError(f"cascade serve did not start: {log.read_text()[-2000:]}")
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=2)
+            if r.status_code == 200 and r.json().get("mode") == "distributed":
+                return
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"cascade serve did not become ready at {url}: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -97,6 +133,7 @@ def _batch_body(n: int, prompts: list[str]) -> Iterator[bytes]:
 
 def run_api_bench(cfg: ApiBenchConfig) -> dict:
     out: dict = {}
+    port = _serve_port(cfg.port)  # before anything starts: a port someone else holds is refused
     with _private(cfg.pg_admin, cfg.redis_url) as (db_url, prefix, tmp, _), ExitStack() as stack:
         settings = Settings(broker_url=cfg.redis_url, database_url=db_url, redis_prefix=prefix, home=tmp)
         env = {**os.environ, "CASCADE_BROKER_URL": cfg.redis_url, "CASCADE_DATABASE_URL": db_url,
@@ -111,20 +148,11 @@ def run_api_bench(cfg: ApiBenchConfig) -> dict:
         tenants = Tenants(TenantStore(db_url), settings)
         key = tenants.create_key("bench")[1]
         tenants.close()
-        serve = _spawn(["worker.cli", "serve", "--portfolio", str(path), "--port", str(cfg.port)], env,
+        serve = _spawn(["worker.cli", "serve", "--portfolio", str(path), "--port", str(port)], env,
                        tmp / "serve.log")
         stack.callback(stop_all, [serve])
-        url = f"http://127.0.0.1:{cfg.port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or serve.poll() is not None:
-                raise RuntimeError(f"cascade serve did not start: {(tmp / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, serve, tmp / "serve.log")
         prompts = [row.prompt for row in load_dataset(cfg.data).split("test")[: cfg.requests]]
         http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
                             limits=httpx.Limits(max_connections=cfg.concurrency * 2))
@@ -134,7 +162,11 @@ def run_api_bench(cfg: ApiBenchConfig) -> dict:
             resp = http.post("/v1/chat/completions", json={"model": "cascade/default",
                                                            "messages": [{"role": "user", "content": prompt}]})
             resp.raise_for_status()
-            return resp.json()["cascade"]["tier"]
+            body = resp.json()
+            if "cascade" not in body:
+                raise RuntimeError(f"{url} answered a chat completion without the `cascade` field: not the bench's "
+                                   f"own `cascade serve`: {resp.text[:200]}")
+            return body["cascade"]["tier"]
 
         client = Client(settings, portfolio=path, tenant="bench", workers=False)
         stack.callback(client.close)

@@ -41,6 +41,7 @@ from typing import Callable
 import redis
 
 from worker.config.credentials import redact_text
+from worker.models.preflight import PROBE_PROMPT
 from worker.ops.migrate import upgrade
 from worker.ops.procs import stop_all
 from worker.store.admin import create_database
@@ -169,7 +170,8 @@ class _Server(ThreadingHTTPServer):
 class FakeModels:
     """An OpenAI-style chat server for models m0, m1, m2: a fixed latency, a confidence
     (token log-prob) derived from the prompt, usage for the cost; a model can be set to
-    hang or to answer 503. Every request is counted, per model, as it arrives."""
+    hang or to answer 503. Every request is counted, per model, as it arrives, but the
+    workers' start-up probes (the signal preflight's PROBE_PROMPT)."""
 
     def __init__(self, key: str, latency: float = 0.05):
         self.key = key
@@ -186,8 +188,10 @@ class FakeModels:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
                 model = body.get("model", "")
-                with outer._lock:
-                    outer.requests[model] = outer.requests.get(model, 0) + 1
+                probe = (body.get("messages") or [{}])[-1].get("content") == PROBE_PROMPT
+                if not probe:  # a worker's start-up probe (worker.models.preflight) is no job's call
+                    with outer._lock:
+                        outer.requests[model] = outer.requests.get(model, 0) + 1
                 status, payload = outer.answer(model, body, self.headers.get("Authorization"))
                 try:
                     self.send_response(status)
@@ -327,10 +331,12 @@ class Run:
         self._n = 0
         self.input = self.dir / "input.jsonl"
         self.submitters: list[subprocess.Popen] = []
+        self.logs: dict[str, Path] = {}  # the latest log file of each process name
 
     def spawn(self, args: list[str], log: str) -> subprocess.Popen:
         self._n += 1
-        out = open(self.dir / f"{log}-{self._n}.log", "wb")
+        self.logs[log] = self.dir / f"{log}-{self._n}.log"
+        out = open(self.logs[log], "wb")
         return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=self.env, cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT)
 
@@ -350,7 +356,18 @@ class Run:
         for t in TIERS:
             self.start_worker(t)
         threading.Thread(target=self._supervise, daemon=True).start()
+        self.wait_started()
         return self
+
+    def wait_started(self, timeout: float = 120.0) -> None:
+        """Until every tier worker passed its start-up probe of the model server (it then names
+        its queues), so a scenario's fault on a model starts with the workers serving."""
+        deadline = time.monotonic() + timeout
+        for t in TIERS:
+            while f"tier {t}: queues".encode() not in self.logs[f"worker-{t}"].read_bytes():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the {t} worker did not start within {timeout:g}s")
+                time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

@@ -19,6 +19,7 @@ _COMMANDS = {
     "run": ("worker.cli.run_cmd:run", "run a JSONL batch through the tiers and write the results"),
     "worker": ("worker.cli.worker_cmd:worker", "start the worker pool of one tier (distributed mode)"),
     "flower": ("worker.cli.flower_cmd:flower", "Flower on the configured broker, behind basic auth"),
+    "check": ("worker.cli.check_cmd:check", "probe each tier's backend: does it return every signal the policy reads?"),
     "serve": ("worker.cli.serve_cmd:serve", "the HTTP task API: jobs, batches, OpenAI-compatible chat completions"),
     "keys": ("worker.cli.keys_cmd:keys", "API keys of the task API's tenants, and their budgets and rate limits"),
     "status": ("worker.cli.status_cmd:status", "show a batch's progress, per-tier counts and cost"),

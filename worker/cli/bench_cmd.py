@@ -118,7 +118,8 @@ def risk(files, risk_bound, delta, risk_procedure, resplits, train_rows, seed, a
               help="threads for the requests/s run")
 @click.option("--batch-items", type=click.IntRange(min=0), default=0, show_default=True,
               help="also stream a batch of this many items into POST /v1/batches (e.g. 1000000)")
-@click.option("--port", type=click.IntRange(1, 65535), default=18765, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="the API's port (default: a spare one); refused if another process holds it")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), help="replay file (default: shared rc-mmlu)")
 @click.option("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres", show_default=True)
 @click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True)

@@ -1,7 +1,9 @@
 """`cascade worker --tier NAME`: the worker pool of one tier (distributed mode)."""
 from __future__ import annotations
 
+import os
 import socket
+from signal import SIGTERM
 from urllib.parse import urlsplit
 
 import click
@@ -11,6 +13,7 @@ from worker.cli.common import load_portfolio_option, user_errors
 from worker.config.credentials import redact_url
 from worker.config.logs import configure_logging
 from worker.config.settings import get_settings
+from worker.models.preflight import ensure_signals, verify_later
 from worker.ops import metrics
 from worker.ops.canary import Canary, canary_queue
 from worker.ops.migrate import current
@@ -47,8 +50,14 @@ def check_broker_credentials(settings) -> None:
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--submit/--no-submit", default=True, show_default=True,
               help="also consume the cascade.submit queue (the Celery task API)")
-def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, loglevel, submit) -> None:
-    """Consume only TIER's queue; pools of different tiers scale independently."""
+@click.option("--allow-missing-signals", is_flag=True, default=None,
+              help="start even if the tier's server answers the start-up probe without a signal the policy reads "
+                   "(degraded: such decisions are logged and counted); default $CASCADE_ALLOW_MISSING_SIGNALS")
+def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, loglevel, submit,
+           allow_missing_signals) -> None:
+    """Consume only TIER's queue; pools of different tiers scale independently. Before
+    it consumes, one probe checks that the tier's backend answers with every signal
+    the policy reads there (waiting for a server that is not up yet)."""
     settings = get_settings()
     if settings.embedded:
         raise click.ClickException(
@@ -66,7 +75,8 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
         rt.add_portfolio(portfolio)
         rt.jobs.save_portfolio(portfolio.digest, portfolio.spec())
         backend = rt.backend(tier)  # a local model loads once, here, before any job
-        backend.check_needs(portfolio.built_policy.needs(portfolio.index(tier.name)))
+        needs = portfolio.built_policy.needs(portfolio.index(tier.name))
+        backend.check_needs(needs)
     pool = pool or backend.pool
     if backend.pool == "solo" and pool != "solo":
         raise click.ClickException(f"the {backend.kind} backend holds one model per process: use --pool solo "
@@ -82,16 +92,23 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
                           content=settings.log_content, static={"tier": tier.name})
 
     setup_logging.connect(_logging, weak=False)  # a local function: a weak reference would be collected
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    health = [lambda: (True, f"starting: probing the backend of tier {tier.name}")]  # alive while it waits
+    if port:
+        metrics.watch_queues(settings.broker, settings.redis_prefix, [(t.name, t.queue_name) for t in portfolio.tiers])
+        metrics.serve(port, health=lambda: health[0]())
+    allow_missing = bool(allow_missing_signals or settings.allow_missing_signals)
+    with user_errors():  # waits for a server not up yet; refuses one that lacks a signal (worker.models.preflight)
+        checked = ensure_signals(backend, needs, allow_missing=allow_missing, wait=settings.preflight_wait)
+    if checked.status == "unreachable":  # still down after PREFLIGHT_WAIT: serve (its jobs fall back), probe later
+        verify_later(backend, needs, allow_missing=allow_missing, refuse=lambda _msg: os.kill(os.getpid(), SIGTERM))
     interval = settings.sweep_interval or max(0.5, settings.stale_after / 4)
     Sweeper(app, rt, tier, interval=interval, idle=settings.stale_after, chunk_size=settings.chunk_size).start()
     node = f"{tier.name}@{socket.gethostname()}"
     own_queue = canary_queue(tier.queue_name, node)
     probe = Canary(app, tier.name, own_queue, interval=settings.canary_interval, max_age=settings.canary_max_age)
     probe.start()
-    port = settings.metrics_port if metrics_port is None else metrics_port
-    if port:
-        metrics.watch_queues(settings.broker, settings.redis_prefix, [(t.name, t.queue_name) for t in portfolio.tiers])
-        metrics.serve(port, health=probe.health)
+    health[0] = probe.health
     queues = [*worker_queues(tier.queue_name, submit=submit), own_queue]
     argv = ["worker", "-Q", ",".join(queues), "-n", node, "-P", pool, "-c", str(conc),
             "--without-gossip", "--without-mingle", "-l", loglevel]

@@ -57,12 +57,21 @@ class Settings(BaseSettings):
     webhook_backoff: float = Field(2.0, gt=0, description="first webhook retry delay in seconds, doubled each time")
     webhook_attempts: int = Field(8, ge=1, le=30, description="webhook deliveries tried before giving up")
     remote_control: Literal["off", "flower", "full"] = Field(
-        "off", description="Celery remote control of the workers: off; flower = read-only inspection, events and "
-                            "ping (what Flower needs); full = every command, shutdown and revoke included")
+        "flower", description="Celery remote control of the workers: flower (the default) = read-only inspection, "
+                               "events and ping, what Flower needs to show workers, queues and tasks, and "
+                               "nothing that stops, revokes, resizes or reroutes a worker; off = the workers do "
+                               "not listen at all; full = every command, shutdown and revoke included")
     broker_tls_ca: Path | None = Field(None, description="CA file that verifies a rediss:// broker's certificate "
                                                          "(default: the system's CAs)")
     allow_open_broker: bool = Field(False, description="let `cascade worker` use a non-local broker URL with no "
                                                        "credentials")
+    allow_missing_signals: bool = Field(False, description="let `cascade worker` start when its tier's server "
+                                                           "answers the start-up probe without a signal the "
+                                                           "policy reads (degraded; such decisions are counted)")
+    preflight_wait: float = Field(120.0, ge=0, description="seconds a tier worker waits at start for its backend's "
+                                                         "server to answer the signal probe; past it the worker "
+                                                         "serves without it (its jobs fall back while the server "
+                                                         "is down) and probes again in the background")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
 
     @property

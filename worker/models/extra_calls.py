@@ -10,7 +10,12 @@ and sends them with `backend.generate`, like any job:
 - verify: `VERIFY_K` answers, at temperature `TEMPERATURE`, to a prompt that shows the
   question and the model's answer and asks whether it is correct (few-shot through the
   tier's own prompt template: its question/answer examples);
-- self_ref: one answer to "certain or uncertain?" after the question and the answer.
+- self_ref: one answer to "certain or uncertain?" after the question and the answer
+  (with token log-probs asked for: its confidence is the verdict token's probability);
+- p_true: on a backend with the "verify" capability (openai), one greedy answer to the
+  verification prompt with the verdict tokens' alternatives (`top_logprobs`): P(True)
+  is the probability of "yes" against "no" (Kadavath et al. 2022). A replay reads
+  p_true from its records instead.
 
 Generic: any backend that answers a prompt serves them (llamacpp, openai; the replay
 backend serves the recorded ones, keyed `<id>#<kind><n>`). The signals are computed
@@ -33,6 +38,7 @@ SAMPLES = 4  # answers for semantic entropy, the greedy one included
 VERIFY_K = 3  # sampled verdicts for AutoMix's verifier probability
 TEMPERATURE = 0.7
 VERDICT_TOKENS = 3  # "Yes" / "No" / "certain" / "uncertain" and a little room
+P_TRUE_TOP = 10  # alternatives of the verdict token asked for: "yes" and "no" are among them
 
 # Tried on the pilot's questions: with a Q/A few-shot template, a verification question that
 # embeds the question in one line ("Question: ... Proposed answer: ... Correct?") is read as
@@ -63,6 +69,10 @@ def derived_queries(query: Query, answer: str, kind: str, needs: Needs) -> list[
         prompt = SELF_REF_PROMPT.format(question=query.prompt, answer=answer)
         return [Query(derived_id(query.id, kind, 0), prompt, query.category,
                       params={"temperature": 0.0, "max_tokens": VERDICT_TOKENS})]
+    if kind == "p_true":
+        prompt = VERIFY_PROMPT.format(question=query.prompt, answer=_one_line(answer))
+        return [Query(derived_id(query.id, kind, 0), prompt, query.category,
+                      params={"temperature": 0.0, "max_tokens": VERDICT_TOKENS})]
     raise ValueError(f"unknown extra call kind {kind!r}")
 
 
@@ -80,18 +90,44 @@ def call_record(r: BackendResult, backend: Backend) -> dict[str, Any]:
     return out
 
 
+# what each kind of extra call asks of the backend besides the text
+_CALL_NEEDS = {"samples": Needs(), "verify": Needs(), "self_ref": Needs(logprobs=True),
+               "p_true": Needs(logprobs=True, top_logprobs=P_TRUE_TOP)}
+
+
+def wants_p_true(backend: Backend, needs: Needs, r: BackendResult) -> bool:
+    """Whether p_true comes from an extra call here: the policy reads it, the backend
+    verifies by a call ("verify" capability) and its answer did not carry it already."""
+    return (("p_true" in needs.signals or needs.verify) and "verify" in backend.capabilities
+            and "p_true" not in r.signals)
+
+
+def _first_top(r: BackendResult) -> dict[str, float]:
+    """The alternatives of the first token that is not whitespace (the verdict word)."""
+    for t in r.tokens or ():
+        if t.token.strip():
+            return {k: (v if math.isfinite(v) else None) for k, v in t.top.items()}
+    return {}
+
+
 def with_extra_calls(backend: Backend, query: Query, needs: Needs, r: BackendResult) -> BackendResult:
-    """The answer `r` with the live signals `needs` asks for, from extra calls through
-    `backend`; their tokens, cost and latency added to the answer's. Unchanged when no
-    live signal is asked for. A failing extra call fails the attempt (BackendFailure)."""
-    kinds = calls_needed(needs.signals)
+    """The answer `r` with the live signals `needs` asks for (and p_true, on a backend
+    that verifies by a call), from extra calls through `backend`; their tokens, cost and
+    latency added to the answer's. Unchanged when none is asked for. A failing extra
+    call fails the attempt (BackendFailure)."""
+    kinds = calls_needed(needs.signals) + (("p_true",) if wants_p_true(backend, needs, r) else ())
     if not kinds:
         return r
     started = time.perf_counter()
     calls: dict[str, list[dict[str, Any]]] = {}
     for kind in kinds:
-        calls[kind] = [call_record(backend.generate(q, Needs()), backend)
-                       for q in derived_queries(query, r.text, kind, needs)]
+        calls[kind] = []
+        for q in derived_queries(query, r.text, kind, needs):
+            got = backend.generate(q, _CALL_NEEDS[kind])
+            rec = call_record(got, backend)
+            if kind == "p_true":
+                rec["top_logprobs"] = _first_top(got)
+            calls[kind].append(rec)
     wall_ms = (time.perf_counter() - started) * 1000
     every = [c for cs in calls.values() for c in cs]
     main_cost = r.cost_usd if r.cost_usd is not None else backend.tier.price.cost(r.tokens_in, r.tokens_out)

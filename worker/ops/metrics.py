@@ -46,6 +46,9 @@ COST = Counter("cascade_cost_usd", "cost of recorded calls", ["tier"])
 JOB_COST = Counter("cascade_job_cost_usd", "total cost of finished jobs, by the tier that finished them", ["tier"])
 DB_STATEMENTS = Counter("cascade_db_statements", "SQL statements this process sent to the database, by their "
                         "first word (an executemany counts once)", ["kind"])
+SIGNAL_MISSING = Counter("cascade_signal_missing", "policy decisions taken without a signal the policy reads "
+                         "at that tier (the answer lacked it: a server without token log-probs, say)",
+                         ["tier", "signal"])
 TOP_COST = Counter("cascade_top_tier_cost_usd",
                    "what the same finished jobs would have cost calling only the top tier", ["tier"])
 
@@ -56,12 +59,15 @@ def observe_stage(tier: str, applied: Sequence[StageOutcome]) -> None:
     if not applied:
         return
     decisions: dict[str, int] = {}
+    missing: dict[str, int] = {}
     failures = tokens_in = tokens_out = 0
     cost = job_cost = top_cost = 0.0
     latency = LATENCY.labels(tier)
     for o in applied:
         a = o.attempt
         decisions[o.decision] = decisions.get(o.decision, 0) + 1
+        for signal in o.meta.get("missing_signals") or ():  # set by the stage (worker.queue.stage)
+            missing[signal] = missing.get(signal, 0) + 1
         failures += a.error is not None
         if a.latency_ms is not None:
             latency.observe(a.latency_ms / 1000)
@@ -74,6 +80,8 @@ def observe_stage(tier: str, applied: Sequence[StageOutcome]) -> None:
     CALLS.labels(tier).inc(len(applied))
     for decision, n in decisions.items():
         DECISIONS.labels(tier, decision).inc(n)
+    for signal, n in missing.items():
+        SIGNAL_MISSING.labels(tier, signal).inc(n)
     if failures:
         FAILURES.labels(tier).inc(failures)
     if tokens_in:

@@ -13,8 +13,9 @@ Settings that guard against lost or duplicated work (see docs/operations.md):
 And against whoever else can reach the broker (docs/operations.md, "Security"):
 - the app has only the project's tasks: Celery's built-ins (celery.starmap,
   celery.chord, ...) are unregistered, so a message naming one is refused, not run;
-- remote control is off unless CASCADE_REMOTE_CONTROL says otherwise, and in the
-  "flower" mode only read-only inspection, events and ping are served;
+- remote control is read-only by default (CASCADE_REMOTE_CONTROL=flower): inspection,
+  events and ping, what Flower needs, and nothing that stops, revokes, resizes or
+  reroutes a worker; "off" turns it off, "full" is Celery's every command;
 - a stage message is checked (shape, size, a tier this worker serves) before any
   work; a malformed one is logged and dropped, never retried.
 """
@@ -31,8 +32,8 @@ from worker.queue.dispatch import MAX_JOB_ID, MAX_STAGE_JOBS
 
 DEFAULT_QUEUE = "cascade.default"
 
-# What Flower reads (CASCADE_REMOTE_CONTROL=flower): inspection and events, nothing
-# that stops, revokes, resizes or reroutes a worker.
+# What Flower reads (CASCADE_REMOTE_CONTROL=flower, the default): inspection and events,
+# nothing that stops, revokes, resizes or reroutes a worker.
 FLOWER_COMMANDS = frozenset({
     "active", "active_queues", "clock", "conf", "dump_active", "dump_reserved", "dump_revoked", "dump_schedule",
     "dump_tasks", "hello", "ping", "query_task", "registered", "report", "reserved", "revoked", "scheduled",
@@ -63,7 +64,8 @@ def base_app(settings: Settings, name: str = "cascade") -> Celery:
             tls["ssl_ca_certs"] = str(settings.broker_tls_ca)
         app.conf.broker_use_ssl = tls
     app.conf.update(
-        worker_enable_remote_control=settings.remote_control != "off",
+        # the embedded mode's in-memory broker has no one on it to inspect the workers
+        worker_enable_remote_control=settings.remote_control != "off" and not settings.broker.startswith("memory://"),
         broker_url=settings.broker,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,

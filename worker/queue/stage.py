@@ -273,6 +273,11 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
                 _crashed(rt, tier_name, job, o, resend)
         applied = record_durably(rt.stages, outcomes, rt.settings.record_wait)
     metrics.observe_stage(tier_name, applied)
+    without = [o for o in applied if o.meta.get("missing_signals")]
+    if without:
+        log.warning("stage.signal_missing", tier=tier_name, jobs=len(without), of=len(applied),
+                    signals=sorted({s for o in without for s in o.meta["missing_signals"]}),
+                    why=why_missing(without[0].meta))
     for o in applied:
         if o.decision == "escalate":
             resend.setdefault(o.next_tier, []).append(o.job_id)
@@ -400,7 +405,13 @@ def _decide(portfolio, tier_name: str, job: dict, query: Query, prior: list[dict
     policy = portfolio.built_policy
     history = [attempt_from_row(a) for a in prior] + [attempt]
     d = cascade.step(policy, query, plan_of(job["plan"]), history)
-    o = StageOutcome(job["id"], job["batch_id"], len(history) - 1, attempt, d.action, d.reason, meta,
+    reason = d.reason
+    missing = missing_signals(policy.needs(portfolio.index(tier_name)), attempt)
+    if missing:
+        # decided without a signal the policy reads: said in the reason and counted (metrics), never silent
+        meta = {**meta, "missing_signals": missing}
+        reason = f"{reason} [{', '.join(missing)} not in the answer: {why_missing(meta)}]"
+    o = StageOutcome(job["id"], job["batch_id"], len(history) - 1, attempt, d.action, reason, meta,
                      total_cost=sum(a.cost_usd for a in history))
     if d.action == "escalate":
         o.next_tier = portfolio.tiers[d.next_tier].name
@@ -412,6 +423,24 @@ def _decide(portfolio, tier_name: str, job: dict, query: Query, prior: list[dict
         else:
             o.error = d.reason
     return o
+
+
+def missing_signals(needs: Needs, attempt: Attempt) -> list[str]:
+    """The signals the policy reads at this tier that an answered attempt lacks."""
+    if attempt.error is not None:
+        return []
+    return [s for s in needs.signals if sig.get(attempt.signals, s) is None]
+
+
+def why_missing(meta: dict[str, Any]) -> str:
+    """Why an answer lacked a signal, as far as the call tells: a server that sent no token
+    log-probs (the worker's preflight refuses one that never does, unless started with
+    --allow-missing-signals), or an answer that did not yield it (an empty answer, a
+    verdict that says neither yes nor no)."""
+    if meta.get("logprobs_missing"):
+        return (f"{meta.get('server') or 'the server'} sent no token log-probs although they were asked for "
+                f"(`cascade check` probes it)")
+    return "the answer did not yield it"
 
 
 def top_tier_cost(portfolio, history: Sequence[Attempt]) -> float:

@@ -60,6 +60,9 @@ class Backend(ABC):
     # stage threads a worker process runs by default (CASCADE_WORKER_CONCURRENCY or --concurrency
     # raise it): 2 lets an HTTP tier's next message start its requests while the last one records
     stage_threads: ClassVar[int] = 1
+    # whether it calls a model (a server or a model in the process): the signal preflight
+    # (worker.models.preflight) probes it; a replay serves recorded signals
+    live: ClassVar[bool] = True
 
     def __init__(self, tier: Tier):
         self.tier = tier

@@ -26,7 +26,10 @@ Options (portfolio `[tiers.backend]`):
   read_timeout     seconds, default 60
   logprobs         ask for token log-probs even when the policy does not (default false;
                    they are asked for whenever the tier's policy needs token signals)
-  top_logprobs     alternatives per token to ask for (default 0; the policy may ask more)
+  top_logprobs     alternatives per token to ask for (default 0; the policy may ask more).
+                   On the chat endpoint a request for log-probs always carries
+                   `top_logprobs` >= 1: llama-cpp-python's server (and lmdeploy) answer
+                   `"logprobs": null` to `logprobs: true` alone
   retries          extra in-backend attempts on a transient error (default 0: the
                    pipeline already retries; raise it only when calling backends directly)
   backoff          first in-backend retry delay, doubled each time (default 0.5 s)
@@ -44,6 +47,17 @@ base_url and header values may reference secrets as ${NAME} (expanded in the
 worker); a credential written literally is blanked in everything stored or shown.
 Usage (prompt/completion tokens) is recorded per attempt; the cost comes from the
 tier's price, or from the server when it reports `usage.cost` (OpenRouter does).
+
+Token log-probs are read in both shapes servers send: the chat shape
+(`logprobs.content[]` with `token`, `logprob`, `top_logprobs[]`) and the legacy
+completions shape (`logprobs.tokens`, `token_logprobs`, `top_logprobs` as {token:
+logprob} maps), whichever endpoint answered. An answer without them, when they were
+asked for, is marked (`meta["logprobs_missing"]`): the stage reports the decision
+taken without its signal (worker.queue.stage), and the worker's preflight
+(worker.models.preflight) refuses a server that never sends them.
+This backend also serves `p_true` (capability "verify"): one extra call asks the
+model whether its answer is correct and reads P(yes) from the verdict token's
+alternatives (worker.models.extra_calls).
 """
 from __future__ import annotations
 
@@ -59,7 +73,7 @@ import httpx
 from router.core.attempt import Query, TokenLogprob
 from router.core.policy import Needs
 from router.core.portfolio import Tier
-from router.core.signals import SIGNALS
+from router.core.signals import TOKEN_SIGNALS
 from worker.config.credentials import SecretError, expand, redact_text, redact_url, secret
 from worker.job.request import system_of
 from worker.models.backends.base import (
@@ -76,8 +90,6 @@ from worker.models.backends.base import (
 _OPTIONS = {"base_url", "model", "api_key_env", "endpoint", "prompt_template", "system", "max_tokens", "stop",
             "temperature", "connect_timeout", "read_timeout", "logprobs", "top_logprobs", "retries", "backoff",
             "max_backoff", "headers", "concurrency", "max_rps"}
-# signals computed from token log-probs (everything but self-verification)
-TOKEN_SIGNALS = frozenset(SIGNALS) - {"p_true"}
 _TRANSIENT_STATUS = {408, 409, 425, 429}
 
 
@@ -102,7 +114,7 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
 
 class OpenAIBackend(Backend):
     kind = "openai"
-    capabilities = frozenset({"logprobs", "top_logprobs"})
+    capabilities = frozenset({"logprobs", "top_logprobs", "verify"})
     pool = "threads"
     stage_threads = 2
 
@@ -210,10 +222,14 @@ class OpenAIBackend(Backend):
         # the legacy completions endpoint takes one text: no system prompt, no chat history
         return refused_field(query, frozenset({"max_tokens", "temperature", "stop"}), chat=False)
 
+    def wants_logprobs(self, needs: Needs) -> bool:
+        """Whether a request with these needs asks for token log-probs."""
+        return (self.always_logprobs or needs.logprobs or max(needs.top_logprobs, self.top_k_default) > 0
+                or any(s in TOKEN_SIGNALS for s in needs.signals))
+
     def payload(self, query: Query, needs: Needs) -> dict[str, Any]:
         top_k = max(needs.top_logprobs, self.top_k_default)
-        want = (self.always_logprobs or needs.logprobs or top_k > 0
-                or any(s in TOKEN_SIGNALS for s in needs.signals))
+        want = self.wants_logprobs(needs)
         p = query.params
         body: dict[str, Any] = {"model": self.model_name, "max_tokens": p.get("max_tokens", self.max_tokens),
                                 "temperature": p.get("temperature", self.temperature)}
@@ -227,8 +243,9 @@ class OpenAIBackend(Backend):
                 {"role": m["role"], "content": m["content"]} for m in turns]
             if want:
                 body["logprobs"] = True
-                if top_k:
-                    body["top_logprobs"] = top_k
+                # at least 1: some servers (llama-cpp-python's, lmdeploy) answer `"logprobs": null`
+                # to `logprobs: true` alone; OpenAI and vLLM then add one alternative per token
+                body["top_logprobs"] = max(top_k, 1)
         else:
             body["prompt"] = self.template.replace("{prompt}", query.prompt) if self.template else query.prompt
             if want:
@@ -247,7 +264,10 @@ class OpenAIBackend(Backend):
         tries = 0
         while True:
             try:
-                return self._once(body, self.stop_of(query))
+                r = self._once(body, self.stop_of(query))
+                if "logprobs" in body and r.tokens is None:
+                    r.meta["logprobs_missing"] = True  # asked for, not sent: reported, never silent
+                return r
             except TransientBackendError as e:
                 tries += 1
                 if tries > self.retries:
@@ -292,10 +312,9 @@ class OpenAIBackend(Backend):
         try:
             if self.endpoint == "chat":
                 text = (choice.get("message") or {}).get("content") or ""
-                tokens = _chat_tokens(choice.get("logprobs"))
             else:
                 text = choice.get("text") or ""
-                tokens = _completion_tokens(choice.get("logprobs"))
+            tokens = tokens_of(choice.get("logprobs"))
         except (KeyError, TypeError, ValueError) as e:
             raise BackendFailure(f"{self.url}: unreadable logprobs in the answer ({type(e).__name__}: {e})") from None
         usage = data.get("usage") or {}
@@ -351,6 +370,19 @@ def _lp(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("-inf")
 
 
+def tokens_of(lp: Any) -> list[TokenLogprob] | None:
+    """A choice's token log-probs in either shape a server sends, whatever the endpoint:
+    the chat shape (`content[]`) or the legacy completions shape (`tokens`,
+    `token_logprobs`, `top_logprobs`); None when it has none."""
+    if not lp or not isinstance(lp, dict):
+        return None
+    if lp.get("content"):
+        return _chat_tokens(lp)
+    if lp.get("tokens"):
+        return _completion_tokens(lp)
+    return None
+
+
 def _chat_tokens(lp: Any) -> list[TokenLogprob] | None:
     if not lp or not lp.get("content"):
         return None
@@ -368,9 +400,11 @@ def _completion_tokens(lp: Any) -> list[TokenLogprob] | None:
     tops = lp.get("top_logprobs") or []
     out = []
     for i, tok in enumerate(toks):
-        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        top = tops[i] if i < len(tops) else None
+        if isinstance(top, list):  # alternatives as [{token, logprob}], as in the chat shape
+            top = {t["token"]: t.get("logprob") for t in top if isinstance(t, dict) and "token" in t}
         out.append(TokenLogprob(str(tok), _lp(lps[i] if i < len(lps) else None),
-                                {str(k): _lp(v) for k, v in top.items()}))
+                                {str(k): _lp(v) for k, v in (top if isinstance(top, dict) else {}).items()}))
     return out
 
 

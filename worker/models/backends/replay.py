@@ -55,6 +55,7 @@ def dataset(path: str):
 
 class ReplayBackend(Backend):
     kind = "replay"
+    live = False  # recorded signals: nothing to probe
 
     def __init__(self, tier: Tier):
         super().__init__(tier)
