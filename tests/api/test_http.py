@@ -270,6 +270,7 @@ def test_an_interactive_job_finishes_before_a_queued_20000_item_batch(bench, dep
     assert b["counts"]["open"] > 0, b["counts"]  # the batch was still running when the job was done
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(deployment, tmp_path):
     d = deployment
     st = [sys.executable, "-m", "schemathesis.cli", "run", f"{d.url}/openapi.json", "--checks", "not_a_server_error",

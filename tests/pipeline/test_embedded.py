@@ -103,6 +103,7 @@ def test_worker_for_unknown_tier_is_refused(bench, tmp_path):
     assert p.returncode != 0 and "no broker configured" in p.stderr
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_duplicates(bench, tmp_path):
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
     path.write_text(path.read_text().replace('model = "llama3.1-70b" }', 'model = "llama3.1-70b", sleep = true }'))

@@ -24,7 +24,7 @@ from worker.queue.items import read_items
 from worker.queue.run import run_batch
 from worker.store.legacy import Store
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.slow]  # drills: crashes, kills, deadlines
 
 MODELS = ["llama3.2-3b", "llama3.1-405b"]
 

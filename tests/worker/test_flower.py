@@ -24,7 +24,7 @@ from router.core.portfolio import load_portfolio
 from worker.queue.items import read_items
 from worker.queue.run import run_batch
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.slow]  # a browser
 
 MODELS = ["llama3.2-3b", "llama3.1-405b"]
 USER, PASSWORD = "ops", "s3cret-pass"
