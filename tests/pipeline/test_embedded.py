@@ -173,7 +173,9 @@ def test_cancel_stops_unfinished_jobs_and_keeps_finished_ones(bench, tmp_path):
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2], slow_first=True)
     portfolio = load_portfolio(path)
     home = tmp_path / "h"
-    settings = Settings(home=home)
+    # messages of 8 jobs: the workers stop after the one in hand (one of 200 jobs would keep
+    # the first tier's worker sleeping past the 30 s the embedded workers are given to stop)
+    settings = Settings(home=home, chunk_size=8)
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=200)
     # submitted, mostly never worked on: the embedded workers stop when run_batch returns
     run_batch(items, portfolio, settings=settings, batch_id="c", progress=False, wait=False)
