@@ -112,7 +112,7 @@ def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, worker
             done_t1 = c.execute(select(func.count()).select_from(attempts).where(attempts.c.tier == "t1")).scalar()
         if done_t1 >= 4:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert done_t1 >= 4, w.logs()
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()

@@ -119,7 +119,7 @@ def test_killed_run_resumes_without_duplicates(bench, tmp_path):
     deadline = time.time() + 120
     done = 0
     while time.time() < deadline and done < 5:
-        time.sleep(0.3)
+        time.sleep(0.1)
         if db.exists():
             try:
                 with sqlite3.connect(db) as c:

@@ -96,7 +96,7 @@ def run_until_done(store: Store, sup: Supervisor, batch_id: str, timeout: float)
         b = store.batch(batch_id)
         if b["done"] == b["total"]:
             return restarts
-        time.sleep(0.3)
+        time.sleep(0.1)
     raise AssertionError(f"batch {batch_id} not done: {store.batch(batch_id)}\n{sup.logs()}")
 
 
