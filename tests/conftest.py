@@ -72,4 +72,4 @@ def workers(distributed, tmp_path):
 
     yield factory
     for w in made:
-        w.stop_all()
+        w.kill_all()

@@ -37,6 +37,17 @@ class Workers:
     def stop_all(self) -> None:
         self._stop([p for ps in self.procs.values() for p in ps])
 
+    def kill_all(self) -> None:
+        """SIGKILL every process, for a test's cleanup: nothing is asserted on a worker's
+        shutdown there, and the warm one takes a second or two."""
+        for ps in self.procs.values():
+            for p in ps:
+                if p.poll() is None:
+                    p.kill()
+        for ps in self.procs.values():
+            for p in ps:
+                p.wait()
+
     def _stop(self, procs: list[subprocess.Popen]) -> None:
         for p in procs:
             if p.poll() is None:

@@ -43,7 +43,7 @@ def tier_workers(bench, distributed_module, tmp_path_factory):
             w.start(t)
         yield w, path
     finally:
-        w.stop_all()
+        w.kill_all()
 
 
 @pytest.fixture
