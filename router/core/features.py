@@ -37,9 +37,9 @@ TOKEN_PATTERN = r"[a-z0-9]+"
 
 @lru_cache(maxsize=16)
 def _vectorizer(buckets: int) -> HashingVectorizer:
-    # deferred: scikit-learn (with scipy.stats) takes about a second to import, which every
-    # process loading a portfolio (each `cascade` command, each tier worker) would pay
-    from sklearn.feature_extraction.text import HashingVectorizer
+    # scikit-learn (with scipy.stats) takes about a second to import, which every process
+    # loading a portfolio (each `cascade` command, each tier worker) would pay otherwise
+    from sklearn.feature_extraction.text import HashingVectorizer  # deferred: see above
 
     return HashingVectorizer(n_features=buckets, token_pattern=TOKEN_PATTERN, lowercase=True, ngram_range=(1, 2),
                              binary=True, norm="l2", alternate_sign=False, dtype=np.float64)
