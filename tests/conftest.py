@@ -29,9 +29,7 @@ def redis_prefix():
         yield prefix
 
 
-@pytest.fixture
-def distributed(pg_url, redis_prefix, tmp_path):
-    """Settings (and the matching environment) of a private distributed deployment."""
+def _distributed(pg_url: str, redis_prefix: str, home: Path):
     from worker.config.settings import Settings
     from worker.ops.migrate import upgrade
 
@@ -39,14 +37,29 @@ def distributed(pg_url, redis_prefix, tmp_path):
         "CASCADE_BROKER_URL": REDIS,
         "CASCADE_DATABASE_URL": pg_url,
         "CASCADE_REDIS_PREFIX": redis_prefix,
-        "CASCADE_HOME": str(tmp_path / "home"),
+        "CASCADE_HOME": str(home),
         "CASCADE_VISIBILITY_TIMEOUT": "10",
         "CASCADE_STALE_AFTER": "10",  # the sweeper re-sends a lost message after 10 s here (default 60)
     }
     upgrade(pg_url)
     settings = Settings(broker_url=REDIS, database_url=pg_url, redis_prefix=redis_prefix,
-                        home=tmp_path / "home", visibility_timeout=10)
+                        home=home, visibility_timeout=10)
     return settings, env
+
+
+@pytest.fixture
+def distributed(pg_url, redis_prefix, tmp_path):
+    """Settings (and the matching environment) of a private distributed deployment."""
+    return _distributed(pg_url, redis_prefix, tmp_path / "home")
+
+
+@pytest.fixture(scope="module")
+def distributed_module(tmp_path_factory):
+    """`distributed`, one for the whole module: for tests that share worker processes
+    (starting them is most of such a test's time). Each test keeps its own batch ids,
+    idempotency keys and jobs, and asserts only on those."""
+    with private_database() as url, private_redis_prefix() as prefix:
+        yield _distributed(url, prefix, tmp_path_factory.mktemp("deployment") / "home")
 
 
 @pytest.fixture
@@ -60,4 +73,4 @@ def workers(distributed, tmp_path):
 
     yield factory
     for w in made:
-        w.stop_all()
+        w.kill_all()

@@ -21,14 +21,15 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.feature_extraction.text import HashingVectorizer
-from sklearn.linear_model import LogisticRegression
 
 from .errors import PolicyError
+
+if TYPE_CHECKING:
+    from sklearn.feature_extraction.text import HashingVectorizer
 
 DEFAULT_BUCKETS = 4096
 TOKEN_PATTERN = r"[a-z0-9]+"
@@ -36,6 +37,10 @@ TOKEN_PATTERN = r"[a-z0-9]+"
 
 @lru_cache(maxsize=16)
 def _vectorizer(buckets: int) -> HashingVectorizer:
+    # scikit-learn (with scipy.stats) takes about a second to import, which every process
+    # loading a portfolio (each `cascade` command, each tier worker) would pay otherwise
+    from sklearn.feature_extraction.text import HashingVectorizer  # deferred: see above
+
     return HashingVectorizer(n_features=buckets, token_pattern=TOKEN_PATTERN, lowercase=True, ngram_range=(1, 2),
                              binary=True, norm="l2", alternate_sign=False, dtype=np.float64)
 
@@ -162,6 +167,8 @@ def fit_logistic(X: sp.spmatrix | np.ndarray, Y: np.ndarray, l2: float, iters: i
     Y = np.asarray(Y, dtype=float)
     n, d = X.shape
     W, b = np.zeros((Y.shape[0], d)), np.zeros(Y.shape[0])
+    from sklearn.linear_model import LogisticRegression  # deferred, see _vectorizer
+
     XX = sp.vstack([X, X], format="csr") if sp.issparse(X) else np.vstack([X, X])
     for m, y in enumerate(Y):
         if y.min() == y.max():

@@ -194,7 +194,7 @@ def test_openai_batch_file_in_results_and_errors_out(bench, deployment):
         batch_id = r.json()["id"]
         deadline = time.time() + 60
         while (b := h.get(f"/v1/batches/{batch_id}").json())["status"] != "completed" and time.time() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert b["counts"] == {"total": 9, "done": 9, "succeeded": 6, "failed": 3, "cancelled": 0, "open": 0}, b
         assert sum(t["answered"] for t in b["tiers"].values()) == 6 and b["cost_usd"] > 0
         assert sum(t["share"] for t in b["tiers"].values()) == pytest.approx(6 / 9)
@@ -272,6 +272,7 @@ def test_an_interactive_job_finishes_before_a_queued_20000_item_batch(bench, dep
     assert b["counts"]["open"] > 0, b["counts"]  # the batch was still running when the job was done
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(deployment, tmp_path):
     d = deployment
     st = [sys.executable, "-m", "schemathesis.cli", "run", f"{d.url}/openapi.json", "--checks", "not_a_server_error",

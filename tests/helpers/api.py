@@ -34,7 +34,7 @@ class Serve:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise RuntimeError(f"cascade serve not ready after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:

@@ -78,7 +78,7 @@ class LlamaServer:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"llama_cpp.server did not come up on port {self.port} within {timeout}s")
 

@@ -30,19 +30,35 @@ class Workers:
         self.procs.setdefault(tier, []).append(p)
         return p
 
+    def stop(self, tier: str) -> None:
+        """Stop the tier's processes (the others go on)."""
+        self._stop(self.procs.get(tier, []))
+
     def stop_all(self) -> None:
+        self._stop([p for ps in self.procs.values() for p in ps])
+
+    def kill_all(self) -> None:
+        """SIGKILL every process, for a test's cleanup: nothing is asserted on a worker's
+        shutdown there, and the warm one takes a second or two."""
         for ps in self.procs.values():
             for p in ps:
                 if p.poll() is None:
-                    p.terminate()
-        deadline = time.time() + 20
+                    p.kill()
         for ps in self.procs.values():
             for p in ps:
-                try:
-                    p.wait(max(0.1, deadline - time.time()))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+                p.wait()
+
+    def _stop(self, procs: list[subprocess.Popen]) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.time() + 20
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
     def logs(self) -> str:
         return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}" for f in sorted(self.logdir.glob("worker-*.log")))

@@ -40,7 +40,7 @@ def wait_until(cond, timeout: float = 30.0) -> bool:
     while time.time() < deadline:
         if cond():
             return True
-        time.sleep(0.2)
+        time.sleep(0.05)
     return False
 
 

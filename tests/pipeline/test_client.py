@@ -12,6 +12,7 @@ import pytest
 from celery import Celery
 from helpers.env import REDIS
 from helpers.portfolios import write_portfolio
+from helpers.workers import Workers
 from sqlalchemy import func, select
 
 from router.core.records import load_dataset
@@ -32,13 +33,24 @@ def rows(bench, n, split="test"):
     return load_dataset(bench / "rc-mmlu.jsonl.gz").split(split)[:n]
 
 
+@pytest.fixture(scope="module")
+def tier_workers(bench, distributed_module, tmp_path_factory):
+    """One worker process per tier, shared by the module's tests (each with its own jobs)."""
+    tmp = tmp_path_factory.mktemp("client")
+    path = write_portfolio(tmp / "p.toml", bench, MODELS, [-0.3])
+    w = Workers(distributed_module[1], path, tmp)
+    try:
+        for t in ("t0", "t1"):
+            w.start(t)
+        yield w, path
+    finally:
+        w.kill_all()
+
+
 @pytest.fixture
-def deployment(bench, distributed, workers, tmp_path):
-    settings, _ = distributed
-    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3])
-    w = workers(path)
-    for t in ("t0", "t1"):
-        w.start(t)
+def deployment(distributed_module, tier_workers):
+    settings, _ = distributed_module
+    w, path = tier_workers
     client = Client(settings, portfolio=path)
     yield settings, client, w, path
     client.close()

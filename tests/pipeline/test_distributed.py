@@ -79,6 +79,7 @@ def three_tiers(bench, tmp_path, workers, *worker_args, slow_middle=False):
     return portfolio, w, procs
 
 
+@pytest.mark.slow
 def test_1000_rows_three_tiers_equal_offline(bench, distributed, workers, tmp_path):
     settings, _ = distributed
     portfolio, w, _ = three_tiers(bench, tmp_path, workers)
@@ -96,6 +97,7 @@ def test_1000_rows_three_tiers_equal_offline(bench, distributed, workers, tmp_pa
     assert_exactly_once(BatchStore(settings.db_url), "it-1000", 1000)
 
 
+@pytest.mark.slow
 def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, workers, tmp_path):
     settings, _ = distributed
     settings = settings.model_copy(update={"chunk_size": 2})
@@ -112,7 +114,7 @@ def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, worker
             done_t1 = c.execute(select(func.count()).select_from(attempts).where(attempts.c.tier == "t1")).scalar()
         if done_t1 >= 4:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert done_t1 >= 4, w.logs()
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
@@ -124,6 +126,7 @@ def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, worker
     assert_exactly_once(store, "crash", n)
 
 
+@pytest.mark.slow
 def test_duplicated_messages_change_nothing(bench, distributed, workers, tmp_path):
     settings, _ = distributed
     # three threads per tier: duplicates race each other
@@ -175,6 +178,7 @@ def submit_then_lose_the_queue(bench, settings, tmp_path, batch_id: str, n: int)
     return path, portfolio
 
 
+@pytest.mark.slow
 def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, workers, tmp_path):
     import subprocess
     import sys
@@ -201,6 +205,7 @@ def test_resume_resends_jobs_whose_messages_the_broker_lost(bench, distributed, 
     assert_exactly_once(store, "lost", n)
 
 
+@pytest.mark.slow
 def test_workers_resend_lost_messages_by_themselves(bench, distributed, workers, tmp_path):
     """A message Redis lost (here: the whole queue deleted) is found by the tier
     workers' sweeper once the job has gone without a heartbeat for CASCADE_STALE_AFTER (10 s here)."""

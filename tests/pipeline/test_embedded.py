@@ -103,6 +103,7 @@ def test_worker_for_unknown_tier_is_refused(bench, tmp_path):
     assert p.returncode != 0 and "no broker configured" in p.stderr
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_duplicates(bench, tmp_path):
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
     path.write_text(path.read_text().replace('model = "llama3.1-70b" }', 'model = "llama3.1-70b", sleep = true }'))
@@ -118,7 +119,7 @@ def test_killed_run_resumes_without_duplicates(bench, tmp_path):
     deadline = time.time() + 120
     done = 0
     while time.time() < deadline and done < 5:
-        time.sleep(0.3)
+        time.sleep(0.1)
         if db.exists():
             try:
                 with sqlite3.connect(db) as c:
@@ -172,7 +173,9 @@ def test_cancel_stops_unfinished_jobs_and_keeps_finished_ones(bench, tmp_path):
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2], slow_first=True)
     portfolio = load_portfolio(path)
     home = tmp_path / "h"
-    settings = Settings(home=home)
+    # messages of 8 jobs: the workers stop after the one in hand (one of 200 jobs would keep
+    # the first tier's worker sleeping past the 30 s the embedded workers are given to stop)
+    settings = Settings(home=home, chunk_size=8)
     items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=200)
     # submitted, mostly never worked on: the embedded workers stop when run_batch returns
     run_batch(items, portfolio, settings=settings, batch_id="c", progress=False, wait=False)

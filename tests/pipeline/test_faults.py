@@ -34,6 +34,7 @@ def check(r: dict, unrecorded: int = 0) -> None:
     assert 0 <= r["unrecorded_calls"] <= unrecorded, r
 
 
+@pytest.mark.slow
 def test_tier_worker_killed_mid_batch(lab):
     r = run_scenario(lab, "worker_kill9_t1")  # SIGTERM and the other tiers: `cascade bench faults`
     # the calls of the messages in progress at the kill (a stage calls its jobs together and
@@ -43,6 +44,7 @@ def test_tier_worker_killed_mid_batch(lab):
     assert r["worker_restarts"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["redis_restart_aof", "redis_kill9_empty"])
 def test_broker_restarted_mid_batch(lab, name):
     r = run_scenario(lab, name)
@@ -53,12 +55,14 @@ def test_broker_restarted_mid_batch(lab, name):
     assert r["submitter_exit"] == 0
 
 
+@pytest.mark.slow
 def test_database_stopped_mid_batch(lab):
     r = run_scenario(lab, "postgres_stop_short")
     check(r)
     assert r["worker_restarts"] == 0 and r["submitter_exit"] == 0  # the waiting submitter rode it out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["backend_hang", "poison_item", "submitter_kill9"])
 def test_bad_backends_poison_and_a_killed_submitter(lab, name):
     check(run_scenario(lab, name))

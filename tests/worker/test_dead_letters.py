@@ -25,7 +25,7 @@ from worker.queue.run import run_batch
 from worker.store.batches import BatchStore
 from worker.store.jobs import JobStore
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.slow]  # drills: crashes, kills, deadlines
 
 MODELS = ["llama3.2-3b", "llama3.1-405b"]
 
@@ -97,7 +97,7 @@ def run_until_done(store: BatchStore, sup: Supervisor, batch_id: str, timeout: f
         b = store.batch(batch_id)
         if b["done"] == b["total"]:
             return restarts
-        time.sleep(0.3)
+        time.sleep(0.1)
     raise AssertionError(f"batch {batch_id} not done: {store.batch(batch_id)}\n{sup.logs()}")
 
 

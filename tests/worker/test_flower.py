@@ -23,7 +23,7 @@ import pytest
 from helpers.env import REDIS, REPO, SHARED
 from helpers.servers import free_port
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.slow]  # a browser
 
 TIERS = ["small", "medium", "large"]
 

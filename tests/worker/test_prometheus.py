@@ -142,7 +142,7 @@ def test_health_check_fails_when_a_live_worker_stops_consuming(bench, distribute
         lat = scrape(port).get(("cascade_canary_latency_seconds", (("tier", "t0"),)))
         if h.status_code == 200 and lat is not None and lat > 0:
             break
-        time.sleep(0.3)
+        time.sleep(0.1)
     assert h.status_code == 200 and "consumed its canary" in h.text, h.text
     assert scrape(port)[("cascade_canary_age_seconds", (("tier", "t0"),))] < 4
 
@@ -157,7 +157,7 @@ def test_health_check_fails_when_a_live_worker_stops_consuming(bench, distribute
         h = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         if h.status_code == 503:
             break
-        time.sleep(0.3)
+        time.sleep(0.1)
     assert proc.poll() is None  # alive, yet reported unhealthy
     assert h.status_code == 503 and "not consuming" in h.text, h.text
     assert scrape(port)[("cascade_canary_age_seconds", (("tier", "t0"),))] > 4
