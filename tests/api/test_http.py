@@ -8,12 +8,14 @@ import hashlib
 import hmac
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import openai
@@ -44,6 +46,7 @@ class Deployment:
     workers: Workers
     env: dict
     keys: dict  # tenant -> API key
+    portfolio: Path
 
     @property
     def url(self) -> str:
@@ -73,13 +76,14 @@ def deployment(bench, tmp_path_factory):
             w.start(t)
         settings = Settings(broker_url=REDIS, database_url=pg_url, redis_prefix=prefix)
         tenants = Tenants(TenantStore(pg_url), settings)
-        keys = {t: tenants.create_key(t)[1] for t in ("a", "b", "poor", "busy")}
-        tenants.store.upsert_tenant("poor", budget_usd=1e-9)
+        keys = {t: tenants.create_key(t)[1] for t in ("a", "b", "poor", "busy", "thrifty", "rival")}
         tenants.store.upsert_tenant("busy", rate_per_min=1)
+        tenants.store.upsert_tenant("thrifty", budget_usd=0.001)
+        tenants.store.upsert_tenant("rival", budget_usd=0.001)
         tenants.close()
         serve = Serve(env, path, tmp / "serve.log")
         try:
-            yield Deployment(settings, serve.wait_ready(), w, env, keys)
+            yield Deployment(settings, serve.wait_ready(), w, env, keys, path)
         finally:
             serve.stop()
             w.stop_all()
@@ -148,8 +152,16 @@ def test_jobs_idempotency_key_returns_the_same_job_with_one_set_of_attempts(benc
     (json.dumps({"prompt": "hi", "params": {"temperature": "warm"}}).encode(), 422, "params.temperature"),
     (json.dumps({"prompt": "hi", "params": {"max_tokens": 3}}).encode(), 400, "params.max_tokens"),
     (json.dumps({"messages": [{"role": "user", "content": "a\u0000"}]}).encode(), 400, "messages[0].content"),
-    (json.dumps({"prompt": "hi", "metadata": {"k": "\u0000"}}).encode(), 400, "metadata"),
+    (json.dumps({"prompt": "hi", "metadata": {"k": "\u0000"}}).encode(), 400, "metadata.k"),
     (json.dumps({"prompt": "hi", "colour": "red"}).encode(), 422, "colour"),
+    # issue #23: text PostgreSQL cannot store (a lone surrogate) is refused naming the field, as NUL is
+    (json.dumps({"prompt": "hi", "metadata": {"k": "\ud800"}}).encode(), 400, "metadata.k"),
+    (json.dumps({"prompt": "a\ud800b"}).encode(), 400, "prompt"),
+    (json.dumps({"messages": [{"role": "user", "content": "\ud800"}]}).encode(), 400, "messages[0].content"),
+    # issue #23: a body that cannot be parsed is a 422 in the OpenAI shape, whatever the reason
+    (b'{"prompt": "caf\xe9"}', 422, "body"),                                   # not UTF-8
+    (b'{"prompt": "hi", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 422, "body"),  # nesting
+    (b'{"prompt": "hi", "metadata": {"n": ' + b"9" * 5000 + b"}}", 422, "body"),  # an integer too large
 ])
 def test_bad_input_is_a_4xx_naming_the_field_and_writes_nothing(deployment, body, status, param):
     d = deployment
@@ -283,6 +295,145 @@ def test_schemathesis_finds_no_server_error(deployment, tmp_path):
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:] + d.logs()
 
 
+# -- issue #23: the bodies schemathesis did not find, as explicit cases ------------------
+
+CHAT_REFUSED = [
+    ({"metadata": {"k": "\ud800"}}, "metadata.k"),
+    ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("extra, param", CHAT_REFUSED)
+def test_chat_completion_with_unstorable_text_is_a_400_naming_the_field(deployment, extra, param, stream):
+    d = deployment
+    before = count(d, jobs), count(d, batches)
+    body = {"model": "cascade/default", "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+    with d.http() as h:
+        r = h.post("/v1/chat/completions", content=json.dumps(body).encode(),
+                   headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, param), r.text
+    assert "lone surrogate" in r.json()["error"]["message"]
+    assert (count(d, jobs), count(d, batches)) == before
+
+
+def wait_batch(h: httpx.Client, batch_id: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while (b := h.get(f"/v1/batches/{batch_id}").json())["status"] != "completed" and time.time() < deadline:
+        time.sleep(0.2)
+    return b
+
+
+def outputs(h: httpx.Client, batch_id: str) -> tuple[list[dict], list[dict]]:
+    results = [json.loads(x) for x in h.get(f"/v1/batches/{batch_id}/results").text.splitlines()]
+    errors = [json.loads(x) for x in h.get(f"/v1/batches/{batch_id}/errors").text.splitlines()]
+    return results, errors
+
+
+def post_batch(h: httpx.Client, lines: list[bytes | str]) -> httpx.Response:
+    body = b"".join((x.encode() if isinstance(x, str) else x) + b"\n" for x in lines)
+    return h.post("/v1/batches", content=body, headers={"Content-Type": "application/jsonl"})
+
+
+def test_a_duplicate_id_in_a_4_line_upload_is_an_error_line_counted_in_the_total(bench, deployment):
+    d = deployment
+    rs = rows(bench, 4)
+    lines = [json.dumps({"id": "q1", "prompt": rs[0].prompt}), json.dumps({"id": "q1", "prompt": rs[1].prompt}),
+             json.dumps({"id": "q2", "prompt": rs[2].prompt}), json.dumps({"id": "q3", "prompt": rs[3].prompt})]
+    with d.http() as h:
+        r = post_batch(h, lines)
+        assert r.status_code == 202, r.text
+        b = wait_batch(h, r.json()["id"])
+        results, errors = outputs(h, b["id"])
+    assert b["counts"]["total"] == b["counts"]["done"] == 4, b
+    assert sorted(x["custom_id"] for x in results) == ["q1", "q2", "q3"]
+    assert [(x["custom_id"], x["error"]["message"]) for x in errors] == [
+        ("line-2", "line 2: id 'q1' already used on line 1")]
+
+
+def test_an_id_equal_to_another_lines_automatic_key_loses_no_line(bench, deployment):
+    d = deployment
+    rs = rows(bench, 4)
+    lines = [json.dumps({"prompt": rs[0].prompt}), json.dumps({"id": "line-1", "prompt": rs[1].prompt}),
+             json.dumps({"prompt": rs[2].prompt}), json.dumps({"id": "line-3", "prompt": rs[3].prompt})]
+    with d.http() as h:
+        r = post_batch(h, lines)
+        assert r.status_code == 202, r.text
+        b = wait_batch(h, r.json()["id"])
+        results, errors = outputs(h, b["id"])
+    assert b["counts"]["total"] == b["counts"]["done"] == 4, b
+    assert errors == []
+    # the explicit ids keep them; the lines without an id step aside
+    assert [x["custom_id"] for x in results] == ["line-1~2", "line-1", "line-3~2", "line-3"]
+
+
+def test_duplicates_across_the_chunks_of_an_upload_lose_no_line(bench, deployment):
+    d = deployment
+    rs = load_dataset(bench / "rc-mmlu.jsonl.gz").records
+    lines = [json.dumps({"id": "dup", "prompt": rs[0].prompt})]
+    lines += [json.dumps({"id": f"r{i}", "prompt": rs[i].prompt}) for i in range(1, 999)]
+    lines += [json.dumps({"prompt": rs[999].prompt})]                       # line 1000: key line-1000
+    lines += [json.dumps({"id": "dup", "prompt": rs[1000].prompt}),         # line 1001, the next chunk
+              json.dumps({"id": "line-1000", "prompt": rs[1001].prompt}),   # line 1002: line 1000's key
+              json.dumps({"prompt": rs[1002].prompt})]                      # line 1003
+    with d.http(timeout=300) as h:
+        r = post_batch(h, lines)
+        assert r.status_code == 202, r.text
+        b = wait_batch(h, r.json()["id"], timeout=300)
+        results, errors = outputs(h, b["id"])
+    assert b["counts"]["total"] == b["counts"]["done"] == 1003, b
+    assert len(results) + len(errors) == 1003
+    assert len({x["custom_id"] for x in results + errors}) == 1003
+    errs = {x["custom_id"]: x["error"]["message"] for x in errors if "already used" in x["error"]["message"]}
+    assert errs == {"line-1001": "line 1001: id 'dup' already used on line 1",
+                    "line-1002": "line 1002: id 'line-1000' already used on line 1000"}
+
+
+def test_lines_that_cannot_be_parsed_fail_alone_and_no_upload_answers_500(bench, deployment):
+    d = deployment
+    rs = rows(bench, 2)
+    lines = [json.dumps({"id": "ok1", "prompt": rs[0].prompt}),
+             b'{"id": "deep", "prompt": "x", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # line 2
+             b'{"id": "latin1", "prompt": "caf\xe9"}',                                        # line 3
+             b'{"id": "big", "prompt": "x", "n": ' + b"9" * 5000 + b"}",                      # line 4
+             b'{"id": "nan", "prompt": "x", "n": NaN}',                                       # line 5
+             json.dumps({"id": "long", "prompt": "x" * (2 << 20)}),                           # line 6: 2 MiB
+             json.dumps({"id": "sur", "prompt": "x", "note": "\ud800"}),                      # line 7
+             json.dumps({"id": "ok2", "prompt": rs[1].prompt})]
+    with d.http() as h:
+        before = count(d, batches)
+        r = post_batch(h, lines)
+        assert r.status_code == 202, r.text
+        b = wait_batch(h, r.json()["id"])
+        results, errors = outputs(h, b["id"])
+    assert count(d, batches) == before + 1
+    assert b["counts"]["total"] == b["counts"]["done"] == 8 and b["counts"]["succeeded"] == 2, b
+    assert sorted(x["custom_id"] for x in results) == ["ok1", "ok2"]
+    msg = {x["custom_id"]: x["error"]["message"] for x in errors}
+    assert msg["line-2"] == "line 2: nested deeper than 64 levels"
+    assert msg["line-3"].startswith("line 3: not valid UTF-8")
+    assert msg["line-4"].startswith("line 4: not valid JSON (Exceeds the limit")
+    assert msg["line-5"].startswith("line 5: not valid JSON (NaN")
+    assert msg["line-6"].startswith("line 6: ") and "longer than" in msg["line-6"]
+    assert msg["sur"].startswith("line 7: note: contains a lone surrogate")
+
+
+def test_an_upload_cut_short_leaves_no_empty_batch_row(deployment):
+    d = deployment
+    before = count(d, batches)
+    with socket.create_connection(("127.0.0.1", d.serve.port)) as s:
+        s.sendall(b"POST /v1/batches HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  + f"Authorization: Bearer {d.keys['a']}\r\n".encode()
+                  + b"Content-Type: application/jsonl\r\nContent-Length: 100000\r\n\r\n" + b'{"prompt": "h')
+        deadline = time.time() + 10
+        while count(d, batches) == before and time.time() < deadline:  # the row of the upload in progress
+            time.sleep(0.05)
+    deadline = time.time() + 20
+    while count(d, batches) != before and time.time() < deadline:
+        time.sleep(0.1)
+    assert count(d, batches) == before, d.serve.output()
+
+
 def test_tenants_see_only_their_own_jobs_and_batches(bench, deployment):
     d = deployment
     with d.http("a") as a, d.http("b") as b:
@@ -327,6 +478,7 @@ def test_exhausted_budget_is_402_and_rate_limit_429_with_nothing_enqueued(bench,
     with d.http("poor") as h:
         first = h.post("/v1/jobs", json={"prompt": rows(bench, 4)[3].prompt}).json()["id"]
         assert h.get(f"/v1/jobs/{first}", params={"wait": 30}).json()["cost_usd"] > 1e-9
+        TenantStore(d.settings.db_url).upsert_tenant("poor", budget_usd=1e-9)  # now spent
         before = count(d, jobs, jobs.c.tenant == "poor"), [r.llen(q) for q in queues]
         refused = h.post("/v1/jobs", json={"prompt": "one more"})
         assert refused.status_code == 402 and refused.json()["error"]["code"] == "budget_exhausted", refused.text
@@ -345,3 +497,70 @@ def test_exhausted_budget_is_402_and_rate_limit_429_with_nothing_enqueued(bench,
         assert limited.status_code == 429 and 1 <= int(limited.headers["Retry-After"]) <= 60
         assert count(d, jobs, jobs.c.tenant == "busy", jobs.c.input["prompt"].as_string() == "second") == 0
     r.close()
+
+
+def one_job_at_most(bench, prompts) -> float:
+    """The most one job of these prompts can cost: its recorded cost at both tiers."""
+    by_prompt = {r.prompt: r for r in load_dataset(bench / "rc-mmlu.jsonl.gz").records}
+    return max(sum(by_prompt[p].responses[m].cost_usd for m in MODELS) for p in prompts)
+
+
+def tenant_row(d, tenant: str) -> dict:
+    return TenantStore(d.settings.db_url).tenant(tenant)
+
+
+def test_a_budget_stops_a_batch_when_its_reservations_reach_it(bench, deployment):
+    """Issue #23: a $0.001 budget and a 1,000-line batch; before, the whole batch was
+    admitted and spent $0.239. Each job reserves its most (its plan's tiers) when admitted."""
+    d = deployment
+    rs = load_dataset(bench / "rc-mmlu.jsonl.gz").split("test")
+    prompts = [rs[i % len(rs)].prompt for i in range(1000)]
+    with d.http("thrifty", timeout=300) as h:
+        r = post_batch(h, [json.dumps({"id": f"t{i}", "prompt": p}) for i, p in enumerate(prompts)])
+        assert r.status_code == 202, r.text
+        b = wait_batch(h, r.json()["id"], timeout=300)
+        results, errors = outputs(h, b["id"])
+        refused = h.post("/v1/jobs", json={"prompt": prompts[0]})
+    t = tenant_row(d, "thrifty")
+    assert t["spent_usd"] <= 0.001 + one_job_at_most(bench, prompts), t
+    assert b["counts"]["total"] == b["counts"]["done"] == 1000, b
+    assert 0 < len(results) < 1000 and len(results) + len(errors) == 1000
+    over = [x for x in errors if "budget" in x["error"]["message"]]
+    assert len(over) == 1000 - len(results), errors[:3]
+    # once it stops, it stops: every line after the first refused one is refused
+    first = min(int(x["custom_id"][1:]) for x in over)
+    assert all(int(x["custom_id"][1:]) < first for x in results)
+    assert t["reserved_usd"] == pytest.approx(0, abs=1e-12)  # every reservation released
+    assert refused.status_code == 402 and refused.json()["error"]["code"] == "budget_exhausted", refused.text
+
+
+def test_two_api_processes_at_once_cannot_overshoot_a_budget(bench, deployment, tmp_path):
+    d = deployment
+    rs = load_dataset(bench / "rc-mmlu.jsonl.gz").split("test")
+    second = Serve(d.env, d.portfolio, tmp_path / "serve2.log")
+    try:
+        second.wait_ready()
+        urls = [d.url, second.url]
+        got: dict[int, httpx.Response] = {}
+
+        def upload(k: int) -> None:
+            lines = [json.dumps({"id": f"u{k}-{i}", "prompt": rs[(k * 300 + i) % len(rs)].prompt}) for i in range(300)]
+            with httpx.Client(base_url=urls[k % 2], timeout=300,
+                              headers={"Authorization": f"Bearer {d.keys['rival']}"}) as h:
+                got[k] = post_batch(h, lines)
+
+        threads = [threading.Thread(target=upload, args=(k,)) for k in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert all(r.status_code in (202, 402) for r in got.values()), {k: r.text for k, r in got.items()}
+        with d.http("rival", timeout=300) as h:
+            for r in got.values():
+                if r.status_code == 202:
+                    wait_batch(h, r.json()["id"], timeout=300)
+    finally:
+        second.stop()
+    t = tenant_row(d, "rival")
+    assert t["spent_usd"] <= 0.001 + one_job_at_most(bench, [r.prompt for r in rs]), t
+    assert t["reserved_usd"] == pytest.approx(0, abs=1e-12)

@@ -15,6 +15,7 @@ from helpers.portfolios import write_portfolio
 from helpers.workers import Workers
 from sqlalchemy import func, select
 
+from router.core.errors import UserError
 from router.core.records import load_dataset
 from worker.client import AsyncClient, Client, JobNotFound
 from worker.config.settings import Settings
@@ -97,8 +98,15 @@ def test_refused_requests_write_nothing(bench, deployment):
         client.submit("hi", params={"temperature": 0.7})
     with pytest.raises(RequestError, match="^prompt: contains a NUL"):
         client.submit("a\x00b")
-    with pytest.raises(RequestError, match="^metadata: contains a NUL"):
+    with pytest.raises(RequestError, match="^metadata.k: contains a NUL"):
         client.submit("hi", metadata={"k": "\x00"})
+    # issue #23: text PostgreSQL cannot store is refused naming the field, as NUL is
+    with pytest.raises(RequestError, match="^metadata.k: contains a lone surrogate"):
+        client.submit("hi", metadata={"k": "\ud800"})
+    with pytest.raises(RequestError, match="^prompt: contains a lone surrogate"):
+        client.submit("a\ud800b")
+    with pytest.raises(RequestError, match=r"^messages\[0\].content: contains a lone surrogate"):
+        client.submit(messages=[{"role": "user", "content": "\ud800"}])
     with pytest.raises(RequestError, match="^priority"):
         client.submit("hi", priority="urgent")
     assert count(store, jobs) == before
@@ -141,7 +149,7 @@ def test_batch_streams_in_and_results_out_in_order(bench, deployment, tmp_path):
     assert len(out) == 22
     assert [o["custom_id"] for o in out[:5]] == [x.id for x in r[:5]] and out[5]["custom_id"] == "bad"
     assert out[5]["status"] == "failed" and out[5]["error"] == "line 6: prompt: must be a string, got int"
-    assert out[-1]["status"] == "failed" and "already used in this batch" in out[-1]["error"]
+    assert out[-1]["status"] == "failed" and out[-1]["error"] == f"line 22: id {r[0].id!r} already used on line 1"
     assert all(o["status"] == "succeeded" for i, o in enumerate(out[:-1]) if i != 5)
     b = client.batch(out[0]["batch_id"])
     assert b["counts"] == {"total": 22, "done": 22, "succeeded": 20, "failed": 2, "cancelled": 0, "open": 0}
@@ -157,6 +165,11 @@ def test_cascade_submit_from_a_plain_celery_client(bench, deployment):
                                               "metadata": {"from": "celery"}}, queue="cascade.submit")
     plain.send_task("cascade.submit", kwargs={"prompt": prompt, "idempotency_key": "celery-bad",
                                               "params": {"temperature": 1.0}}, queue="cascade.submit")
+    # issue #23: a request PostgreSQL cannot store raised in the task and left nothing under its key
+    plain.send_task("cascade.submit", kwargs={"prompt": "\ud800", "idempotency_key": "celery-surrogate"},
+                    queue="cascade.submit")
+    plain.send_task("cascade.submit", kwargs={"prompt": prompt, "idempotency_key": "celery-surrogate-meta",
+                                              "metadata": {"k": "\ud800"}}, queue="cascade.submit")
     job = job_id_for("default", "celery-1")
     deadline = time.time() + 60
     while time.time() < deadline:  # the task commits the row; wait() needs it to exist
@@ -178,6 +191,18 @@ def test_cascade_submit_from_a_plain_celery_client(bench, deployment):
         except JobNotFound:
             time.sleep(0.1)
     assert bad["status"] == "failed" and "params.temperature" in bad["error"] and bad["attempts"] == []
+    for key, field in (("celery-surrogate", "prompt"), ("celery-surrogate-meta", "metadata.k")):
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                kept = client.get(job_id_for("default", key))
+                break
+            except JobNotFound:
+                time.sleep(0.1)
+        else:
+            print(w.logs())
+            raise AssertionError(f"nothing kept under the idempotency key {key!r}")
+        assert kept["status"] == "failed" and f"{field}: contains a lone surrogate" in kept["error"], kept
 
 
 def test_embedded_client_and_async_client(bench, tmp_path):
@@ -202,3 +227,54 @@ def test_embedded_client_and_async_client(bench, tmp_path):
     assert [(o["custom_id"], o["status"]) for o in out] == [("a", "succeeded"), ("line-2", "failed"),
                                                             ("b", "succeeded")]
     assert out[1]["error"].startswith("line 2: not valid JSON")
+
+
+def test_cascade_submit_task_in_the_embedded_mode_refuses_unstorable_text(bench, tmp_path):
+    """Issue #23: the same refusal as on PostgreSQL, kept as a failed job under the key."""
+    from worker.queue.catalog import Catalog
+    from worker.queue.runtime import Runtime
+    from worker.queue.tasks import make_app
+
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3])
+    settings = Settings(home=tmp_path / "home")
+    with Client(settings, portfolio=path) as c:
+        runtime = Runtime(settings)
+        app = make_app(settings, runtime, catalog=Catalog.from_settings(settings, c.catalog.get(None)))
+        try:
+            app.tasks["cascade.submit"].apply(kwargs={"prompt": "a\ud800", "idempotency_key": "emb-1"})
+            app.tasks["cascade.submit"].apply(kwargs={"prompt": "hi", "idempotency_key": "emb-2",
+                                                      "metadata": {"k": "\ud800"}})
+        finally:
+            runtime.close()
+        for key, field in (("emb-1", "prompt"), ("emb-2", "metadata.k")):
+            kept = c.get(job_id_for("default", key))
+            assert kept["status"] == "failed" and f"{field}: contains a lone surrogate" in kept["error"], kept
+
+
+def test_a_tenants_budget_limits_the_client_and_the_celery_task_too(bench, deployment):
+    """Issue #23: budgets are reserved per job in the one submit path, so the in-cluster
+    callers that name a tenant are held to its budget as the HTTP service is."""
+    from worker.store.tenants import TenantStore
+
+    settings, _, w, path = deployment
+    TenantStore(settings.db_url).upsert_tenant("capped", budget_usd=1e-6)  # below any job's reservation
+    store = JobStore(settings.db_url)
+    r = rows(bench, 3)
+    with Client(settings, tenant="capped", portfolio=path) as capped:
+        with pytest.raises(UserError, match="tenant 'capped' has .* budget left") as e:
+            capped.submit(r[0].prompt)
+        assert type(e.value).__name__ == "BudgetExhausted"
+        assert count(store, jobs, jobs.c.tenant == "capped") == 0
+        out = list(capped.map([{"id": f"c{i}", "prompt": x.prompt} for i, x in enumerate(r)], timeout=60))
+        assert [o["status"] for o in out] == ["failed"] * 3 and all("budget" in o["error"] for o in out), out
+    plain = Celery("some-service", broker=REDIS)
+    plain.conf.broker_transport_options = {"global_keyprefix": settings.redis_prefix}
+    plain.send_task("cascade.submit", kwargs={"prompt": r[0].prompt, "tenant": "capped", "idempotency_key": "cap-1"},
+                    queue="cascade.submit")
+    plain.close()
+    job = job_id_for("capped", "cap-1")
+    deadline = time.time() + 30
+    while (row := store.job(job)) is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert row is not None, w.logs()
+    assert row["status"] == "failed" and "budget" in row["error"], row

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from worker.cli.common import load_portfolio_option, user_errors
-from worker.config.settings import get_settings
+from worker.config.settings import Settings, get_settings
 from worker.queue.batch import default_batch_id, write_results
 from worker.queue.items import read_items
 from worker.queue.run import run_batch
@@ -20,7 +20,8 @@ from worker.queue.run import run_batch
 @click.option("--batch", "batch_id", help="batch name (default: derived from the input path and portfolio, so a re-run resumes)")
 @click.option("--split", help="only rows whose `split` field equals this (e.g. test)")
 @click.option("--limit", type=click.IntRange(min=1), help="only the first N rows")
-@click.option("--chunk", type=click.IntRange(1, 1000), help="jobs per stage message (default: $CASCADE_CHUNK_SIZE or 16)")
+@click.option("--chunk", type=click.IntRange(1, 1000),
+              help=f"jobs per stage message (default: $CASCADE_CHUNK_SIZE or {Settings.model_fields['chunk_size'].default})")
 @click.option("--timeout", type=float, help="give up waiting after this many seconds (the batch stays resumable)")
 @click.option("--no-wait", is_flag=True, help="submit and return (distributed mode)")
 @click.option("--quiet", is_flag=True, help="no progress bar")

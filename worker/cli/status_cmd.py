@@ -10,7 +10,7 @@ from router.core.policyfile import read_policy_file
 from router.lab import drift
 from worker.config.settings import get_settings
 from worker.ops.migrate import current
-from worker.store.batches import BatchStore
+from worker.store.batches import BatchStore, finished
 
 
 @click.command()
@@ -55,7 +55,7 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
             out["drift"] = checked
         click.echo(json.dumps(out))
         return
-    state = "finished" if b["done"] >= b["total"] else "in progress"
+    state = "finished" if finished(b) else "submitting" if b["submitting"] else "in progress"
     click.echo(f"batch {b['id']} ({state}): {b['done']}/{b['total']} done, {b['succeeded']} succeeded, "
                f"{b['failed']} failed, {b['cancelled']} cancelled, cost ${b['total_cost']:.6g}")
     click.echo(f"{'tier':<16}{'calls':>8}{'accept':>8}{'escalate':>10}{'reject':>8}{'cost $':>12}{'model s':>10}")

@@ -14,6 +14,7 @@ import math
 from typing import Any, Mapping
 
 from router.core.errors import UserError
+from worker.job.storable import text_problem
 
 PARAMS = ("system", "max_tokens", "temperature", "stop")
 ROLES = ("system", "user", "assistant")
@@ -37,8 +38,9 @@ class RequestError(UserError):
 def _text(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise RequestError(field, f"must be a string, got {type(value).__name__}")
-    if "\x00" in value:
-        raise RequestError(field, "contains a NUL character")
+    why = text_problem(value)  # NUL, a lone surrogate: PostgreSQL cannot store it, so no mode takes it
+    if why is not None:
+        raise RequestError(field, why)
     if len(value) > MAX_PROMPT_CHARS:
         raise RequestError(field, f"is longer than {MAX_PROMPT_CHARS} characters ({len(value)})")
     return value
@@ -129,8 +131,10 @@ def job_input(raw: Mapping[str, Any]) -> dict[str, Any]:
     if params:
         data["params"] = params
     category = data.get("category")
-    if category is not None and not isinstance(category, str):
-        raise RequestError("category", f"must be a string, got {type(category).__name__}")
+    if category is not None:
+        if not isinstance(category, str):
+            raise RequestError("category", f"must be a string, got {type(category).__name__}")
+        _text(category, "category")
     return data
 
 

@@ -18,34 +18,54 @@ def storable(value: Any, path: str = "", depth: int = 0) -> str | None:
     """Why a parsed value cannot be stored as it is (None when it can): a NUL or a
     lone surrogate in a string or key (PostgreSQL refuses both in text and JSON),
     a non-finite number, nesting deeper than MAX_DEPTH."""
+    found = unstorable(value, path, depth)
+    if found is None:
+        return None
+    where, what = found
+    return f"{where}: {what}" if where else what
+
+
+def unstorable(value: Any, path: str = "", depth: int = 0) -> tuple[str, str] | None:
+    """`storable` as (the field's path, what is wrong there), for an error naming the
+    field: `metadata.k`, `messages[0].content`. A key that cannot be stored is named by
+    the object holding it."""
     if depth > MAX_DEPTH:
-        return f"nested deeper than {MAX_DEPTH} levels"
+        return path, f"nested deeper than {MAX_DEPTH} levels"
     if isinstance(value, str):
-        return bad_text(value, path)
+        what = text_problem(value)
+        return None if what is None else (path, what)
     if isinstance(value, float) and not math.isfinite(value):
-        return f"{path or 'value'}: {value} is not a JSON number"
+        return path, f"{value} is not a JSON number"
     if isinstance(value, dict):
         for k, v in value.items():
-            sub = f"{path}.{k}" if path else str(k)
-            why = bad_text(str(k), f"the key {sub!r}") or storable(v, sub, depth + 1)
-            if why:
-                return why
+            what = text_problem(str(k))
+            if what is not None:
+                return path, f"a key {what}"  # the key itself is not repeated: it cannot be shown
+            found = unstorable(v, f"{path}.{k}" if path else str(k), depth + 1)
+            if found:
+                return found
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            why = storable(v, f"{path}[{i}]", depth + 1)
-            if why:
-                return why
+            found = unstorable(v, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+    return None
+
+
+def text_problem(s: str) -> str | None:
+    """Why PostgreSQL cannot store this text (None when it can)."""
+    if "\x00" in s:
+        return "contains a NUL character (\\u0000), which the database cannot store"
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"contains a lone surrogate (\\u{ord(s[e.start]):04x}), which is not text"
     return None
 
 
 def bad_text(s: str, where: str) -> str | None:
-    if "\x00" in s:
-        return f"{where or 'text'}: contains a NUL character (\\u0000), which the database cannot store"
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"{where or 'text'}: contains a lone surrogate (\\u{ord(s[e.start]):04x}), which is not text"
-    return None
+    what = text_problem(s)
+    return None if what is None else f"{where or 'text'}: {what}"
 
 
 def clean_text(s: str | None) -> str | None:

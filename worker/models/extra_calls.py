@@ -76,6 +76,18 @@ def derived_queries(query: Query, answer: str, kind: str, needs: Needs) -> list[
     raise ValueError(f"unknown extra call kind {kind!r}")
 
 
+# An estimate, for the cost reserved against a tenant's budget: the bytes of one answer
+# token when a verification prompt quotes the answer (whitespace collapsed).
+ANSWER_BYTES_PER_TOKEN = 8
+
+
+def extra_queries_bound(query: Query, needs: Needs, answer_tokens: int) -> list[Query]:
+    """The extra calls a job's answer may bring (the live signals `needs` reads), their
+    prompts quoting an answer of `answer_tokens` tokens at ANSWER_BYTES_PER_TOKEN each."""
+    answer = "x" * (answer_tokens * ANSWER_BYTES_PER_TOKEN)
+    return [q for kind in calls_needed(needs.signals) for q in derived_queries(query, answer, kind, needs)]
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import structlog
 from tqdm import tqdm
@@ -26,17 +26,18 @@ from worker.config.credentials import redact_url
 from worker.config.settings import Settings
 from worker.job.codec import FAILED, QUEUED, query_of
 from worker.ops.migrate import current, upgrade
-from worker.queue.admission import job_row
+from worker.queue.admission import Admission, job_row
 from worker.queue.dispatch import Dispatcher
 from worker.queue.items import MAX_BATCH_ID, Item, storable
 from worker.queue.runtime import Runtime
-from worker.store.batches import BatchStore
-from worker.store.errors import InterfaceError, OperationalError
+from worker.store.batches import BatchStore, finished
+from worker.store.errors import InterfaceError, OperationalError, ride_out
 from worker.store.jobs import JobStore
 from worker.store.schema import now
 
 log = structlog.get_logger("cascade.batch")
 
+TENANT = "default"  # the tenant of `cascade run`'s batches
 SUBMIT_SLICE = (128, 2000)  # jobs planned, committed and sent at a time when a new batch is submitted: first, most
 
 
@@ -78,16 +79,28 @@ class Submitted:
 def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items: Sequence[Item], batch_id: str, *,
            source: str | None) -> Submitted:
     """Commit the batch's jobs (plans computed here, in the submitter), then send the
-    first stage of every unfinished one."""
-    jobs = runtime.jobs
+    first stage of every unfinished one.
+
+    The batch reads as unfinished (`submitting`) from its creation until its last line
+    is in, so a submitter that stops half-way never leaves a batch that looks done; the
+    same command again completes it. A database outage is ridden out, as the stages
+    ride it out: every write is tried again with backoff for up to RECORD_WAIT."""
+    jobs, batches = runtime.jobs, runtime.batches
+
+    def durable(call, what: str):
+        return ride_out(call, wait=runtime.settings.record_wait, what=what)
+
     runtime.add_portfolio(portfolio)
-    jobs.save_portfolio(portfolio.digest, portfolio.spec())
-    batch = runtime.batches.ensure_batch(batch_id, portfolio.digest, source)
+    durable(lambda: jobs.save_portfolio(portfolio.digest, portfolio.spec()), "submit: the portfolio")
+    batch = durable(lambda: batches.ensure_batch(batch_id, portfolio.digest, source, submitting=True),
+                    "submit: the batch")
     if batch["portfolio"] != portfolio.digest:
         raise BatchError(
             f"batch {batch_id!r} was started with another portfolio ({batch['portfolio']}); "
             f"this one is {portfolio.digest}: use another --batch name"
         )
+    if not batch["submitting"]:
+        durable(lambda: batches.begin_submission(batch_id), "submit: the batch")
     timeout = runtime.settings.job_timeout
     deadline = now() + timedelta(seconds=timeout) if timeout else None
     if not batch["total"]:
@@ -97,22 +110,34 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
         joint = type(portfolio.built_policy).plan_batch is not Policy.plan_batch  # OptLLM plans them together
         planned = job_rows(batch_id, items, portfolio) if joint else None
         i, size = 0, SUBMIT_SLICE[0]
+        stopped = False  # the tenant's budget stopped admitting (worker.queue.admission)
         while i < len(items):
             rows = planned[i : i + size] if joint else job_rows(batch_id, items[i : i + size], portfolio)
             i, size = i + size, min(size * 2, SUBMIT_SLICE[1])  # the first jobs leave soonest
             for r in rows if deadline else ():
                 r.setdefault("deadline", deadline)
-            ids = jobs.insert_jobs(batch_id, rows)
+            tries, admission = [], Admission(TENANT, stopped=stopped)
+
+            def insert(rows=rows, tries=tries, admission=admission):
+                tries.append(1)
+                return jobs.insert_jobs(batch_id, rows, admit=admission)
+
+            ids = durable(insert, f"submit: lines {rows[0]['seq']}-{rows[-1]['seq']}")
+            rows, stopped = admission.rows, admission.stopped
+            # an insert tried again may have been committed before its connection went:
+            # its rows' first stages leave anyway (a stage is idempotent)
             first = [(r["id"], r["current_tier"], runtime.queue_of(portfolio.digest, r["current_tier"]))
-                     for r in rows if r["id"] in ids and r["status"] == QUEUED]
+                     for r in rows if (r["id"] in ids or len(tries) > 1) and r["status"] == QUEUED]
             new, sent, messages = new + len(ids), sent + len(first), messages + dispatcher.send(first)
+        durable(lambda: batches.end_submission(batch_id), "submit: the batch")
         return Submitted(batch_id, new, sent, messages)
     rows = job_rows(batch_id, items, portfolio)
     for r in rows if deadline else ():
         r.setdefault("deadline", deadline)
-    new = jobs.add_jobs(batch_id, rows)
-    changed, missing = changed_items(jobs, batch_id, rows)
-    sent, messages = resend_open(runtime, dispatcher, batch_id)
+    new = durable(lambda: jobs.add_jobs(batch_id, rows, admit=Admission(TENANT)), "submit: the lines")
+    changed, missing = durable(lambda: changed_items(jobs, batch_id, rows), "submit: the lines")
+    durable(lambda: batches.end_submission(batch_id), "submit: the batch")
+    sent, messages = durable(lambda: resend_open(runtime, dispatcher, batch_id), "submit: the open jobs")
     sub = Submitted(batch_id, new, sent, messages, changed, missing)
     if sub.warning():
         log.warning("submit.input_changed", batch=batch_id, changed=len(changed), missing=missing)
@@ -133,10 +158,16 @@ def changed_items(store: JobStore, batch_id: str, rows: Sequence[dict[str, Any]]
     return changed, sum(1 for k in stored if k not in keys)
 
 
-def job_rows(batch_id: str, items: Sequence[Item], portfolio: Portfolio) -> list[dict[str, Any]]:
+def _item_where(it: Item) -> str:
+    return f"item {it.key}: "
+
+
+def job_rows(batch_id: str, items: Sequence[Item], portfolio: Portfolio,
+             where: Callable[[Item], str] = _item_where) -> list[dict[str, Any]]:
     """The batch's job rows, the pre-call decisions made for the whole batch at once
     (OptLLM under a batch budget). If the policy cannot plan the batch, each item is
-    planned alone, so that an input it cannot plan fails alone."""
+    planned alone, so that an input it cannot plan fails alone. `where`: the prefix of
+    an item's error (a tier of its plan cannot honour it)."""
     good = [it for it in items if it.error is None]
     try:
         starts = iter(cascade.start_batch(portfolio.built_policy,
@@ -144,14 +175,16 @@ def job_rows(batch_id: str, items: Sequence[Item], portfolio: Portfolio) -> list
     except Exception:
         log.exception("submit.batch_plan_failed", batch=batch_id)
         starts = None
-    return [_item_row(batch_id, it, portfolio, None if starts is None or it.error is not None else next(starts))
+    return [_item_row(batch_id, it, portfolio, None if starts is None or it.error is not None else next(starts),
+                      where(it))
             for it in items]
 
 
-def _item_row(batch_id: str, it: Item, portfolio: Portfolio, start: cascade.Start | None) -> dict[str, Any]:
+def _item_row(batch_id: str, it: Item, portfolio: Portfolio, start: cascade.Start | None,
+              where: str) -> dict[str, Any]:
     job_id = f"{batch_id}:{it.key}"
     try:
-        return job_row(job_id, it.key, it.seq, portfolio, it.data, it.error, f"item {it.key}: ", start)
+        return job_row(job_id, it.key, it.seq, portfolio, it.data, it.error, where, start)
     except Exception as e:  # a policy that cannot plan this one input fails it, not the batch
         log.exception("submit.plan_failed", item=it.key)
         return job_row(job_id, it.key, it.seq, portfolio, None, f"item {it.key!r} (line {it.seq}): the policy "
@@ -188,7 +221,7 @@ def wait_for(store: BatchStore, batch_id: str, *, progress: bool = True, alive=N
     last_done = b["done"]
     warned = False
     try:
-        while b["done"] < b["total"]:
+        while not finished(b):
             time.sleep(poll)
             b = _read_batch(store, batch_id, started, timeout, b)
             bar.update(b["done"] - bar.n)

@@ -25,6 +25,7 @@ from worker.queue.embedded import EmbeddedWorkers
 from worker.queue.items import Item, items_from_dicts
 from worker.queue.runtime import Runtime
 from worker.queue.tasks import make_app
+from worker.store.errors import ride_out
 
 
 @contextlib.contextmanager
@@ -76,7 +77,9 @@ def run_batch(items: Iterable[dict[str, Any]] | Sequence[Item], portfolio: Portf
             t2 = time.perf_counter()
     finally:
         runtime.close()  # unload models now, not at garbage collection
-    results = job_results(runtime.jobs, batch_id)
+    # the results are read as the batch was submitted and waited for: through an outage
+    results = ride_out(lambda: job_results(runtime.jobs, batch_id), wait=settings.record_wait, what="results")
     if not settings.store_content:  # collected: the final answers leave the database now
-        runtime.jobs.erase_answers([j["job_id"] for j in results])
+        ride_out(lambda: runtime.jobs.erase_answers([j["job_id"] for j in results]), wait=settings.record_wait,
+                 what="results")
     return BatchReport(batch_id, b, sub, results, timing={"start": t1 - t0, "serve": t2 - t1})

@@ -16,18 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
-from router.core import cascade
-from router.core.errors import UserError
+from router.core.errors import InternalError, UserError
 from router.core.portfolio import Portfolio
-from worker.job.codec import JobStatus, failed_job_row, query_of
+from worker.job.codec import JobStatus, failed_job_row
 from worker.job.request import RequestError, job_input
-from worker.queue.admission import job_row, new_job_row
+from worker.job.storable import clean_text, text_problem, unstorable
+from worker.queue.admission import Admission, new_job_row
+from worker.queue.batch import job_rows
 from worker.queue.catalog import Catalog
 from worker.queue.dispatch import BATCH, INTERACTIVE, PRIORITIES, Dispatcher, queue_for
-from worker.queue.items import MAX_KEY, Item, item_from
+from worker.queue.items import MAX_KEY, Item, Keys, item_from
 from worker.queue.runtime import Runtime
 
 MAX_METADATA_BYTES = 16_384
@@ -43,11 +44,14 @@ def job_id_for(tenant: str, key: str) -> str:
     return "job-" + hashlib.sha256(f"{tenant}\n{key}".encode()).hexdigest()[:32]
 
 
-def _no_nul(value: Any, field: str) -> str:
-    text = json.dumps(value, ensure_ascii=False, allow_nan=False)
-    if "\\u0000" in text:
-        raise RequestError(field, "contains a NUL character")
-    return text
+def refuse_unstorable(value: Any, field: str) -> None:
+    """RequestError naming the field (`metadata.k`, `messages[0].content`) of anything in
+    `value` PostgreSQL cannot store: NUL, a lone surrogate, NaN, nesting deeper than
+    MAX_DEPTH. Checked in every mode, so the embedded one (SQLite) takes no more than
+    the distributed one."""
+    found = unstorable(value, field)
+    if found is not None:
+        raise RequestError(found[0] or field or "request", found[1])
 
 
 def check_metadata(metadata: Any) -> dict[str, Any]:
@@ -55,11 +59,11 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise RequestError("metadata", f"must be an object, got {type(metadata).__name__}")
+    refuse_unstorable(metadata, "metadata")
     try:
-        json.dumps(metadata, allow_nan=False)
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError):
         raise RequestError("metadata", "must be JSON without NaN or infinities") from None
-    text = _no_nul(metadata, "metadata")
     if len(text.encode()) > MAX_METADATA_BYTES:
         raise RequestError("metadata", f"is larger than {MAX_METADATA_BYTES} bytes")
     return metadata
@@ -68,9 +72,16 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
 def check_key(key: Any) -> str | None:
     if key is None:
         return None
-    if not isinstance(key, str) or not 1 <= len(key) <= 200 or "\x00" in key:
-        raise RequestError("idempotency_key", "must be a string of 1 to 200 characters without NUL")
+    if not isinstance(key, str) or not 1 <= len(key) <= 200 or text_problem(key):
+        raise RequestError("idempotency_key", "must be a string of 1 to 200 characters without NUL or lone "
+                                              "surrogates")
     return key
+
+
+def check_tenant(tenant: Any) -> str:
+    if not isinstance(tenant, str) or not 1 <= len(tenant) <= 200 or text_problem(tenant):
+        raise RequestError("tenant", "must be a name of 1 to 200 characters without NUL or lone surrogates")
+    return tenant
 
 
 def check_priority(priority: Any) -> str:
@@ -106,13 +117,14 @@ class Submitter:
         """The job row for a request, every check done, nothing written (RequestError,
         PortfolioError: the caller's mistake, named)."""
         key = check_key(idempotency_key)
+        tenant = check_tenant(tenant)
         priority = check_priority(priority)
         meta = check_metadata(metadata)
         data = job_input(request)
         for field in data:
             if field not in ("prompt", "messages", "params", "category"):
                 raise RequestError(field, "is not a request field (prompt, messages, params, category)")
-        _no_nul(data, "messages" if "messages" in data else "prompt")
+        refuse_unstorable(data, "")
         p = self.portfolio(portfolio)
         job_id = job_id_for(tenant, key) if key is not None else f"job-{uuid.uuid4().hex}"
         data.update(id=job_id, priority=priority)
@@ -125,7 +137,8 @@ class Submitter:
     def submit(self, request: Mapping[str, Any], **kw) -> Submission:
         row, p = self.prepare(request, **kw)
         jobs = self.runtime.jobs
-        if jobs.insert_jobs(None, [row]):
+        # its most reserved against the tenant's budget, or BudgetExhausted and nothing written
+        if jobs.insert_jobs(None, [row], admit=Admission(row["tenant"], strict=True)):
             tier = row["current_tier"]
             self.dispatcher.send([(row["id"], tier, queue_for(p.tier(tier).queue_name, row["input"]["priority"]))])
             return Submission(row["id"], True, row["status"])
@@ -134,18 +147,20 @@ class Submitter:
             raise IdempotencyConflict(f"idempotency key {row['item_key']!r} was used before for another request")
         return Submission(row["id"], False, old["status"])
 
-    def record_refusal(self, tenant: Any, idempotency_key: Any, error: str) -> bool:
+    def record_refusal(self, tenant: Any, idempotency_key: Any, error: str, *, prefix: str = "refused: ") -> bool:
         """For a submitter with no one to answer to (the Celery task): keep a refused keyed
-        request as a failed job naming the problem, under the id the key gives."""
+        request as a failed job naming the problem, under the id the key gives. False when
+        there is nowhere to keep it (no key, or a key or tenant the database cannot hold)."""
         try:
             key = check_key(idempotency_key)
+            tenant = check_tenant(tenant)
             p = self.portfolio(None)
         except UserError:
             return False
-        if key is None or not isinstance(tenant, str):
+        if key is None:
             return False
         job_id = job_id_for(tenant, key)
-        row = failed_job_row(job_id, key, 0, p, f"refused: {error}")
+        row = failed_job_row(job_id, key, 0, p, clean_text(prefix + error)[:2000])  # it may quote the bad text
         row.update(tenant=tenant, input={"id": job_id})
         return bool(self.runtime.jobs.insert_jobs(None, [row]))
 
@@ -154,70 +169,87 @@ class Submitter:
         """Stream (line number, parsed record or an Item carrying its error) into a new
         batch (see `open_batch`), `chunk` at a time. Returns the batch id."""
         writer = self.open_batch(**kw)
-        buf: list[tuple[int, Any]] = []
-        for rec in records:
-            buf.append(rec)
-            if len(buf) >= chunk:
-                writer.add(buf)
-                buf = []
-        writer.add(buf)
+        try:
+            buf: list[tuple[int, Any]] = []
+            for rec in records:
+                buf.append(rec)
+                if len(buf) >= chunk:
+                    writer.add(buf)
+                    buf = []
+            writer.add(buf)
+        except BaseException:
+            writer.abandon("cancelled: the submission did not complete")
+            raise
+        writer.close()
         return writer.batch_id
 
     def open_batch(self, *, portfolio: str | None = None, tenant: str = TENANT_DEFAULT, batch_id: str | None = None,
                    priority: str = BATCH, source: str | None = None) -> "BatchWriter":
         priority = check_priority(priority)
+        tenant = check_tenant(tenant)
         p = self.portfolio(portfolio)
         batch_id = batch_id or f"batch-{uuid.uuid4().hex}"
-        self.runtime.batches.ensure_batch(batch_id, p.digest, source, tenant)
+        b = self.runtime.batches.ensure_batch(batch_id, p.digest, source, tenant, submitting=True)
+        if not b["submitting"]:  # lines added to an existing batch
+            self.runtime.batches.begin_submission(batch_id)
         return BatchWriter(self, p, batch_id, tenant, priority)
 
 
 class BatchWriter:
-    """Adds records to one batch, a chunk per call: each chunk validated, committed,
-    then its first stages sent. A bad record is a failed job naming its line and field."""
+    """Adds records to one batch, a chunk per call: each chunk validated, keyed
+    (worker.queue.items.Keys: no line is ever dropped, whatever its id), committed, then
+    its first stages sent. A bad record is a failed job naming its line and field."""
 
     def __init__(self, submitter: Submitter, portfolio: Portfolio, batch_id: str, tenant: str, priority: str):
         self.submitter, self.portfolio, self.batch_id = submitter, portfolio, batch_id
         self.tenant, self.priority = tenant, priority
+        self.keys = Keys(lambda n: f"line {n}")
         self.added = 0
+        self.stopped = False  # the tenant's budget stopped admitting: every later line fails
 
     def add(self, records: list[tuple[int, Any]]) -> None:
+        """Commit these (line number, parsed record or an Item carrying its error) and send
+        their first stages. A key an earlier chunk holds (the insert finds it taken) is
+        decided again by the same rule, until every line is in."""
         if not records:
             return
-        p, batch_id = self.portfolio, self.batch_id
-        checked = []
-        for seq, rec in records:
-            it = rec if isinstance(rec, Item) else item_from(rec, seq, f"line {seq}")
-            data = None if it.data is None else {**it.data, "priority": self.priority}
-            error = it.error
-            if data is not None:
-                try:
-                    _no_nul(data, "prompt")
-                except RequestError as e:
-                    data, error = None, f"line {it.seq}: {e}"
-            checked.append((it, data, error))
+        items = self.keys.assign([rec if isinstance(rec, Item) else item_from(rec, seq, f"line {seq}")
+                                  for seq, rec in records])
+        jobs = self.submitter.runtime.jobs
+        for attempt in range(100):
+            admission = Admission(self.tenant, stopped=self.stopped)
+            new = jobs.insert_jobs(self.batch_id, self._rows(items), admit=admission)
+            rows, self.stopped = admission.rows, admission.stopped
+            self.added += len(new)
+            self.submitter.dispatcher.send(
+                (r["id"], r["current_tier"], queue_for(self.portfolio.tier(r["current_tier"]).queue_name, self.priority))
+                for r in rows if r["id"] in new and r["status"] == JobStatus.QUEUED)
+            left = [it for it, r in zip(items, rows) if r["id"] not in new]
+            if not left:
+                return
+            firsts = jobs.item_seqs(self.batch_id, [it.key for it in left])
+            items = [self.keys.taken(it, firsts.get(it.key), attempt) for it in left]
+        raise InternalError(f"batch {self.batch_id}: {len(items)} line(s) found no free key")
+
+    def close(self) -> None:
+        """Every line is in: the batch can now finish."""
+        self.submitter.runtime.batches.end_submission(self.batch_id)
+
+    def abandon(self, why: str) -> None:
+        """The submission stopped half-way (the upload was cut short): the jobs written
+        are cancelled, and a batch that got no line at all is removed."""
+        batches = self.submitter.runtime.batches
+        batches.cancel_batch(self.batch_id, why)
+        batches.drop_if_empty(self.batch_id)
+
+    def _rows(self, items: list[Item]) -> list[dict[str, Any]]:
         # pre-call decisions a chunk at a time: a policy that plans a batch as a whole
         # (OptLLM's budget) sees each chunk as its batch
-        starts = iter(cascade.start_batch(p.built_policy, [query_of(f"{batch_id}:{it.key}", data)
-                                                           for it, data, _ in checked if data is not None]))
-        rows = []
-        for it, data, error in checked:
-            row = job_row(f"{batch_id}:{it.key}", it.key, it.seq, p, data, error, f"line {it.seq}: ",
-                          None if data is None else next(starts))
-            row["tenant"] = self.tenant
-            rows.append(row)
-        jobs = self.submitter.runtime.jobs
-        new = jobs.insert_jobs(batch_id, rows)
-        dups = [r for r in rows if r["id"] not in new]
-        if dups:  # an id used twice in this batch: the later line fails, naming the first
-            again = [{**r, "id": f"{batch_id}:line-{r['seq']}", "item_key": f"line-{r['seq']}", "status": "failed",
-                      "plan": None, "current_tier": None,
-                      "error": f"line {r['seq']}: id {r['item_key']!r} already used in this batch"} for r in dups]
-            jobs.insert_jobs(batch_id, again)
-        self.added += len(rows)
-        self.submitter.dispatcher.send(
-            (r["id"], r["current_tier"], queue_for(p.tier(r["current_tier"]).queue_name, self.priority))
-            for r in rows if r["id"] in new and r["status"] == JobStatus.QUEUED)
+        items = [it if it.data is None else replace(it, data={**it.data, "priority": self.priority}) for it in items]
+        rows = job_rows(self.batch_id, items, self.portfolio, lambda it: f"line {it.seq}: ")
+        for r in rows:
+            r["tenant"] = self.tenant
+        return rows
 
 
 __all__ = ["IdempotencyConflict", "MAX_KEY", "Submission", "Submitter", "job_id_for"]

@@ -22,7 +22,6 @@ from worker.queue.stage import run_stage
 from worker.queue.submit import TENANT_DEFAULT, Submitter
 from worker.store.errors import InterfaceError, OperationalError
 
-DB_RETRIES = 8  # a submission (the stage retries for as long as an outage lasts)
 DB_RETRY_MAX_DELAY = 30
 log = structlog.get_logger("cascade.worker")
 
@@ -45,23 +44,38 @@ def make_app(settings: Settings | None = None, runtime: Runtime | None = None,
             submitters.append(Submitter(rt, dispatcher, catalog or Catalog.from_settings(settings)))
         return submitters[0]
 
-    @app.task(name=SUBMIT_TASK, bind=True, shared=False, acks_late=True, max_retries=DB_RETRIES, ignore_result=True)
+    @app.task(name=SUBMIT_TASK, bind=True, shared=False, acks_late=True, max_retries=None, ignore_result=True)
     def submit(self, prompt: str | None = None, messages: list | None = None, params: dict | None = None,
                portfolio: str | None = None, tenant: str = TENANT_DEFAULT, idempotency_key: str | None = None,
                priority: str = INTERACTIVE, metadata: dict | None = None) -> str:
-        """See docs/api.md: commit the job (idempotent on idempotency_key) and send its first stage."""
+        """See docs/api.md: commit the job (idempotent on idempotency_key) and send its first
+        stage. The key ends up holding the job, or a failed job naming why there is none."""
         request = {k: v for k, v in (("prompt", prompt), ("messages", messages), ("params", params)) if v is not None}
         try:
-            return submitter().submit(request, portfolio=portfolio, tenant=tenant, idempotency_key=idempotency_key,
-                                      priority=priority, metadata=metadata).job_id
-        except OperationalError as e:
-            raise self.retry(exc=e, countdown=min(2 ** self.request.retries, 30))
-        except UserError as e:
-            # no result backend to answer with: a keyed request leaves a failed job naming
-            # the problem, where the caller looks for its job (worker.queue.submit.job_id_for)
-            submitter().record_refusal(tenant, idempotency_key, str(e))
-            log.warning("submit.refused", error=str(e), idempotency_key=idempotency_key)
-            return ""
+            try:
+                return submitter().submit(request, portfolio=portfolio, tenant=tenant,
+                                          idempotency_key=idempotency_key, priority=priority,
+                                          metadata=metadata).job_id
+            except UserError as e:
+                # no result backend to answer with: a keyed request leaves a failed job naming
+                # the problem, where the caller looks for its job (worker.queue.submit.job_id_for)
+                log.warning("submit.refused", error=str(e), idempotency_key=idempotency_key)
+                submitter().record_refusal(tenant, idempotency_key, str(e))
+                return ""
+        except (OperationalError, InterfaceError) as e:
+            # the database is away: the submission (idempotent) is tried again, for as long as
+            # the outage lasts, as a stage is
+            log.warning("submit.database_unavailable", retry=self.request.retries,
+                        error=str(e.orig or e).splitlines()[0][:200])
+            raise self.retry(exc=e, countdown=min(2 ** min(self.request.retries, 5), DB_RETRY_MAX_DELAY))
+        except Exception as e:
+            # a bug: the key still holds what happened, then the task fails loudly
+            try:
+                submitter().record_refusal(tenant, idempotency_key, f"{type(e).__name__}: {e}",
+                                           prefix="internal error: ")
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                log.exception("submit.record_failed")
+            raise
 
     @app.task(name=STAGE_TASK, bind=True, shared=False, acks_late=True, max_retries=None, ignore_result=True)
     def stage(self, tier: str, job_ids: list[str]) -> int:

@@ -19,22 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping
 
 from router.core.portfolio import Portfolio, load_portfolio
-from router.core.records import iter_lines
 from worker.config.settings import Settings, get_settings
 from worker.job.codec import FINAL
 from worker.queue.app import base_app
 from worker.queue.batch import prepare_database
 from worker.queue.catalog import Catalog
 from worker.queue.dispatch import BATCH, INTERACTIVE, Dispatcher
-from worker.queue.items import Item
+from worker.queue.items import iter_records
 from worker.queue.runtime import Runtime
 from worker.queue.submit import TENANT_DEFAULT, Submitter
 from worker.service.views import batch_view, job_view
+from worker.store.batches import finished
 from worker.store.notify import BATCH_CHANNEL, JOB_CHANNEL, Waiter
 
 
@@ -47,12 +46,10 @@ TierWorkers = Callable[[Runtime, Portfolio], ContextManager[Any]]
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object or an Item naming the unparsable line) of a JSONL(.gz) file, streamed."""
-    for n, line in iter_lines(Path(path)):
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield n, Item(f"line-{n}", n, error=f"line {n}: not valid JSON ({e.msg} at column {e.colno})")
+    """(line number, parsed object or an Item naming why the line cannot be read) of a
+    JSONL(.gz) file, streamed; each line read as `cascade run` reads it (bytes that are
+    not UTF-8, NaN, nesting, sizes: worker.queue.items.read_line)."""
+    return iter_records(path)
 
 
 class Client:
@@ -150,7 +147,7 @@ class Client:
         b = self.batches.batch(batch_id)
         if b is None or b["tenant"] != self.tenant:
             raise JobNotFound(f"no batch {batch_id!r}")
-        return b["done"] >= b["total"]
+        return finished(b)
 
     def wait_batch(self, batch_id: str, timeout: float | None = None) -> dict[str, Any]:
         if not self.waiter.wait(BATCH_CHANNEL, batch_id, lambda: self._batch_done(batch_id), timeout):

@@ -4,10 +4,12 @@ Keys look like `csk_<id>_<secret>`; only the SHA-256 of the whole key is stored
 (`api_keys.hash`), next to its public id, so a leaked database gives no usable key.
 A key names its tenant, and every read and write of the HTTP service is scoped to it.
 
-Budgets: `tenants.spent_usd` is moved in the database itself (a trigger, migration
-0003) when a tenant's job becomes final, so every API process and worker sees one
-figure. A submission is refused (402, nothing written or sent) once spent >= budget.
-Jobs already running finish: a budget can be overshot by what was in flight.
+Budgets: each job reserves its maximum cost when it is admitted, in the submitter's
+insert, with the tenant's row locked (worker.queue.admission: every way in, so the
+Python client and the Celery task too); `tenants.spent_usd` is moved in the database
+itself (a trigger, migration 0003) when a job becomes final, and its reservation then
+stops counting. Here, before anything is read from the request: a submission is
+refused (402) once spent + reserved >= budget.
 
 Rate limits: requests per minute per tenant, counted in Redis (one key per tenant and
 minute, INCR + EXPIRE) so that several API processes share the count; in the embedded
@@ -26,16 +28,13 @@ import redis
 
 from router.core.errors import UserError
 from worker.config.settings import Settings
+from worker.queue.admission import BudgetExhausted
 from worker.store.tenants import TenantStore
 
 KEY_PREFIX = "csk"
 
 
 class AuthError(UserError):
-    pass
-
-
-class BudgetExhausted(UserError):
     pass
 
 
@@ -82,9 +81,9 @@ class Tenants:
         t = self.store.tenant(tenant)
         if t is None:
             return
-        if t["budget_usd"] is not None and t["spent_usd"] >= t["budget_usd"]:
-            raise BudgetExhausted(f"tenant {tenant!r} has spent ${t['spent_usd']:.6g} of its "
-                                  f"${t['budget_usd']:.6g} budget")
+        if t["budget_usd"] is not None and t["spent_usd"] + t["reserved_usd"] >= t["budget_usd"]:
+            raise BudgetExhausted(f"tenant {tenant!r} has spent ${t['spent_usd']:.6g} and reserved "
+                                  f"${t['reserved_usd']:.6g} for open jobs of its ${t['budget_usd']:.6g} budget")
         limit = t["rate_per_min"]
         if limit is None:
             return

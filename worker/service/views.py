@@ -7,6 +7,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from worker.store.batches import finished
+
 ATTEMPT_FIELDS = ("tier", "model", "answer", "signals", "decision", "reason", "error", "cost_usd", "latency_ms",
                   "tokens_in", "tokens_out")
 
@@ -36,13 +38,14 @@ def batch_view(batch: dict[str, Any], tiers: list[dict[str, Any]]) -> dict[str, 
         if t["decision"] == "accept":
             answered[t["tier"]] = answered.get(t["tier"], 0) + t["n"]
     done = batch["done"]
-    status = "completed" if done >= batch["total"] else "in_progress"
-    if batch["cancelled"] and done >= batch["total"]:
+    status = "completed" if finished(batch) else "in_progress"
+    if batch["cancelled"] and finished(batch):
         status = "cancelled"
     return {
         "id": batch["id"], "status": status,
         "counts": {"total": batch["total"], "done": done, "succeeded": batch["succeeded"], "failed": batch["failed"],
                    "cancelled": batch["cancelled"], "open": batch["total"] - done},
+        "submitting": bool(batch.get("submitting")),  # lines remain to be submitted: not finished
         "cost_usd": batch["total_cost"],
         "tiers": {t: {"calls": n, "answered": answered.get(t, 0), "share": answered.get(t, 0) / done if done else 0.0}
                   for t, n in sorted(calls.items())},

@@ -14,16 +14,50 @@ from worker.store.jobs import forget_content
 from worker.store.schema import attempts, batches, jobs, now
 
 
+def finished(batch: dict) -> bool:
+    """Every job of the batch is final and none remains to be submitted: the one rule
+    every reader of a batch goes by (`cascade run`, `cascade status`, the task API)."""
+    return batch["done"] >= batch["total"] and not batch.get("submitting")
+
+
+# the same rule in SQL
+FINISHED = (batches.c.done >= batches.c.total) & ~batches.c.submitting
+
+
 class BatchStore(Database):
-    def ensure_batch(self, batch_id: str, portfolio: str, source: str | None, tenant: str = "default") -> dict:
-        """Create the batch, or return the existing one (a re-run resumes it)."""
+    def ensure_batch(self, batch_id: str, portfolio: str, source: str | None, tenant: str = "default", *,
+                     submitting: bool = False) -> dict:
+        """Create the batch, or return the existing one (a re-run resumes it). A batch
+        created `submitting` reads as unfinished from its first instant, until
+        `end_submission`; an existing one is not changed (see `begin_submission`)."""
         with self.tx() as c:
             t = now()
             c.execute(dialect_insert(c, batches).values(
                 id=batch_id, tenant=tenant, portfolio=portfolio, source=source, total=0, done=0, succeeded=0,
                 failed=0, cancelled=0, total_cost=0.0, created_at=t, updated_at=t, webhook_attempts=0,
+                submitting=submitting,
             ).on_conflict_do_nothing(index_elements=["id"]))
             return dict(c.execute(select(batches).where(batches.c.id == batch_id)).mappings().one())
+
+    def begin_submission(self, batch_id: str) -> None:
+        """Lines are being added to the batch: it does not read as finished meanwhile."""
+        with self.tx() as c:
+            c.execute(update(batches).where(batches.c.id == batch_id, ~batches.c.submitting)
+                      .values(submitting=True, updated_at=now()))
+
+    def end_submission(self, batch_id: str) -> None:
+        """Every line of the batch is in (a job, or a failed job naming why)."""
+        with self.tx() as c:
+            c.execute(update(batches).where(batches.c.id == batch_id, batches.c.submitting)
+                      .values(submitting=False, updated_at=now()))
+
+    def drop_if_empty(self, batch_id: str) -> bool:
+        """Delete the batch if no job of it was ever written (an upload that failed
+        before its first line was in); True if it was."""
+        with self.tx() as c:
+            any_job = select(jobs.c.id).where(jobs.c.batch_id == batch_id).exists()
+            return c.execute(batches.delete().where(batches.c.id == batch_id, batches.c.total == 0,
+                                                    ~any_job)).rowcount == 1
 
     def batch(self, batch_id: str) -> dict | None:
         with self.read() as c:
@@ -63,9 +97,9 @@ class BatchStore(Database):
             n = len(ids)
             if not self.keep_content:
                 forget_content(c, ids)
-            if n:
-                c.execute(update(batches).where(batches.c.id == batch_id).values(
-                    done=batches.c.done + n, cancelled=batches.c.cancelled + n, updated_at=t))
+            # cancelled: nothing more is to come, though its submitter stopped half-way
+            c.execute(update(batches).where(batches.c.id == batch_id).values(
+                done=batches.c.done + n, cancelled=batches.c.cancelled + n, submitting=False, updated_at=t))
         return n
 
     def reopen_failed(self, batch_id: str, match: str | None = None,

@@ -6,21 +6,23 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import case, func, select, text, update
 from sqlalchemy.engine import Connection, Row
 
 from worker.config.credentials import redact_spec
 from worker.job.codec import CANCELLED, FAILED, FINAL, OPEN
 from worker.store.engine import Database, dialect_insert
-from worker.store.schema import attempts, batches, jobs, now, portfolios
+from worker.store.schema import attempts, batches, jobs, now, portfolios, tenants
 
 # what a finished job's input becomes when content is not kept
 ERASED_INPUT = {"erased": True}
 _JOB_COLUMNS = [c.name for c in jobs.columns]
 _COPY_FROM = 50  # rows; fewer (a single job) go in one plain INSERT, one round trip
 _JSON_COLUMNS = {"input", "plan"}
+# (the tenant's row: budget_usd, spent_usd, reserved_usd; or None) -> the rows to insert
+Admit = Callable[[dict[str, Any] | None, Sequence[dict[str, Any]]], Sequence[dict[str, Any]]]
 
 
 def _copy_jobs(c: Connection, rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -40,6 +42,37 @@ def _copy_jobs(c: Connection, rows: Sequence[dict[str, Any]]) -> list[tuple[str,
         got = cur.fetchall()
         cur.execute("TRUNCATE jobs_in")
     return got
+
+
+_ADMISSION_LOCK = 0x43617363  # the first key of the admission locks (pg_advisory_xact_lock(key, tenant))
+
+
+def _admission_view(c: Connection, tenant: str) -> dict[str, Any] | None:
+    """With the tenant's admission lock held to the end of the transaction: its budget,
+    spend and open reservations, read in one statement (one snapshot: a job that
+    finishes meanwhile is counted by its reservation or by its cost, never by neither).
+    None: no such tenant.
+
+    The lock is an advisory lock on the tenant's name, not its row: concurrent
+    submitters for one tenant, in any number of processes, take turns, while the
+    stages' trigger moving the tenant's spend (its row) never waits on a submitter, so
+    the two never deadlock (a stage locks its jobs, its batch, then the tenant's row).
+    SQLite: one writer at a time already (BEGIN IMMEDIATE)."""
+    if c.dialect.name == "postgresql":
+        c.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:t))"), {"k": _ADMISSION_LOCK, "t": tenant})
+    open_sum = (select(func.coalesce(func.sum(jobs.c.reserved_usd), 0.0))
+                .where(jobs.c.tenant == tenant, jobs.c.status.in_(OPEN)).scalar_subquery())
+    # no budget: nothing to hold the jobs to, and their sum is not read
+    reserved = case((tenants.c.budget_usd.is_(None), 0.0), else_=open_sum)
+    row = c.execute(select(tenants.c.budget_usd, tenants.c.spent_usd, reserved.label("reserved_usd"))
+                    .where(tenants.c.id == tenant)).mappings().one_or_none()
+    return None if row is None else dict(row)
+
+
+def open_reservations(c: Connection, tenant: str) -> float:
+    """What the tenant's open jobs have reserved (index ix_jobs_open_tenant)."""
+    return float(c.execute(select(func.coalesce(func.sum(jobs.c.reserved_usd), 0.0))
+                           .where(jobs.c.tenant == tenant, jobs.c.status.in_(OPEN))).scalar())
 
 
 def forget_content(c: Connection, job_ids: Sequence[str]) -> None:
@@ -69,36 +102,43 @@ class JobStore(Database):
             raise LookupError(f"portfolio {digest} is not in the database")
         return spec
 
-    def add_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]]) -> int:
+    def add_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]], *, admit: Admit | None = None) -> int:
         """Insert jobs (skipping ones already there); count new ones into the batch.
 
         Each row: id, item_key, seq, portfolio, input, plan, status, current_tier,
-        and for rows rejected at submission: error (status failed).
+        reserved_usd, and for rows rejected at submission: error (status failed).
         Returns how many rows were new.
         """
-        return len(self.insert_jobs(batch_id, rows))
+        return len(self.insert_jobs(batch_id, rows, admit=admit))
 
-    def insert_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]]) -> set[str]:
-        """`add_jobs`, returning the ids of the rows that were new."""
+    def insert_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]], *,
+                    admit: Admit | None = None) -> set[str]:
+        """`add_jobs`, returning the ids of the rows that were new.
+
+        admit(tenant or None, rows) -> rows: called in the insert's transaction with the
+        tenant's admission lock held (concurrent submitters for one tenant, in any
+        number of processes, take turns: `_admission_view`), it decides the rows to
+        insert against the tenant's budget (worker.queue.admission.Admission), or raises
+        and nothing is written. The tenant it gets: budget_usd, spent_usd, and
+        reserved_usd, the sum of the tenant's open jobs' reservations (a job stops
+        counting once final, its real cost then in spent_usd). Every row of one call is
+        of one tenant."""
         if not rows:
             return set()
-        t = now()
-        full = []
-        for r in rows:
-            full.append({
-                "tenant": "default", "batch_id": batch_id, "item_key": None, "seq": 0, "plan": None,
-                "current_tier": None, "final_answer": None, "final_tier": None, "total_cost": 0.0,
-                "error": None, "started_at": None, "finished_at": t if r.get("status") in FINAL else None,
-                "created_at": t, "updated_at": t, "deliveries": 0, "deadline": None, **r,
-            })
-        if batch_id is None and len(full) <= _COPY_FROM and self.engine.dialect.name == "postgresql":
-            # jobs of no batch (the interactive path): one INSERT, its own transaction, one round trip
+        if admit is None and batch_id is None and len(rows) <= _COPY_FROM and self.engine.dialect.name == "postgresql":
+            # jobs of no batch, no budget to hold them to: one INSERT, one round trip
             with self.read() as c:
                 ins = dialect_insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id)
-                return {g[0] for g in c.execute(ins, full).all()}
+                return {g[0] for g in c.execute(ins, self._full(batch_id, rows)).all()}
         new: set[str] = set()
         failed = 0
         with self.tx() as c:
+            if admit is not None:
+                names = {r.get("tenant", "default") for r in rows}
+                if len(names) != 1:
+                    raise ValueError(f"one insert holds the jobs of one tenant, got {sorted(names)[:3]}")
+                rows = admit(_admission_view(c, names.pop()), rows)
+            full = self._full(batch_id, rows)
             for i in range(0, len(full), 1000):
                 part = full[i : i + 1000]
                 if c.dialect.name == "postgresql" and len(part) > _COPY_FROM:
@@ -111,8 +151,19 @@ class JobStore(Database):
             if batch_id is not None and new:
                 c.execute(update(batches).where(batches.c.id == batch_id).values(
                     total=batches.c.total + len(new), done=batches.c.done + failed,
-                    failed=batches.c.failed + failed, updated_at=t))
+                    failed=batches.c.failed + failed, updated_at=full[0]["updated_at"]))
         return new
+
+    @staticmethod
+    def _full(batch_id: str | None, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows with every column (defaults for the ones not given)."""
+        t = now()
+        return [{
+            "tenant": "default", "batch_id": batch_id, "item_key": None, "seq": 0, "plan": None,
+            "current_tier": None, "final_answer": None, "final_tier": None, "total_cost": 0.0,
+            "error": None, "started_at": None, "finished_at": t if r.get("status") in FINAL else None,
+            "created_at": t, "updated_at": t, "deliveries": 0, "deadline": None, "reserved_usd": 0.0, **r,
+        } for r in rows]
 
     def job_inputs(self, batch_id: str) -> dict[str, tuple[Any, str | None]]:
         """item key -> (stored input, error if it failed at submission) of a batch's jobs."""
@@ -141,6 +192,16 @@ class JobStore(Database):
                 q = select(jobs.c.item_key, jobs.c.id).where(jobs.c.batch_id == batch_id,
                                                             jobs.c.item_key.in_(item_keys[i : i + 1000]))
                 out.update({r.item_key: r.id for r in c.execute(q)})
+        return out
+
+    def item_seqs(self, batch_id: str, item_keys: Sequence[str]) -> dict[str, int]:
+        """item key -> the line (seq) of the batch's job holding it, for the keys held."""
+        out: dict[str, int] = {}
+        with self.read() as c:
+            for i in range(0, len(item_keys), 1000):
+                q = select(jobs.c.item_key, jobs.c.seq).where(jobs.c.batch_id == batch_id,
+                                                             jobs.c.item_key.in_(item_keys[i : i + 1000]))
+                out.update({r.item_key: r.seq for r in c.execute(q)})
         return out
 
     def existing_jobs(self, job_ids: Sequence[str]) -> set[str]:

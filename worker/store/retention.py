@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from worker.job.codec import FINAL, OPEN
+from worker.store.batches import FINISHED
 from worker.store.engine import Database
 from worker.store.schema import attempts, batches, jobs
 
@@ -23,7 +24,7 @@ class RetentionStore(Database):
         open_in_batch = select(jobs.c.id).where(jobs.c.batch_id == batches.c.id, jobs.c.status.in_(OPEN)).exists()
         with self.read() as c:
             done_batches = c.execute(select(batches.c.id).where(
-                batches.c.done >= batches.c.total, batches.c.updated_at < before, ~open_in_batch)).scalars().all()
+                FINISHED, batches.c.updated_at < before, ~open_in_batch)).scalars().all()
         for batch_id in done_batches:  # one transaction per batch: no long lock
             with self.tx() as c:
                 in_batch = select(jobs.c.id).where(jobs.c.batch_id == batch_id)

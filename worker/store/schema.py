@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -18,12 +19,15 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 
 metadata = MetaData()
 
 _json = JSON().with_variant(postgresql.JSONB(), "postgresql")
+_OPEN_SQL = "status IN ('queued', 'running')"
 _ts = DateTime(timezone=True)
 
 portfolios = Table(
@@ -56,6 +60,9 @@ batches = Table(
     Column("webhook_state", String(16), nullable=True),
     Column("webhook_attempts", Integer, nullable=False, default=0),
     Column("webhook_next_at", _ts, nullable=True),
+    # lines of the batch remain to be submitted (its submitter is at work, or stopped
+    # half-way): never finished until it is false (migration 0005)
+    Column("submitting", Boolean, nullable=False, default=False, server_default=false()),
     Index("ix_batches_webhook", "webhook_state", "webhook_next_at"),
 )
 
@@ -83,11 +90,15 @@ jobs = Table(
     # stage runs at the current tier that ended without recording a result (a crash)
     Column("deliveries", Integer, nullable=False, default=0, server_default="0"),
     Column("deadline", _ts, nullable=True),  # an open job past it expires (fails), never re-sent
+    # the most it can cost, reserved against its tenant's budget while it is open (migration 0006)
+    Column("reserved_usd", Float(53), nullable=False, default=0.0, server_default="0"),
     UniqueConstraint("batch_id", "item_key", name="uq_jobs_batch_item"),
     Index("ix_jobs_batch_status", "batch_id", "status"),
     Index("ix_jobs_status_deadline", "status", "deadline"),
     Index("ix_jobs_finished_at", "finished_at"),
     Index("ix_jobs_batch_seq", "batch_id", "seq"),
+    Index("ix_jobs_open_tenant", "tenant", "reserved_usd", postgresql_where=text(_OPEN_SQL),
+          sqlite_where=text(_OPEN_SQL)),
 )
 
 attempts = Table(
@@ -133,7 +144,8 @@ tenants = Table(
     Column("id", String(200), primary_key=True),
     Column("budget_usd", Float(53), nullable=True),
     Column("rate_per_min", Integer, nullable=True),
-    # moved by a trigger when a job of the tenant becomes final (migration 0003)
+    # moved by a trigger when a job of the tenant becomes final (migration 0003); what it has
+    # reserved is the sum of its open jobs' jobs.reserved_usd (worker.queue.admission)
     Column("spent_usd", Float(53), nullable=False, default=0.0),
     Column("created_at", _ts, nullable=False),
 )

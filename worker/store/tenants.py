@@ -1,6 +1,7 @@
 """Tenants of the task API and their API keys (worker.service.tenants): limits set
-here; a tenant's spend is moved by a trigger of the database (migration 0003);
-a key is stored as its hash only."""
+here; a tenant's spend is moved by a trigger of the database (migration 0003), what
+it has reserved is summed over its open jobs (migration 0006); a key is stored as
+its hash only."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from worker.store.engine import Database, dialect_insert
+from worker.store.jobs import open_reservations
 from worker.store.schema import api_keys, now, tenants
 
 
@@ -21,9 +23,10 @@ class TenantStore(Database):
                 c.execute(update(tenants).where(tenants.c.id == tenant).values(**limits))
 
     def tenant(self, tenant: str) -> dict | None:
+        """The tenant's row, and `reserved_usd`: what its open jobs have reserved."""
         with self.read() as c:
             r = c.execute(select(tenants).where(tenants.c.id == tenant)).mappings().one_or_none()
-            return dict(r) if r else None
+            return None if r is None else {**r, "reserved_usd": open_reservations(c, tenant)}
 
     def add_key(self, key_id: str, tenant: str, digest: str, name: str | None) -> None:
         with self.tx() as c:

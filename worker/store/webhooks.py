@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
+from worker.store.batches import FINISHED
 from worker.store.engine import Database
 from worker.store.schema import batches, now
 
@@ -29,7 +30,7 @@ class WebhookStore(Database):
         (another API process skips it meanwhile)."""
         with self.tx() as c:
             due = (select(batches.c.id).where(batches.c.webhook_state == "pending", batches.c.webhook_next_at <= at,
-                                              batches.c.done >= batches.c.total).limit(limit))
+                                              FINISHED).limit(limit))
             rows = c.execute(update(batches).where(batches.c.id.in_(due.scalar_subquery()),
                                                    batches.c.webhook_state == "pending",
                                                    batches.c.webhook_next_at <= at)

@@ -23,6 +23,13 @@ from router.core.live_signals import CALLS_FOR
 from router.core.policy import Needs
 from router.core.portfolio import Tier
 
+# The answer length of a call whose request and tier set no max_tokens, for the cost
+# reserved against a tenant's budget: the openai backend's default, the largest of the
+# backends' (test_budget_reservations checks it stays so).
+DEFAULT_MAX_TOKENS = 256
+# tokens a chat template may add per message, and once (roles, separators, BOS)
+TEMPLATE_TOKENS = (16, 64)
+
 
 class BackendConfigError(UserError):
     """A tier's backend options cannot work (checked before any job is sent)."""
@@ -96,6 +103,15 @@ class Backend(ABC):
         portfolio change)."""
         return None
 
+    @classmethod
+    def max_cost(cls, tier: Tier, query: Query) -> float:
+        """The most one call of this tier can cost for this query, read from the tier's
+        spec only (the submitter reserves it against the tenant's budget, without
+        building the backend): the tier's price with the output at the answer's limit
+        (`max_tokens`: the request's, the tier's, else DEFAULT_MAX_TOKENS) and the input
+        at the prompt's UTF-8 bytes (a token is at least one byte) and what a template adds."""
+        return tier.price.cost(input_bound(tier, query), answer_limit(tier, query))
+
     def check_request(self, query: Query) -> None:
         refused = self.refuses(self.tier, query)
         if refused is not None:
@@ -146,6 +162,23 @@ class Backend(ABC):
 
     def close(self) -> None:
         pass
+
+
+def answer_limit(tier: Tier, query: Query) -> int:
+    """The most tokens a call answers: the request's max_tokens, the tier's, DEFAULT_MAX_TOKENS."""
+    limit = query.params.get("max_tokens") or tier.backend.options.get("max_tokens") or DEFAULT_MAX_TOKENS
+    return int(limit) if isinstance(limit, (int, float)) and not isinstance(limit, bool) else DEFAULT_MAX_TOKENS
+
+
+def input_bound(tier: Tier, query: Query) -> int:
+    """The most tokens a call's input can have: every byte of its text a token (the
+    prompt or the chat, the request's or the tier's system prompt, the tier's prompt
+    template), and what a chat template adds."""
+    texts = [m.get("content") or "" for m in query.messages] if query.messages else [query.prompt or ""]
+    opts = tier.backend.options
+    texts += [str(query.params.get("system") or opts.get("system") or ""), str(opts.get("prompt_template") or "")]
+    per_message, once = TEMPLATE_TOKENS
+    return sum(len(t.encode("utf-8", "replace")) for t in texts) + per_message * max(1, len(query.messages)) + once
 
 
 def option(tier: Tier, key: str, typ: type | tuple[type, ...], default: Any = ..., *, where: str = "") -> Any:

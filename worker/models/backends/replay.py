@@ -96,6 +96,31 @@ class ReplayBackend(Backend):
         # a recording answers one prompt, as it was sent: no parameter or chat history changes it
         return refused_field(query, frozenset(), chat=False)
 
+    @classmethod
+    def max_cost(cls, tier: Tier, query: Query) -> float:
+        """What the recording charges for this call (a replay answers at its recorded
+        cost, so the reservation is exact); nothing when no recording answers it (the
+        call fails, at no cost)."""
+        ds, by_id, by_prompt = dataset(option(tier, "file", str))
+        model = option(tier, "model", str)
+        derived = _DERIVED.fullmatch(query.id)
+        if derived and derived.group(1) in by_id:
+            resp = ds.records[by_id[derived.group(1)]].responses.get(model)
+            calls = () if resp is None else resp.calls.get(derived.group(2), ())
+            n = int(derived.group(3))
+            if n >= len(calls):
+                return 0.0
+            c = calls[n]
+            return c["cost_usd"] if c.get("cost_usd") is not None else tier.price.cost(c.get("tokens_in"),
+                                                                                         c.get("tokens_out"))
+        i = by_id.get(query.id)
+        if i is None:
+            i = by_prompt.get(query.prompt)
+        resp = None if i is None else ds.records[i].responses.get(model)
+        if resp is None:
+            return 0.0
+        return resp.cost_usd if resp.cost_usd is not None else tier.price.cost(resp.tokens_in, resp.tokens_out)
+
     def generate(self, query: Query, needs: Needs) -> BackendResult:
         derived = _DERIVED.fullmatch(query.id)
         if derived and derived.group(1) in self.by_id:

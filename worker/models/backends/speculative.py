@@ -51,6 +51,8 @@ from worker.models.backends.base import (
     BackendConfigError,
     BackendFailure,
     BackendResult,
+    answer_limit,
+    input_bound,
     option,
     reject_unknown_options,
 )
@@ -236,6 +238,17 @@ class SpeculativeBackend(Backend):
             meta={"finish_reason": "stop" if finished else "length", "model": self.model_name, **counts,
                   "rule": self.rule.name, "alpha": self.rule.alpha, "gamma": self.gamma},
         )
+
+    @classmethod
+    def max_cost(cls, tier: Tier, query: Query) -> float:
+        """Both models read the prompt; the drafter drafts at most gamma tokens per token
+        emitted and the verifier scores as many (see `generate`'s cost)."""
+        raw = option(tier, "drafter_price", dict, None)
+        dp, vp = (tier.price if raw is None else Price.model_validate(raw)), tier.price
+        drafted = option(tier, "gamma", int, 4) * answer_limit(tier, query)
+        n_prompt = input_bound(tier, query)
+        return (n_prompt * (dp.input_per_mtok + vp.input_per_mtok)
+                + drafted * (dp.output_per_mtok + vp.output_per_mtok)) / 1e6 + vp.per_call
 
     def _draft(self, llm, ctx: list[int], g: int) -> tuple[list[int], np.ndarray]:
         """The drafter's g + 1 greedy tokens after ctx, with its distribution at each."""

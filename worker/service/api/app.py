@@ -8,6 +8,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.core.errors import PortfolioError, UserError
 from router.core.portfolio import Portfolio
@@ -21,6 +22,18 @@ from worker.service.tenants import AuthError, BudgetExhausted, RateLimited, Tena
 from worker.service.webhooks import BatchUpkeep
 from worker.store.tenants import TenantStore
 from worker.store.webhooks import WebhookStore
+
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+def _parse_problem(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 at byte {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError):
+        return str(cause).splitlines()[0][:200]
+    return "it could not be parsed"
 
 
 def _loc(loc) -> str:
@@ -82,6 +95,18 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
     async def api_error(_req, e: ApiError):
         return error_response(e.status_code, e.detail, param=e.body["error"]["param"], code=e.body["error"]["code"],
                               headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_req, e: StarletteHTTPException):
+        # FastAPI answers a body it could not parse (not UTF-8, nested too deep for the
+        # parser, an integer of thousands of digits) with 400 {"detail": ...}: here it is
+        # a 422 in the OpenAI shape like any other body that is not JSON; every other
+        # HTTP error (404 route, 405 method) takes the same shape
+        if e.status_code == 400 and e.detail == _BODY_PARSE_ERROR:
+            return error_response(422, f"body: not valid JSON ({_parse_problem(e.__cause__)})", param="body",
+                                  code="json_invalid")
+        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None),
+                              code="not_found" if e.status_code == 404 else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_req, e: RequestValidationError):

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from worker.job.request import RequestError
-from worker.queue.items import Item
+from worker.queue.items import Item, read_line, too_long
 from worker.service.api.common import ApiError, caller, not_found, submitter
 from worker.service.client import Client, JobNotFound
 from worker.service.openai_format import batch_line, batch_output, is_openai_line
@@ -38,16 +38,15 @@ def window(text: str | None) -> timedelta | None:
 
 
 def parse_line(n: int, line: bytes, model: str) -> tuple[int, Any]:
+    """(line number, parsed record or an Item naming why the line cannot be one): read
+    as `cascade run` reads a line (worker.queue.items.read_line), never raising."""
+    raw = read_line(n, line, f"line {n}", MAX_LINE)
+    if isinstance(raw, Item) or not is_openai_line(raw):
+        return n, raw
     try:
-        raw = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return n, Item(f"line-{n}", n, error=f"line {n}: not valid JSON ({e})")
-    if is_openai_line(raw):
-        try:
-            return n, batch_line(raw, model)
-        except RequestError as e:
-            return n, Item(f"line-{n}", n, error=f"line {n}: {e}")
-    return n, raw
+        return n, batch_line(raw, model)
+    except RequestError as e:
+        return n, Item(f"line-{n}", n, error=f"line {n}: {e}")
 
 
 def _view(c: Client, batch_id: str) -> dict:
@@ -75,30 +74,42 @@ async def create_batch(request: Request, response: Response, c: Client = Depends
     try:
         await _read_body(request, writer, model)
     except BaseException:
-        # an upload cut short (a line too long, the client gone): its jobs are not left half-run
-        await run_in_threadpool(c.batches.cancel_batch, writer.batch_id, "cancelled: the upload did not complete")
+        # an upload cut short (the client gone): its jobs are not left half-run, and a
+        # batch that got no line is not left behind at all
+        await run_in_threadpool(writer.abandon, "cancelled: the upload did not complete")
         raise
+    await run_in_threadpool(writer.close)
     response.headers["Location"] = f"/v1/batches/{writer.batch_id}"
     return await run_in_threadpool(_view, c, writer.batch_id)
 
 
 async def _read_body(request: Request, writer, model: str) -> None:
+    """Lines as they arrive, committed CHUNK lines at a time (whatever the network's
+    framing, so the same upload is always cut at the same lines). A line longer than
+    MAX_LINE fails alone: its bytes are dropped as they come, never held."""
     buf: list[tuple[int, Any]] = []
     pending = b""
     n = 0
+    skipping = False  # inside a line longer than MAX_LINE, until its end
     async for part in request.stream():
         pending += part
         *lines, pending = pending.split(b"\n")
-        if len(pending) > MAX_LINE:
-            raise ApiError(413, f"line {n + len(lines) + 1} is longer than {MAX_LINE} bytes", param="body")
         for line in lines:
             n += 1
-            if line.strip():
+            if skipping:
+                buf.append((n, too_long(n, None, f"line {n}", MAX_LINE)))
+                skipping = False
+            elif line.strip():
                 buf.append(parse_line(n, line, model))
-        if len(buf) >= CHUNK:
-            await run_in_threadpool(writer.add, buf)
-            buf = []
-    if pending.strip():
+            if len(buf) >= CHUNK:
+                await run_in_threadpool(writer.add, buf)
+                buf = []
+        if len(pending) > MAX_LINE:
+            skipping, pending = True, b""
+    if skipping:
+        n += 1
+        buf.append((n, too_long(n, None, f"line {n}", MAX_LINE)))
+    elif pending.strip():
         n += 1
         buf.append(parse_line(n, pending, model))
     await run_in_threadpool(writer.add, buf)

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from worker.job.storable import clean_text
 from worker.queue.submit import TENANT_DEFAULT
 from worker.service.client import Client
 from worker.service.tenants import AuthError, Tenants
@@ -21,8 +22,10 @@ class ApiError(HTTPException):
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
                    type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    # a message or field name may quote the caller's text: a lone surrogate in it could not
+    # be encoded, and the refusal would become a 500
+    return JSONResponse({"error": {"message": clean_text(message), "type": type_, "param": clean_text(param),
+                                   "code": code}}, status_code=status, headers=headers)
 
 
 def service(request: Request) -> Client:
