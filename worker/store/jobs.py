@@ -186,22 +186,19 @@ class JobStore(Database):
 
     def job_ids(self, batch_id: str, item_keys: Sequence[str]) -> dict[str, str]:
         """item key -> job id, for the keys that are jobs of the batch."""
-        out: dict[str, str] = {}
-        with self.read() as c:
-            for i in range(0, len(item_keys), 1000):
-                q = select(jobs.c.item_key, jobs.c.id).where(jobs.c.batch_id == batch_id,
-                                                            jobs.c.item_key.in_(item_keys[i : i + 1000]))
-                out.update({r.item_key: r.id for r in c.execute(q)})
-        return out
+        return self._by_item_key(batch_id, item_keys, jobs.c.id)
 
     def item_seqs(self, batch_id: str, item_keys: Sequence[str]) -> dict[str, int]:
         """item key -> the line (seq) of the batch's job holding it, for the keys held."""
-        out: dict[str, int] = {}
+        return self._by_item_key(batch_id, item_keys, jobs.c.seq)
+
+    def _by_item_key(self, batch_id: str, item_keys: Sequence[str], column) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         with self.read() as c:
-            for i in range(0, len(item_keys), 1000):
-                q = select(jobs.c.item_key, jobs.c.seq).where(jobs.c.batch_id == batch_id,
-                                                             jobs.c.item_key.in_(item_keys[i : i + 1000]))
-                out.update({r.item_key: r.seq for r in c.execute(q)})
+            for i in range(0, len(item_keys), 1000):  # bounded IN lists
+                q = select(jobs.c.item_key, column).where(jobs.c.batch_id == batch_id,
+                                                          jobs.c.item_key.in_(item_keys[i : i + 1000]))
+                out.update({r[0]: r[1] for r in c.execute(q)})
         return out
 
     def existing_jobs(self, job_ids: Sequence[str]) -> set[str]:
