@@ -270,6 +270,7 @@ def test_webhook_retried_until_accepted_signed_and_deduplicated_by_event_id(benc
     assert v1 == hmac.new(b"s3cret", f"{t}.".encode() + raw, hashlib.sha256).hexdigest()
 
 
+@pytest.mark.slow
 def test_an_interactive_job_finishes_before_a_queued_20000_item_batch(bench, deployment):
     d = deployment
     rs = load_dataset(bench / "rc-mmlu.jsonl.gz").records

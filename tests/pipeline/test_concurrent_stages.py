@@ -97,6 +97,7 @@ def comparable(job: dict) -> tuple:
               a["error"] is not None) for a in job["attempts"]])
 
 
+@pytest.mark.slow
 def test_bulk_concurrent_stages_equal_one_at_a_time(distributed, tmp_path):
     with ScriptedModel(slow=0.3) as server:
         one = run(distributed, tmp_path, server, "one", chunk=1, concurrency=1, duplicates=0)

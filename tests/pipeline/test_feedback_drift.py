@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers.env import REPO
 
 from router.core.records import load_dataset
@@ -37,6 +38,7 @@ def _items(rows, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_drift_and_feedback_round_trip(bench, pg_url, tmp_path):
     env = _env(pg_url, tmp_path / "home")
     data = bench / "rc-triviaqa.jsonl.gz"
