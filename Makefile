@@ -14,3 +14,10 @@ test: setup
 
 bench: setup
 	.venv/bin/cascade bench pipeline --jobs 2000 --json
+
+# The production image (docker/Dockerfile), tagged as ops/k8s/ expects: with Docker where
+# a Docker daemon answers, else with podman (a local Debian base made once). LOCAL=1 adds
+# llama.cpp and the local model pack. See docs/operations.md#the-image.
+.PHONY: image
+image:
+	bash docker/build.sh
