@@ -21,3 +21,9 @@ bench: setup
 .PHONY: image
 image:
 	bash docker/build.sh
+
+# docker/compose.yaml started for real with podman-compose (docker/compose.podman.yaml on
+# top: host network, Redis/PostgreSQL/Prometheus from Debian's packages), checked, removed.
+.PHONY: compose-check
+compose-check: setup
+	.venv/bin/python docker/podman/compose_check.py check

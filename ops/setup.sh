@@ -27,6 +27,8 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "chromium is missing and this is not root with apt-get: the Flower browser test will skip"
   fi
 fi
+# podman-compose starts docker/compose.yaml with podman (`make compose-check`, tests/container/)
+.venv/bin/python -m pip install -q --disable-pip-version-check 'podman-compose==1.6.0'
 # The container image (`make image`) and its test (tests/container/) run Debian's podman
 # with runc (crun refuses this kind of machine's hybrid cgroups), fuse-overlayfs (its
 # storage; vfs without it) and debootstrap (a local base image: no container registry
