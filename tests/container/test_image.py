@@ -259,8 +259,10 @@ def test_each_role_passes_its_health_check_and_a_worker_fails_it_when_nothing_an
 
 
 def test_flower_behind_basic_auth_lists_every_tier_worker(deployment):
-    url = f"http://127.0.0.1:{deployment['ports']['flower']}/api/workers"
+    base = f"http://127.0.0.1:{deployment['ports']['flower']}"
+    url = f"{base}/api/workers"
     assert httpx.get(url, timeout=30).status_code == 401
+    assert httpx.get(f"{base}/healthcheck", timeout=30).text == "OK"  # the probe ops/k8s/ uses needs no credentials
     auth = {"Authorization": "Basic " + base64.b64encode(FLOWER_AUTH.encode()).decode()}
     deadline = time.monotonic() + 90
     while True:
