@@ -58,6 +58,9 @@ case "$ENGINE" in
     # host networking: no bridge networks on these machines
     podman build --format docker --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" "${args[@]}" .
     size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
+    # every rebuild leaves the replaced image and its stages untagged: drop those older
+    # than a week (newer ones are the layer cache of the next build)
+    podman image prune -f --filter until=168h >/dev/null 2>&1 || true
     ;;
   *)
     echo "ENGINE must be docker or podman, not $ENGINE" >&2
