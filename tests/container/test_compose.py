@@ -28,11 +28,14 @@ def test_the_compose_file_comes_up_works_a_batch_lists_workers_in_flower_and_res
     compose = Path(sys.executable).with_name("podman-compose")
     if not compose.exists() and shutil.which("podman-compose") is None:
         pytest.fail("podman-compose is missing: bash ops/setup.sh installs it into .venv")
+    env = {**os.environ, "PATH": f"{compose.parent}{os.pathsep}{os.environ['PATH']}", "CASCADE_SHARED": str(BENCH.parent)}
+    # a run that was killed may have left its project behind: removed first, then the ports must be free
+    subprocess.run([sys.executable, "docker/podman/compose_check.py", "down"], cwd=REPO, capture_output=True,
+                   env={**env, "CASCADE_COMPOSE_PROJECT": "cascade-check"}, timeout=900)
     for port in PORTS:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.fail(f"port {port} is taken on this machine; docker/compose.podman.yaml needs it free")
-    env = {**os.environ, "PATH": f"{compose.parent}{os.pathsep}{os.environ['PATH']}", "CASCADE_SHARED": str(BENCH.parent)}
     r = subprocess.run([sys.executable, "docker/podman/compose_check.py", "check"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=2300)
     lines = [x for x in r.stdout.splitlines() if x.startswith("[compose-check")]
