@@ -23,3 +23,16 @@ test-fast:
 
 bench: setup
 	.venv/bin/cascade bench pipeline --jobs 2000 --json
+
+# The production image (docker/Dockerfile), tagged as ops/k8s/ expects: with Docker where
+# a Docker daemon answers, else with podman (a local Debian base made once). LOCAL=1 adds
+# llama.cpp and the local model pack. See docs/operations.md#the-image.
+.PHONY: image
+image:
+	bash docker/build.sh
+
+# docker/compose.yaml started for real with podman-compose (docker/compose.podman.yaml on
+# top: host network, Redis/PostgreSQL/Prometheus from Debian's packages), checked, removed.
+.PHONY: compose-check
+compose-check: setup
+	.venv/bin/python docker/podman/compose_check.py check

@@ -27,3 +27,24 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "chromium is missing and this is not root with apt-get: the Flower browser test will skip"
   fi
 fi
+# podman-compose starts docker/compose.yaml with podman (`make compose-check`, tests/container/)
+.venv/bin/python -m pip install -q --disable-pip-version-check 'podman-compose==1.6.0'
+# The container image (`make image`) and its test (tests/container/) run Debian's podman
+# with runc (crun refuses this kind of machine's hybrid cgroups), fuse-overlayfs (its
+# storage; vfs without it) and debootstrap (a local base image: no container registry
+# here). Installing them needs root and apt; without them the container test skips.
+missing=()
+for pkg in podman runc fuse-overlayfs debootstrap; do
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$pkg" >/dev/null 2>&1 \
+    || dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; } \
+      || echo "could not install ${missing[*]} with apt-get: the container image test will skip"
+  else
+    echo "${missing[*]} missing and this is not root with apt-get: the container image test will skip"
+  fi
+fi

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
+import tomllib
 from importlib.resources import files
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from worker.models.backends import validate_portfolio
 
 K8S = REPO / "ops" / "k8s"
 K8S_VERSION = "1.30.0"
+HEALTHCHECK = "/opt/cascade/healthcheck.py"
 
 
 def compose() -> dict:
@@ -55,11 +58,56 @@ def test_compose_has_every_role_with_the_settings_that_matter():
         s = services[f"tier-{tier}"]
         assert s["command"] == ["worker", "--tier", tier]
         assert s["restart"] in ("always", "unless-stopped", "on-failure")
-        assert s["stop_grace_period"] == grace and "/healthz" in " ".join(s["healthcheck"]["test"])
+        # the image's check, which for a worker is GET /healthz on its metrics port (the canary;
+        # tests/container/ runs it against live workers)
+        assert s["stop_grace_period"] == grace and s["healthcheck"]["test"] == ["CMD", "python", HEALTHCHECK]
         assert s["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
         assert ":@redis:6379" not in s["environment"]["CASCADE_BROKER_URL"]  # the password is in the URL
+    assert services["migrate"]["healthcheck"] == {"disable": True}  # a one-shot job
+    assert all(s["environment"]["CASCADE_REMOTE_CONTROL"] == "flower" for s in services.values()
+               if s.get("image", "").startswith("cascade-router:"))  # Flower lists the workers
     prom = yaml.safe_load((REPO / "ops" / "prometheus.yml").read_text())
     assert set(prom["scrape_configs"][0]["dns_sd_configs"][0]["names"]) == {f"tier-{t}" for t in example_tiers()}
+    assert "/healthz" in (REPO / "docker" / "healthcheck.py").read_text()
+
+
+def test_the_image_name_and_tag_are_decided_in_one_place_and_used_everywhere():
+    """`make image` (docker/build.sh) tags cascade-router:<the project's version>; every
+    Kubernetes container and every compose service of the project runs exactly that."""
+    image = subprocess.run(["bash", str(REPO / "docker" / "build.sh"), "--print-image"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert image == f"cascade-router:{version}"
+    used = [c["image"] for d in k8s_docs() if d["kind"] in ("Deployment", "Job")
+            for c in d["spec"]["template"]["spec"]["containers"]]
+    assert len(used) >= 6 and set(used) == {image}
+    ours = [s for s in compose()["services"].values() if "build" in s]
+    assert len(ours) >= 6 and {s["image"] for s in ours} == {image}
+
+
+def test_the_podman_layer_of_the_compose_file_follows_the_specification_too():
+    """docker/compose.podman.yaml (this machine's podman: host network, local images) merged
+    over docker/compose.yaml the way compose merges files still follows the specification,
+    and moves every port off the machine's own Redis (6379) and PostgreSQL (5432)."""
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_constructor("!reset", lambda loader, node: None)
+    over = yaml.load((REPO / "docker" / "compose.podman.yaml").read_text(), Loader=Loader)
+    merged = compose()
+    for name, svc in over["services"].items():
+        base = merged["services"][name]
+        for key, value in svc.items():
+            if value is None:
+                base.pop(key, None)
+            elif isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+    schema = json.loads((files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
+    jsonschema.validate(merged, schema)
+    text = yaml.safe_dump(merged["services"])
+    assert ":6379" not in text and ":5432" not in text and "@redis:" not in text and "@postgres:" not in text
+    assert all(s["network_mode"] == "host" for s in merged["services"].values())
 
 
 def test_kubernetes_manifests_follow_the_kubernetes_schemas():
