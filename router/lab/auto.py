@@ -91,7 +91,7 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("logistic-router", "logistic-router", {}, 3),
     Candidate("routellm-classifier", "routellm", {"scorer": "linear"}, 3),
     Candidate("hybrid-llm", "hybrid-llm", {}, 3),
-    Candidate("frugalgpt", "frugalgpt", {}, 3),
+    Candidate("frugalgpt", "frugalgpt", {"text": []}, 3),  # answer form, agreement, confidences; no embeddings
 )
 SIMPLICITY_WORDS = {0: "the reference alone", 1: "one or two knobs", 2: "per-tier thresholds or shortlists",
                     3: "a learned predictor"}
