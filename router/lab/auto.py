@@ -593,3 +593,37 @@ def _point_name(p: int | None) -> str:
 def _r(x: float) -> float:
     return float(f"{float(x):.6g}")
 
+
+
+def describe(info: dict[str, Any]) -> str:
+    """What auto chose and why, in a few lines (for `cascade tune` and `cascade evaluate`)."""
+    lines = [f"auto: {info['chosen']} ({info.get('simplicity', '')}) at {info.get('operating_point', '-')}; "
+             f"why: {info['why']}"]
+    cv = info.get("cv")
+    if cv and cv.get("cost_ratio") is not None:
+        lines.append(f"  cross-validated (inner folds): accuracy {cv['accuracy']:.4f} vs the reference's "
+                     f"{cv['reference_accuracy']:.4f}, cost ratio {cv['cost_ratio']:.3f}")
+    est = info.get("estimate")
+    if est:
+        se = est.get("accuracy_delta_se")
+        lines.append(f"  estimate of the whole procedure (outer folds, {est['rows']} rows): accuracy "
+                     f"{est['accuracy_delta']:+.4f}" + (f" (se {se:.4f})" if se is not None else "")
+                     + " vs the reference, cost ratio "
+                     + (f"{est['cost_ratio']:.3f}" if est.get("cost_ratio") is not None else "-")
+                     + f"; chosen per outer fold: {', '.join(str(x) for x in est['chosen_per_outer_fold'])}")
+    if info.get("few_rows"):
+        lines.append(f"  few rows: {info['few_rows']}")
+    cv_info, sec = info.get("cross_validation"), info.get("seconds") or {}
+    if cv_info:
+        total = sec.get("cross_validation", 0) + sec.get("select", 0)
+        lines.append(f"  nested cross-validation: {cv_info['folds']} folds over {cv_info['rows']} rows"
+                     + (f" (a sample of the {cv_info['train_rows']})" if cv_info.get("sampled") else "")
+                     + f", {cv_info['fits_per_candidate']} fits per candidate, {total:.0f} s")
+    for c in info.get("candidates", []):
+        if "cv_cost_ratio" in c:
+            lines.append(f"    {c['name']:<20} {c['status']:<18} Δacc {c['cv_accuracy_delta']:+.4f}  cost ratio "
+                         f"{c['cv_cost_ratio'] if c['cv_cost_ratio'] is None else format(c['cv_cost_ratio'], '.3f')}"
+                         f"  ({c['operating_point']}; fits {c.get('fit_seconds', 0):.0f} s)")
+        else:
+            lines.append(f"    {c['name']:<20} {c['status']}")
+    return "\n".join(lines)

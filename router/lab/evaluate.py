@@ -38,6 +38,7 @@ from router.core.policy import tier_infos
 from router.core.records import Record
 
 from . import metrics
+from .auto import describe as describe_auto
 from .labelled import Labelled, Table, build_table, prepare
 from .simulate import Outcome, TierModel, simulate
 from .tuners import RISK_TUNERS, TUNERS, RiskSpec, confirm, make_tuner
@@ -522,6 +523,8 @@ def auto_line(entry: dict[str, Any]) -> str:
     """What auto chose on each fold's train rows, why, what nested CV estimated and what it took."""
     out = []
     folds = entry["auto"]
+    if len(folds) == 1 and folds[0]:
+        return describe_auto(folds[0])
     for i, a in enumerate(folds):
         if not a:
             continue

@@ -9,6 +9,7 @@ from router.core.policies import make_policy
 from router.core.policy import tier_infos
 from router.core.policyfile import TunedPolicy, write_policy_file
 from router.lab import drift
+from router.lab.auto import describe as describe_auto
 from router.lab.evaluate import VARIANTS
 from router.lab.labelled import build_table, prepare
 from router.lab.pseudo_labels import pseudo_reference
@@ -45,7 +46,9 @@ def rows_needed_line(rc: dict) -> str:
 @click.command("tune")
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
               help="labelled traffic in the benchmarks format (.jsonl or .jsonl.gz)")
-@click.option("--policy", required=True, help="policy name (threshold, single, random, ...) or a threshold variant")
+@click.option("--policy", required=True,
+              help="policy name (threshold, single, random, ...), a threshold variant, or auto (the family and its "
+                   "knobs chosen by nested cross-validation on the rows fitted on)")
 @click.option("--budget", type=float, default=None,
               help="mean cost per query to stay within (USD; share of strong calls if the file has no costs)")
 @click.option("--target-accuracy", type=float, default=None, help="train accuracy to reach at the lowest cost")
@@ -127,6 +130,10 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
             raise click.UsageError("--chain, --min-tiers, --max-tiers and --no-prune apply to the threshold policy")
         if name == "random":
             opts["seed"] = seed
+        if name == "auto":  # the family and its knobs chosen by nested cross-validation (router.lab.auto)
+            opts["seed"] = seed
+            if L.signal is not None:
+                opts["signal"] = L.signal
         if risk_bound is not None:
             opts["risk"] = RiskSpec(risk_bound, delta, risk_procedure, learn_fraction, reference, seed)
         tiers = L.tiers(rows, names)
@@ -164,6 +171,8 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
         write_policy_file(out, tuned)
         unit = "USD" if L.cost_unit == "usd" else "strong-call share"
         click.echo(f"{fitted.policy}: {json.dumps(fitted.params)}")
+        if fitted.search and "auto" in fitted.search:
+            click.echo(describe_auto(fitted.search["auto"]))
         click.echo(f"train ({fitted.train_rows} rows): accuracy {fitted.train_accuracy:.4f}, cost {fitted.train_cost:.6g} "
                    f"{unit} per query; best single on train: {tiers[b].name} {acc[b]:.4f} at {cost[b]:.6g}")
         top = pseudo_reference(labels)

@@ -4,7 +4,8 @@ Nothing is fitted but discrete choices, so what holds on train tends to hold on
 new traffic. The answer kind is read off the train answers (`infer_kind`). Every
 chain of 3 or 4 tiers in train cost order is searched (a 2-tier chain would pay
 for the first tier and always take the second's answer), with min_agree 1, and
-also 2 on 4-tier chains. The replay is vectorised over canonical answers and
+also 2 on 4-tier chains; and every set of four voters (in cost order) that must
+all agree (min_agree 3), else the most accurate train model settles. The replay is vectorised over canonical answers and
 reproduces `router.lab.simulate` exactly.
 """
 from __future__ import annotations
@@ -87,10 +88,17 @@ class AgreementTuner(Tuner):
             if len(pool) < 3:
                 raise NotApplicable(f"an agreement cascade needs 3 tiers, the data have {len(pool)}")
             chains = [c for size in (3, 4) for c in itertools.combinations(pool, size)]
+            # four cheaper voters that must all agree, else the most accurate model settles: on data
+            # where cheap models are often right together (routerbench-arc) this is what saves
+            acc_tr = table.accuracy()
+            top = max(range(len(infos)), key=lambda i: (acc_tr[i], -table.mean_cost()[i]))
+            voters = [i for i in pool if i != top]
+            if len(voters) >= 4 and len(pool) <= MAX_AGREEMENT_MODELS:
+                chains += [c + (top,) for c in itertools.combinations(voters, 4)]
         self.configs: list[dict[str, Any]] = []
         acc, cost = [], []
         for c in chains:
-            for m in range(1, len(c) - 1):
+            for m in (range(1, len(c) - 1) if len(c) <= 4 else (len(c) - 2,)):
                 a, t = agreement_replay(c, m, same, table.correct, table.cost)
                 self.configs.append({"chain": [infos[i].name for i in c], "min_agree": m, "answer_kind": kind})
                 acc.append(a)
