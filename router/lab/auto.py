@@ -569,11 +569,14 @@ class AutoTuner(Tuner):
         c, f = best
         why = (f"{F} families certified at delta {spec.delta:g}/{F} = {split.delta:.4g} each (a union bound: the "
                f"chosen one keeps the guarantee at delta {spec.delta:g}); the cheapest on the train rows: {c.name}")
-        info = {"chosen": c.name, "family": f.policy, "why": why, "candidates": tried,
+        info = {"chosen": c.name, "family": f.policy, "simplicity": SIMPLICITY_WORDS[c.simplicity],
+                "operating_point": "the certified knobs", "why": why, "candidates": tried,
                 "target": {"risk_bound": spec.alpha, "delta": spec.delta, "delta_per_family": split.delta},
                 "seconds": {"select": round(time.perf_counter() - t0, 2)}}
         return dataclasses.replace(f, search={**f.search, "auto": info},
-                                   note=(f.note + f" (auto: {F} families, each at delta {split.delta:.4g})"))
+                                   note=(f.note + f"; auto certified each of {F} families at delta {split.delta:.4g}, "
+                                         f"so the chosen one's bound holds with probability >= {1 - spec.delta:g} "
+                                         "(union bound)"))
 
 
 def _ref_index(acc: np.ndarray, cost: np.ndarray) -> int:

@@ -219,3 +219,16 @@ def test_online_cli_table_and_plot(fast, small, tmp_path):
     assert res["mode"] == "online" and len(res["points"]) == 3
     assert "cum acc" in r.output
     assert (tmp_path / "rep" / "small-online.png").stat().st_size > 1000
+
+
+def test_auto_with_a_risk_bound_keeps_its_guarantee(fast, small):
+    from router.lab.tuners import RiskSpec
+
+    L = prepare(small)
+    train, _ = L.train_test()
+    tiers = L.tiers(train)
+    f = make_tuner("auto", build_table(train, tiers), tier_infos(tiers), signal="logprob",
+                   risk=RiskSpec(0.1, 0.1)).select(Target.match_best())
+    a = f.search["auto"]
+    assert a["target"]["delta_per_family"] == pytest.approx(0.1 / len([c for c in a["candidates"]]))
+    assert "union bound" in f.note and f.policy in POLICIES
