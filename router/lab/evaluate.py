@@ -38,10 +38,10 @@ from router.core.policy import tier_infos
 from router.core.records import Record
 
 from . import metrics
-from .auto import describe as describe_auto
 from .labelled import Labelled, Table, build_table, prepare
 from .simulate import Outcome, TierModel, simulate
 from .tuners import RISK_TUNERS, TUNERS, RiskSpec, confirm, make_tuner
+from .tuners.auto import describe as describe_auto
 from .tuning import NotApplicable, Target, TargetUnreachable, TuningError
 
 
@@ -66,7 +66,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("random", "random", {}, "baseline: random routing between single models", baseline=True),
         Variant("single", "single", {}, "one model for every query, chosen on train"),
         Variant("auto", "auto", {}, "the policy family and its knobs chosen by nested cross-validation on the "
-                                    "train rows alone (router/lab/auto.py)"),
+                                    "train rows alone (router/lab/tuners/auto.py)"),
         Variant("routellm-mf", "routellm", {"scorer": "mf"}, "RouteLLM matrix factorisation, N models"),
         Variant("routellm-sw", "routellm", {"scorer": "sw"}, "RouteLLM similarity-weighted ranking, N models"),
         Variant("routellm-classifier", "routellm", {"scorer": "linear"},

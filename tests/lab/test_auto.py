@@ -1,4 +1,4 @@
-"""`--policy auto` (router/lab/auto.py): chosen from the train rows alone, its policy file
+"""`--policy auto` (router/lab/tuners/auto.py): chosen from the train rows alone, its policy file
 loads in router.core unchanged; both references in `cascade evaluate`'s JSON; and the
 prequential replay of `cascade evaluate --online` (router/lab/online.py)."""
 from __future__ import annotations
@@ -16,13 +16,12 @@ from router.core.policy import tier_infos
 from router.core.policyfile import read_policy_file
 from router.core.portfolio import load_portfolio
 from router.core.records import Dataset, load_dataset
-from router.lab import auto
 from router.lab.evaluate import evaluate
 from router.lab.labelled import build_table, prepare
 from router.lab.metrics import summarize
 from router.lab.online import prequential
 from router.lab.simulate import simulate, tiers_of
-from router.lab.tuners import make_tuner
+from router.lab.tuners import auto, make_tuner
 from router.lab.tuning import Target
 
 # candidates that fit in milliseconds, so the nested cross-validation stays quick here

@@ -9,13 +9,13 @@ from router.core.policies import make_policy
 from router.core.policy import tier_infos
 from router.core.policyfile import TunedPolicy, write_policy_file
 from router.lab import drift
-from router.lab.auto import describe as describe_auto
 from router.lab.evaluate import VARIANTS
 from router.lab.labelled import build_table, prepare
 from router.lab.pseudo_labels import pseudo_reference
 from router.lab.risk import PROCEDURES
 from router.lab.simulate import simulate
 from router.lab.tuners import RiskSpec, confirm, make_tuner
+from router.lab.tuners.auto import describe as describe_auto
 from router.lab.tuning import Target, TuningError
 from worker.cli.common import user_errors
 
@@ -130,7 +130,7 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
             raise click.UsageError("--chain, --min-tiers, --max-tiers and --no-prune apply to the threshold policy")
         if name == "random":
             opts["seed"] = seed
-        if name == "auto":  # the family and its knobs chosen by nested cross-validation (router.lab.auto)
+        if name == "auto":  # the family and its knobs chosen by nested cross-validation (router.lab.tuners.auto)
             opts["seed"] = seed
             if L.signal is not None:
                 opts["signal"] = L.signal

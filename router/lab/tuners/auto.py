@@ -58,10 +58,9 @@ import numpy as np
 from router.core.errors import UserError
 from router.core.policies import make_policy
 from router.core.policy import TierInfo
-
-from .labelled import Table
-from .simulate import simulate
-from .tuning import Fitted, NotApplicable, Target, TargetUnreachable, Tuner, TuningError
+from router.lab.labelled import Table
+from router.lab.simulate import simulate
+from router.lab.tuning import Fitted, NotApplicable, Target, TargetUnreachable, Tuner, TuningError
 
 ACC_MARGINS = (-0.01, -0.005, 0.0, 0.005, 0.01, 0.02)
 BUDGET_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -210,7 +209,7 @@ class AutoTuner(Tuner):
         return o
 
     def _make(self, c: Candidate, table: Table) -> Tuner:
-        from .tuners import make_tuner  # the registry imports this module's siblings
+        from . import make_tuner  # the registry (this package) builds every candidate's tuner
 
         return make_tuner(c.policy, table, self.infos, **self._options(c))
 
@@ -397,7 +396,7 @@ class AutoTuner(Tuner):
             return self._select_risk(target)
         t0 = time.perf_counter()
         if self.too_few:  # no cross-validation: a single model (for parity, the reference)
-            from .tuners.single import SingleTuner
+            from .single import SingleTuner
 
             single = next(c for c in CANDIDATES if c.name == "single")
             fitted = SingleTuner(self.table, self.infos).select(target)
@@ -542,7 +541,7 @@ class AutoTuner(Tuner):
 
     def _select_risk(self, target: Target) -> Fitted:
         """Every family with a risk-controlled tuner certified at delta / F; the cheapest certified wins."""
-        from .tuners import RISK_TUNERS, make_tuner
+        from . import RISK_TUNERS, make_tuner
 
         t0 = time.perf_counter()
         fams = [c for c in self.cands if c.policy in RISK_TUNERS and c.name in ("threshold", "automix",
