@@ -231,3 +231,17 @@ def test_auto_with_a_risk_bound_keeps_its_guarantee(fast, small):
     a = f.search["auto"]
     assert a["target"]["delta_per_family"] == pytest.approx(0.1 / len([c for c in a["candidates"]]))
     assert "union bound" in f.note and f.policy in POLICIES
+
+
+def test_auto_reaches_parity_with_a_named_reference(fast, small, tmp_path):
+    from worker.cli.tune_cmd import tune
+
+    out = tmp_path / "m.json"
+    r = CliRunner().invoke(tune, ["--data", str(small), "--policy", "auto", "--match-best", "--reference", "m",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    tuned = read_policy_file(out)
+    info = tuned.fitted["search"]["auto"]
+    # against m (0.8 accurate, cost 3), not l (0.9, cost 12): the reference's cost is m's
+    assert info["cv"]["reference_cost"] == pytest.approx(3.0)
+    assert tuned.fitted["target"]["resolved_accuracy"] < 0.88

@@ -73,7 +73,8 @@ def rows_needed_line(rc: dict) -> str:
 @click.option("--risk-procedure", type=click.Choice(list(PROCEDURES)), default="fixed-sequence", show_default=True,
               help="with --risk-bound: the family-wise testing procedure")
 @click.option("--reference", default=None,
-              help="with --risk-bound: the reference tier (default: the most accurate on the learn part)")
+              help="with --risk-bound: the reference tier (default: the most accurate on the learn part); with "
+                   "--policy auto: the model to reach parity with (default: the best on the rows fitted on)")
 @click.option("--learn-fraction", type=float, default=1 / 3, show_default=True,
               help="with --risk-bound: share of the rows that learns the order of the tested configurations")
 def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, models, signal, tier_names, chain,
@@ -88,8 +89,9 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
         given = [False, False, True]
     if sum(given) != 1:
         raise click.UsageError("give exactly one of --budget, --target-accuracy, --match-best (or --risk-bound)")
-    if risk_bound is None and (reference or risk_procedure != "fixed-sequence"):
-        raise click.UsageError("--reference and --risk-procedure apply with --risk-bound")
+    if risk_bound is None and (risk_procedure != "fixed-sequence" or (reference and policy != "auto")):
+        raise click.UsageError("--reference and --risk-procedure apply with --risk-bound (--reference also with "
+                               "--policy auto: parity with that model)")
     target = (Target.budget(budget) if budget is not None else
               Target.accuracy(target_accuracy) if target_accuracy is not None else Target.match_best())
     if target_accuracy is not None and not 0.0 <= target_accuracy <= 1.0:
@@ -132,6 +134,8 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
             opts["seed"] = seed
         if name == "auto":  # the family and its knobs chosen by nested cross-validation (router.lab.tuners.auto)
             opts["seed"] = seed
+            if reference and risk_bound is None:
+                opts["reference"] = names.get(reference, reference)
             if L.signal is not None:
                 opts["signal"] = L.signal
         if risk_bound is not None:

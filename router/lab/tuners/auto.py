@@ -154,6 +154,7 @@ class AutoTuner(Tuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, signal: str | None = None,
                  candidates: Sequence[str] | None = None, folds: int = 4, tolerance: float = 0.005,
                  margin: float | str = 0.0, max_rows: int = 3000, seed: int = 0, risk: Any = None,
+                 reference: str | None = None,
                  progress: Callable[[str], None] | None = None, **options: Any):
         super().__init__(table, infos, **options)
         t0 = time.perf_counter()
@@ -167,6 +168,10 @@ class AutoTuner(Tuner):
                 raise TuningError(f"auto: margin must be a number or 'outer', got {margin!r}") from None
         self.risk = risk
         self.progress = progress
+        names = [t.name for t in self.infos]
+        if reference is not None and reference not in names:
+            raise TuningError(f"auto: reference {reference!r} is not a tier here; tiers: {', '.join(names)}")
+        self.ref_tier = names.index(reference) if reference is not None else None
         known = {c.name: c for c in CANDIDATES}
         if candidates is None:
             self.cands = list(CANDIDATES)
@@ -202,6 +207,10 @@ class AutoTuner(Tuner):
         self.cv_seconds = time.perf_counter() - t0
 
     # -- fitting ------------------------------------------------------------------------
+    def _ref(self, acc: np.ndarray, cost: np.ndarray) -> int:
+        """The reference: the tier the user named, else the best single model on the rows given."""
+        return self.ref_tier if self.ref_tier is not None else _ref_index(acc, cost)
+
     def _options(self, c: Candidate) -> dict[str, Any]:
         o = dict(c.options)
         if c.signal and self.signal is not None:
@@ -248,7 +257,7 @@ class AutoTuner(Tuner):
         target = Target.match_best() if target.kind == "budget" else target
         acc = self.cv.correct[:, table_idx].mean(axis=1)
         cost = self.cv.cost[:, table_idx].mean(axis=1)
-        r = _ref_index(acc, cost)
+        r = self._ref(acc, cost)
         base = acc[r] if target.kind == "match_best" else float(target.value)
         pts = [Target.accuracy(min(base + m, 1.0)) for m in ACC_MARGINS]
         pts += [Target.budget(x * cost[r]) for x in BUDGET_RATIOS]
@@ -280,7 +289,7 @@ class AutoTuner(Tuner):
     def _ref_outcomes(self, out: tuple[int, ...], fold: int) -> tuple[np.ndarray, np.ndarray]:
         """The reference of the rows without `out` (best single there), on `fold`."""
         idx = np.flatnonzero(~np.isin(self.fold, out))
-        r = _ref_index(self.cv.correct[:, idx].mean(axis=1), self.cv.cost[:, idx].mean(axis=1))
+        r = self._ref(self.cv.correct[:, idx].mean(axis=1), self.cv.cost[:, idx].mean(axis=1))
         return self._outcomes("single", {"tier": self.infos[r].name}, fold)
 
     def _score(self, c: Candidate, target: Target, point: int,
@@ -449,7 +458,7 @@ class AutoTuner(Tuner):
     def _targets_full(self, target: Target) -> list[Target]:
         target = Target.match_best() if target.kind == "budget" else target
         acc, cost = self.table.accuracy(), self.table.mean_cost()
-        r = _ref_index(acc, cost)
+        r = self._ref(acc, cost)
         base = acc[r] if target.kind == "match_best" else float(target.value)
         return ([Target.accuracy(min(base + m, 1.0)) for m in ACC_MARGINS]
                 + [Target.budget(x * cost[r]) for x in BUDGET_RATIOS])
@@ -468,7 +477,7 @@ class AutoTuner(Tuner):
     def _reference(self, target: Target, why: str, summary: list | None = None, estimate: dict | None = None,
                    seconds: float = 0.0) -> Fitted:
         acc, cost = self.table.accuracy(), self.table.mean_cost()
-        r = _ref_index(acc, cost)
+        r = self._ref(acc, cost)
         if target.kind == "accuracy" and acc[r] < target.value - 1e-12:
             raise TargetUnreachable(f"auto: {why}")
         if target.kind == "budget" and cost[r] > target.value * (1 + 1e-9):
@@ -505,7 +514,7 @@ class AutoTuner(Tuner):
         note = (f"auto: {c.name} chosen by {self.K}-fold nested cross-validation on the train rows"
                 + (f" ({fitted.note})" if fitted.note else ""))
         acc = self.table.accuracy()
-        resolved = (float(acc[_ref_index(acc, self.table.mean_cost())]) if target.kind == "match_best" else
+        resolved = (float(acc[self._ref(acc, self.table.mean_cost())]) if target.kind == "match_best" else
                     target.value if target.kind == "accuracy" else None)
         return dataclasses.replace(fitted, target=target, target_accuracy=resolved, note=note,
                                    search={"auto": info, **({"family": fitted.search} if fitted.search else {})})
