@@ -99,7 +99,7 @@ def plot_online(res: dict[str, Any], path: Path) -> Path:
     ax1.plot(x, [p["hindsight_accuracy"] for p in pts], ":", color="grey",
              label=f"{res['hindsight']['name']} (best over the whole file, hindsight)")
     ax1.set_ylabel("cumulative accuracy")
-    ax1.legend(fontsize=8, loc="lower right")
+    ax1.legend(fontsize=8, loc="best")
     ax1.grid(True, alpha=0.3)
     ax2.plot(x, [p["cost_ratio"] for p in pts], "-o", ms=3, color="tab:red")
     ax2.axhline(1.0, color="black", lw=0.8, ls="--")
