@@ -41,6 +41,7 @@ from . import metrics
 from .labelled import Labelled, Table, build_table, prepare
 from .simulate import Outcome, TierModel, simulate
 from .tuners import RISK_TUNERS, TUNERS, RiskSpec, confirm, make_tuner
+from .tuners.auto import describe as describe_auto
 from .tuning import NotApplicable, Target, TargetUnreachable, TuningError
 
 
@@ -64,6 +65,8 @@ VARIANTS: dict[str, Variant] = {
                 "baseline: the best two-tier threshold cascade", baseline=True),
         Variant("random", "random", {}, "baseline: random routing between single models", baseline=True),
         Variant("single", "single", {}, "one model for every query, chosen on train"),
+        Variant("auto", "auto", {}, "the policy family and its knobs chosen by nested cross-validation on the "
+                                    "train rows alone (router/lab/tuners/auto.py)"),
         Variant("routellm-mf", "routellm", {"scorer": "mf"}, "RouteLLM matrix factorisation, N models"),
         Variant("routellm-sw", "routellm", {"scorer": "sw"}, "RouteLLM similarity-weighted ranking, N models"),
         Variant("routellm-classifier", "routellm", {"scorer": "linear"},
@@ -106,6 +109,7 @@ def variants_for(policy: str, risk: RiskSpec | None = None) -> list[Variant]:
         names = ["threshold", "threshold-3plus", "single"] + [p for p in POLICIES if p not in skip]
         names[names.index("routellm"):names.index("routellm") + 1] = ROUTELLM
         names[names.index("automix") + 1:names.index("automix") + 1] = LIVE
+        names.append("auto")
     elif policy == "live":
         names = ["threshold", "single"] + LIVE
     elif policy == "threshold":
@@ -155,7 +159,7 @@ def _key(policy: str, params: dict[str, Any]) -> str:
 
 
 def _run_fold(L: Labelled, train: list[Record], test: list[Record], variants: Sequence[Variant],
-              points: int, seed: int) -> _Fold:
+              points: int, seed: int, tolerance: float = 0.005) -> _Fold:
     tiers = L.tiers(train)
     infos = tier_infos(tiers)
     train_table = build_table(train, tiers)
@@ -184,8 +188,11 @@ def _run_fold(L: Labelled, train: list[Record], test: list[Record], variants: Se
             opts = dict(v.options)
             if v.policy == "random":
                 opts["seed"] = seed
-            if v.policy in ("threshold", "rational") and L.signal is not None:
+            if v.policy in ("threshold", "rational", "auto") and L.signal is not None:
                 opts.setdefault("signal", L.signal)
+            if v.policy == "auto":
+                opts.setdefault("seed", seed)
+                opts.setdefault("tolerance", tolerance)
             table = train_table
             if opts.get("signal") in CALLS_FOR:
                 # the search sees the extra calls' cost (on every tier: a little high for the last of a
@@ -258,6 +265,7 @@ def _evaluate(
     models: Sequence[str] | None = None,
     signal: str | None = None,
     risk: RiskSpec | None = None,
+    tolerance: float = 0.005,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     L = prepare(data, models=models, signal=signal)
@@ -279,7 +287,7 @@ def _evaluate(
     for i, (tr, te) in enumerate(splits):
         if progress:
             progress(f"fold {i + 1}/{len(splits)}" if len(splits) > 1 else "train/test")
-        fold_runs.append(_run_fold(L, tr, te, variants, points, seed))
+        fold_runs.append(_run_fold(L, tr, te, variants, points, seed, tolerance))
     crossfit = len(fold_runs) > 1
     tiers0 = fold_runs[0].tiers
 
@@ -296,6 +304,14 @@ def _evaluate(
     c_lo = min(s["_cost"] for s in singles)
     c_hi = max(s["_cost"] for s in singles)
     best_train = [f.best_train for f in fold_runs]
+    # the deployable reference: the model the train rows pick (per fold under cross-fitting), scored on test
+    dep_outs = []
+    for f in fold_runs:
+        dep_outs += f.singles[[t.name for t in f.tiers].index(f.best_train[0])]
+    dep_s = _summary(dep_outs, tiers0)
+    names_dep = list(dict.fromkeys(n for n, _ in best_train))
+    deployable = {"name": names_dep[0] if len(names_dep) == 1 else names_dep,
+                  "accuracy": dep_s["_acc"], "cost": dep_s["_cost"]}
 
     strong_names = {f.strong for f in fold_runs}
     rl: dict[str, Any] | None = None
@@ -356,10 +372,15 @@ def _evaluate(
             }
             if best["cost"] <= 0:
                 par["cost_ratio_note"] = "undefined: the best single model costs 0"
+            par["vs_deployable"] = _against(s, deployable, tolerance)
+            par["vs_hindsight"] = _against(s, best, tolerance)
             if crossfit:
                 par["params_per_fold"] = [f.params for f in fits]
             else:
                 par["params"] = fits[0].params
+            if v.policy == "auto":
+                par["policy_chosen"] = [f.policy for f in fits] if crossfit else fits[0].policy
+                entry["auto"] = [f.search.get("auto") for f in fits]
             if all("matched_random" in p for p in per):
                 ro = [o for p in per for o in p["matched_random"][1]]
                 rs = _summary(ro, tiers0)
@@ -418,6 +439,17 @@ def _evaluate(
         "points": points,
         "best_single": {"name": best["name"], "accuracy": round6(best["accuracy"]), "cost": round6(best["cost"])},
         "best_single_train": [{"name": n, "accuracy": round6(a)} for n, a in best_train],
+        "references": {
+            "tolerance": tolerance,
+            "deployable": {"name": deployable["name"], "accuracy": round6(deployable["accuracy"]),
+                           "cost": round6(deployable["cost"]),
+                           "how": "the best single model on the train rows" + (" of each fold" if crossfit else "")
+                                  + " (what a user would deploy without routing), scored on test"},
+            "hindsight": {"name": best["name"], "accuracy": round6(best["accuracy"]), "cost": round6(best["cost"]),
+                          "how": "the best single model on the test rows (known only after the fact)"},
+        },
+        "at_parity": {ref: _cheapest_at_parity(entries, key) for ref, key in
+                      (("deployable", "vs_deployable"), ("hindsight", "vs_hindsight"))},
         "oracle": {"accuracy": round6(orc["accuracy"]), "cost": round6(orc["cost"])},
         "singles": [_strip(s) for s in singles],
         "policies": entries,
@@ -426,6 +458,37 @@ def _evaluate(
         out["signal_note"] = L.signal_note
     if rl is not None:
         out["routellm"] = {k: (round6(v) if isinstance(v, float) else v) for k, v in rl.items()}
+    return out
+
+
+def _against(s: dict[str, Any], ref: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """A parity point against a reference model's test accuracy and cost."""
+    delta = s["_acc"] - ref["accuracy"]
+    return {"accuracy_delta": round6(delta),
+            "cost_ratio": round6(s["_cost"] / ref["cost"]) if ref["cost"] > 0 else None,
+            "at_parity": bool(delta >= -tolerance - 1e-12)}
+
+
+def _cheapest_at_parity(entries: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Which policies' parity points are within the tolerance of the reference on test; the
+    cheapest of them other than auto, and auto's own standing against it."""
+    ok = [e for e in entries if e.get("applicable") and (e.get("parity") or {}).get("reachable")
+          and e["parity"][key]["at_parity"] and e["parity"][key]["cost_ratio"] is not None]
+    others = [e for e in ok if e["policy"] != "auto"]
+    out: dict[str, Any] = {"policies": [e["name"] for e in ok]}
+    if others:
+        best = min(others, key=lambda e: (e["parity"][key]["cost_ratio"], -e["parity"][key]["accuracy_delta"]))
+        out["cheapest_other"] = {"policy": best["name"], "cost_ratio": best["parity"][key]["cost_ratio"],
+                                 "accuracy_delta": best["parity"][key]["accuracy_delta"]}
+    else:
+        out["cheapest_other"] = None
+    auto = next((e for e in entries if e["policy"] == "auto"), None)
+    if auto is not None and (auto.get("parity") or {}).get("reachable"):
+        a = auto["parity"][key]
+        out["auto"] = {"at_parity": a["at_parity"], "cost_ratio": a["cost_ratio"],
+                       "accuracy_delta": a["accuracy_delta"],
+                       "within_0.05_of_cheapest_other": (a["at_parity"] and a["cost_ratio"] is not None and (
+                           out["cheapest_other"] is None or a["cost_ratio"] <= out["cheapest_other"]["cost_ratio"] + 0.05))}
     return out
 
 
@@ -456,8 +519,37 @@ def _f(x: Any, spec: str, width: int) -> str:
     return format(x, spec).rjust(width)
 
 
+def auto_line(entry: dict[str, Any]) -> str:
+    """What auto chose on each fold's train rows, why, what nested CV estimated and what it took."""
+    out = []
+    folds = entry["auto"]
+    if len(folds) == 1 and folds[0]:
+        return describe_auto(folds[0])
+    for i, a in enumerate(folds):
+        if not a:
+            continue
+        est = a.get("estimate") or {}
+        head = f"auto{f' (fold {i + 1})' if len(folds) > 1 else ''}: {a['chosen']} at {a['operating_point']}"
+        line = head + f". Why: {a['why']}."
+        if est:
+            line += (f" Outer-fold estimate of the whole procedure: accuracy {est['accuracy_delta']:+.4f} vs the "
+                     f"reference, cost ratio {est['cost_ratio'] if est['cost_ratio'] is None else format(est['cost_ratio'], '.3f')}"
+                     f" (chosen per outer fold: {', '.join(str(x) for x in est['chosen_per_outer_fold'])}).")
+        sec = a.get("seconds") or {}
+        line += (f" Nested CV: {a['cross_validation']['folds']} folds over {a['cross_validation']['rows']} rows, "
+                 f"{sec.get('cross_validation', 0) + sec.get('select', 0):.0f} s.")
+        out.append(line)
+    return "\n".join(out)
+
+
 def _knobs(entry: dict[str, Any]) -> str:
     par = entry.get("parity") or {}
+    if entry["policy"] == "auto" and par.get("policy_chosen"):
+        chosen = par["policy_chosen"]
+        fams = chosen if isinstance(chosen, list) else [chosen]
+        inner = _knobs({"policy": fams[0], "parity": par})
+        return (f"{fams[0]}: {inner}" if len(set(fams)) == 1
+                else f"per fold {'/'.join(fams)}; fold 1 {fams[0]}: {inner}")
     p = par.get("params") or (par.get("params_per_fold") or [None])[0]
     if not p:
         return ""
@@ -510,10 +602,17 @@ def render(res: dict[str, Any]) -> str:
     bt = res["best_single_train"]
     tgt = (f"{bt[0]['accuracy']:.4f}, {bt[0]['name']} on train" if len(bt) == 1
            else "per fold: " + ", ".join(f"{x['accuracy']:.4f}" for x in bt))
+    refs = res.get("references")
+    if refs:
+        d, h = refs["deployable"], refs["hindsight"]
+        dn = d["name"] if isinstance(d["name"], str) else "per fold " + "/".join(d["name"])
+        L.append(f"references: deployable = best single on train ({dn}): test accuracy {d['accuracy']:.4f}, "
+                 f"cost {format(d['cost'], cfmt)}; hindsight = best single on test ({h['name']}): "
+                 f"{h['accuracy']:.4f}, {format(h['cost'], cfmt)}")
     L.append(f"parity: knobs fitted on train to the best single model's train accuracy ({tgt}); scored on test")
     rl = "routellm" in res
-    head = (f"{'policy':<18}{'accuracy':>9}{'Δacc':>9}{'cost/query':>{cw + 1}}{'cost ratio':>11}"
-            f"{'random@cost':>12}{'AIQ':>8}")
+    head = (f"{'policy':<18}{'accuracy':>9}{'cost/query':>{cw + 1}}{'Δ deploy':>9}{'ratio':>7}"
+            f"{'Δ hind':>9}{'ratio':>7}{'random@cost':>12}{'AIQ':>8}")
     if rl:
         head += f"{'APGR':>8}{'CPT50':>7}{'CPT80':>7}"
     L.append(head + "   parity knobs")
@@ -524,24 +623,44 @@ def render(res: dict[str, Any]) -> str:
             continue
         p = e["parity"]
         if not p["reachable"]:
-            row = f"{name:<18}{'parity not reachable on train':>41}{'':>12}{_f(e['aiq'], '.4f', 8)}"
+            row = f"{name:<18}{'parity not reachable on train':>52}{'':>12}{_f(e['aiq'], '.4f', 8)}"
             if rl:
                 row += f"{_f(e.get('apgr'), '.4f', 8)}{_f(e.get('cpt50'), '.3f', 7)}{_f(e.get('cpt80'), '.3f', 7)}"
             L.append(row + f"   ({p['reason']})")
             continue
         r = p.get("random_at_matched_cost")
-        row = (f"{name:<18}{_f(p['accuracy'], '.4f', 9)}{_f(p['accuracy_delta'], '+.4f', 9)} "
-               f"{_f(p['cost'], cfmt, cw)}{_f(p['cost_ratio'], '.3f', 11)}"
+        vd = p.get("vs_deployable") or {"accuracy_delta": None, "cost_ratio": None, "at_parity": False}
+        vh = p.get("vs_hindsight") or {"accuracy_delta": p["accuracy_delta"], "cost_ratio": p["cost_ratio"],
+                                       "at_parity": False}
+        row = (f"{name:<18}{_f(p['accuracy'], '.4f', 9)} {_f(p['cost'], cfmt, cw)}"
+               f"{_f(vd['accuracy_delta'], '+.4f', 8)}{'=' if vd['at_parity'] else ' '}{_f(vd['cost_ratio'], '.3f', 7)}"
+               f"{_f(vh['accuracy_delta'], '+.4f', 8)}{'=' if vh['at_parity'] else ' '}{_f(vh['cost_ratio'], '.3f', 7)}"
                f"{_f(r['accuracy'] if r else None, '.4f', 12)}{_f(e['aiq'], '.4f', 8)}")
         if rl:
             row += f"{_f(e.get('apgr'), '.4f', 8)}{_f(e.get('cpt50'), '.3f', 7)}{_f(e.get('cpt80'), '.3f', 7)}"
         L.append(row + "   " + _knobs(e))
     for e in res["policies"]:
+        if e.get("auto"):
+            L.append(auto_line(e))
+    for e in res["policies"]:
         rk = e.get("risk")
         if rk:
             L.append(f"{e['name']}: loss against {rk['reference']} on test {rk['test_loss']:.4f} "
                      f"({'within' if rk['within_bound'] else 'ABOVE'} the bound {rk['alpha']:g}); {rk['guarantee']}")
-    L.append("* baseline.  Δacc = test accuracy - best single's; cost ratio = test cost / best single's;")
+    ap = res.get("at_parity")
+    if ap:
+        tol = res["references"]["tolerance"]
+        for ref in ("deployable", "hindsight"):
+            c = ap[ref]["cheapest_other"]
+            line = (f"at parity with the {ref} reference (test accuracy within {tol * 100:g} point of it): "
+                    + (f"cheapest {c['policy']} (ratio {c['cost_ratio']:.3f})" if c else "no policy"))
+            a = ap[ref].get("auto")
+            if a:
+                line += (f"; auto {'at parity' if a['at_parity'] else 'NOT at parity'} "
+                         f"({a['accuracy_delta']:+.4f}, ratio {a['cost_ratio']:.3f})")
+            L.append(line)
+    L.append("* baseline.  Δ deploy / Δ hind = test accuracy minus the deployable / hindsight reference's, and")
+    L.append("  ratio = test cost over that reference's ('=' marks parity: within the tolerance of the reference);")
     L.append("  random@cost = test accuracy of random routing fitted to the same train cost;")
     L.append(f"  AIQ = mean accuracy of the test frontier ({res['points']} budgets fitted on train) over the "
              "cost range cheapest..dearest single model" + ("; APGR/CPT as RouteLLM (cost = share of strong calls)" if rl else ""))

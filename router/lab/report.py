@@ -76,6 +76,58 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_online(res: dict[str, Any], path: Path) -> Path:
+    """Prequential replay (`router.lab.online`): cumulative accuracy of the policy and of the
+    reference along the stream (top), and the policy's cumulative cost over the reference's
+    (bottom); dotted lines where the policy was re-tuned to another family."""
+    try:
+        import matplotlib  # deferred: the `report` extra, loaded only by --report
+    except ModuleNotFoundError:
+        raise ReportUnavailable("--report draws with matplotlib: install the extra, "
+                                "`pip install 'cascade-router[report]'`") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred with matplotlib above
+
+    pts = res["points"]
+    x = [p["rows"] for p in pts]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), dpi=110, sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 2]})
+    ax1.plot(x, [p["accuracy"] for p in pts], "-o", ms=3, label=f"{res['policy']} (re-tuned every "
+             f"{res['retune_every']} rows)")
+    ax1.plot(x, [p["reference_accuracy"] for p in pts], "--", color="black",
+             label="reference: best single model on the rows labelled so far")
+    ax1.plot(x, [p["hindsight_accuracy"] for p in pts], ":", color="grey",
+             label=f"{res['hindsight']['name']} (best over the whole file, hindsight)")
+    ax1.set_ylabel("cumulative accuracy")
+    ax1.legend(fontsize=8, loc="best")
+    ax1.grid(True, alpha=0.3)
+    ax2.plot(x, [p["cost_ratio"] for p in pts], "-o", ms=3, color="tab:red")
+    ax2.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax2.set_ylabel("cumulative cost / reference's")
+    ax2.set_xlabel("queries answered")
+    ax2.grid(True, alpha=0.3)
+    prev = None
+    for p, b in zip(pts, res["blocks"]):
+        if prev is not None and b["label"] != prev:
+            for ax in (ax1, ax2):
+                ax.axvline(b["rows"][0] - 1, color="grey", lw=0.6, ls=":")
+            ax1.annotate(b["label"], (b["rows"][0] - 1, ax1.get_ylim()[0]), rotation=90, fontsize=6,
+                         va="bottom", ha="right", color="dimgrey")
+        prev = b["label"]
+    ax1.set_title(f"{res['data']}: prequential replay (seed {res['seed']}, {res['start_labels']} labels at start)",
+                  fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_online(res: dict[str, Any], directory: str | Path) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    return plot_online(res, d / f"{stem(res['data'])}-online.png")
+
+
 def _fmt(x: Any, spec: str = ".4f") -> str:
     if x is None:
         return "–"

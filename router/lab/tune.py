@@ -22,6 +22,7 @@ from .labelled import build_table, prepare
 from .pseudo_labels import pseudo_reference
 from .simulate import simulate
 from .tuners import RiskSpec, confirm, make_tuner
+from .tuners.auto import describe as describe_auto
 from .tuning import Fitted, Target, TuningError
 
 # the policies whose tuner searches chains: only they take a chain, its length bounds and pruning
@@ -59,7 +60,7 @@ class Tuned:
 def tune(data: str | Path, policy: str, target: Target, out: str | Path, *, fit_split: str = "train",
          models: Sequence[str] | None = None, signal: str | None = None, tier_names: dict[str, str] | None = None,
          chain: Sequence[str] | None = None, min_tiers: int | None = None, max_tiers: int | None = None,
-         prune: bool = True, seed: int = 0, risk: RiskSpec | None = None) -> Tuned:
+         prune: bool = True, seed: int = 0, risk: RiskSpec | None = None, reference: str | None = None) -> Tuned:
     """Fit POLICY (a name or a variant) on the `fit_split` rows of DATA ("all": every
     row) to `target`, and write {"name", "params", "fitted"} to OUT."""
     names = dict(tier_names or {})
@@ -94,6 +95,12 @@ def tune(data: str | Path, policy: str, target: Target, out: str | Path, *, fit_
         raise TuningError("--chain, --min-tiers, --max-tiers and --no-prune apply to the threshold policy")
     if name == "random":
         opts["seed"] = seed
+    if name == "auto":  # the family and its knobs chosen by nested cross-validation (router.lab.tuners.auto)
+        opts["seed"] = seed
+        if reference and risk is None:
+            opts["reference"] = names.get(reference, reference)
+        if L.signal is not None:
+            opts["signal"] = L.signal
     if risk is not None:
         opts["risk"] = risk
     tiers = L.tiers(rows, names)
@@ -141,6 +148,8 @@ def render(t: Tuned) -> str:
     lines = [f"{fitted.policy}: {json.dumps(fitted.params)}",
              f"train ({fitted.train_rows} rows): accuracy {fitted.train_accuracy:.4f}, cost {fitted.train_cost:.6g} "
              f"{unit} per query; best single on train: {best} {best_acc:.4f} at {best_cost:.6g}"]
+    if fitted.search and "auto" in fitted.search:
+        lines.append(describe_auto(fitted.search["auto"]))
     top = pseudo_reference(t.labels)
     if t.labels:
         lines.append(f"labels: {t.labels}: every accuracy here is agreement with "

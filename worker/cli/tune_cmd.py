@@ -27,7 +27,9 @@ def _mapping(text: str | None) -> dict[str, str]:
 @click.command("tune")
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
               help="labelled traffic in the benchmarks format (.jsonl or .jsonl.gz)")
-@click.option("--policy", required=True, help="policy name (threshold, single, random, ...) or a threshold variant")
+@click.option("--policy", required=True,
+              help="policy name (threshold, single, random, ...), a threshold variant, or auto (the family and its "
+                   "knobs chosen by nested cross-validation on the rows fitted on)")
 @click.option("--budget", type=float, default=None,
               help="mean cost per query to stay within (USD; share of strong calls if the file has no costs)")
 @click.option("--target-accuracy", type=float, default=None, help="train accuracy to reach at the lowest cost")
@@ -52,7 +54,8 @@ def _mapping(text: str | None) -> dict[str, str]:
 @click.option("--risk-procedure", type=click.Choice(list(PROCEDURES)), default="fixed-sequence", show_default=True,
               help="with --risk-bound: the family-wise testing procedure")
 @click.option("--reference", default=None,
-              help="with --risk-bound: the reference tier (default: the most accurate on the learn part)")
+              help="with --risk-bound: the reference tier (default: the most accurate on the learn part); with "
+                   "--policy auto: the model to reach parity with (default: the best on the rows fitted on)")
 @click.option("--learn-fraction", type=float, default=1 / 3, show_default=True,
               help="with --risk-bound: share of the rows that learns the order of the tested configurations")
 def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, models, signal, tier_names, chain,
@@ -67,8 +70,9 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
         given = [False, False, True]
     if sum(given) != 1:
         raise click.UsageError("give exactly one of --budget, --target-accuracy, --match-best (or --risk-bound)")
-    if risk_bound is None and (reference or risk_procedure != "fixed-sequence"):
-        raise click.UsageError("--reference and --risk-procedure apply with --risk-bound")
+    if risk_bound is None and (risk_procedure != "fixed-sequence" or (reference and policy != "auto")):
+        raise click.UsageError("--reference and --risk-procedure apply with --risk-bound (--reference also with "
+                               "--policy auto: parity with that model)")
     target = (Target.budget(budget) if budget is not None else
               Target.accuracy(target_accuracy) if target_accuracy is not None else Target.match_best())
     if target_accuracy is not None and not 0.0 <= target_accuracy <= 1.0:
@@ -85,6 +89,7 @@ def tune(data, policy, budget, target_accuracy, match_best, out, fit_split, mode
                            models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
                            signal=signal, tier_names=names,
                            chain=[c.strip() for c in chain.split(",") if c.strip()] if chain else None,
-                           min_tiers=min_tiers, max_tiers=max_tiers, prune=not no_prune, seed=seed, risk=risk)
+                           min_tiers=min_tiers, max_tiers=max_tiers, prune=not no_prune, seed=seed, risk=risk,
+                           reference=reference)
     click.echo(render(tuned))
     click.echo(f"wrote {out}")

@@ -61,10 +61,17 @@ RISK_TUNERS: dict[str, Callable[..., Tuner]] = {
 
 
 def make_tuner(policy: str, table: Table, infos: Sequence[TierInfo], **options: Any) -> Tuner:
+    if policy == "auto":  # not a policy of its own: chooses a registered one (.auto)
+        from .auto import AutoTuner  # chooses among the tuners below, so imported when asked for
+
+        spec = options.pop("risk", None)
+        if spec is not None and not isinstance(spec, RiskSpec):
+            raise TuningError(f"the risk option takes a RiskSpec, got {type(spec).__name__}")
+        return AutoTuner(table, infos, risk=spec, **options)
     if policy not in POLICIES:
         near = difflib.get_close_matches(policy, list(POLICIES), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise TuningError(f"unknown policy {policy!r}{hint}; known: {', '.join(POLICIES)}")
+        raise TuningError(f"unknown policy {policy!r}{hint}; known: auto, {', '.join(POLICIES)}")
     spec = options.pop("risk", None)
     if spec is not None:
         if not isinstance(spec, RiskSpec):

@@ -4,7 +4,9 @@ Nothing is fitted but discrete choices, so what holds on train tends to hold on
 new traffic. The answer kind is read off the train answers (`infer_kind`). Every
 chain of 3 or 4 tiers in train cost order is searched (a 2-tier chain would pay
 for the first tier and always take the second's answer), with min_agree 1, and
-also 2 on 4-tier chains. The replay is vectorised over canonical answers and
+also 2 on 4-tier chains; and every set of four voters cheaper than the most
+accurate train model (in cost order) that must all agree (min_agree 3), else that
+model settles. The replay is vectorised over canonical answers and
 reproduces `router.lab.simulate` exactly.
 """
 from __future__ import annotations
@@ -86,11 +88,18 @@ class AgreementTuner(Tuner):
             pool = cost_order(table)[:MAX_AGREEMENT_MODELS] if len(infos) > MAX_AGREEMENT_MODELS else cost_order(table)
             if len(pool) < 3:
                 raise NotApplicable(f"an agreement cascade needs 3 tiers, the data have {len(pool)}")
+            acc_tr, cost_tr = table.accuracy(), table.mean_cost()
+            top = max(range(len(infos)), key=lambda i: (acc_tr[i], -cost_tr[i]))
+            voters = [i for i in pool if cost_tr[i] < cost_tr[top]]
             chains = [c for size in (3, 4) for c in itertools.combinations(pool, size)]
+            # four cheaper voters that must all agree, else the most accurate model settles: on data
+            # where cheap models are often right together (routerbench-arc) this is what saves
+            if len(voters) >= 4:
+                chains += [c + (top,) for c in itertools.combinations(voters, 4)]
         self.configs: list[dict[str, Any]] = []
         acc, cost = [], []
         for c in chains:
-            for m in range(1, len(c) - 1):
+            for m in (range(1, len(c) - 1) if len(c) <= 4 else (len(c) - 2,)):
                 a, t = agreement_replay(c, m, same, table.correct, table.cost)
                 self.configs.append({"chain": [infos[i].name for i in c], "min_agree": m, "answer_kind": kind})
                 acc.append(a)
