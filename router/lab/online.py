@@ -73,7 +73,7 @@ def prequential(data: str | Path, policy: str = "auto", *, start: int = 0, every
 def _prequential(data: str | Path, policy: str, *, start: int, every: int, min_rows: int, seed: int,
                  models: Sequence[str] | None, signal: str | None, tolerance: float, options: dict[str, Any],
                  progress: Callable[[str], None] | None) -> dict[str, Any]:
-    from .evaluate import VARIANTS  # the variant names (threshold-2tier, routellm-classifier, ...)
+    from .evaluate import VARIANTS  # deferred: evaluate imports this module (--online), a cycle at the top
 
     if every < 1:
         raise DataError("--retune-every must be at least 1")

@@ -62,7 +62,7 @@ RISK_TUNERS: dict[str, Callable[..., Tuner]] = {
 
 def make_tuner(policy: str, table: Table, infos: Sequence[TierInfo], **options: Any) -> Tuner:
     if policy == "auto":  # not a policy of its own: chooses a registered one (.auto)
-        from .auto import AutoTuner  # chooses among the tuners below, so imported when asked for
+        from .auto import AutoTuner  # deferred: auto chooses among this registry's tuners, a cycle at the top
 
         spec = options.pop("risk", None)
         if spec is not None and not isinstance(spec, RiskSpec):

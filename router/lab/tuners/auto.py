@@ -218,7 +218,7 @@ class AutoTuner(Tuner):
         return o
 
     def _make(self, c: Candidate, table: Table) -> Tuner:
-        from . import make_tuner  # the registry (this package) builds every candidate's tuner
+        from . import make_tuner  # deferred: the registry (this package) imports auto, a cycle at the top
 
         return make_tuner(c.policy, table, self.infos, **self._options(c))
 
@@ -405,7 +405,7 @@ class AutoTuner(Tuner):
             return self._select_risk(target)
         t0 = time.perf_counter()
         if self.too_few:  # no cross-validation: a single model (for parity, the reference)
-            from .single import SingleTuner
+            from .single import SingleTuner  # deferred: with the registry's, after this package is loaded
 
             single = next(c for c in CANDIDATES if c.name == "single")
             fitted = SingleTuner(self.table, self.infos).select(target)
@@ -550,7 +550,7 @@ class AutoTuner(Tuner):
 
     def _select_risk(self, target: Target) -> Fitted:
         """Every family with a risk-controlled tuner certified at delta / F; the cheapest certified wins."""
-        from . import RISK_TUNERS, make_tuner
+        from . import RISK_TUNERS, make_tuner  # deferred: the registry imports auto, a cycle at the top
 
         t0 = time.perf_counter()
         fams = [c for c in self.cands if c.policy in RISK_TUNERS and c.name in ("threshold", "automix",
