@@ -152,3 +152,13 @@ def test_a_callers_key_and_limits_come_in_one_statement_and_a_tenant_without_a_b
     with pytest.raises(BudgetExhausted):
         job_store.insert_jobs(None, [{**rows(1, 0.5, "capped")[0], "id": "capped-3"}],
                               admit=Admission("capped", strict=True))
+    # not knowing: one statement inserts the job of a tenant without a budget (or without a row), and writes
+    # nothing for one with a budget, saying so
+    seen.clear()
+    assert job_store.insert_unless_budgeted({**rows(1, 0.5, "free")[0], "id": "u1"}) is True
+    assert job_store.insert_unless_budgeted({**rows(1, 0.5, "free")[0], "id": "u1"}) is False  # its id exists
+    assert job_store.insert_unless_budgeted({**rows(1, 0.5, "nobody")[0], "id": "u2"}) is True
+    assert job_store.insert_unless_budgeted({**rows(1, 0.01, "capped")[0], "id": "u3"}) is None
+    assert len(seen) == 4 and not any("pg_advisory" in s for s in seen)
+    assert job_store.job("u3") is None and job_store.job("u1")["reserved_usd"] == 0.5
+    assert job_store.job("u1")["input"] == {"prompt": "x"} and job_store.job("u1")["status"] == QUEUED

@@ -135,20 +135,25 @@ class Submitter:
         return row, p
 
     def submit(self, request: Mapping[str, Any], *, before_insert: Callable[[str], Any] | None = None,
-               budgeted: bool = True, **kw) -> Submission:
+               budgeted: bool | None = None, **kw) -> Submission:
         """One job, written and sent. before_insert(job id): called before the row is
-        written (a waiter subscribing to its completion). budgeted=False: the caller has
-        just read that the tenant has no budget (worker.service.tenants), so the insert
-        skips the admission lock and its reads (one statement instead of four); a budget
-        set at that very moment applies from the next job on, as it would have had this
-        one come a moment earlier."""
+        written (a waiter subscribing to its completion). budgeted: whether the caller
+        has just read that the tenant has a budget (worker.service.tenants); None: not
+        known. A job of a tenant without a budget goes in as one statement; one with a
+        budget reserves its most under the tenant's admission lock (four), or raises
+        BudgetExhausted with nothing written. A budget set at that very moment applies
+        from the next job on, as it would have had this one come a moment earlier."""
         row, p = self.prepare(request, **kw)
         jobs = self.runtime.jobs
         if before_insert is not None:
             before_insert(row["id"])
-        # its most reserved against the tenant's budget, or BudgetExhausted and nothing written
-        admit = Admission(row["tenant"], strict=True) if budgeted else None
-        if jobs.insert_jobs(None, [row], admit=admit):
+        if budgeted is False:
+            new = bool(jobs.insert_jobs(None, [row]))
+        else:
+            new = None if budgeted else jobs.insert_unless_budgeted(row)
+            if new is None:
+                new = bool(jobs.insert_jobs(None, [row], admit=Admission(row["tenant"], strict=True)))
+        if new:
             tier = row["current_tier"]
             self.dispatcher.send([(row["id"], tier, queue_for(p.tier(tier).queue_name, row["input"]["priority"]))])
             return Submission(row["id"], True, row["status"])

@@ -64,8 +64,8 @@ class Client:
             portfolio = load_portfolio(portfolio)
         self.catalog = Catalog.from_settings(self.settings, portfolio)
         self.tenant = tenant
-        # False only on a view whose caller has just read that the tenant has no budget (the HTTP service)
-        self.budgeted = True
+        # whether the tenant has a budget, on a view whose caller has just read it (the HTTP service); None: unknown
+        self.budgeted: bool | None = None
         prepare_database(self.settings)
         self.runtime = Runtime(self.settings)
         self.app = base_app(self.settings)  # sends stages by task name; runs none
@@ -88,7 +88,7 @@ class Client:
         workers (the HTTP service keeps one client and one view per caller)."""
         view = copy.copy(self)
         view.tenant = tenant
-        view.budgeted = True
+        view.budgeted = None
         view._owner = False
         return view
 

@@ -8,7 +8,7 @@ import json
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import case, func, select, text, update
+from sqlalchemy import case, exists, func, literal, select, text, update
 from sqlalchemy.engine import Connection, Row
 
 from worker.config.credentials import redact_spec
@@ -153,6 +153,25 @@ class JobStore(Database):
                     total=batches.c.total + len(new), done=batches.c.done + failed,
                     failed=batches.c.failed + failed, updated_at=full[0]["updated_at"]))
         return new
+
+    def insert_unless_budgeted(self, row: dict[str, Any]) -> bool | None:
+        """One job of no batch, in one statement when its tenant has no budget: whether
+        it was new (False: its id existed), or None, nothing written, when the tenant
+        has a budget (insert it with `insert_jobs(.., admit=..)`, under the admission
+        lock). A budget set at that very moment applies from the next job on, as if this
+        one had come a moment earlier. PostgreSQL only (None elsewhere)."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        full = self._full(None, [row])[0]
+        budgeted = select(tenants.c.id).where(tenants.c.id == full["tenant"], tenants.c.budget_usd.is_not(None))
+        values = select(*[literal(full[k], type_=jobs.c[k].type).label(k) for k in _JOB_COLUMNS]).where(
+            ~exists(budgeted))
+        ins = (dialect_insert(self.engine, jobs).from_select(_JOB_COLUMNS, values).on_conflict_do_nothing()
+               .returning(jobs.c.id).cte("ins"))
+        q = select(exists(budgeted).label("budgeted"), select(func.count()).select_from(ins).scalar_subquery())
+        with self.read() as c:
+            has_budget, new = c.execute(q).one()
+        return None if has_budget else new == 1
 
     @staticmethod
     def _full(batch_id: str | None, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
