@@ -148,6 +148,7 @@ def test_run_subscribes_before_the_insert_and_reads_the_job_once_it_is_final(ben
     job = client.run(rec.prompt, timeout=60)
     assert job["status"] == "succeeded" and job["answer"]
     reads = [s for s in seen if s.lstrip().upper().startswith("SELECT") and "WHERE jobs.id = " in s]
+    assert not [s for s in seen if "FROM attempts" in s and "JOIN" not in s], seen  # the attempts came with it
     # no read before the job's notice (it was subscribed to before its row was written), one after it
     # (the job, then its attempts), unless the listener reconnected meanwhile and woke everyone
     assert len(reads) == 1, seen

@@ -108,10 +108,10 @@ class Client:
         return self.submitter.submit(request, tenant=self.tenant, before_insert=before_insert, **kw)
 
     def get(self, job_id: str) -> dict[str, Any]:
-        job = self.jobs.job(job_id)
+        job, tries = self.jobs.job_with_attempts(job_id)
         if job is None or job["tenant"] != self.tenant:
             raise JobNotFound(f"no job {job_id!r}")
-        return job_view(job, self.jobs.attempts_of([job_id])[job_id])
+        return job_view(job, tries)
 
     def _final(self, job_id: str) -> bool:
         job = self.jobs.job(job_id)

@@ -232,6 +232,20 @@ class JobStore(Database):
             r = c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one_or_none()
             return dict(r) if r else None
 
+    def job_with_attempts(self, job_id: str) -> tuple[dict | None, list[dict]]:
+        """A job and its attempts in step order, in one statement (an interactive caller
+        reads a finished job this way: one round trip, not two)."""
+        acols = [c.label(f"a__{c.name}") for c in attempts.columns]
+        q = (select(jobs, *acols).select_from(jobs.outerjoin(attempts, attempts.c.job_id == jobs.c.id))
+             .where(jobs.c.id == job_id).order_by(attempts.c.step))
+        with self.read() as c:
+            found = c.execute(q).mappings().all()
+        if not found:
+            return None, []
+        job = {k: v for k, v in found[0].items() if not k.startswith("a__")}
+        tries = [{k[3:]: v for k, v in r.items() if k.startswith("a__")} for r in found if r["a__job_id"] is not None]
+        return job, tries
+
     def batch_jobs(self, batch_id: str) -> list[dict]:
         with self.read() as c:
             q = select(jobs).where(jobs.c.batch_id == batch_id).order_by(jobs.c.seq)
