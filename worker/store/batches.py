@@ -155,7 +155,7 @@ class BatchStore(Database):
         without a signal the policy reads there (`without`: the stage wrote
         meta.missing_signals, worker.queue.stage), of one batch or of every job."""
         if self.engine.dialect.name == "postgresql":
-            lacking = attempts.c.meta.has_key("missing_signals")
+            lacking = func.jsonb_exists(attempts.c.meta, "missing_signals")
         else:
             lacking = func.json_type(attempts.c.meta, "$.missing_signals").is_not(None)
         q = (select(attempts.c.tier, attempts.c.tier_index, func.count().label("decisions"),
