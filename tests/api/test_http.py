@@ -348,7 +348,7 @@ def test_a_duplicate_id_in_a_4_line_upload_is_an_error_line_counted_in_the_total
         assert r.status_code == 202, r.text
         b = wait_batch(h, r.json()["id"])
         results, errors = outputs(h, b["id"])
-    assert b["cascade"]["counts"]["total"] == b["cascade"]["counts"]["done"] == 4, b
+    assert b["cascade"]["counts"]["total"] == b["cascade"]["counts"]["done"] == 4, json.dumps(b)
     assert sorted(x["custom_id"] for x in results) == ["q1", "q2", "q3"]
     assert [(x["custom_id"], x["error"]["message"]) for x in errors] == [
         ("line-2", "line 2: id 'q1' already used on line 1")]
@@ -364,7 +364,7 @@ def test_an_id_equal_to_another_lines_automatic_key_loses_no_line(bench, deploym
         assert r.status_code == 202, r.text
         b = wait_batch(h, r.json()["id"])
         results, errors = outputs(h, b["id"])
-    assert b["cascade"]["counts"]["total"] == b["cascade"]["counts"]["done"] == 4, b
+    assert b["cascade"]["counts"]["total"] == b["cascade"]["counts"]["done"] == 4, json.dumps(b)
     assert errors == []
     # the explicit ids keep them; the lines without an id step aside
     assert [x["custom_id"] for x in results] == ["line-1~2", "line-1", "line-3~2", "line-3"]

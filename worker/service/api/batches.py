@@ -32,6 +32,7 @@ from worker.queue.items import Item, read_line, too_long
 from worker.service.api.common import ApiError, caller, not_found, submitter
 from worker.service.client import Client, JobNotFound
 from worker.service.openai_format import CHAT_URL, batch_line, batch_object, batch_output, is_openai_line
+from worker.service.views import batch_view
 from worker.store.files import FileStore
 from worker.store.schema import now
 
@@ -161,9 +162,9 @@ def _submit_lines(writer, parts: Iterable[bytes], model: str) -> None:
     cut, buf = LineCutter(model), []
     for part in parts:
         buf += cut.feed(part)
-        if len(buf) >= CHUNK:
-            writer.add(buf)
-            buf = []
+        while len(buf) >= CHUNK:  # CHUNK lines at a time, whatever the parts' sizes
+            writer.add(buf[:CHUNK])
+            buf = buf[CHUNK:]
     writer.add(buf + cut.end())
 
 
@@ -179,9 +180,9 @@ async def _from_stream(request: Request, c: Client, model: str, completion_windo
         cut, buf = LineCutter(model), []
         async for part in request.stream():
             buf += cut.feed(part)
-            if len(buf) >= CHUNK:
-                await run_in_threadpool(writer.add, buf)
-                buf = []
+            while len(buf) >= CHUNK:  # CHUNK lines at a time, whatever the network's framing
+                await run_in_threadpool(writer.add, buf[:CHUNK])
+                buf = buf[CHUNK:]
         await run_in_threadpool(writer.add, buf + cut.end())
     except BaseException:
         # an upload cut short (the client gone): its jobs are not left half-run, and a
@@ -226,11 +227,11 @@ class LineCutter:
 
 
 def _object(c: Client, batch_id: str) -> dict:
-    try:
-        v = c.batch(batch_id)
-    except JobNotFound:
-        raise not_found("batch", batch_id) from None
+    # one read of the row for the status and the counts alike (two could straddle the last job)
     b = c.batches.batch(batch_id)
+    if b is None or b["tenant"] != c.tenant:
+        raise not_found("batch", batch_id)
+    v = batch_view(b, c.batches.batch_tiers(batch_id), c.batches.signal_gaps(batch_id))
     return batch_object(b, v, {"expires_at": b["expires_at"].isoformat() if b["expires_at"] else None,
                                "webhook": b["webhook_state"]})
 
