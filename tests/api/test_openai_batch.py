@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +20,18 @@ import httpx
 import openai
 import pytest
 from helpers.api import Serve
-from helpers.env import REDIS, private_database, private_redis_prefix
+from helpers.env import REDIS, REPO, private_database, private_redis_prefix
 from helpers.portfolios import write_portfolio
 from helpers.workers import Workers
 from openai.types import Batch, FileDeleted, FileObject
+from sqlalchemy import func, select, update
 
 from router.core.records import load_dataset
 from worker.config.settings import Settings
 from worker.ops.migrate import upgrade
 from worker.service.tenants import Tenants
+from worker.store.engine import engine_for
+from worker.store.schema import file_chunks, files
 from worker.store.tenants import TenantStore
 
 pytestmark = pytest.mark.services
@@ -38,6 +45,7 @@ class Deployment:
     serve: Serve
     workers: Workers
     keys: dict
+    env: dict
 
     def sdk(self, tenant: str = "a") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.serve.url}/v1", api_key=self.keys[tenant], max_retries=0, timeout=300)
@@ -66,7 +74,7 @@ def deployment(bench, tmp_path_factory):
         tenants.close()
         serve = Serve(env, path, tmp / "serve.log")
         try:
-            yield Deployment(serve.wait_ready(), w, keys)
+            yield Deployment(serve.wait_ready(), w, keys, env)
         finally:
             serve.stop()
             w.stop_all()
@@ -278,3 +286,29 @@ def test_a_10000_line_file_through_the_sdk(bench, deployment):
     b, out, err, secs = run_flow(d, bench, 10_000)
     check_flow(b, out, err, 10_000)
     print(f"10,000 lines: created to completed in {secs:.1f} s")
+
+
+def test_a_large_file_is_stored_in_chunks_and_purged_once_expired(deployment):
+    d = deployment
+    client = d.sdk("c")
+    rnd = random.Random(7)
+    data = b"".join(json.dumps({"id": f"k{i}", "prompt": "%032x" % rnd.getrandbits(128) * 8}).encode() + b"\n"
+                    for i in range(9000))  # 2.5 MiB
+    assert 2 << 20 < len(data) < 3 << 20
+    f = client.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
+    assert f.bytes == len(data) and client.files.content(f.id).content == data
+    db = d.env["CASCADE_DATABASE_URL"]
+    with engine_for(db).begin() as c:
+        sizes = c.execute(select(func.length(file_chunks.c.data)).where(file_chunks.c.file_id == f.id)
+                          .order_by(file_chunks.c.seq)).scalars().all()
+        assert sizes == [1 << 20, 1 << 20, len(data) - (2 << 20)]  # never one row of the whole file
+        c.execute(update(files).where(files.c.id == f.id).values(expires_at=files.c.created_at))
+    kept = upload(client, ['{"id": "x", "prompt": "hi"}'])
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "purge", "--older-than", "30d"], cwd=REPO, timeout=120,
+                         env={**os.environ, **d.env}, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("and 1 expired files"), out.stdout + out.stderr
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+    with engine_for(db).connect() as c:
+        assert c.execute(select(func.count()).select_from(file_chunks).where(file_chunks.c.file_id == f.id)).scalar() == 0
+    assert client.files.retrieve(kept.id).id == kept.id  # not expired: kept
