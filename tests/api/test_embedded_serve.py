@@ -11,7 +11,6 @@ import httpx
 import openai
 from helpers.api import Serve
 from helpers.portfolios import write_portfolio
-
 from openai.types import Batch
 
 from router.core.records import load_dataset
