@@ -280,6 +280,25 @@ def test_cancel_keeps_the_answers_given_and_puts_the_rest_in_the_error_file(benc
     assert client.batches.retrieve(batch.id).request_counts.completed == accepted
 
 
+def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_in_the_error_file(bench, deployment):
+    d = deployment
+    client = d.sdk()
+    n = 20
+    d.workers.stop("t1")  # escalated lines wait at t1 until the window ends
+    try:
+        f = upload(client, [line(f"e{i}", p) for i, p in enumerate(prompts(bench, n))])
+        batch = client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="2s")
+        b = poll(d, client, batch.id, timeout=60)
+    finally:
+        d.workers.start("t1")
+    assert b.status == "expired" and b.expired_at >= b.created_at and b.completed_at is None, b
+    left = b.request_counts.failed
+    assert left > 0 and b.request_counts.completed + left == n
+    err = jsonl(client.files.content(b.error_file_id).text)
+    assert len(err) == left and {x["error"]["code"] for x in err} == {"batch_expired"}
+    assert all(x["error"]["message"].startswith("expired") for x in err)
+
+
 def test_a_10000_line_file_through_the_sdk(bench, deployment):
     d = deployment
     b, out, err, secs = run_flow(d, bench, 10_000)

@@ -112,6 +112,8 @@ def batch_output(job: Mapping[str, Any], model: str) -> dict[str, Any]:
                 "response": {"status_code": 200, "request_id": job["id"], "body": completion(job, model)},
                 "error": None}
     code = {"cancelled": "cancelled", "failed": "job_failed"}.get(job["status"], job["status"])
+    if job["status"] == "cancelled" and (job["error"] or "").startswith("expired"):
+        code = "batch_expired"  # OpenAI's code for a request its batch's window left unrun
     return {"id": f"batch_req_{job['id']}", "custom_id": job["custom_id"], "response": None,
             "error": {"code": code, "message": job["error"] or job["status"]}}
 
