@@ -330,3 +330,20 @@ def test_a_large_file_is_stored_in_chunks_and_purged_once_expired(deployment):
     with engine_for(db).connect() as c:
         assert c.execute(select(func.count()).select_from(file_chunks).where(file_chunks.c.file_id == f.id)).scalar() == 0
     assert client.files.retrieve(kept.id).id == kept.id  # not expired: kept
+
+
+@pytest.mark.parametrize("ctype", ["application/x-ndjson", "application/jsonl", None])
+def test_the_streamed_upload_is_any_body_that_is_not_json(bench, deployment, ctype):
+    d = deployment
+    ps = prompts(bench, 3)
+    body = "".join(json.dumps({"id": f"s{i}", "prompt": p}) + "\n" for i, p in enumerate(ps)).encode()
+    with d.http() as h:
+        r = h.post("/v1/batches", content=body, headers={"Content-Type": ctype} if ctype else {})
+        assert r.status_code == 202, r.text
+        b = Batch.model_validate(r.json())
+        assert b.input_file_id == "" and b.endpoint == CHAT and b.request_counts.total == 3
+        done = poll(d, d.sdk(), b.id)
+        assert done.status == "completed" and done.request_counts.completed == 3
+        # JSONL sent as application/json is taken for a batch request: refused naming what it lacks
+        wrong = h.post("/v1/batches", content=body[: body.index(b"\n")], headers={"Content-Type": "application/json"})
+    assert (wrong.status_code, wrong.json()["error"]["param"]) == (422, "input_file_id"), wrong.text

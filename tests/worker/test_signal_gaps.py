@@ -84,8 +84,8 @@ def test_cascade_status_counts_decisions_without_their_signal_per_tier_and_warns
     assert "WARNING" not in fine and "0 (0.0%)" in fine
     js = json.loads(status(two_batches, monkeypatch, "miss", "--json"))
     assert {t["tier"]: t["without_signal"] for t in js["tiers"]} == {"cheap": 3, "top": 0} and len(js["warnings"]) == 1
-    overall = status(two_batches, monkeypatch)  # every batch: 3 of 6 decisions at cheap
-    assert "decisions taken without their signal (every job in the database): cheap 3/6 (50.0%), top 0/3" in overall
+    overall = status(two_batches, monkeypatch)  # the recent batches: 3 of 6 decisions at cheap
+    assert "decisions taken without their signal (the batches above): cheap 3/6 (50.0%), top 0/3" in overall
     assert "WARNING tier cheap: 3 of 6 decisions (50.0%)" in overall
 
 

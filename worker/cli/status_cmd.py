@@ -36,7 +36,8 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
             click.echo(f"{b['id']}  {b['done']}/{b['total']} done  {b['failed']} failed  ${b['total_cost']:.6g}  {b['created_at']:%Y-%m-%d %H:%M}")
         if not rows:
             click.echo("no batches yet")
-        _gap_lines(store.signal_gaps(), "every job in the database")
+        if rows:
+            _gap_lines(store.signal_gaps([b["id"] for b in rows]), "the batches above")
         return
     b = store.batch(batch_id)
     if b is None:

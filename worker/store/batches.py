@@ -5,7 +5,7 @@ transaction."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Sequence
 
 from sqlalchemy import and_, case, func, or_, select, update
 
@@ -150,10 +150,10 @@ class BatchStore(Database):
             q = q.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
             return [dict(r) for r in c.execute(q).mappings()]
 
-    def signal_gaps(self, batch_id: str | None = None) -> dict[str, dict[str, int]]:
+    def signal_gaps(self, batch_id: str | Sequence[str]) -> dict[str, dict[str, int]]:
         """Per tier: decisions taken on an answer (`decisions`) and those of them taken
         without a signal the policy reads there (`without`: the stage wrote
-        meta.missing_signals, worker.queue.stage), of one batch or of every job."""
+        meta.missing_signals, worker.queue.stage), over one batch or several."""
         if self.engine.dialect.name == "postgresql":
             lacking = func.jsonb_exists(attempts.c.meta, "missing_signals")
         else:
@@ -162,8 +162,9 @@ class BatchStore(Database):
                     func.sum(case((lacking, 1), else_=0)).label("without"))
              .where(attempts.c.error.is_(None)).group_by(attempts.c.tier, attempts.c.tier_index)
              .order_by(attempts.c.tier_index))
-        if batch_id is not None:
-            q = q.select_from(attempts.join(jobs, jobs.c.id == attempts.c.job_id)).where(jobs.c.batch_id == batch_id)
+        ids = [batch_id] if isinstance(batch_id, str) else list(batch_id)
+        q = (q.select_from(attempts.join(jobs, jobs.c.id == attempts.c.job_id))
+             .where(jobs.c.batch_id.in_(ids)))
         with self.read() as c:
             return {r.tier: {"decisions": int(r.decisions), "without": int(r.without or 0)} for r in c.execute(q)}
 
