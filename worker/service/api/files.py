@@ -52,7 +52,13 @@ def _store(c: Client) -> FileStore:
     return FileStore(c.settings.db_url)
 
 
-@router.post("")
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]}},
+}}}}}
+
+
+@router.post("", openapi_extra=_UPLOAD_BODY)
 async def upload(request: Request, c: Client = Depends(caller)) -> dict:
     """multipart/form-data: `file` (the JSONL of the batch's requests) and `purpose`
     (`batch`), in either order."""
