@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -347,3 +348,31 @@ def test_the_streamed_upload_is_any_body_that_is_not_json(bench, deployment, cty
         # JSONL sent as application/json is taken for a batch request: refused naming what it lacks
         wrong = h.post("/v1/batches", content=body[: body.index(b"\n")], headers={"Content-Type": "application/json"})
     assert (wrong.status_code, wrong.json()["error"]["param"]) == (422, "input_file_id"), wrong.text
+
+
+def test_an_upload_cut_short_leaves_no_file_behind(deployment):
+    d = deployment
+    db = d.env["CASCADE_DATABASE_URL"]
+
+    def stored() -> tuple[int, int]:
+        with engine_for(db).connect() as c:
+            return (c.execute(select(func.count()).select_from(files)).scalar(),
+                    c.execute(select(func.count()).select_from(file_chunks)).scalar())
+
+    before = stored()
+    head = (b'--xb\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--xb\r\nContent-Disposition: form-data; name="file"; filename="cut.jsonl"\r\n\r\n')
+    with socket.create_connection(("127.0.0.1", d.serve.port)) as s:
+        s.sendall(b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  + f"Authorization: Bearer {d.keys['a']}\r\n".encode()
+                  + b"Content-Type: multipart/form-data; boundary=xb\r\nContent-Length: 10000000\r\n\r\n"
+                  + head + b'{"id": "x", "prompt": "hi"}\n' * 60_000)  # 1.6 MiB: a first chunk is stored
+        deadline = time.time() + 20
+        while stored()[1] == before[1] and time.time() < deadline:
+            time.sleep(0.05)
+        assert stored()[1] > before[1], d.serve.output()  # the upload in progress wrote a chunk
+    deadline = time.time() + 20
+    while stored() != before and time.time() < deadline:
+        time.sleep(0.1)
+    assert stored() == before, d.serve.output()
+    assert "cut.jsonl" not in [f.filename for f in d.sdk().files.list()]
