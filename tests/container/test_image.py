@@ -209,7 +209,7 @@ def test_a_batch_through_the_api_runs_on_the_tier_containers_and_matches_the_off
             time.sleep(1)
         results = [json.loads(x) for x in h.get(f"/v1/batches/{batch_id}/results").text.splitlines()]
     print(f"\n{N_ITEMS} items through the containers in {time.monotonic() - started:.1f} s")
-    assert b["counts"]["done"] == N_ITEMS and b["counts"]["open"] == 0
+    assert b["cascade"]["counts"]["done"] == N_ITEMS and b["cascade"]["counts"]["open"] == 0
 
     # read back from PostgreSQL: every job, its attempts in order, as the simulation says
     engine = create_engine(d["pg_url"])

@@ -184,10 +184,11 @@ def run_api_bench(cfg: ApiBenchConfig) -> dict:
             stop_all(procs)
             cfg.log(f"batch: {cfg.batch_items} items streamed into POST /v1/batches (tier workers stopped)")
             t = time.perf_counter()
-            resp = http.post("/v1/batches", content=_batch_body(cfg.batch_items, prompts), timeout=None)
+            resp = http.post("/v1/batches", content=_batch_body(cfg.batch_items, prompts), timeout=None,
+                             headers={"Content-Type": "application/x-ndjson"})  # JSONL: the streamed upload
             resp.raise_for_status()
             secs = time.perf_counter() - t
-            total = resp.json()["counts"]["total"]
+            total = resp.json()["cascade"]["counts"]["total"]
             out["batch"] = {"items": total, "seconds": round(secs, 1), "items_per_s": round(total / secs, 1),
                             "api_peak_rss_mb": _rss_peak_mb(serve.pid)}
             http.post(f"/v1/batches/{resp.json()['id']}/cancel", timeout=None)

@@ -27,12 +27,15 @@ def parse_age(_ctx, _param, text: str) -> timedelta:
 def purge(age, dry_run) -> None:
     """Delete batches whose jobs all finished longer ago than the given age (with
     their jobs, attempts, feedback, prompts and answers), and such finished jobs outside a
-    batch. Open work, and any batch with an open job, is never touched."""
+    batch. Open work, and any batch with an open job, is never touched. Uploaded files
+    (/v1/files) past their expiry go too, whatever the age given."""
     before = now() - age
     settings = get_settings()
     if current(settings.db_url) is None:
         raise click.ClickException("the database has no schema yet: nothing to purge")
-    n = RetentionStore(settings.db_url).purge(before, dry_run=dry_run)
+    store = RetentionStore(settings.db_url)
+    n = store.purge(before, dry_run=dry_run)
+    n_files = store.purge_files(now(), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {n['batches']} batches, {n['jobs']} jobs, {n['attempts']} attempts "
-               f"finished before {before:%Y-%m-%d %H:%M:%S} UTC")
+               f"finished before {before:%Y-%m-%d %H:%M:%S} UTC, and {n_files} expired files")

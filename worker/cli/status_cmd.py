@@ -1,4 +1,5 @@
-"""`cascade status [BATCH]`: a batch's progress, per-tier counts and cost."""
+"""`cascade status [BATCH]`: a batch's progress, per-tier counts and cost, and the
+decisions each tier took without a signal its policy reads (a warning above 1%)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from router.core.policyfile import read_policy_file
 from router.lab import drift
 from worker.config.settings import get_settings
 from worker.ops.migrate import current
+from worker.service.views import signal_gap_view
 from worker.store.batches import BatchStore, finished
 
 
@@ -34,6 +36,8 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
             click.echo(f"{b['id']}  {b['done']}/{b['total']} done  {b['failed']} failed  ${b['total_cost']:.6g}  {b['created_at']:%Y-%m-%d %H:%M}")
         if not rows:
             click.echo("no batches yet")
+        if rows:
+            _gap_lines(store.signal_gaps([b["id"] for b in rows]), "the batches above")
         return
     b = store.batch(batch_id)
     if b is None:
@@ -48,9 +52,14 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
         t["model_ms"] += r["latency_ms"] or 0.0
     per_tier = sorted(tiers.values(), key=lambda t: t["index"])
     checked = _drift(store, batch_id, policy_file, drift_level) if policy_file else None
+    gaps, warnings = signal_gap_view(store.signal_gaps(batch_id))
+    for t in per_tier:
+        g = gaps.get(t["tier"], {"without_signal": 0, "share": 0.0})
+        t["without_signal"], t["without_signal_share"] = g["without_signal"], g["share"]
     if as_json:
         out = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in b.items()}
         out["tiers"] = per_tier
+        out["warnings"] = warnings
         if checked is not None:
             out["drift"] = checked
         click.echo(json.dumps(out))
@@ -58,13 +67,28 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
     state = "finished" if finished(b) else "submitting" if b["submitting"] else "in progress"
     click.echo(f"batch {b['id']} ({state}): {b['done']}/{b['total']} done, {b['succeeded']} succeeded, "
                f"{b['failed']} failed, {b['cancelled']} cancelled, cost ${b['total_cost']:.6g}")
-    click.echo(f"{'tier':<16}{'calls':>8}{'accept':>8}{'escalate':>10}{'reject':>8}{'cost $':>12}{'model s':>10}")
+    click.echo(f"{'tier':<16}{'calls':>8}{'accept':>8}{'escalate':>10}{'reject':>8}{'cost $':>12}{'model s':>10}"
+               f"{'no signal':>16}")
     for t in per_tier:
         click.echo(f"{t['tier']:<16}{t['calls']:>8}{t['accept']:>8}{t['escalate']:>10}{t['reject']:>8}"
-                   f"{t['cost_usd']:>12.6g}{t['model_ms'] / 1000:>10.1f}")
+                   f"{t['cost_usd']:>12.6g}{t['model_ms'] / 1000:>10.1f}"
+                   f"{t['without_signal']:>8} ({t['without_signal_share']:.1%})")
+    for w in warnings:
+        click.echo(f"WARNING {w}")
     if checked is not None:
         for line in drift_lines(checked):
             click.echo(line)
+
+
+def _gap_lines(gaps: dict, scope: str) -> None:
+    """Decisions taken without a signal the policy reads, per tier (a warning above 1%)."""
+    view, warnings = signal_gap_view(gaps)
+    if not view:
+        return
+    click.echo(f"decisions taken without their signal ({scope}): "
+               + ", ".join(f"{t} {g['without_signal']}/{g['decisions']} ({g['share']:.1%})" for t, g in view.items()))
+    for w in warnings:
+        click.echo(f"WARNING {w}")
 
 
 def _drift(store: BatchStore, batch_id: str, policy_file: str, level: float) -> dict:

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     canary_max_age: float = Field(600.0, gt=0, description="/healthz fails when the worker's last canary was consumed longer ago; above the longest stage")
     log_content: bool = Field(False, description="let prompts and answers into log lines (debugging only)")
     api_auth: bool | None = Field(None, description="`cascade serve` asks for an API key (cascade keys create); unset = in the distributed mode only")
+    file_ttl: float = Field(30 * 86400, ge=1, description="seconds an uploaded file (/v1/files) is kept before it "
+                            "expires and `cascade purge` removes it; default 30 days")
     webhook_secret: str = Field("", description="HMAC key signing batch webhooks (Cascade-Signature); unset = an empty key")
     webhook_backoff: float = Field(2.0, gt=0, description="first webhook retry delay in seconds, doubled each time")
     webhook_attempts: int = Field(8, ge=1, le=30, description="webhook deliveries tried before giving up")

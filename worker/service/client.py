@@ -164,7 +164,7 @@ class Client:
         b = self.batches.batch(batch_id)
         if b is None or b["tenant"] != self.tenant:
             raise JobNotFound(f"no batch {batch_id!r}")
-        return batch_view(b, self.batches.batch_tiers(batch_id))
+        return batch_view(b, self.batches.batch_tiers(batch_id), self.batches.signal_gaps(batch_id))
 
     def _batch_done(self, batch_id: str) -> bool:
         b = self.batches.batch(batch_id)

@@ -9,6 +9,7 @@ The extension field, on every completion and on the last streamed chunk:
 from __future__ import annotations
 
 import time
+from datetime import timezone
 from typing import Any, Mapping
 
 from worker.job.request import RequestError
@@ -111,5 +112,68 @@ def batch_output(job: Mapping[str, Any], model: str) -> dict[str, Any]:
                 "response": {"status_code": 200, "request_id": job["id"], "body": completion(job, model)},
                 "error": None}
     code = {"cancelled": "cancelled", "failed": "job_failed"}.get(job["status"], job["status"])
+    if job["status"] == "cancelled" and (job["error"] or "").startswith("expired"):
+        code = "batch_expired"  # OpenAI's code for a request its batch's window left unrun
     return {"id": f"batch_req_{job['id']}", "custom_id": job["custom_id"], "response": None,
             "error": {"code": code, "message": job["error"] or job["status"]}}
+
+
+# the ids of a batch's output and error files (served from its jobs, never stored twice)
+OUTPUT_FILE, ERROR_FILE = "file-output-", "file-errors-"
+
+
+def _unix(t) -> int | None:
+    """Unix seconds; SQLite gives back naive datetimes, stored in UTC."""
+    if t is None:
+        return None
+    return int((t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def batch_status(batch: Mapping[str, Any]) -> str:
+    """OpenAI's status from the batch row: validating while lines are still being
+    submitted; in_progress (cancelling once a cancel was asked for) until every job is
+    final; then cancelled, expired (its completion window cancelled jobs), failed (no
+    line could run: every one is in the error file) or completed."""
+    if batch["submitting"] and not batch.get("cancelled_at"):
+        return "validating"
+    if batch["done"] < batch["total"] or batch["submitting"]:
+        return "cancelling" if batch.get("cancelled_at") else "in_progress"
+    if batch.get("cancelled_at"):
+        return "cancelled"
+    if batch["cancelled"] and batch["expires_at"] is not None and batch["expires_at"] <= batch["updated_at"]:
+        return "expired"
+    if batch["total"] and batch["succeeded"] == 0 and batch["failed"] == batch["total"]:
+        return "failed"
+    if batch["cancelled"]:
+        return "cancelled"
+    return "completed"
+
+
+def batch_object(batch: Mapping[str, Any], view: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch row as OpenAI's batch object; the project's own view (counts, cost, tiers,
+    decisions without their signal, warnings) and `extra` under the extension field
+    `cascade`. request_counts.failed counts the failed, cancelled and expired lines:
+    everything the error file holds."""
+    req = batch.get("request") or {}
+    status = batch_status(batch)
+    final = status in ("completed", "failed", "cancelled", "expired")
+    ended = _unix(batch["updated_at"]) if final else None
+    errors_n = batch["failed"] + batch["cancelled"]
+    return {
+        "id": batch["id"], "object": "batch", "endpoint": req.get("endpoint", CHAT_URL),
+        "input_file_id": req.get("input_file_id") or "", "completion_window": req.get("completion_window") or "",
+        "status": status, "errors": None,
+        "output_file_id": f"{OUTPUT_FILE}{batch['id']}" if final and batch["succeeded"] else None,
+        "error_file_id": f"{ERROR_FILE}{batch['id']}" if final and errors_n else None,
+        "created_at": _unix(batch["created_at"]),
+        "in_progress_at": None if status == "validating" else _unix(batch["created_at"]),
+        "expires_at": _unix(batch["expires_at"]), "finalizing_at": ended if status == "completed" else None,
+        "completed_at": ended if status == "completed" else None,
+        "failed_at": ended if status == "failed" else None,
+        "expired_at": ended if status == "expired" else None,
+        "cancelling_at": _unix(batch.get("cancelled_at")),
+        "cancelled_at": ended if status == "cancelled" else None,
+        "request_counts": {"total": batch["total"], "completed": batch["succeeded"], "failed": errors_n},
+        "metadata": req.get("metadata"),
+        "cascade": {**view, **extra},
+    }

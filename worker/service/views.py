@@ -29,8 +29,28 @@ def job_view(job: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[str, A
     }
 
 
-def batch_view(batch: dict[str, Any], tiers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts by status, cost so far, and the share of finished jobs each tier answered."""
+# a tier deciding without a signal its policy reads more often than this is warned about
+GAP_WARN = 0.01
+
+
+def signal_gap_view(gaps: dict[str, dict[str, int]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Per tier: decisions taken on an answer, those taken without a signal the policy
+    reads there, their share; and a warning for each tier whose share is above 1%."""
+    out, warnings = {}, []
+    for tier, g in gaps.items():
+        share = g["without"] / g["decisions"] if g["decisions"] else 0.0
+        out[tier] = {"decisions": g["decisions"], "without_signal": g["without"], "share": share}
+        if share > GAP_WARN:
+            warnings.append(f"tier {tier}: {g['without']} of {g['decisions']} decisions ({share:.1%}) were taken "
+                            f"without a signal the policy reads there (the server's answer lacked it; see the "
+                            f"attempts' reasons, and `cascade check`)")
+    return out, warnings
+
+
+def batch_view(batch: dict[str, Any], tiers: list[dict[str, Any]],
+               gaps: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    """Counts by status, cost so far, the share of finished jobs each tier answered, and
+    (with `gaps`, BatchStore.signal_gaps) the decisions each tier took without its signal."""
     answered: dict[str, int] = {}
     calls: dict[str, int] = {}
     for t in tiers:
@@ -41,7 +61,7 @@ def batch_view(batch: dict[str, Any], tiers: list[dict[str, Any]]) -> dict[str, 
     status = "completed" if finished(batch) else "in_progress"
     if batch["cancelled"] and finished(batch):
         status = "cancelled"
-    return {
+    out = {
         "id": batch["id"], "status": status,
         "counts": {"total": batch["total"], "done": done, "succeeded": batch["succeeded"], "failed": batch["failed"],
                    "cancelled": batch["cancelled"], "open": batch["total"] - done},
@@ -51,3 +71,6 @@ def batch_view(batch: dict[str, Any], tiers: list[dict[str, Any]]) -> dict[str, 
                   for t, n in sorted(calls.items())},
         "created_at": _ts(batch["created_at"]), "updated_at": _ts(batch["updated_at"]),
     }
+    if gaps is not None:
+        out["missing_signals"], out["warnings"] = signal_gap_view(gaps)
+    return out

@@ -16,7 +16,8 @@ only the ones it uses):
 - stages      StageStore: a stage's start and record, crashes, heartbeat, expiry, the sweeper's claim
 - batches     BatchStore: batch rows and counters, cancel or reopen a batch's jobs
 - feedback    FeedbackStore: graded outcomes
-- retention   RetentionStore: purge what finished long ago
+- retention   RetentionStore: purge what finished long ago, and expired files
+- files       FileStore: files uploaded through /v1/files, their bytes in 1 MiB chunks
 - webhooks    WebhookStore: completion windows and webhook deliveries
 - tenants     TenantStore: tenants, limits and API keys
 - admin       private databases for benches and tests, the commit probe

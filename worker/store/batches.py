@@ -5,8 +5,9 @@ transaction."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 
 from worker.job.codec import CANCELLED, FAILED, OPEN, QUEUED
 from worker.store.engine import Database, dialect_insert
@@ -123,6 +124,49 @@ class BatchStore(Database):
                 c.execute(update(batches).where(batches.c.id == batch_id).values(
                     done=batches.c.done - len(rows), failed=batches.c.failed - len(rows), updated_at=t))
         return sorted((r.id, r.current_tier) for r in rows)
+
+    def set_request(self, batch_id: str, request: dict[str, Any]) -> None:
+        """What an OpenAI Batch request asked for (input file, endpoint, window, metadata)."""
+        with self.tx() as c:
+            c.execute(update(batches).where(batches.c.id == batch_id).values(request=request))
+
+    def mark_cancelled(self, batch_id: str) -> None:
+        """A cancel was asked for (the first time counts): its status reads cancelled, not completed."""
+        with self.tx() as c:
+            c.execute(update(batches).where(batches.c.id == batch_id, batches.c.cancelled_at.is_(None))
+                      .values(cancelled_at=now()))
+
+    def tenant_page(self, tenant: str, *, after: str | None, limit: int) -> list[dict]:
+        """The tenant's batches newest first, those after the batch `after` (a cursor)."""
+        q = select(batches).where(batches.c.tenant == tenant)
+        with self.read() as c:
+            if after:
+                cur = c.execute(select(batches.c.created_at, batches.c.id).where(
+                    batches.c.id == after, batches.c.tenant == tenant)).one_or_none()
+                if cur is None:
+                    return []
+                q = q.where(or_(batches.c.created_at < cur.created_at,
+                                and_(batches.c.created_at == cur.created_at, batches.c.id < cur.id)))
+            q = q.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def signal_gaps(self, batch_id: str | Sequence[str]) -> dict[str, dict[str, int]]:
+        """Per tier: decisions taken on an answer (`decisions`) and those of them taken
+        without a signal the policy reads there (`without`: the stage wrote
+        meta.missing_signals, worker.queue.stage), over one batch or several."""
+        if self.engine.dialect.name == "postgresql":
+            lacking = func.jsonb_exists(attempts.c.meta, "missing_signals")
+        else:
+            lacking = func.json_type(attempts.c.meta, "$.missing_signals").is_not(None)
+        q = (select(attempts.c.tier, attempts.c.tier_index, func.count().label("decisions"),
+                    func.sum(case((lacking, 1), else_=0)).label("without"))
+             .where(attempts.c.error.is_(None)).group_by(attempts.c.tier, attempts.c.tier_index)
+             .order_by(attempts.c.tier_index))
+        ids = [batch_id] if isinstance(batch_id, str) else list(batch_id)
+        q = (q.select_from(attempts.join(jobs, jobs.c.id == attempts.c.job_id))
+             .where(jobs.c.batch_id.in_(ids)))
+        with self.read() as c:
+            return {r.tier: {"decisions": int(r.decisions), "without": int(r.without or 0)} for r in c.execute(q)}
 
     def batch_count(self) -> int:
         """Batches in the database (the fault drill waits for its submitter's first)."""

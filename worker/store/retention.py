@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from worker.job.codec import FINAL, OPEN
 from worker.store.batches import FINISHED
 from worker.store.engine import Database
+from worker.store.files import FileStore
 from worker.store.schema import attempts, batches, jobs
 
 
@@ -47,6 +48,16 @@ class RetentionStore(Database):
             out["jobs"] += got[0]
             out["attempts"] += got[1]
         return out
+
+    def purge_files(self, at: datetime, *, dry_run: bool = False) -> int:
+        """Delete the uploaded files (/v1/files) whose expiry is before `at`, one
+        transaction each; returns how many."""
+        store = FileStore(self.url)
+        ids = store.expired(at)
+        if not dry_run:
+            for file_id in ids:
+                store.delete(file_id)
+        return len(ids)
 
     @staticmethod
     def _delete_jobs(c: Connection, ids, dry_run: bool) -> tuple[int, int]:

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -14,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -63,7 +65,13 @@ batches = Table(
     # lines of the batch remain to be submitted (its submitter is at work, or stopped
     # half-way): never finished until it is false (migration 0005)
     Column("submitting", Boolean, nullable=False, default=False, server_default=false()),
+    # OpenAI's Batch API (migration 0007): how a batch made from an uploaded file was asked
+    # for ({input_file_id, endpoint, completion_window, metadata}; null for other batches),
+    # and when it was cancelled (its status reads cancelling/cancelled, not completed)
+    Column("request", _json, nullable=True),
+    Column("cancelled_at", _ts, nullable=True),
     Index("ix_batches_webhook", "webhook_state", "webhook_next_at"),
+    Index("ix_batches_tenant_created", "tenant", "created_at"),
 )
 
 jobs = Table(
@@ -159,6 +167,32 @@ api_keys = Table(
     Column("name", String(200), nullable=True),
     Column("created_at", _ts, nullable=False),
     Column("revoked_at", _ts, nullable=True),
+)
+
+
+# files uploaded through /v1/files (migration 0007): the row, and the bytes in chunks of
+# at most worker.store.files.CHUNK, so that no reader or writer holds a whole file
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(200), nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False, default=0),
+    Column("status", String(16), nullable=False),  # uploading -> processed (only those are read)
+    Column("created_at", _ts, nullable=False),
+    Column("expires_at", _ts, nullable=True),
+    Index("ix_files_tenant_created", "tenant", "created_at"),
+    Index("ix_files_expires_at", "expires_at"),
+)
+
+file_chunks = Table(
+    "file_chunks",
+    metadata,
+    Column("file_id", String(64), ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
 )
 
 

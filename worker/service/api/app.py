@@ -15,7 +15,7 @@ from router.core.portfolio import Portfolio
 from worker.config.settings import Settings, get_settings
 from worker.job.request import RequestError
 from worker.queue.submit import IdempotencyConflict
-from worker.service.api import batches, chat, jobs
+from worker.service.api import batches, chat, files, jobs
 from worker.service.api.common import ApiError, error_response
 from worker.service.client import Client, JobNotFound
 from worker.service.tenants import AuthError, BudgetExhausted, RateLimited, Tenants
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
                   description="Jobs, batches and an OpenAI-compatible chat endpoint; see docs/api.md.")
     app.include_router(jobs.router)
     app.include_router(batches.router)
+    app.include_router(files.router)
     app.include_router(chat.router)
 
     @app.get("/healthz", tags=["health"])
