@@ -48,7 +48,8 @@ def _log(message: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="write the table here (default: <home>/demo/demo-n<N>-seed<SEED>.txt; results next to it)")
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
-              help="llama.cpp threads per model (default: CASCADE_MODEL_THREADS or all cores)")
+              help="llama.cpp threads per model (default: CASCADE_MODEL_THREADS or all cores; --cluster: the cores "
+                   "shared among its model servers)")
 @click.option("--chain", default=None,
               help="tiers climbed, cheapest first (from tiny, small, medium; default: the policy's chain). A chain "
                    "other than the policy's runs a plain threshold cascade (its router was fitted for its chain)")
@@ -121,6 +122,10 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_r
         if chain_l != file_chain:
             router = None
         threads = threads or base.model_threads or None
+        if cluster and threads is None:
+            # the cluster's model servers decode at the same time: more llama.cpp threads than cores in all
+            # makes them spin against each other (on 2 cores, 2 threads each ran every call 10-20x slower)
+            threads = max(1, (os.cpu_count() or 1) // len(chain_l))
         threads = threads or os.cpu_count() or 1
         if signal:
             sig_name = signal
