@@ -1,6 +1,7 @@
 """`cascade bench api` talks to its own `cascade serve`: a port another process holds
 is refused before anything starts (it used to trust any /readyz answer there and crash
-with KeyError: 'cascade'), and by default the bench picks a spare port."""
+with KeyError: 'cascade'), and by default the bench picks a spare port; a streamed batch
+is timed in, then the queue running it, in the same command."""
 from __future__ import annotations
 
 import json
@@ -54,5 +55,10 @@ def test_a_port_another_process_holds_is_refused_naming_it(bench):
 def test_by_default_the_bench_serves_on_a_spare_port(bench):
     with Squatter():  # someone else's server on some port changes nothing
         out = run_api_bench(ApiBenchConfig(data=bench / "rc-mmlu.jsonl.gz", requests=3, concurrency=1,
-                                           log=lambda m: None))
+                                           batch_items=400, drain_jobs=300, log=lambda m: None))
     assert out["http"]["requests_per_s"] > 0 and out["client"]["requests_per_s"] > 0
+    # the streamed batch went in whole, then the queue ran it with the tier workers started again
+    b = out["batch"]
+    assert b["items"] == 400 and b["api_peak_rss_mb"] > 0
+    assert 0 < b["drain_jobs"] <= 400 and b["drain_jobs_per_s"] > 0
+    assert b["ingest_to_pipeline_ratio"] == pytest.approx(b["items_per_s"] / b["drain_jobs_per_s"], rel=1e-2)

@@ -45,6 +45,7 @@ class ApiBenchConfig:
     requests: int = 200
     concurrency: int = 8
     batch_items: int = 0
+    drain_jobs: int = 100_000  # after the upload: jobs of the batch the queue runs, timed (0: not run)
     pg_admin: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     redis_url: str = "redis://127.0.0.1:6379/0"
     port: int | None = None  # the API's port; None: a spare one
@@ -131,6 +132,21 @@ def _batch_body(n: int, prompts: list[str]) -> Iterator[bytes]:
         yield ("\n".join(buf) + "\n").encode()
 
 
+def _drain(http: httpx.Client, batch_id: str, n: int, settings: Settings, procs: list, spawns: list,
+           log: Callable[[str], None]) -> dict:
+    log(f"batch: tier workers started again; timing the queue until {n} of its jobs are final")
+    procs.extend(_spawn(*args) for args in spawns)  # the bench's cleanup stops them with the others
+    _wait_ping(make_app(settings), len(spawns))
+    t = time.perf_counter()
+    first = done = http.get(f"/v1/batches/{batch_id}").json()["cascade"]["counts"]["done"]
+    while done < n:
+        time.sleep(0.5)
+        done = http.get(f"/v1/batches/{batch_id}").json()["cascade"]["counts"]["done"]
+    secs = time.perf_counter() - t
+    return {"drain_jobs": done - first, "drain_seconds": round(secs, 1),
+            "drain_jobs_per_s": round((done - first) / secs, 1)}
+
+
 def run_api_bench(cfg: ApiBenchConfig) -> dict:
     out: dict = {}
     port = _serve_port(cfg.port)  # before anything starts: a port someone else holds is refused
@@ -189,9 +205,18 @@ def run_api_bench(cfg: ApiBenchConfig) -> dict:
             resp.raise_for_status()
             secs = time.perf_counter() - t
             total = resp.json()["cascade"]["counts"]["total"]
+            batch_id = resp.json()["id"]
             out["batch"] = {"items": total, "seconds": round(secs, 1), "items_per_s": round(total / secs, 1),
                             "api_peak_rss_mb": _rss_peak_mb(serve.pid)}
-            http.post(f"/v1/batches/{resp.json()['id']}/cancel", timeout=None)
+            if cfg.drain_jobs:
+                # the rate the queue then runs that batch at, in the same command: the tier workers started
+                # again on the messages the upload sent, timed until `drain_jobs` of its jobs are final
+                out["batch"].update(_drain(http, batch_id, min(total, cfg.drain_jobs), settings, procs,
+                                           [(["worker.cli", "worker", "--tier", t, "--portfolio", str(path), "-l",
+                                              "WARNING"], env, tmp / f"{t}-drain.log") for t in tiers], cfg.log))
+                out["batch"]["ingest_to_pipeline_ratio"] = round(
+                    out["batch"]["items_per_s"] / out["batch"]["drain_jobs_per_s"], 3)
+            http.post(f"/v1/batches/{batch_id}/cancel", timeout=None)
         out["api_peak_rss_mb"] = _rss_peak_mb(serve.pid)
         out["load_average_1m"] = round(os.getloadavg()[0], 1)
     return out

@@ -117,20 +117,24 @@ def risk(files, risk_bound, delta, risk_procedure, resplits, train_rows, seed, a
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
               help="threads for the requests/s run")
 @click.option("--batch-items", type=click.IntRange(min=0), default=0, show_default=True,
-              help="also stream a batch of this many items into POST /v1/batches (e.g. 1000000)")
+              help="also stream a batch of this many items into POST /v1/batches (e.g. 1000000), timed until "
+                   "every line is committed and its first stage sent")
+@click.option("--drain-jobs", type=click.IntRange(min=0), default=100_000, show_default=True,
+              help="then time the queue running that batch until this many of its jobs are final: "
+                   "ingest_to_pipeline_ratio is the upload's items/s over that jobs/s (0: skip)")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="the API's port (default: a spare one); refused if another process holds it")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), help="replay file (default: shared rc-mmlu)")
 @click.option("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres", show_default=True)
 @click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
-def api(requests, concurrency, batch_items, port, data, pg_admin_url, redis_url, as_json) -> None:
+def api(requests, concurrency, batch_items, drain_jobs, port, data, pg_admin_url, redis_url, as_json) -> None:
     """The task API's overhead per job over HTTP and through the Python client (replay tiers)."""
     data = Path(data) if data else default_replay_data()
     if not data.exists():
         raise click.ClickException(f"replay data {data} not found: pass --data FILE (benchmarks format)")
     cfg = ApiBenchConfig(data=data.resolve(), requests=requests, concurrency=concurrency, batch_items=batch_items,
-                         port=port, pg_admin=pg_admin_url, redis_url=redis_url, log=lambda m: click.echo(m, err=True))
+                         drain_jobs=drain_jobs, port=port, pg_admin=pg_admin_url, redis_url=redis_url, log=lambda m: click.echo(m, err=True))
     result = run_api_bench(cfg)
     click.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
