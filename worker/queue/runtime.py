@@ -13,12 +13,16 @@ import threading
 import time
 from typing import Iterator, Sequence
 
+from router.core.errors import InternalError
+from router.core.policies import make_policy
+from router.core.policy import Policy, tier_infos
 from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
 from worker.config.credentials import is_redacted
 from worker.config.settings import Settings
 from worker.models.backends import Backend, BackendConfigError, backend_class, build_backend
 from worker.store.batches import BatchStore
 from worker.store.jobs import JobStore
+from worker.store.policies import PolicyStore
 from worker.store.stages import StageStore
 
 
@@ -28,7 +32,9 @@ class Runtime:
         self.jobs = JobStore(settings.db_url, keep_content=settings.store_content)
         self.batches = BatchStore(settings.db_url, keep_content=settings.store_content)
         self.stages = StageStore(settings.db_url, keep_content=settings.store_content)
+        self.policies = PolicyStore(settings.db_url)
         self._portfolios: dict[str, Portfolio] = {}
+        self._policies: dict[tuple[str, int], Policy] = {}
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._inflight: dict[str, int] = {}  # job id -> stages of this process working on it
@@ -64,6 +70,22 @@ class Runtime:
         got = self._portfolios.get(digest)
         if got is None:
             got = self.add_portfolio(portfolio_from_spec(self.jobs.portfolio_spec(digest)))
+        return got
+
+    def policy(self, digest: str, version: int) -> Policy:
+        """The portfolio's policy at `version` (1: the file's own), built once: a stored
+        version never changes, so a worker keeps it while it runs (no expiry to get wrong)."""
+        if version == 1:
+            return self.portfolio(digest).built_policy
+        got = self._policies.get((digest, version))
+        if got is None:
+            row = self.policies.version(digest, version)
+            if row is None:
+                raise InternalError(f"policy version {version} of portfolio {digest} is not in the database")
+            p = self.portfolio(digest)
+            got = make_policy(row["policy"]["name"], tier_infos(p.tiers), dict(row["policy"].get("params") or {}))
+            with self._lock:
+                got = self._policies.setdefault((digest, version), got)
         return got
 
     def stage_size(self, tier: str, queue: str, cap: int) -> int:

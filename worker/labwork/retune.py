@@ -1,0 +1,358 @@
+"""The closed loop's offline half (`cascade retune`, `cascade policy shadow`): live jobs
+become labelled rows, the lab refits the live policy's family on them, and a candidate
+version is stored; a shadow replay compares it with the promoted version on the same
+recorded jobs.
+
+Labels, per tier answer of a finished job: a grade (`cascade feedback`: `correct` for
+the final tier, `tiers` for the others) where there is one; else agreement with the
+top tier's answer on the same job (the calibration's pseudo-labels), the top tier's
+own grade carried over when it was graded. Only jobs where every tier answered can be
+fitted on (a cascade's knobs need to know what each tier would have said): live jobs
+that reached the top, and the audit's jobs: a share of the recent jobs that stopped
+early, sent again through every tier by the calibration path under a spend cap
+(`--audit-share`, `--audit-max-usd`; settings CASCADE_RETUNE_AUDIT_SHARE and
+CASCADE_RETUNE_AUDIT_MAX_USD). Live jobs that reached the top are the harder ones:
+with no audit the fit sees a harder mix than the traffic, which the report says.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from router.core import cascade
+from router.core import signals as sig
+from router.core.comparators import Comparator, resolved
+from router.core.errors import UserError
+from router.core.policies import make_policy
+from router.core.policy import Policy, tier_infos
+from router.core.portfolio import Portfolio, parse_portfolio
+from router.lab.tune import tune
+from router.lab.tuning import Target
+from worker.config.settings import Settings
+from worker.job.codec import attempt_from_row, query_of
+from worker.labwork.calibration import calibration_portfolio, response_of
+from worker.ops.migrate import current
+from worker.queue.items import Item
+from worker.queue.run import run_batch
+from worker.store.policies import PolicyStore
+
+POLICY_REVISION = "0009"
+MIN_ROWS = 20  # fewer rows than this fit nothing worth promoting
+
+
+class RetuneError(UserError):
+    """A retune or shadow comparison that cannot run as asked."""
+
+
+def policy_store(settings: Settings) -> PolicyStore:
+    """The store of policy versions, once the database has their table; else an error naming the fix."""
+    rev = current(settings.db_url)
+    if rev is None:
+        raise RetuneError("the database has no schema yet: nothing has run (or run `cascade db upgrade`)")
+    if rev < POLICY_REVISION:
+        raise RetuneError(f"the database schema is at revision {rev}, policy versions need {POLICY_REVISION}: "
+                          f"run `cascade db upgrade`")
+    return PolicyStore(settings.db_url)
+
+
+def file_policy(portfolio: Portfolio) -> dict[str, Any]:
+    return {"name": portfolio.policy.name, "params": dict(portfolio.policy.params)}
+
+
+def version_policy(store: PolicyStore, portfolio: Portfolio, version: int) -> dict[str, Any]:
+    """The policy JSON of `version` (1: the portfolio file's); an error naming the known ones."""
+    row = store.version(portfolio.digest, version)
+    if row is not None:
+        return row["policy"]
+    if version == 1:
+        return file_policy(portfolio)
+    known = [r["version"] for r in store.versions(portfolio.digest)] or [1]
+    raise RetuneError(f"no policy version {version} for this portfolio; versions: "
+                      f"{', '.join(map(str, known))} (see `cascade policy list`)")
+
+
+def build_policy(portfolio: Portfolio, spec: dict[str, Any]) -> Policy:
+    return make_policy(spec["name"], tier_infos(portfolio.tiers), dict(spec.get("params") or {}))
+
+
+def with_policy(portfolio: Portfolio, spec: dict[str, Any]) -> Portfolio:
+    """The portfolio's tiers under another policy (what `cascade check` probes before a promotion)."""
+    raw = portfolio.spec()
+    raw["policy"] = {"name": spec["name"], "params": dict(spec.get("params") or {})}
+    return parse_portfolio(raw, where="policy version")
+
+
+def answered(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {a["tier"]: a for a in job["attempts"] if a["error"] is None and a["answer"] is not None}
+
+
+@dataclass
+class Labelled:
+    job: dict[str, Any]
+    labels: dict[str, float]  # tier -> correctness of its answer
+    graded: int  # how many of them came from a grade
+
+
+def label_jobs(jobs: Sequence[dict[str, Any]], tiers: Sequence[str], comparator: Comparator) -> list[Labelled]:
+    """Each job's tier answers labelled: grades first, then agreement with the top tier's answer."""
+    top = tiers[-1]
+    comp = resolved(comparator, [answered(j).get(top, {}).get("answer") for j in jobs])
+    out = []
+    for j in jobs:
+        ans = answered(j)
+        labels: dict[str, float] = {}
+        fb = j.get("feedback")
+        if fb:
+            if j["final_tier"] in ans:
+                labels[j["final_tier"]] = float(fb["correct"])
+            for t, v in (fb.get("tiers") or {}).items():
+                if t in ans and v is not None:
+                    labels[t] = float(v)
+        graded = len(labels)
+        if top in ans:
+            ref = comp.canonical([ans[top]["answer"]])[0]
+            top_label = labels.get(top)
+            for t, a in ans.items():
+                if t in labels or ref is None:
+                    continue
+                if t == top:
+                    labels[t] = 1.0  # ungraded: the reference agrees with itself
+                    continue
+                form = comp.canonical([a["answer"]])[0]
+                agree = form is not None and comp.same(form, ref)
+                if top_label is None:
+                    labels[t] = 1.0 if agree else 0.0
+                elif agree:
+                    labels[t] = top_label
+                elif top_label == 1.0:
+                    labels[t] = 0.0  # disagrees with a right answer; disagreeing with a wrong one says nothing
+        out.append(Labelled(j, labels, graded))
+    return out
+
+
+def bench_rows(labelled: Sequence[Labelled], tiers: Sequence[str]) -> list[dict[str, Any]]:
+    """The jobs every tier answered and labelled, as benchmarks-format rows (models = tier names)."""
+    rows = []
+    for lj in labelled:
+        ans = answered(lj.job)
+        if not all(t in ans and t in lj.labels for t in tiers):
+            continue
+        inp = lj.job["input"] or {}
+        responses = {}
+        for t in tiers:
+            r = response_of(ans[t])
+            r["correct"] = lj.labels[t]
+            responses[t] = r
+        rows.append({"id": lj.job["id"], "dataset": "live", "source": "cascade retune", "split": "train",
+                     "category": inp.get("category"), "prompt": inp.get("prompt", ""), "responses": responses})
+    return rows
+
+
+@dataclass
+class Audit:
+    jobs: int = 0
+    spent: float = 0.0
+    batch_id: str | None = None
+
+
+def run_audit(portfolio: Portfolio, store: PolicyStore, settings: Settings, share: float, max_usd: float,
+              limit: int, seed: int, say: Callable[[str], None]) -> Audit:
+    """Send `share` of the recent jobs that never reached the top tier through every tier
+    (the calibration path: `every-tier`, an ordinary batch), spending at most `max_usd`."""
+    top = portfolio.tiers[-1].name
+    early = [j for j in store.finished_jobs(portfolio.digest, limit)
+             if top not in answered(j) and (j["input"] or {}).get("prompt")]
+    n = min(len(early), math.floor(share * len(early) + 0.5))
+    if n == 0:
+        say(f"audit: none of {len(early)} recent job(s) that stopped below the top tier drawn (share {share:g})")
+        return Audit()
+    drawn = sorted(random.Random(seed).sample(range(len(early)), n))
+    items = [Item(key=early[i]["id"], seq=k, data={**early[i]["input"], "id": early[i]["id"]})
+             for k, i in enumerate(drawn)]
+    full = calibration_portfolio(portfolio)
+    batch_id = f"audit-{portfolio.digest[:8]}-{early[drawn[0]]['id'][:12]}-{n}-{seed}"
+    report = run_batch(items, full, settings=settings, batch_id=batch_id, source="cascade retune audit",
+                       progress=False, max_cost=max_usd)
+    spent = math.fsum(j["cost_usd"] for j in report.jobs)
+    say(f"audit: {n} of {len(early)} recent job(s) that stopped below {top} sent through every tier "
+        f"(batch {batch_id}): ${spent:.6g} of the ${max_usd:g} cap")
+    return Audit(n, spent, batch_id)
+
+
+@dataclass
+class Retuned:
+    version: int
+    policy: dict[str, Any]
+    rows: int
+    jobs: int
+    graded_labels: int
+    agreement_labels: int
+    audit: Audit
+    live_version: int
+
+
+def retune(portfolio: Portfolio, settings: Settings, comparator: Comparator, *, family: str | None = None,
+           target: Target | None = None, limit: int = 5000, audit_share: float | None = None,
+           audit_max_usd: float | None = None, seed: int = 0, min_rows: int = MIN_ROWS,
+           say: Callable[[str], None] = print) -> Retuned:
+    """Label the portfolio's recent jobs, refit the live version's family (or `family`)
+    on those every tier answered, and store the result as a candidate version."""
+    store = policy_store(settings)
+    tiers = portfolio.tier_names
+    if len(tiers) < 2:
+        raise RetuneError("the portfolio has one tier: there is no cascade to retune")
+    live_v = store.promoted(portfolio.digest)
+    live = version_policy(store, portfolio, live_v)
+    family = family or live["name"]
+    share = settings.retune_audit_share if audit_share is None else audit_share
+    cap = settings.retune_audit_max_usd if audit_max_usd is None else audit_max_usd
+    audit = run_audit(portfolio, store, settings, share, cap, limit, seed, say) if share > 0 else Audit()
+    jobs = store.finished_jobs(portfolio.digest, limit)
+    jobs += store.finished_jobs(calibration_portfolio(portfolio).digest, limit)  # audits and calibrations
+    labelled = label_jobs(jobs, tiers, comparator)
+    rows = bench_rows(labelled, tiers)
+    used = {r["id"] for r in rows}
+    graded = sum(lj.graded for lj in labelled if lj.job["id"] in used)
+    agreed = sum(len(lj.labels) - lj.graded for lj in labelled if lj.job["id"] in used)
+    say(f"retune: {len(jobs)} finished job(s); {len(rows)} answered by every tier and labelled "
+        f"({graded} tier label(s) from grades, {agreed} by agreement with {tiers[-1]})")
+    if len(rows) < min_rows:
+        raise RetuneError(
+            f"only {len(rows)} job(s) with every tier's answer labelled, fewer than {min_rows}: grade more jobs "
+            f"(`cascade feedback add`) or send a share of live jobs through every tier "
+            f"(`--audit-share`, capped by `--audit-max-usd`)")
+    if not audit.jobs and not share:
+        say("retune: no audit: the rows are the jobs that reached the top tier, harder than the traffic at large")
+    signal = (live.get("params") or {}).get("signal")
+    with tempfile.TemporaryDirectory(prefix="cascade-retune-") as tmp:
+        data = Path(tmp) / "live.jsonl.gz"
+        with gzip.open(data, "wt", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        tuned = tune(data, family, target or Target.match_best(), Path(tmp) / "policy.json", fit_split="all",
+                     models=tiers, signal=signal if signal in ("logprob", "p_true") else None, seed=seed)
+    spec = {"name": tuned.policy.name, "params": tuned.policy.params,
+            "fitted": {k: v for k, v in tuned.policy.fitted.items() if k != "data"}}
+    build_policy(portfolio, spec)  # fits this portfolio's tiers, or raises naming why
+    info = {"rows": len(rows), "jobs": len(jobs), "graded_labels": graded, "agreement_labels": agreed,
+            "audit_jobs": audit.jobs, "audit_usd": audit.spent, "family": family, "from_version": live_v,
+            "train_accuracy": tuned.fitted.train_accuracy, "train_cost": tuned.fitted.train_cost}
+    version = store.add(portfolio.digest, spec, file_policy(portfolio), source="retune", info=info)
+    return Retuned(version, spec, len(rows), len(jobs), graded, agreed, audit, live_v)
+
+
+# --- shadow -------------------------------------------------------------------------------------
+
+@dataclass
+class Replayed:
+    tier: str | None  # the tier whose answer is final (None: rejected)
+    cost: float
+    calls: list[str]
+    missing: str | None = None  # why it cannot be replayed from what was recorded
+
+
+def replay(policy: Policy, portfolio: Portfolio, job: dict[str, Any]) -> Replayed:
+    """The job under `policy`, from its recorded attempts only: the calls the policy
+    makes, the answer it keeps and what it costs; `missing` says what a call would
+    need that was never recorded (a tier not called, a signal not asked for)."""
+    rec = {a["tier"]: a for a in job["attempts"]}
+    query = query_of(job["id"], job["input"] or {})
+    start = cascade.start(policy, query)
+    i, history, calls = start.tier, [], []
+    while True:
+        name = portfolio.tiers[i].name
+        a = rec.get(name)
+        if a is None:
+            return Replayed(None, 0.0, calls, missing=f"tier {name} never called")
+        att = attempt_from_row(a)
+        lacking = [s for s in policy.needs(i).signals if att.error is None and sig.get(att.signals, s) is None]
+        if lacking:
+            return Replayed(None, 0.0, calls, missing=f"{', '.join(lacking)} not recorded at {name}")
+        history.append(att)
+        calls.append(name)
+        d = cascade.step(policy, query, start.plan, history)
+        if d.action == "escalate":
+            i = d.next_tier
+            continue
+        cost = math.fsum(h.cost_usd for h in history)
+        if d.action != "accept":
+            return Replayed(None, cost, calls)
+        return Replayed(cascade.final_attempt(history, d).tier, cost, calls)
+
+
+@dataclass
+class Shadow:
+    version: int
+    live_version: int
+    jobs: int  # labelled jobs looked at
+    compared: int  # replayable under both, their outcome labelled under both
+    not_replayable: dict[str, int] = field(default_factory=dict)  # candidate | live -> jobs
+    unlabelled: int = 0
+    live_accuracy: float = math.nan
+    candidate_accuracy: float = math.nan
+    live_cost: float = math.nan  # mean per job
+    candidate_cost: float = math.nan
+    changed: int = 0  # jobs whose final tier differs
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(self).items()}
+
+
+def shadow(portfolio: Portfolio, settings: Settings, version: int, comparator: Comparator, *,
+           limit: int = 5000) -> Shadow:
+    """Replay the recent labelled jobs under `version` and under the promoted version."""
+    store = policy_store(settings)
+    live_v = store.promoted(portfolio.digest)
+    cand = build_policy(portfolio, version_policy(store, portfolio, version))
+    live = build_policy(portfolio, version_policy(store, portfolio, live_v))
+    jobs = store.finished_jobs(portfolio.digest, limit)
+    jobs += store.finished_jobs(calibration_portfolio(portfolio).digest, limit)
+    labelled = [lj for lj in label_jobs(jobs, portfolio.tier_names, comparator) if lj.labels]
+    out = Shadow(version, live_v, len(labelled), 0, {"candidate": 0, "live": 0})
+    acc = {"live": 0.0, "candidate": 0.0}
+    cost = {"live": 0.0, "candidate": 0.0}
+    for lj in labelled:
+        got = {"candidate": replay(cand, portfolio, lj.job), "live": replay(live, portfolio, lj.job)}
+        bad = [k for k, r in got.items() if r.missing]
+        for k in bad:
+            out.not_replayable[k] += 1
+            out.reasons[got[k].missing] = out.reasons.get(got[k].missing, 0) + 1
+        if bad:
+            continue
+        if any(r.tier is not None and r.tier not in lj.labels for r in got.values()):
+            out.unlabelled += 1
+            continue
+        out.compared += 1
+        for k, r in got.items():
+            acc[k] += 0.0 if r.tier is None else lj.labels[r.tier]
+            cost[k] += r.cost
+        out.changed += got["candidate"].tier != got["live"].tier
+    if out.compared:
+        out.live_accuracy, out.candidate_accuracy = acc["live"] / out.compared, acc["candidate"] / out.compared
+        out.live_cost, out.candidate_cost = cost["live"] / out.compared, cost["candidate"] / out.compared
+    store.set_info(portfolio.digest, version, {"shadow": out.as_json()})  # no row (version 1, none stored): no-op
+    return out
+
+
+def render_shadow(s: Shadow) -> list[str]:
+    lines = [f"shadow: version {s.version} against the promoted version {s.live_version} on {s.jobs} labelled "
+             f"job(s): {s.compared} compared; not replayable from the recorded attempts: "
+             f"{s.not_replayable['candidate']} under {s.version}, {s.not_replayable['live']} under "
+             f"{s.live_version}; {s.unlabelled} whose kept answer has no label"]
+    for why, n in sorted(s.reasons.items(), key=lambda kv: -kv[1])[:5]:
+        lines.append(f"  not replayable: {why}: {n}")
+    if s.compared:
+        ratio = s.candidate_cost / s.live_cost if s.live_cost else math.nan
+        lines.append(f"{'version':<10}{'accuracy':>10}{'cost/job $':>14}")
+        lines.append(f"{s.live_version:<10}{s.live_accuracy:>10.4f}{s.live_cost:>14.6g}")
+        lines.append(f"{s.version:<10}{s.candidate_accuracy:>10.4f}{s.candidate_cost:>14.6g}")
+        lines.append(f"candidate - live: accuracy {s.candidate_accuracy - s.live_accuracy:+.4f}, cost ratio "
+                     f"{ratio:.3f}; {s.changed} job(s) would end at another tier")
+    return lines
