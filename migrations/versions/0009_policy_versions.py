@@ -2,7 +2,8 @@
 stored as a candidate, compared in shadow, promoted or rolled back
 (`cascade policy ...`). Version 1 is the portfolio file's own policy; a row for it is
 written with the first stored candidate. At most one version of a portfolio is
-promoted (a partial unique index); workers read it at every stage start.
+promoted (a partial unique index); submitters plan new jobs with it (at most a
+second after a promotion) and each job keeps the version that planned it.
 
 Revision ID: 0009
 Revises: 0006

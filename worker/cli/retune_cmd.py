@@ -36,14 +36,14 @@ from worker.labwork.retune import render_shadow, retune, shadow
 @comparator_options
 def retune_cmd(portfolio_path, family, budget, target_accuracy, limit, audit_share, audit_max_usd, min_rows, seed,
                no_shadow, as_json, comparator, kind, similarity, unparsed) -> None:
-    """Refit the portfolio's live policy (target: parity with the best single tier, unless
-    --budget or --target-accuracy) on its recent jobs, labelled by grades (`cascade feedback`)
+    """Refit the portfolio's live policy (target: the promoted version's accuracy on the same
+    rows at the lowest cost, unless --budget or --target-accuracy) on its recent jobs, labelled by grades (`cascade feedback`)
     or by agreement with the top tier, store it as a candidate version, and compare it in
     shadow with the promoted version. Promote it with `cascade policy promote VERSION`."""
     if budget is not None and target_accuracy is not None:
         raise click.UsageError("give at most one of --budget, --target-accuracy")
     target = (Target.budget(budget) if budget is not None else
-              Target.accuracy(target_accuracy) if target_accuracy is not None else Target.match_best())
+              Target.accuracy(target_accuracy) if target_accuracy is not None else None)
     settings = get_settings()
     say = (lambda s: click.echo(s, err=True)) if as_json else click.echo
     with user_errors():

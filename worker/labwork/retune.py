@@ -17,6 +17,7 @@ with no audit the fit sees a harder mix than the traffic, which the report says.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import random
@@ -36,14 +37,23 @@ from router.lab.tune import tune
 from router.lab.tuning import Target
 from worker.config.settings import Settings
 from worker.job.codec import attempt_from_row, query_of
-from worker.labwork.calibration import calibration_portfolio, response_of
+from worker.labwork.calibration import calibration_portfolio, estimate_tier, response_of
+from worker.queue.batch import BatchError
 from worker.ops.migrate import current
 from worker.queue.items import Item
 from worker.queue.run import run_batch
+from worker.store.batches import BatchStore
 from worker.store.policies import PolicyStore
 
 POLICY_REVISION = "0009"
 MIN_ROWS = 20  # fewer rows than this fit nothing worth promoting
+HOLDOUT = 0.3  # share of the labelled jobs kept out of the fit, for the shadow comparison
+
+
+def held_out(job_id: str, share: float, seed: int) -> bool:
+    """Whether a job is kept out of the fit (a hash of its id: the same rule in shadow)."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{job_id}".encode()).digest()[:8], "big") / 2**64
+    return h < share
 
 
 class RetuneError(UserError):
@@ -166,9 +176,20 @@ def run_audit(portfolio: Portfolio, store: PolicyStore, settings: Settings, shar
     """Send `share` of the recent jobs that never reached the top tier through every tier
     (the calibration path: `every-tier`, an ordinary batch), spending at most `max_usd`."""
     top = portfolio.tiers[-1].name
-    early = [j for j in store.finished_jobs(portfolio.digest, limit)
-             if top not in answered(j) and (j["input"] or {}).get("prompt")]
+    recent = store.finished_jobs(portfolio.digest, limit)
+    early = [j for j in recent if top not in answered(j) and (j["input"] or {}).get("prompt")]
     n = min(len(early), math.floor(share * len(early) + 0.5))
+    # what one audited job costs (every tier called): per tier, the larger of its mean recorded
+    # call cost and the calibration's estimate at its configured price
+    per_job = 0.0
+    for t in portfolio.tiers:
+        costs = [a["cost_usd"] for j in recent for a in j["attempts"] if a["tier"] == t.name and a["error"] is None]
+        observed = math.fsum(costs) / len(costs) if costs else 0.0
+        per_job += max(observed, estimate_tier(t, [j["input"]["prompt"] for j in early[:50]]) / max(1, min(50, len(early))))
+    if per_job > 0 and n * per_job > max_usd:
+        fit = math.floor(max_usd / per_job)
+        say(f"audit: {n} job(s) would cost about ${n * per_job:.6g}, over the ${max_usd:g} cap: {fit} drawn")
+        n = fit
     if n == 0:
         say(f"audit: none of {len(early)} recent job(s) that stopped below the top tier drawn (share {share:g})")
         return Audit()
@@ -176,10 +197,16 @@ def run_audit(portfolio: Portfolio, store: PolicyStore, settings: Settings, shar
     items = [Item(key=early[i]["id"], seq=k, data={**early[i]["input"], "id": early[i]["id"]})
              for k, i in enumerate(drawn)]
     full = calibration_portfolio(portfolio)
-    batch_id = f"audit-{portfolio.digest[:8]}-{early[drawn[0]]['id'][:12]}-{n}-{seed}"
-    report = run_batch(items, full, settings=settings, batch_id=batch_id, source="cascade retune audit",
-                       progress=False, max_cost=max_usd)
-    spent = math.fsum(j["cost_usd"] for j in report.jobs)
+    # one id per draw: a re-run of the same retune resumes its audit instead of paying again
+    drawn_ids = hashlib.sha256("\n".join(early[i]["id"] for i in drawn).encode()).hexdigest()[:12]
+    batch_id = f"audit-{portfolio.digest[:8]}-{drawn_ids}"
+    try:
+        report = run_batch(items, full, settings=settings, batch_id=batch_id, source="cascade retune audit",
+                           progress=False, max_cost=max_usd)
+        spent = math.fsum(j["cost_usd"] for j in report.jobs)
+    except BatchError as e:  # the cap stopped it: what finished is stored and labelled like the rest
+        say(f"audit: {e}")
+        spent = (BatchStore(settings.db_url).batch(batch_id) or {}).get("total_cost", math.nan)
     say(f"audit: {n} of {len(early)} recent job(s) that stopped below {top} sent through every tier "
         f"(batch {batch_id}): ${spent:.6g} of the ${max_usd:g} cap")
     return Audit(n, spent, batch_id)
@@ -200,7 +227,7 @@ class Retuned:
 def retune(portfolio: Portfolio, settings: Settings, comparator: Comparator, *, family: str | None = None,
            target: Target | None = None, limit: int = 5000, audit_share: float | None = None,
            audit_max_usd: float | None = None, seed: int = 0, min_rows: int = MIN_ROWS,
-           say: Callable[[str], None] = print) -> Retuned:
+           holdout: float = HOLDOUT, say: Callable[[str], None] = print) -> Retuned:
     """Label the portfolio's recent jobs, refit the live version's family (or `family`)
     on those every tier answered, and store the result as a candidate version."""
     store = policy_store(settings)
@@ -214,34 +241,49 @@ def retune(portfolio: Portfolio, settings: Settings, comparator: Comparator, *, 
     cap = settings.retune_audit_max_usd if audit_max_usd is None else audit_max_usd
     audit = run_audit(portfolio, store, settings, share, cap, limit, seed, say) if share > 0 else Audit()
     jobs = store.finished_jobs(portfolio.digest, limit)
-    jobs += store.finished_jobs(calibration_portfolio(portfolio).digest, limit)  # audits and calibrations
+    audited = store.finished_jobs(calibration_portfolio(portfolio).digest, limit)  # audits and calibrations
+    jobs += audited
     labelled = label_jobs(jobs, tiers, comparator)
+    kept_out = sum(held_out(lj.job["id"], holdout, seed) for lj in labelled if lj.labels)
+    labelled = [lj for lj in labelled if not held_out(lj.job["id"], holdout, seed)]
     rows = bench_rows(labelled, tiers)
     used = {r["id"] for r in rows}
     graded = sum(lj.graded for lj in labelled if lj.job["id"] in used)
     agreed = sum(len(lj.labels) - lj.graded for lj in labelled if lj.job["id"] in used)
     say(f"retune: {len(jobs)} finished job(s); {len(rows)} answered by every tier and labelled "
-        f"({graded} tier label(s) from grades, {agreed} by agreement with {tiers[-1]})")
+        f"({graded} tier label(s) from grades, {agreed} by agreement with {tiers[-1]}); {kept_out} labelled "
+        f"job(s) kept out of the fit ({holdout:g}) for the shadow comparison")
     if len(rows) < min_rows:
         raise RetuneError(
             f"only {len(rows)} job(s) with every tier's answer labelled, fewer than {min_rows}: grade more jobs "
             f"(`cascade feedback add`) or send a share of live jobs through every tier "
             f"(`--audit-share`, capped by `--audit-max-usd`)")
-    if not audit.jobs and not share:
+    if not used & {j["id"] for j in audited}:
         say("retune: no audit: the rows are the jobs that reached the top tier, harder than the traffic at large")
+    if target is None:
+        # the live version's accuracy on these rows: the candidate must keep it, at the lowest cost
+        # (parity with the best single tier is no target under agreement labels: the top agrees with itself)
+        live_policy = build_policy(portfolio, live)
+        kept = [replay(live_policy, portfolio, lj.job).tier for lj in labelled if lj.job["id"] in used]
+        live_acc = math.fsum(0.0 if t is None else lj.labels[t]
+                             for t, lj in zip(kept, (lj for lj in labelled if lj.job["id"] in used))) / len(kept)
+        target = Target.accuracy(live_acc)
+        say(f"retune: target: the accuracy of the promoted version {live_v} on these rows, {live_acc:.4f}, "
+            f"at the lowest cost")
     signal = (live.get("params") or {}).get("signal")
     with tempfile.TemporaryDirectory(prefix="cascade-retune-") as tmp:
         data = Path(tmp) / "live.jsonl.gz"
         with gzip.open(data, "wt", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        tuned = tune(data, family, target or Target.match_best(), Path(tmp) / "policy.json", fit_split="all",
+        tuned = tune(data, family, target, Path(tmp) / "policy.json", fit_split="all",
                      models=tiers, signal=signal if signal in ("logprob", "p_true") else None, seed=seed)
     spec = {"name": tuned.policy.name, "params": tuned.policy.params,
             "fitted": {k: v for k, v in tuned.policy.fitted.items() if k != "data"}}
     build_policy(portfolio, spec)  # fits this portfolio's tiers, or raises naming why
     info = {"rows": len(rows), "jobs": len(jobs), "graded_labels": graded, "agreement_labels": agreed,
             "audit_jobs": audit.jobs, "audit_usd": audit.spent, "family": family, "from_version": live_v,
+            "holdout": holdout, "seed": seed, "target": target.as_json(),
             "train_accuracy": tuned.fitted.train_accuracy, "train_cost": tuned.fitted.train_cost}
     version = store.add(portfolio.digest, spec, file_policy(portfolio), source="retune", info=info)
     return Retuned(version, spec, len(rows), len(jobs), graded, agreed, audit, live_v)
@@ -299,6 +341,7 @@ class Shadow:
     live_cost: float = math.nan  # mean per job
     candidate_cost: float = math.nan
     changed: int = 0  # jobs whose final tier differs
+    fitted_on: int = 0  # labelled jobs left out: the version was fitted on them
     reasons: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -310,12 +353,19 @@ def shadow(portfolio: Portfolio, settings: Settings, version: int, comparator: C
     """Replay the recent labelled jobs under `version` and under the promoted version."""
     store = policy_store(settings)
     live_v = store.promoted(portfolio.digest)
+    row = store.version(portfolio.digest, version)
     cand = build_policy(portfolio, version_policy(store, portfolio, version))
     live = build_policy(portfolio, version_policy(store, portfolio, live_v))
     jobs = store.finished_jobs(portfolio.digest, limit)
     jobs += store.finished_jobs(calibration_portfolio(portfolio).digest, limit)
     labelled = [lj for lj in label_jobs(jobs, portfolio.tier_names, comparator) if lj.labels]
-    out = Shadow(version, live_v, len(labelled), 0, {"candidate": 0, "live": 0})
+    info = (row or {}).get("info") or {}
+    fitted = 0
+    if "holdout" in info:  # the jobs the version was fitted on are not evidence for it
+        keep = [lj for lj in labelled if held_out(lj.job["id"], info["holdout"], info["seed"])
+                or lj.job["finished_at"] > row["created_at"]]
+        fitted, labelled = len(labelled) - len(keep), keep
+    out = Shadow(version, live_v, len(labelled), 0, {"candidate": 0, "live": 0}, fitted_on=fitted)
     acc = {"live": 0.0, "candidate": 0.0}
     cost = {"live": 0.0, "candidate": 0.0}
     for lj in labelled:
@@ -345,7 +395,8 @@ def render_shadow(s: Shadow) -> list[str]:
     lines = [f"shadow: version {s.version} against the promoted version {s.live_version} on {s.jobs} labelled "
              f"job(s): {s.compared} compared; not replayable from the recorded attempts: "
              f"{s.not_replayable['candidate']} under {s.version}, {s.not_replayable['live']} under "
-             f"{s.live_version}; {s.unlabelled} whose kept answer has no label"]
+             f"{s.live_version}; {s.unlabelled} whose kept answer has no label"
+             + (f"; {s.fitted_on} job(s) it was fitted on left out" if s.fitted_on else "")]
     for why, n in sorted(s.reasons.items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"  not replayable: {why}: {n}")
     if s.compared:

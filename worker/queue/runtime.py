@@ -26,6 +26,9 @@ from worker.store.policies import PolicyStore
 from worker.store.stages import StageStore
 
 
+PROMOTED_TTL = 1.0  # seconds a submitter keeps the promoted policy version it read
+
+
 class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -35,6 +38,7 @@ class Runtime:
         self.policies = PolicyStore(settings.db_url)
         self._portfolios: dict[str, Portfolio] = {}
         self._policies: dict[tuple[str, int], Policy] = {}
+        self._promoted: dict[str, tuple[int, float]] = {}  # digest -> (promoted version, when read)
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._inflight: dict[str, int] = {}  # job id -> stages of this process working on it
@@ -71,6 +75,17 @@ class Runtime:
         if got is None:
             got = self.add_portfolio(portfolio_from_spec(self.jobs.portfolio_spec(digest)))
         return got
+
+    def current_policy(self, digest: str) -> tuple[int, Policy]:
+        """The promoted version of the portfolio and its policy, for planning a new job.
+        Read at most once per PROMOTED_TTL seconds per portfolio: a promotion reaches new
+        jobs that much later, and nothing else depends on the delay (each job carries its
+        version from here on, and a version's policy never changes)."""
+        t = time.monotonic()
+        hit = self._promoted.get(digest)
+        if hit is None or t - hit[1] > PROMOTED_TTL:
+            hit = self._promoted[digest] = (self.policies.promoted(digest), t)
+        return hit[0], self.policy(digest, hit[0])
 
     def policy(self, digest: str, version: int) -> Policy:
         """The portfolio's policy at `version` (1: the file's own), built once: a stored

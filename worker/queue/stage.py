@@ -36,7 +36,6 @@ from worker.ops import metrics
 from worker.queue.dispatch import queue_for
 from worker.queue.runtime import Runtime
 from worker.store.errors import InterfaceError, OperationalError, StatementError
-from worker.store.policies import version_of
 from worker.store.schema import now
 from worker.store.stages import StageStore
 
@@ -403,16 +402,10 @@ def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries:
 
 
 def policy_version(job: dict, prior: list[dict]) -> int:
-    """The policy version that decides this job: the one its first attempt recorded (a
-    job in flight finishes under the version it started with), else the version
-    promoted when this stage started (read with the jobs: StageStore.start_stage)."""
-    for a in prior:
-        v = version_of(a)
-        if v is not None:
-            return v
-    if prior:
-        return 1  # attempts recorded before versions existed: the portfolio file's policy decided them
-    return job.get("policy_promoted") or 1
+    """The policy version that decides this job: the one that planned it at submission
+    (`plan.policy_version`, worker.queue.admission), so a job finishes under the version it
+    started with; 1 (the portfolio file's) for a job planned before versions existed."""
+    return int((job["plan"] or {}).get("policy_version") or 1)
 
 
 def _decide(portfolio, policy, version: int, tier_name: str, job: dict, query: Query, prior: list[dict],

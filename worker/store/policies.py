@@ -1,8 +1,9 @@
 """A portfolio's policy versions (`cascade retune`, `cascade policy ...`): version 1 is
 the portfolio file's own policy (its row written with the first stored candidate);
 later ones are candidates until promoted. At most one version is promoted per
-portfolio (a partial unique index); the stage reads it when it starts (StageStore),
-and a job keeps the version its first attempt recorded (`meta.policy_version`).
+portfolio (a partial unique index); a submitter plans each new job with it and the
+job's plan keeps its number (worker.queue.admission), so every stage of the job asks
+that version, and each attempt records it (`meta.policy_version`).
 
 A stored version's policy never changes (only its state does), so a worker may keep
 the policy it built from a version for as long as it runs."""
@@ -23,14 +24,6 @@ _pv = policy_versions
 
 class PolicyVersionError(LookupError):
     """A version that does not exist or cannot move to the state asked."""
-
-
-def version_of(attempt: dict[str, Any]) -> int | None:
-    """The policy version an attempt row records (None: recorded before versions existed)."""
-    v = attempt.get("policy_version")
-    if v is None:
-        v = (attempt.get("meta") or {}).get("policy_version")
-    return None if v is None else int(v)
 
 
 class PolicyStore(Database):

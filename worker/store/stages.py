@@ -21,7 +21,7 @@ from worker.job.codec import EXPIRED, FAILED, OPEN, RUNNING, SUCCEEDED, StageOut
 from worker.job.storable import clean_text
 from worker.store.engine import Database, dialect_insert
 from worker.store.jobs import forget_content
-from worker.store.schema import attempts, batches, jobs, now, policy_versions
+from worker.store.schema import attempts, batches, jobs, now
 
 # (status = .. OR status = ..): an IN list cannot be used with executemany
 _OPEN_GUARD = or_(*(jobs.c.status == s for s in OPEN))
@@ -56,13 +56,10 @@ WITH started AS (
   RETURNING id)
 SELECT j.id, j.batch_id, j.tenant, j.portfolio, j.input, j.plan, j.status, j.current_tier, j.deliveries, j.deadline,
        j.error, j.updated_at, s.id IS NOT NULL AS started,
-       (SELECT pv.version FROM policy_versions pv WHERE pv.portfolio = j.portfolio AND pv.state = 'promoted')
-         AS policy_promoted,
        coalesce((SELECT jsonb_agg(jsonb_build_object(
                   'tier', a.tier, 'tier_index', a.tier_index, 'step', a.step, 'model', a.model, 'answer', a.answer,
                   'signals', a.signals, 'tokens_in', a.tokens_in, 'tokens_out', a.tokens_out, 'cost_usd', a.cost_usd,
-                  'latency_ms', a.latency_ms, 'decision', a.decision, 'error', a.error,
-                  'policy_version', a.meta->'policy_version') ORDER BY a.step)
+                  'latency_ms', a.latency_ms, 'decision', a.decision, 'error', a.error) ORDER BY a.step)
                  FROM attempts a WHERE a.job_id = j.id), '[]'::jsonb) AS attempts
 FROM jobs j LEFT JOIN started s ON s.id = j.id
 WHERE j.id = ANY(CAST(:ids AS text[]))
@@ -127,12 +124,6 @@ class StageStore(Database):
                 for a in c.execute(select(attempts).where(attempts.c.job_id.in_(list(ats)))
                                    .order_by(attempts.c.job_id, attempts.c.step)).mappings():
                     ats[a["job_id"]].append(dict(a))
-            # the promoted policy version, read with the jobs (as _START_STAGE does)
-            promoted = dict(c.execute(select(policy_versions.c.portfolio, policy_versions.c.version).where(
-                policy_versions.c.portfolio.in_({r["portfolio"] for r in rows}),
-                policy_versions.c.state == "promoted")).all()) if rows else {}
-        for r in rows:
-            r["policy_promoted"] = promoted.get(r["portfolio"])
         order = {j: i for i, j in enumerate(job_ids)}
         rows.sort(key=lambda r: order[r["id"]])
         return rows, ats
