@@ -9,11 +9,19 @@ import click
 
 from router.core.comparators import make_comparator
 from router.core.policyfile import read_policy_file
-from worker.cli.common import load_portfolio_option, user_errors
+from worker.cli.common import load_portfolio_option, short, user_errors
 from worker.cli.pseudo_cmd import comparator_options
 from worker.config.settings import get_settings
-from worker.labwork.retune import (RetuneError, build_policy, file_policy, policy_store, render_shadow, shadow,
-                                   version_policy, with_policy)
+from worker.labwork.retune import (
+    RetuneError,
+    build_policy,
+    file_policy,
+    policy_store,
+    render_shadow,
+    shadow,
+    version_policy,
+    with_policy,
+)
 from worker.models.preflight import check_portfolio
 
 _portfolio = click.option("--portfolio", "portfolio_path", type=click.Path(dir_okay=False),
@@ -48,7 +56,7 @@ def list_cmd(portfolio_path, as_json) -> None:
             fit += (f"; shadow on {sh['compared']} jobs: accuracy {sh['candidate_accuracy']:.4f} vs "
                     f"{sh['live_accuracy']:.4f}, cost {sh['candidate_cost']:.6g} vs {sh['live_cost']:.6g}")
         click.echo(f"{r['version']:>3}  {r['state']:<9}  {r['source']:<9}  {r['policy']['name']} "
-                   f"{json.dumps(r['policy'].get('params') or {})}{fit}")
+                   f"{short(r['policy'].get('params') or {})}{fit}")
 
 
 @policy.command("add")
@@ -67,7 +75,7 @@ def add_cmd(portfolio_path, policy_file) -> None:
         except Exception as e:  # noqa: BLE001 - a policy error names the problem; said with the file's name
             raise RetuneError(f"{policy_file}: does not fit this portfolio's tiers: {e}") from None
         v = store.add(portfolio.digest, spec, file_policy(portfolio), source="manual")
-    click.echo(f"stored candidate version {v}: {tuned.name} {json.dumps(tuned.params)}")
+    click.echo(f"stored candidate version {v}: {tuned.name} {short(tuned.params)}")
 
 
 @policy.command("shadow")

@@ -8,7 +8,7 @@ import click
 
 from router.core.comparators import make_comparator
 from router.lab.tuning import Target
-from worker.cli.common import load_portfolio_option, user_errors
+from worker.cli.common import load_portfolio_option, short, user_errors
 from worker.cli.pseudo_cmd import comparator_options
 from worker.config.settings import get_settings
 from worker.labwork.retune import render_shadow, retune, shadow
@@ -57,7 +57,7 @@ def retune_cmd(portfolio_path, family, budget, target_accuracy, limit, audit_sha
                                "rows": r.rows, "from_version": r.live_version,
                                "shadow": s.as_json() if s else None}))
         return
-    click.echo(f"stored candidate version {r.version}: {r.policy['name']} {json.dumps(r.policy['params'])} "
+    click.echo(f"stored candidate version {r.version}: {r.policy['name']} {short(r.policy['params'])} "
                f"(fitted on {r.rows} rows; the promoted version is {r.live_version})")
     if s is not None:
         for line in render_shadow(s):

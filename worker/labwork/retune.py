@@ -38,8 +38,8 @@ from router.lab.tuning import Target
 from worker.config.settings import Settings
 from worker.job.codec import attempt_from_row, query_of
 from worker.labwork.calibration import calibration_portfolio, estimate_tier, response_of
-from worker.queue.batch import BatchError
 from worker.ops.migrate import current
+from worker.queue.batch import BatchError
 from worker.queue.items import Item
 from worker.queue.run import run_batch
 from worker.store.batches import BatchStore
@@ -47,6 +47,7 @@ from worker.store.policies import PolicyStore
 
 POLICY_REVISION = "0009"
 MIN_ROWS = 20  # fewer rows than this fit nothing worth promoting
+AUDIT_SLICES = 5  # the audit's batch goes in this many slices, the spend checked before each
 HOLDOUT = 0.3  # share of the labelled jobs kept out of the fit, for the shadow comparison
 
 
@@ -200,15 +201,29 @@ def run_audit(portfolio: Portfolio, store: PolicyStore, settings: Settings, shar
     # one id per draw: a re-run of the same retune resumes its audit instead of paying again
     drawn_ids = hashlib.sha256("\n".join(early[i]["id"] for i in drawn).encode()).hexdigest()[:12]
     batch_id = f"audit-{portfolio.digest[:8]}-{drawn_ids}"
-    try:
-        report = run_batch(items, full, settings=settings, batch_id=batch_id, source="cascade retune audit",
-                           progress=False, max_cost=max_usd)
-        spent = math.fsum(j["cost_usd"] for j in report.jobs)
-    except BatchError as e:  # the cap stopped it: what finished is stored and labelled like the rest
-        say(f"audit: {e}")
-        spent = (BatchStore(settings.db_url).batch(batch_id) or {}).get("total_cost", math.nan)
-    say(f"audit: {n} of {len(early)} recent job(s) that stopped below {top} sent through every tier "
+    # in slices, each sent only if the spend so far plus its estimate (per job: the larger of
+    # the estimate above and the mean measured so far) stays within the cap; the batch's own
+    # cap (run_batch max_cost) stops a slice that overshoots anyway
+    spent, sent, size = 0.0, 0, max(1, math.ceil(n / AUDIT_SLICES))
+    batches = BatchStore(settings.db_url)
+    while sent < n:
+        part = min(size, n - sent)
+        if sent and spent + part * max(per_job, spent / sent) > max_usd:
+            say(f"audit: stopped after {sent} job(s): the next {part} would pass the ${max_usd:g} cap")
+            break
+        try:
+            run_batch(items[:sent + part], full, settings=settings, batch_id=batch_id,
+                      source="cascade retune audit", progress=False, max_cost=max_usd)
+        except BatchError as e:  # the cap stopped it: what finished is stored and labelled like the rest
+            say(f"audit: {e}")
+            sent += part
+            spent = (batches.batch(batch_id) or {}).get("total_cost", math.nan)
+            break
+        sent += part
+        spent = batches.batch(batch_id)["total_cost"]
+    say(f"audit: {sent} of {len(early)} recent job(s) that stopped below {top} sent through every tier "
         f"(batch {batch_id}): ${spent:.6g} of the ${max_usd:g} cap")
+    n = sent
     return Audit(n, spent, batch_id)
 
 

@@ -25,7 +25,6 @@ from worker.store.jobs import JobStore
 from worker.store.policies import PolicyStore
 from worker.store.stages import StageStore
 
-
 PROMOTED_TTL = 1.0  # seconds a submitter keeps the promoted policy version it read
 
 
