@@ -118,3 +118,33 @@ def test_policy_commands_need_the_schema(bench, tmp_path):
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
     got = cascade(env, "policy", "list", "--portfolio", str(path), check=False)
     assert got.returncode == 1 and "the database has no schema yet" in got.stderr
+
+
+def test_shadow_calls_the_tiers_never_recorded_up_to_its_cap(live, tmp_path):
+    env, path, rows = live
+    p = ["--portfolio", str(path)]
+    # graded jobs, some stopped at t0: a version starting at t1 needs t1's answer, never recorded for them
+    grades = tmp_path / "grades.jsonl"
+    grades.write_text("".join(json.dumps({"id": r.id, "correct": 1.0}) + "\n" for r in rows[:60]))
+    cascade(env, "feedback", "add", "live", "--file", str(grades))
+    v = tmp_path / "v.json"
+    v.write_text(json.dumps({"name": "threshold", "params": {"signal": "logprob", "chain": ["t1", "t2"],
+                                                             "thresholds": {"t1": -0.3}}}))
+    cascade(env, "policy", "add", *p, "--file", str(v))
+
+    def shadow(*extra):
+        return json.loads(cascade(env, "policy", "shadow", "2", *p, "--json", *extra).stdout)
+
+    none = shadow()
+    missing = none["not_replayable"]["candidate"]
+    assert missing > 2 and none["called"] == 0 and none["reasons"] == {"tier t1 never called": missing}
+    assert none["not_replayable"]["live"] == 0  # version 1 ran them: all recorded
+    capped = shadow("--max-calls", "2")
+    assert capped["called"] == 2 and capped["called_usd"] > 0
+    assert missing - 2 <= capped["not_replayable"]["candidate"] < missing
+    assert capped["compared"] > none["compared"]
+    full = shadow("--max-calls", "1000")
+    assert full["not_replayable"]["candidate"] == 0 and missing <= full["called"] <= 2 * missing
+    # each job called for is compared now, or counted as unlabelled (an answer the comparator cannot read)
+    assert full["compared"] + full["unlabelled"] == none["compared"] + none["unlabelled"] + missing
+    assert full["compared"] > capped["compared"]

@@ -96,3 +96,11 @@ def test_hold_out_is_a_stable_share():
     assert 0.27 < sum(out) / len(ids) < 0.33
     assert out == [held_out(i, 0.3, 0) for i in ids]  # the same rule in the shadow, later
     assert out != [held_out(i, 0.3, 1) for i in ids]
+
+
+def test_a_graded_final_answer_labels_the_answers_that_agree_with_it():
+    right = job("r", [att("t0", "A"), att("t1", "A")], final_tier="t0", feedback={"correct": 1.0, "tiers": {}})
+    right_other = job("o", [att("t0", "A"), att("t1", "B")], final_tier="t0", feedback={"correct": 1.0, "tiers": {}})
+    wrong = job("w", [att("t0", "A"), att("t1", "B")], final_tier="t0", feedback={"correct": 0.0, "tiers": {}})
+    got = {lj.job["id"]: lj.labels for lj in label_jobs([right, right_other, wrong], TIERS, COMP)}
+    assert got == {"r": {"t0": 1.0, "t1": 1.0}, "o": {"t0": 1.0, "t1": 0.0}, "w": {"t0": 0.0}}

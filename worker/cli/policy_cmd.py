@@ -83,16 +83,20 @@ def add_cmd(portfolio_path, policy_file) -> None:
 @_portfolio
 @click.option("--limit", type=click.IntRange(1), default=5000, show_default=True,
               help="the most recent finished jobs replayed")
+@click.option("--max-calls", type=click.IntRange(0), default=0, show_default=True,
+              help="tier calls allowed for answers a version needs that were never recorded")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
 @comparator_options
-def shadow_cmd(version, portfolio_path, limit, as_json, comparator, kind, similarity, unparsed) -> None:
+def shadow_cmd(version, portfolio_path, limit, max_calls, as_json, comparator, kind, similarity, unparsed) -> None:
     """Replay the recent labelled jobs' recorded attempts under VERSION and under the
-    promoted version: accuracy and cost on the same jobs. A job the version would send
-    to a tier (or read a signal) never recorded is counted as not replayable; no model is called."""
+    promoted version: accuracy and cost on the same jobs. Where a version needs a tier's
+    answer the job never recorded, that tier is called (up to --max-calls calls, counted
+    and costed); past that, or for a signal never recorded, the job is counted as not
+    replayable."""
     with user_errors():
         portfolio = load_portfolio_option(portfolio_path)
         s = shadow(portfolio, get_settings(), version, make_comparator(comparator, kind=kind, similarity=similarity),
-                   limit=limit)
+                   limit=limit, max_calls=max_calls)
     if as_json:
         click.echo(json.dumps(s.as_json()))
     else:

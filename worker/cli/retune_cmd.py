@@ -32,10 +32,12 @@ from worker.labwork.retune import render_shadow, retune, shadow
               help="refuse to fit on fewer labelled rows")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-shadow", is_flag=True, help="store the candidate without the shadow comparison")
+@click.option("--max-calls", type=click.IntRange(0), default=0, show_default=True,
+              help="shadow: tier calls allowed for answers a version needs that were never recorded")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
 @comparator_options
 def retune_cmd(portfolio_path, family, budget, target_accuracy, limit, audit_share, audit_max_usd, min_rows, seed,
-               no_shadow, as_json, comparator, kind, similarity, unparsed) -> None:
+               no_shadow, max_calls, as_json, comparator, kind, similarity, unparsed) -> None:
     """Refit the portfolio's live policy (target: the promoted version's accuracy on the same
     rows at the lowest cost, unless --budget or --target-accuracy) on its recent jobs, labelled by grades (`cascade feedback`)
     or by agreement with the top tier, store it as a candidate version, and compare it in
@@ -51,7 +53,7 @@ def retune_cmd(portfolio_path, family, budget, target_accuracy, limit, audit_sha
         comp = make_comparator(comparator, kind=kind, similarity=similarity)
         r = retune(portfolio, settings, comp, family=family, target=target, limit=limit, audit_share=audit_share,
                    audit_max_usd=audit_max_usd, seed=seed, min_rows=min_rows, say=say)
-        s = None if no_shadow else shadow(portfolio, settings, r.version, comp, limit=limit)
+        s = None if no_shadow else shadow(portfolio, settings, r.version, comp, limit=limit, max_calls=max_calls)
     if as_json:
         click.echo(json.dumps({"version": r.version, "policy": {k: r.policy[k] for k in ("name", "params")},
                                "rows": r.rows, "from_version": r.live_version,

@@ -4,9 +4,10 @@ version is stored; a shadow replay compares it with the promoted version on the 
 recorded jobs.
 
 Labels, per tier answer of a finished job: a grade (`cascade feedback`: `correct` for
-the final tier, `tiers` for the others) where there is one; else agreement with the
-top tier's answer on the same job (the calibration's pseudo-labels), the top tier's
-own grade carried over when it was graded. Only jobs where every tier answered can be
+the final tier, `tiers` for the others) where there is one; else agreement with a
+graded final answer (its grade shared; disagreeing with a right answer is wrong, with
+a wrong one unknown); else agreement with the top tier's answer on the same job (the
+calibration's pseudo-labels), the top tier's own grade carried over when it was graded. Only jobs where every tier answered can be
 fitted on (a cascade's knobs need to know what each tier would have said): live jobs
 that reached the top, and the audit's jobs: a share of the recent jobs that stopped
 early, sent again through every tier by the calibration path under a spend cap
@@ -38,10 +39,12 @@ from router.lab.tuning import Target
 from worker.config.settings import Settings
 from worker.job.codec import attempt_from_row, query_of
 from worker.labwork.calibration import calibration_portfolio, estimate_tier, response_of
+from worker.models.backends import build_backend
 from worker.ops.migrate import current
 from worker.queue.batch import BatchError
 from worker.queue.items import Item
 from worker.queue.run import run_batch
+from worker.queue.stage import call_backend
 from worker.store.batches import BatchStore
 from worker.store.policies import PolicyStore
 
@@ -126,6 +129,19 @@ def label_jobs(jobs: Sequence[dict[str, Any]], tiers: Sequence[str], comparator:
                 if t in ans and v is not None:
                     labels[t] = float(v)
         graded = len(labels)
+        final = j["final_tier"]
+        if final in labels and final != top:
+            # the graded final answer is a reference too: agreeing with it shares its grade,
+            # disagreeing with a right answer is wrong (with a wrong one, unknown)
+            ref = comp.canonical([ans[final]["answer"]])[0]
+            for t, a in ans.items():
+                if t in labels or ref is None:
+                    continue
+                form = comp.canonical([a["answer"]])[0]
+                if form is not None and comp.same(form, ref):
+                    labels[t] = labels[final]
+                elif labels[final] == 1.0:
+                    labels[t] = 0.0
         if top in ans:
             ref = comp.canonical([ans[top]["answer"]])[0]
             top_label = labels.get(top)
@@ -312,6 +328,7 @@ class Replayed:
     cost: float
     calls: list[str]
     missing: str | None = None  # why it cannot be replayed from what was recorded
+    need: int | None = None  # the tier (index) whose answer was never recorded, if that is why
 
 
 def replay(policy: Policy, portfolio: Portfolio, job: dict[str, Any]) -> Replayed:
@@ -326,7 +343,7 @@ def replay(policy: Policy, portfolio: Portfolio, job: dict[str, Any]) -> Replaye
         name = portfolio.tiers[i].name
         a = rec.get(name)
         if a is None:
-            return Replayed(None, 0.0, calls, missing=f"tier {name} never called")
+            return Replayed(None, 0.0, calls, missing=f"tier {name} never called", need=i)
         att = attempt_from_row(a)
         lacking = [s for s in policy.needs(i).signals if att.error is None and sig.get(att.signals, s) is None]
         if lacking:
@@ -357,15 +374,37 @@ class Shadow:
     candidate_cost: float = math.nan
     changed: int = 0  # jobs whose final tier differs
     fitted_on: int = 0  # labelled jobs left out: the version was fitted on them
+    called: int = 0  # model calls made for answers never recorded (capped)
+    called_usd: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(self).items()}
 
 
+def call_missing(portfolio: Portfolio, policy: Policy, job: dict[str, Any], settings: Settings,
+                 backends: dict[str, Any]) -> dict[str, Any]:
+    """The job with the answer `policy` needs next and never recorded: its tier called now
+    (the stage's own call: retries, signals, extra calls), the attempt kept in memory only."""
+    r = replay(policy, portfolio, job)
+    tier = portfolio.tiers[r.need]
+    backend = backends.get(tier.name)
+    if backend is None:
+        backend = backends[tier.name] = build_backend(tier)
+    attempt, _ = call_backend(backend, tier, r.need, query_of(job["id"], job["input"] or {}), policy.needs(r.need),
+                              settings)
+    row = {"tier": attempt.tier, "tier_index": attempt.tier_index, "model": attempt.model, "answer": attempt.text,
+           "signals": dict(attempt.signals), "tokens_in": attempt.tokens_in, "tokens_out": attempt.tokens_out,
+           "cost_usd": attempt.cost_usd, "latency_ms": attempt.latency_ms, "error": attempt.error,
+           "decision": "shadow"}
+    return {**job, "attempts": [*job["attempts"], row]}
+
+
 def shadow(portfolio: Portfolio, settings: Settings, version: int, comparator: Comparator, *,
-           limit: int = 5000) -> Shadow:
-    """Replay the recent labelled jobs under `version` and under the promoted version."""
+           limit: int = 5000, max_calls: int = 0) -> Shadow:
+    """Replay the recent labelled jobs under `version` and under the promoted version; where
+    either needs a tier's answer the job never recorded, call that tier (at most
+    `max_calls` calls in all; past that, such jobs are counted as not replayable)."""
     store = policy_store(settings)
     live_v = store.promoted(portfolio.digest)
     row = store.version(portfolio.digest, version)
@@ -383,22 +422,14 @@ def shadow(portfolio: Portfolio, settings: Settings, version: int, comparator: C
     out = Shadow(version, live_v, len(labelled), 0, {"candidate": 0, "live": 0}, fitted_on=fitted)
     acc = {"live": 0.0, "candidate": 0.0}
     cost = {"live": 0.0, "candidate": 0.0}
-    for lj in labelled:
-        got = {"candidate": replay(cand, portfolio, lj.job), "live": replay(live, portfolio, lj.job)}
-        bad = [k for k, r in got.items() if r.missing]
-        for k in bad:
-            out.not_replayable[k] += 1
-            out.reasons[got[k].missing] = out.reasons.get(got[k].missing, 0) + 1
-        if bad:
-            continue
-        if any(r.tier is not None and r.tier not in lj.labels for r in got.values()):
-            out.unlabelled += 1
-            continue
-        out.compared += 1
-        for k, r in got.items():
-            acc[k] += 0.0 if r.tier is None else lj.labels[r.tier]
-            cost[k] += r.cost
-        out.changed += got["candidate"].tier != got["live"].tier
+    backends: dict[str, Any] = {}
+    try:
+        for lj in labelled:
+            _shadow_one(out, portfolio, {"candidate": cand, "live": live}, lj, settings, backends, max_calls,
+                             comparator, acc, cost)
+    finally:
+        for b in backends.values():
+            b.close()
     if out.compared:
         out.live_accuracy, out.candidate_accuracy = acc["live"] / out.compared, acc["candidate"] / out.compared
         out.live_cost, out.candidate_cost = cost["live"] / out.compared, cost["candidate"] / out.compared
@@ -406,12 +437,45 @@ def shadow(portfolio: Portfolio, settings: Settings, version: int, comparator: C
     return out
 
 
+def _shadow_one(out: Shadow, portfolio: Portfolio, policies: dict[str, Policy], lj: Labelled, settings: Settings,
+                backends: dict[str, Any], max_calls: int, comparator: Comparator, acc: dict[str, float],
+                cost: dict[str, float]) -> None:
+    """One job of the shadow: replayed under both versions (calling what is missing while
+    the cap allows), counted where it cannot be, compared where it can."""
+    got = {k: replay(p, portfolio, lj.job) for k, p in policies.items()}
+    while out.called < max_calls:
+        k = next((k for k, r in got.items() if r.need is not None), None)
+        if k is None:
+            break
+        job = call_missing(portfolio, policies[k], lj.job, settings, backends)
+        out.called += 1
+        out.called_usd += job["attempts"][-1]["cost_usd"]
+        (lj,) = label_jobs([job], portfolio.tier_names, comparator)  # the new answer labelled too
+        got = {k: replay(p, portfolio, lj.job) for k, p in policies.items()}
+    bad = [k for k, r in got.items() if r.missing]
+    for k in bad:
+        out.not_replayable[k] += 1
+        out.reasons[got[k].missing] = out.reasons.get(got[k].missing, 0) + 1
+    if bad:
+        return
+    if any(r.tier is not None and r.tier not in lj.labels for r in got.values()):
+        out.unlabelled += 1
+        return
+    out.compared += 1
+    for k, r in got.items():
+        acc[k] += 0.0 if r.tier is None else lj.labels[r.tier]
+        cost[k] += r.cost
+    out.changed += got["candidate"].tier != got["live"].tier
+
+
 def render_shadow(s: Shadow) -> list[str]:
     lines = [f"shadow: version {s.version} against the promoted version {s.live_version} on {s.jobs} labelled "
              f"job(s): {s.compared} compared; not replayable from the recorded attempts: "
              f"{s.not_replayable['candidate']} under {s.version}, {s.not_replayable['live']} under "
              f"{s.live_version}; {s.unlabelled} whose kept answer has no label"
-             + (f"; {s.fitted_on} job(s) it was fitted on left out" if s.fitted_on else "")]
+             + (f"; {s.fitted_on} job(s) it was fitted on left out" if s.fitted_on else "")
+             + (f"; {s.called} tier call(s) made for answers never recorded (${s.called_usd:.6g})"
+                if s.called else "")]
     for why, n in sorted(s.reasons.items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"  not replayable: {why}: {n}")
     if s.compared:
