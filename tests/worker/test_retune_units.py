@@ -104,3 +104,12 @@ def test_a_graded_final_answer_labels_the_answers_that_agree_with_it():
     wrong = job("w", [att("t0", "A"), att("t1", "B")], final_tier="t0", feedback={"correct": 0.0, "tiers": {}})
     got = {lj.job["id"]: lj.labels for lj in label_jobs([right, right_other, wrong], TIERS, COMP)}
     assert got == {"r": {"t0": 1.0, "t1": 1.0}, "o": {"t0": 1.0, "t1": 0.0}, "w": {"t0": 0.0}}
+
+
+def test_a_worker_started_after_a_promotion_probes_what_both_versions_read():
+    from router.core.policy import Needs
+    from worker.cli.worker_cmd import _both
+
+    got = _both(Needs(signals=("logprob",), logprobs=True), Needs(signals=("p_true", "logprob"), top_logprobs=5,
+                                                                  samples=3, verify=True))
+    assert got == Needs(signals=("logprob", "p_true"), logprobs=True, top_logprobs=5, samples=3, verify=True)
