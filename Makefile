@@ -1,12 +1,19 @@
 # The two commands of a fresh machine: `make demo` (the main job, embedded mode)
 # and `make test` (the test suite; needs the local PostgreSQL and Redis).
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo demo-cluster test test-fast bench
 
 setup:
 	bash ops/setup.sh
 
 demo: setup
 	.venv/bin/cascade demo
+
+# The distributed mode on this machine: a llama-cpp-python server per local model, the
+# machine's Redis and PostgreSQL, one `cascade worker` per tier, `cascade serve` and
+# Flower; the demo's questions as an OpenAI batch through the openai SDK. It stops
+# everything it started (see `cascade demo --help` for --hold, --flower-port).
+demo-cluster: setup
+	.venv/bin/cascade demo --cluster
 
 # The whole suite: every test, the local models (marker `models`) and the long drills
 # (marker `slow`) included. CI runs this one.

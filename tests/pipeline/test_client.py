@@ -139,6 +139,23 @@ def test_wait_is_woken_by_a_notification_not_a_poll(bench, deployment):
     assert time.monotonic() - started >= 1.4 and len(reads) <= 3
 
 
+def test_run_subscribes_before_the_insert_and_reads_the_job_once_it_is_final(bench, deployment):
+    settings, client, _, _ = deployment
+    rec = rows(bench, 1)[0]
+    client.run(rec.prompt, timeout=60)  # the listener connected, the portfolio saved
+    seen: list[str] = []
+    client.jobs.on_statement(seen.append)
+    job = client.run(rec.prompt, timeout=60)
+    assert job["status"] == "succeeded" and job["answer"]
+    reads = [s for s in seen if s.lstrip().upper().startswith("SELECT") and "WHERE jobs.id = " in s]
+    # no read before the job's notice (it was subscribed to before its row was written), one after it
+    # (the job, then its attempts), unless the listener reconnected meanwhile and woke everyone
+    assert len(reads) == 1, seen
+    # a job already final when it is asked for again (an idempotency key repeated) is read at once
+    first = client.run(rec.prompt, idempotency_key="run-twice", timeout=60)
+    assert client.run(rec.prompt, idempotency_key="run-twice", timeout=5)["id"] == first["id"]
+
+
 def test_batch_streams_in_and_results_out_in_order(bench, deployment, tmp_path):
     _, client, _, _ = deployment
     r = rows(bench, 20)

@@ -109,3 +109,46 @@ def test_submitters_at_once_never_admit_past_the_budget(pg_url, bench, tmp_path)
                   .values(status="succeeded", total_cost=0.00004))
     t = TenantStore(pg_url).tenant("t")
     assert (t["spent_usd"], t["reserved_usd"]) == (pytest.approx(0.00004), pytest.approx(0.0009))
+
+
+def test_a_callers_key_and_limits_come_in_one_statement_and_a_tenant_without_a_budget_skips_the_lock(
+        pg_url, bench, tmp_path):
+    from worker.config.settings import Settings
+    from worker.service.tenants import AuthError, Tenants
+
+    upgrade(pg_url)
+    store, job_store = TenantStore(pg_url), JobStore(pg_url)
+    p = load_portfolio(write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3]))
+    job_store.save_portfolio(p.digest, p.spec())
+
+    def rows(n: int, need: float, tenant: str) -> list[dict]:
+        return [{"id": f"j{i}", "seq": 0, "portfolio": p.digest, "input": {"prompt": "x"}, "status": QUEUED,
+                 "current_tier": "t0", "tenant": tenant, "reserved_usd": need} for i in range(n)]
+
+    tenants = Tenants(store, Settings(broker_url=None, database_url=pg_url))
+    store.upsert_tenant("free")
+    store.upsert_tenant("capped", budget_usd=1.0)
+    _, key = tenants.create_key("capped")
+    job_store.insert_jobs(None, [{**rows(1, 0.25, "capped")[0], "id": "open-capped"}])
+    seen: list[str] = []
+    store.on_statement(seen.append)
+    tenant, limits = tenants.authenticate_with_limits(key)
+    assert tenant == "capped" and len(seen) == 1
+    assert limits["budget_usd"] == 1.0 and limits["reserved_usd"] == pytest.approx(0.25)
+    assert tenants.admit(tenant, limits) is True and len(seen) == 1  # admitted on what was just read
+    with pytest.raises(AuthError):
+        tenants.authenticate_with_limits(key[:-1] + ("x" if key[-1] != "x" else "y"))
+    seen.clear()
+    assert tenants.admit("free") is False and tenants.admit("nobody") is False and len(seen) == 2
+    # a tenant read without a budget: its job goes in as one INSERT, no admission lock, no read of its budget
+    seen.clear()
+    assert job_store.insert_jobs(None, rows(1, 0.5, "free")) == {"j0"}
+    assert len(seen) == 1 and seen[0].lstrip().upper().startswith("INSERT")
+    # one with a budget: under the lock, its reservations read
+    seen.clear()
+    job_store.insert_jobs(None, [{**rows(1, 0.5, "capped")[0], "id": "capped-2"}],
+                          admit=Admission("capped", strict=True))
+    assert any("pg_advisory_xact_lock" in s for s in seen)
+    with pytest.raises(BudgetExhausted):
+        job_store.insert_jobs(None, [{**rows(1, 0.5, "capped")[0], "id": "capped-3"}],
+                              admit=Admission("capped", strict=True))

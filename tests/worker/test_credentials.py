@@ -17,7 +17,7 @@ from helpers.env import REPO
 from sqlalchemy import create_engine, text
 
 from router.core.portfolio import parse_portfolio
-from worker.config.credentials import SecretError, expand, redact_spec, redact_text, redact_url
+from worker.config.credentials import SecretError, expand, is_redacted, redact_options, redact_spec, redact_text, redact_url
 from worker.config.logs import configure_logging
 from worker.config.settings import Settings
 from worker.models.backends import BackendConfigError, build_backend
@@ -70,6 +70,10 @@ def test_redaction_rules():
     assert b == {"kind": "openai", "base_url": "http://***@h/v1", "model": "m",
                  "headers": {"X-Key": "***", "X-Ref": "${REF}"}, "api_key_env": "KEY", "token": "***"}
     assert spec["tiers"][0]["backend"]["headers"]["X-Key"] == "literal"  # the original is untouched
+    # a number is never a credential: a portfolio read back from the database keeps its max_tokens and stays usable
+    counts = {"kind": "openai", "base_url": "http://h/v1", "model": "m", "max_tokens": 8, "top_logprobs": 1}
+    assert redact_spec({"tiers": [{"name": "a", "backend": counts}]})["tiers"][0]["backend"] == counts
+    assert not is_redacted(redact_options({k: v for k, v in counts.items() if k != "kind"}))
 
 
 def test_secrets_come_from_the_environment_or_the_secrets_file(tmp_path, monkeypatch):

@@ -129,8 +129,14 @@ def test_a_decision_without_its_signal_is_reported_in_its_reason_and_counted(tmp
         pf = parse_portfolio({"policy": {"name": "threshold", "signal": "min_logprob"}, "tiers": [
             {"name": "cheap", "threshold": -1.0, "backend": {"kind": "openai", "base_url": cheap.base_url, "model": "m"}},
             {"name": "top", "backend": {"kind": "openai", "base_url": top.base_url, "model": "m"}}]}, where="test")
+        # the embedded workers run the tier worker's preflight: refused unless started degraded
+        with pytest.raises(PreflightRefused, match=r"tier 'cheap' \(openai backend, .*\): the policy reads "
+                                                   r"'min_logprob' at this tier"):
+            run_batch([{"id": "a", "prompt": "2+2?"}], pf, settings=Settings(broker_url=None, database_url=None,
+                      home=tmp_path / "refused"), batch_id="refused", progress=False, timeout=60)
         rep = run_batch([{"id": "a", "prompt": "2+2?"}, {"id": "b", "prompt": "3+3?"}], pf,
-                        settings=Settings(broker_url=None, database_url=None, home=tmp_path), batch_id="miss",
+                        settings=Settings(broker_url=None, database_url=None, home=tmp_path,
+                                          allow_missing_signals=True), batch_id="miss",
                         progress=False, timeout=60)
     for job in rep.jobs:
         first = job["attempts"][0]

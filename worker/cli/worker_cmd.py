@@ -72,8 +72,11 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
         check_broker_credentials(settings)
         rt = Runtime(settings)
         rt.stages.on_statement(metrics.count_statement)
-        app = make_app(settings, rt, Catalog.from_settings(settings, portfolio), tiers=[tier.name])
-        rt.add_portfolio(portfolio)
+        catalog = Catalog.from_settings(settings, portfolio)
+        app = make_app(settings, rt, catalog, tiers=[tier.name])
+        # every portfolio the API may name, from its file: the copy in the database has its credentials blanked
+        for named in catalog.portfolios.values():
+            rt.add_portfolio(named)
         rt.jobs.save_portfolio(portfolio.digest, portfolio.spec())
         backend = rt.backend(tier)  # a local model loads once, here, before any job
         needs = portfolio.built_policy.needs(portfolio.index(tier.name))

@@ -114,7 +114,9 @@ def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
             out[k] = {h: _mask_literal(x) if isinstance(x, str) else MASK for h, x in v.items()}
         elif isinstance(v, str) and k.endswith("url"):
             out[k] = redact_url(v)
-        elif _SECRET_WORDS.search(k) and not k.endswith("_env") and v is not None:
+        elif _SECRET_WORDS.search(k) and not k.endswith("_env") and v is not None \
+                and not isinstance(v, (bool, int, float)):
+            # a number is never a credential: `max_tokens` names a count, not a token
             out[k] = _mask_literal(v) if isinstance(v, str) else MASK
         else:
             out[k] = v

@@ -154,12 +154,14 @@ def export(setup: Setup, n: int, seed: int, mix: str, out_dir: Path) -> tuple[Pa
 class DemoRun:
     """Both runs of a demo: the cascade's and (with the baseline) the last tier's alone."""
     setup: Setup
-    report: BatchReport
+    report: BatchReport | None
     top_report: BatchReport | None
     wall: dict[str, dict[str, float]]
     cascade: dict[str, Any]  # summarise()'d
     top: dict[str, Any] | None
     text: str  # the table
+    jobs: dict[str, list[dict] | None] | None = None  # the cluster demo's jobs, read through the task API
+    batch: dict[str, Any] | None = None  # the cluster demo's OpenAI batch object (the cascade's)
 
     def figures(self) -> dict[str, Any]:
         return figures(self.cascade, self.top, self.wall)
@@ -171,8 +173,10 @@ class DemoRun:
         table_path.write_text(self.text + "\n")
         results = table_path.with_suffix(".jobs.jsonl")
         with open(results, "w") as f:
-            for run, r in (("cascade", self.report), ("always-" + chain[-1], self.top_report)):
-                for j in (r.jobs if r is not None else []):
+            runs = self.jobs or {"cascade": self.report.jobs if self.report else None,
+                                 "top": self.top_report.jobs if self.top_report else None}
+            for run, jobs in (("cascade", runs["cascade"]), ("always-" + chain[-1], runs["top"])):
+                for j in (jobs or []):
                     f.write(json.dumps({"run": run, **{k: v for k, v in j.items()},
                                         "correct": grade_job(j)}, default=str) + "\n")
         return results

@@ -93,10 +93,10 @@ def figures(cascade: dict, top: dict | None, wall: dict[str, dict[str, float]]) 
 
 def render(cascade: dict, medium: dict | None, *, chain: list[str], models: dict[str, str], policy: str,
            n: int, seed: int, mix: str, wall: dict[str, dict[str, float]], threads: int,
-           prices: dict[str, float]) -> str:
+           prices: dict[str, float], where: str = "embedded Celery workers, llama.cpp") -> str:
     lines = []
     lines.append(f"cascade demo: {n} generated questions (seed {seed}, {mix}), {' -> '.join(chain)}; {policy}; "
-                 f"embedded Celery workers, llama.cpp, {threads} threads")
+                 f"{where}, {threads} threads")
     lines.append("")
     head = (f"{'':15} {'model':28} {'calls':>5} {'accepted':>8} {'right when called':>17} "
             f"{'right when accepted':>19} {'model time':>10} {'cost (USD)':>11}")

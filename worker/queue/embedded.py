@@ -14,6 +14,7 @@ from celery.worker import state as worker_state
 
 from router.core.portfolio import Portfolio
 from worker.config.settings import Settings
+from worker.models.preflight import ensure_signals
 from worker.queue.dispatch import worker_queues
 from worker.queue.runtime import Runtime
 from worker.queue.tasks import make_app
@@ -47,7 +48,13 @@ class EmbeddedWorkers:
         policy = rt.add_portfolio(self.portfolio).built_policy
         for i, tier in enumerate(self.portfolio.tiers):
             # load models now, not inside the first job; refuse what the policy needs but cannot get
-            rt.backend(tier).check_needs(policy.needs(i))
+            backend = rt.backend(tier)
+            backend.check_needs(policy.needs(i))
+            # the tier worker's probe too, before any worker starts: a server whose answer lacks a signal the
+            # policy reads is refused here as by `cascade worker`; one not reachable is not waited for (its
+            # jobs fall back)
+            ensure_signals(backend, policy.needs(i), allow_missing=rt.settings.allow_missing_signals, wait=0)
+        for tier in self.portfolio.tiers:
             for n in range(self.concurrency):
                 # One app per worker thread: a worker's queue selection is stored on
                 # its app, and the solo pool runs tasks with the thread's current app.

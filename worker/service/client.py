@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping
 
@@ -31,7 +32,7 @@ from worker.queue.catalog import Catalog
 from worker.queue.dispatch import BATCH, INTERACTIVE, Dispatcher
 from worker.queue.items import iter_records
 from worker.queue.runtime import Runtime
-from worker.queue.submit import TENANT_DEFAULT, Submitter
+from worker.queue.submit import TENANT_DEFAULT, Submission, Submitter
 from worker.service.views import batch_view, job_view
 from worker.store.batches import finished
 from worker.store.notify import BATCH_CHANNEL, JOB_CHANNEL, Waiter
@@ -63,6 +64,8 @@ class Client:
             portfolio = load_portfolio(portfolio)
         self.catalog = Catalog.from_settings(self.settings, portfolio)
         self.tenant = tenant
+        # False only on a view whose caller has just read that the tenant has no budget (the HTTP service)
+        self.budgeted = True
         prepare_database(self.settings)
         self.runtime = Runtime(self.settings)
         self.app = base_app(self.settings)  # sends stages by task name; runs none
@@ -85,6 +88,7 @@ class Client:
         workers (the HTTP service keeps one client and one view per caller)."""
         view = copy.copy(self)
         view.tenant = tenant
+        view.budgeted = True
         view._owner = False
         return view
 
@@ -95,9 +99,13 @@ class Client:
                priority: str = INTERACTIVE) -> str:
         """Submit a prompt or chat messages; returns the job id (the same id again for a
         repeated idempotency key). Raises RequestError/PortfolioError naming the field."""
+        return self._submit(prompt, messages=messages, params=params, portfolio=portfolio, metadata=metadata,
+                            idempotency_key=idempotency_key, priority=priority).job_id
+
+    def _submit(self, prompt: str | None = None, *, messages: list[Mapping[str, str]] | None = None,
+                params: Mapping[str, Any] | None = None, before_insert=None, **kw) -> Submission:
         request = {k: v for k, v in (("prompt", prompt), ("messages", messages), ("params", params)) if v is not None}
-        return self.submitter.submit(request, portfolio=portfolio, tenant=self.tenant, idempotency_key=idempotency_key,
-                                     priority=priority, metadata=metadata).job_id
+        return self.submitter.submit(request, tenant=self.tenant, before_insert=before_insert, **kw)
 
     def get(self, job_id: str) -> dict[str, Any]:
         job = self.jobs.job(job_id)
@@ -118,7 +126,22 @@ class Client:
         return self.get(job_id)
 
     def run(self, prompt: str | None = None, *, timeout: float | None = None, **kw) -> dict[str, Any]:
-        return self.wait(self.submit(prompt, **kw), timeout)
+        """Submit and wait: subscribed to the job's completion before its row is written,
+        so the first read is the one after the job's notice (worker.store.notify.Expectation)."""
+        expect = self.waiter.expect(JOB_CHANNEL)
+        try:
+            sub = self._submit(prompt, before_insert=expect.subscribe, **kw)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            job = self.get(sub.job_id) if not sub.created or sub.status in FINAL else None
+            while job is None or job["status"] not in FINAL:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"job {sub.job_id} not finished after {timeout}s")
+                expect.wait(left)  # woken, or out of time: read either way
+                job = self.get(sub.job_id)
+            return job
+        finally:
+            expect.close()
 
     def cancel(self, job_id: str) -> bool:
         """Cancel an open job; False if it had finished already."""

@@ -69,29 +69,36 @@ class Tenants:
 
     def authenticate(self, key: str) -> str:
         """The tenant of a valid, unrevoked key; AuthError otherwise (never saying which part failed)."""
+        return self.authenticate_with_limits(key)[0]
+
+    def authenticate_with_limits(self, key: str) -> tuple[str, dict | None]:
+        """(the key's tenant, its limits as `admit` reads them), in one statement."""
         parts = key.split("_", 2)
-        row = self.store.key(parts[1]) if len(parts) == 3 and parts[0] == KEY_PREFIX else None
+        row = self.store.limits("", key_id=parts[1]) if len(parts) == 3 and parts[0] == KEY_PREFIX else None
         if row is None or row["revoked_at"] is not None or not hmac.compare_digest(row["hash"], _digest(key)):
             raise AuthError("invalid or revoked API key")
-        return row["tenant"]
+        return row["tenant"], (row if row["spent_usd"] is not None else None)
 
     # -- limits ---------------------------------------------------------------------------
-    def admit(self, tenant: str) -> None:
-        """Before a submission: BudgetExhausted or RateLimited, else count the request."""
-        t = self.store.tenant(tenant)
+    def admit(self, tenant: str, limits: dict | None | bool = False) -> bool:
+        """Before a submission: BudgetExhausted or RateLimited, else count the request.
+        `limits`: the tenant's as just read (None: it has no row), else read here. True
+        when the tenant has a budget (its jobs are admitted under the budget's lock)."""
+        t = self.store.limits(tenant) if limits is False else limits
         if t is None:
-            return
+            return False
         if t["budget_usd"] is not None and t["spent_usd"] + t["reserved_usd"] >= t["budget_usd"]:
             raise BudgetExhausted(f"tenant {tenant!r} has spent ${t['spent_usd']:.6g} and reserved "
                                   f"${t['reserved_usd']:.6g} for open jobs of its ${t['budget_usd']:.6g} budget")
         limit = t["rate_per_min"]
         if limit is None:
-            return
+            return t["budget_usd"] is not None
         minute = int(time.time() // 60)
         n = self._count(tenant, minute)
         if n > limit:
             raise RateLimited(f"tenant {tenant!r} is limited to {limit} requests per minute",
                               retry_after=max(1, math.ceil((minute + 1) * 60 - time.time())))
+        return t["budget_usd"] is not None
 
     def _count(self, tenant: str, minute: int) -> int:
         if self._redis is not None:

@@ -159,8 +159,63 @@ class Waiter:
         finally:
             unsubscribe()
 
+    def expect(self, channel: str, loop: asyncio.AbstractEventLoop | None = None) -> "Expectation":
+        """Listen on `channel` for a key named later, before the row it is about is
+        written (`Expectation`); with `loop`, awaited there."""
+        return Expectation(self.listener() if self.listens else None, channel, loop)
+
     def close(self) -> None:
         with self._lock:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+
+
+class Expectation:
+    """A wake-up for one key, subscribed before the key's row is written (`subscribe`,
+    called by the writer with the new id): its notice cannot come before someone
+    listens, so the waiter need not read the row before its first wake-up (one read
+    fewer per interactive job). A wake-up is a hint, never the result: the caller reads
+    the row after each one (a listener that reconnects wakes everyone). Without a
+    listener (SQLite), each wait is a short poll."""
+
+    def __init__(self, listener: Listener | None, channel: str, loop: asyncio.AbstractEventLoop | None = None):
+        self.listener, self.channel, self.loop = listener, channel, loop
+        self._event: threading.Event | asyncio.Event = asyncio.Event() if loop is not None else threading.Event()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def _wake(self) -> None:
+        if isinstance(self._event, asyncio.Event):
+            self.loop.call_soon_threadsafe(self._event.set)
+        else:
+            self._event.set()
+
+    def subscribe(self, key: str) -> None:
+        if self.listener is not None and self._unsubscribe is None:
+            self._unsubscribe = self.listener.subscribe(self.channel, key, self._wake)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Until woken (True) or `timeout` seconds (False)."""
+        if self.listener is None:
+            time.sleep(SQLITE_POLL if timeout is None else min(SQLITE_POLL, max(timeout, 0.0)))
+            return timeout is None or timeout > SQLITE_POLL
+        woke = self._event.wait(timeout)
+        self._event.clear()
+        return woke
+
+    async def wait_async(self, timeout: float | None) -> bool:
+        if self.listener is None:
+            await asyncio.sleep(SQLITE_POLL if timeout is None else min(SQLITE_POLL, max(timeout, 0.0)))
+            return timeout is None or timeout > SQLITE_POLL
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+            woke = True
+        except TimeoutError:
+            woke = False
+        self._event.clear()
+        return woke
+
+    def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, func, select, update
 
 from worker.store.engine import Database, dialect_insert
+from worker.job.codec import OPEN
 from worker.store.jobs import open_reservations
-from worker.store.schema import api_keys, now, tenants
+from worker.store.schema import api_keys, jobs, now, tenants
 
 
 class TenantStore(Database):
@@ -27,6 +28,25 @@ class TenantStore(Database):
         with self.read() as c:
             r = c.execute(select(tenants).where(tenants.c.id == tenant)).mappings().one_or_none()
             return None if r is None else {**r, "reserved_usd": open_reservations(c, tenant)}
+
+    def limits(self, tenant: str, key_id: str | None = None) -> dict | None:
+        """In one statement, what a submission is admitted on: the tenant's budget_usd,
+        spent_usd, rate_per_min and reserved_usd (summed over its open jobs only when it
+        has a budget); with `key_id`, that key's tenant, hash and revoked_at too (the
+        tenant's columns None when it has no row). None: no such tenant (or key)."""
+        open_sum = (select(func.coalesce(func.sum(jobs.c.reserved_usd), 0.0))
+                    .where(jobs.c.tenant == tenants.c.id, jobs.c.status.in_(OPEN)).scalar_subquery())
+        cols = [tenants.c.budget_usd, tenants.c.spent_usd, tenants.c.rate_per_min,
+                case((tenants.c.budget_usd.is_(None), 0.0), else_=open_sum).label("reserved_usd")]
+        if key_id is None:
+            q = select(*cols).where(tenants.c.id == tenant)
+        else:
+            q = (select(api_keys.c.tenant, api_keys.c.hash, api_keys.c.revoked_at, *cols)
+                 .select_from(api_keys.outerjoin(tenants, tenants.c.id == api_keys.c.tenant))
+                 .where(api_keys.c.id == key_id))
+        with self.read() as c:
+            r = c.execute(q).mappings().one_or_none()
+            return dict(r) if r else None
 
     def add_key(self, key_id: str, tenant: str, digest: str, name: str | None) -> None:
         with self.tx() as c:

@@ -4,6 +4,7 @@ cascade's, and the `cascade` extension field says which tier answered, its attem
 and the cost (worker.service.openai_format)."""
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from worker.job.codec import FINAL
 from worker.queue.dispatch import INTERACTIVE
 from worker.service.api.common import caller, error_response, submitter
 from worker.service.api.jobs import Message
@@ -52,13 +54,25 @@ async def chat_completions(body: ChatCompletionRequest, c: Client = Depends(subm
                            idempotency_key: str | None = Header(None, max_length=200)):
     model, request = chat_request(body.model_dump(exclude_none=True))
     c.catalog.get(model)  # an unknown model is a 404 naming it, before anything is written
-    sub = await run_in_threadpool(c.submitter.submit, request, portfolio=model, tenant=c.tenant,
-                                  idempotency_key=idempotency_key, priority=INTERACTIVE, metadata=body.metadata)
-    done = await c.waiter.wait_async(JOB_CHANNEL, sub.job_id, lambda: c._final(sub.job_id), WAIT_S)
-    if not done:
-        return error_response(504, f"job {sub.job_id} is not finished after {WAIT_S:.0f}s; "
-                                   f"GET /v1/jobs/{sub.job_id} for its result", type_="timeout", code="timeout")
-    job = await run_in_threadpool(c.get, sub.job_id)
+    loop = asyncio.get_running_loop()
+    # subscribed to the job's completion before its row is written: no read before the notice comes
+    expect = c.waiter.expect(JOB_CHANNEL, loop)
+    try:
+        sub = await run_in_threadpool(c.submitter.submit, request, portfolio=model, tenant=c.tenant,
+                                      idempotency_key=idempotency_key, priority=INTERACTIVE, metadata=body.metadata,
+                                      before_insert=expect.subscribe, budgeted=c.budgeted)
+        deadline = loop.time() + WAIT_S
+        job = await run_in_threadpool(c.get, sub.job_id) if not sub.created or sub.status in FINAL else None
+        while job is None or job["status"] not in FINAL:
+            left = deadline - loop.time()
+            if left <= 0:
+                return error_response(504, f"job {sub.job_id} is not finished after {WAIT_S:.0f}s; "
+                                           f"GET /v1/jobs/{sub.job_id} for its result", type_="timeout",
+                                      code="timeout")
+            await expect.wait_async(left)  # woken, or out of time: read either way
+            job = await run_in_threadpool(c.get, sub.job_id)
+    finally:
+        expect.close()
     if job["status"] != "succeeded":
         return error_response(502, f"job {job['id']} {job['status']}: {job['error']}", type_="cascade_error",
                               code=f"job_{job['status']}")

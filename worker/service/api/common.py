@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Header, HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from worker.job.storable import clean_text
 from worker.queue.submit import TENANT_DEFAULT
@@ -38,16 +39,33 @@ def caller(request: Request, authorization: str | None = Header(None, include_in
     tenants: Tenants = request.app.state.tenants
     if not tenants.settings.auth_required:
         return service(request).for_tenant(TENANT_DEFAULT)
+    return service(request).for_tenant(tenants.authenticate(_bearer(authorization)))
+
+
+def _bearer(authorization: str | None) -> str:
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise AuthError("an API key is required: Authorization: Bearer <key> (cascade keys create)")
-    return service(request).for_tenant(tenants.authenticate(key.strip()))
+    return key.strip()
 
 
-def submitter(request: Request, c: Client = Depends(caller)) -> Client:
+async def submitter(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> Client:
     """`caller`, for a request that submits work: refused (402, 429) before anything is
-    written when the tenant's budget is spent or its rate limit reached."""
-    request.app.state.tenants.admit(c.tenant)
+    written when the tenant's budget is spent or its rate limit reached. The key and the
+    tenant's limits are read in one statement, on one trip to the thread pool; a tenant
+    found without a budget has its job inserted without the budget's lock (`budgeted`)."""
+    return await run_in_threadpool(_admitted, request, authorization)
+
+
+def _admitted(request: Request, authorization: str | None) -> Client:
+    tenants: Tenants = request.app.state.tenants
+    if not tenants.settings.auth_required:
+        tenant, budgeted = TENANT_DEFAULT, tenants.admit(TENANT_DEFAULT)
+    else:
+        tenant, limits = tenants.authenticate_with_limits(_bearer(authorization))
+        budgeted = tenants.admit(tenant, limits)
+    c = service(request).for_tenant(tenant)
+    c.budgeted = budgeted
     return c
 
 

@@ -87,7 +87,7 @@ def create_job(body: JobCreate, response: Response, c: Client = Depends(submitte
     d = body.model_dump(exclude_none=True)
     request = {k: d[k] for k in ("prompt", "messages", "params") if k in d}
     sub = c.submitter.submit(request, portfolio=body.portfolio, tenant=c.tenant, idempotency_key=idempotency_key,
-                             priority=body.priority, metadata=body.metadata)
+                             priority=body.priority, metadata=body.metadata, budgeted=c.budgeted)
     response.headers["Location"] = f"/v1/jobs/{sub.job_id}"
     if not sub.created:
         response.status_code = 200
