@@ -108,8 +108,8 @@ def test_a_graded_final_answer_labels_the_answers_that_agree_with_it():
 
 def test_a_worker_started_after_a_promotion_probes_what_both_versions_read():
     from router.core.policy import Needs
-    from worker.cli.worker_cmd import _both
+    from worker.models.preflight import both_needs
 
-    got = _both(Needs(signals=("logprob",), logprobs=True), Needs(signals=("p_true", "logprob"), top_logprobs=5,
+    got = both_needs(Needs(signals=("logprob",), logprobs=True), Needs(signals=("p_true", "logprob"), top_logprobs=5,
                                                                   samples=3, verify=True))
     assert got == Needs(signals=("logprob", "p_true"), logprobs=True, top_logprobs=5, samples=3, verify=True)

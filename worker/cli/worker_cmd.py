@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 import click
 from celery.signals import setup_logging
 
-from router.core.policy import Needs
 from worker.cli.common import load_portfolio_option, user_errors
 from worker.config.credentials import redact_url
 from worker.config.logs import configure_logging
@@ -79,10 +78,7 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
             rt.add_portfolio(named)
         rt.jobs.save_portfolio(portfolio.digest, portfolio.spec())
         backend = rt.backend(tier)  # a local model loads once, here, before any job
-        needs = portfolio.built_policy.needs(portfolio.index(tier.name))
-        version, promoted = rt.current_policy(portfolio.digest)
-        if version != 1:  # jobs of the file's policy and of the promoted version: probe for both
-            needs = _both(needs, promoted.needs(portfolio.index(tier.name)))
+        needs = rt.start_needs(portfolio, portfolio.index(tier.name))
         backend.check_needs(needs)
     pool = pool or backend.pool
     if backend.pool == "solo" and pool != "solo":
@@ -125,9 +121,3 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
                + (f", metrics on :{port}" if port else ""), err=True)
     app.worker_main(argv)
 
-
-def _both(a: Needs, b: Needs) -> Needs:
-    """What two policies read at a tier, together."""
-    return Needs(signals=tuple(dict.fromkeys(a.signals + b.signals)), logprobs=a.logprobs or b.logprobs,
-                 top_logprobs=max(a.top_logprobs, b.top_logprobs), samples=max(a.samples, b.samples),
-                 verify=a.verify or b.verify)

@@ -15,11 +15,12 @@ from typing import Iterator, Sequence
 
 from router.core.errors import InternalError
 from router.core.policies import make_policy
-from router.core.policy import Policy, tier_infos
+from router.core.policy import Needs, Policy, tier_infos
 from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
 from worker.config.credentials import is_redacted
 from worker.config.settings import Settings
 from worker.models.backends import Backend, BackendConfigError, backend_class, build_backend
+from worker.models.preflight import both_needs
 from worker.store.batches import BatchStore
 from worker.store.jobs import JobStore
 from worker.store.policies import PolicyStore
@@ -85,6 +86,13 @@ class Runtime:
         if hit is None or t - hit[1] > PROMOTED_TTL:
             hit = self._promoted[digest] = (self.policies.promoted(digest), t)
         return hit[0], self.policy(digest, hit[0])
+
+    def start_needs(self, portfolio: Portfolio, index: int) -> Needs:
+        """What a tier worker probes for at start: what the portfolio file's policy reads at
+        tier `index`, with what the promoted version reads there (jobs of both may come)."""
+        needs = portfolio.built_policy.needs(index)
+        version, promoted = self.current_policy(portfolio.digest)
+        return needs if version == 1 else both_needs(needs, promoted.needs(index))
 
     def policy(self, digest: str, version: int) -> Policy:
         """The portfolio's policy at `version` (1: the file's own), built once: a stored
