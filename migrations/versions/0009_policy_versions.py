@@ -34,6 +34,8 @@ def upgrade() -> None:
         sa.Column("info", _json, nullable=True),  # what the retune saw (rows, labels, spend), the last shadow report
         sa.Column("created_at", _ts, nullable=False),
         sa.Column("promoted_at", _ts, nullable=True),
+        # the version it replaced when last promoted: where a rollback returns
+        sa.Column("replaced", sa.Integer, nullable=True),
     )
     op.create_index("ux_policy_versions_promoted", "policy_versions", ["portfolio"], unique=True,
                     postgresql_where=_PROMOTED, sqlite_where=_PROMOTED)

@@ -137,15 +137,10 @@ def rollback_cmd(portfolio_path, wait) -> None:
     with user_errors():
         portfolio = load_portfolio_option(portfolio_path)
         store = policy_store(settings)
-        rows = store.versions(portfolio.digest)
-        cur = next((r for r in rows if r["state"] == "promoted"), None)
-        before = [r for r in rows if r is not cur and r["promoted_at"] is not None]
-        if cur is None or not before:
-            raise RetuneError("nothing to roll back to: no version was promoted before the current one")
-        to = max(before, key=lambda r: (r["promoted_at"], r["version"]))
-        _check_signals(portfolio, to["policy"], to["version"], wait)
         try:
-            frm, to_v = store.rollback(portfolio.digest)
+            _, to = store.rollback_target(portfolio.digest)
+            _check_signals(portfolio, to["policy"], to["version"], wait)
+            frm, to_v = store.rollback(portfolio.digest, expect=to["version"])
         except LookupError as e:
             raise RetuneError(str(e)) from None
     click.echo(f"rolled back: version {to_v} promoted again (was {frm})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from worker.job.codec import FINAL
 from worker.store.engine import Database
@@ -51,16 +52,22 @@ class PolicyStore(Database):
             info: dict[str, Any] | None = None) -> int:
         """Store `policy` as the next candidate version of the portfolio (writing version 1,
         the file's `file_policy`, promoted, if this is the first); returns its number."""
-        t = now()
-        with self.tx() as c:
-            last = c.execute(select(func.max(_pv.c.version)).where(_pv.c.portfolio == digest)).scalar()
-            if last is None:
-                c.execute(_pv.insert().values(portfolio=digest, version=1, policy=file_policy, source="portfolio",
-                                              state=PROMOTED, created_at=t, promoted_at=t))
-                last = 1
-            c.execute(_pv.insert().values(portfolio=digest, version=last + 1, policy=policy, source=source,
-                                          state=CANDIDATE, info=info, created_at=t))
-        return last + 1
+        for attempt in range(3):  # two stores at once pick the same number: the second tries the next
+            t = now()
+            try:
+                with self.tx() as c:
+                    last = c.execute(select(func.max(_pv.c.version)).where(_pv.c.portfolio == digest)).scalar()
+                    if last is None:
+                        c.execute(_pv.insert().values(portfolio=digest, version=1, policy=file_policy,
+                                                      source="portfolio", state=PROMOTED, created_at=t, promoted_at=t))
+                        last = 1
+                    c.execute(_pv.insert().values(portfolio=digest, version=last + 1, policy=policy, source=source,
+                                                  state=CANDIDATE, info=info, created_at=t))
+                return last + 1
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def set_info(self, digest: str, version: int, info: dict[str, Any]) -> None:
         """Merge `info` into the version's (the last shadow report, say)."""
@@ -83,24 +90,31 @@ class PolicyStore(Database):
             t = now()
             c.execute(update(_pv).where(_pv.c.portfolio == digest, _pv.c.state == PROMOTED).values(state=RETIRED))
             c.execute(update(_pv).where(_pv.c.portfolio == digest, _pv.c.version == version)
-                      .values(state=PROMOTED, promoted_at=t))
+                      .values(state=PROMOTED, promoted_at=t, replaced=current))
         return current
 
-    def rollback(self, digest: str) -> tuple[int, int]:
-        """Promote again the version promoted before the current one: (from, to)."""
+    def rollback_target(self, digest: str) -> tuple[int, dict[str, Any]]:
+        """The promoted version and the one a rollback would promote again (the version
+        promoted before it); PolicyVersionError if there is none."""
+        return _rollback_target(self.versions(digest))
+
+    def rollback(self, digest: str, expect: int | None = None) -> tuple[int, int]:
+        """Promote again the version promoted before the current one: (from, to); a second
+        rollback goes one promotion further back (an explicit promote starts afresh). With
+        `expect`, refuse if that is no longer the version it would promote."""
         with self.tx() as c:
             rows = [dict(r) for r in c.execute(
                 select(_pv).where(_pv.c.portfolio == digest).with_for_update()).mappings()]
-            cur = next((r for r in rows if r["state"] == PROMOTED), None)
-            before = [r for r in rows if r is not cur and r["promoted_at"] is not None
-                      and (cur is None or r["promoted_at"] <= cur["promoted_at"])]
-            if cur is None or not before:
-                raise PolicyVersionError("nothing to roll back to: no version was promoted before the current one")
-            to = max(before, key=lambda r: (r["promoted_at"], r["version"]))
+            current, to = _rollback_target(rows)
+            if expect is not None and to["version"] != expect:
+                raise PolicyVersionError(f"the versions changed meanwhile: a rollback would now promote "
+                                         f"{to['version']}, not {expect}; run it again")
+            cur = next(r for r in rows if r["version"] == current)
             c.execute(update(_pv).where(_pv.c.portfolio == digest, _pv.c.version == cur["version"])
                       .values(state=RETIRED))
+            # it keeps what it replaced: a second rollback goes one promotion further back
             c.execute(update(_pv).where(_pv.c.portfolio == digest, _pv.c.version == to["version"])
-                      .values(state=PROMOTED, promoted_at=now()))
+                      .values(state=PROMOTED))
         return cur["version"], to["version"]
 
     def decisions_by_version(self, batch_id: str) -> list[dict[str, Any]]:
@@ -136,6 +150,14 @@ class PolicyStore(Database):
             r["attempts"] = ats[r["id"]]
             r["feedback"] = grades.get(r["id"])
         return rows
+
+
+def _rollback_target(rows: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    cur = next((r for r in rows if r["state"] == PROMOTED), None)
+    to = next((r for r in rows if cur is not None and r["version"] == cur["replaced"]), None)
+    if to is None:
+        raise PolicyVersionError("nothing to roll back to: no version was promoted before the current one")
+    return cur["version"], to
 
 
 def _unknown(version: int, rows: dict[int, dict]) -> str:

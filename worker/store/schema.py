@@ -151,6 +151,7 @@ policy_versions = Table(
     Column("info", _json, nullable=True),
     Column("created_at", _ts, nullable=False),
     Column("promoted_at", _ts, nullable=True),
+    Column("replaced", Integer, nullable=True),  # the version it replaced when last promoted (rollback's target)
     Index("ux_policy_versions_promoted", "portfolio", unique=True, postgresql_where=text("state = 'promoted'"),
           sqlite_where=text("state = 'promoted'")),
 )
