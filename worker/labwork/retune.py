@@ -194,7 +194,9 @@ def run_audit(portfolio: Portfolio, store: PolicyStore, settings: Settings, shar
     (the calibration path: `every-tier`, an ordinary batch), spending at most `max_usd`."""
     top = portfolio.tiers[-1].name
     recent = store.finished_jobs(portfolio.digest, limit)
-    early = [j for j in recent if top not in answered(j) and (j["input"] or {}).get("prompt")]
+    # in id order: the draw is the same whatever order the jobs finished in
+    early = sorted((j for j in recent if top not in answered(j) and (j["input"] or {}).get("prompt")),
+                   key=lambda j: j["id"])
     n = min(len(early), math.floor(share * len(early) + 0.5))
     # what one audited job costs (every tier called): per tier, the larger of its mean recorded
     # call cost and the calibration's estimate at its configured price
