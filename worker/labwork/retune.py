@@ -375,7 +375,7 @@ class Shadow:
     live_cost: float = math.nan  # mean per job
     candidate_cost: float = math.nan
     changed: int = 0  # jobs whose final tier differs
-    fitted_on: int = 0  # labelled jobs left out: the version was fitted on them
+    fitted_on: int = 0  # labelled jobs left out: on the fit's side of the hold-out, finished before the version
     called: int = 0  # model calls made for answers never recorded (capped)
     called_usd: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -475,7 +475,7 @@ def render_shadow(s: Shadow) -> list[str]:
              f"job(s): {s.compared} compared; not replayable from the recorded attempts: "
              f"{s.not_replayable['candidate']} under {s.version}, {s.not_replayable['live']} under "
              f"{s.live_version}; {s.unlabelled} whose kept answer has no label"
-             + (f"; {s.fitted_on} job(s) it was fitted on left out" if s.fitted_on else "")
+             + (f"; {s.fitted_on} job(s) on the fit's side of the hold-out left out" if s.fitted_on else "")
              + (f"; {s.called} tier call(s) made for answers never recorded (${s.called_usd:.6g})"
                 if s.called else "")]
     for why, n in sorted(s.reasons.items(), key=lambda kv: -kv[1])[:5]:
