@@ -68,6 +68,8 @@ def test_drift_and_feedback_round_trip(bench, pg_url, tmp_path):
     warned = cascade("status", "hard", "--drift", str(policy), env=env).stdout
     assert "WARNING drift: tier gpt-4o-mini accept rate" in warned
     assert "WARNING drift: tier gpt-4o-mini confidence" in warned
+    assert "re-tune on live traffic with `cascade retune --portfolio PORTFOLIO`" in warned  # the command to run
+    assert "cascade retune" not in quiet
     js = json.loads(cascade("status", "hard", "--drift", str(policy), "--json", env=env).stdout)
     assert js["drift"]["drifted"] is True
 

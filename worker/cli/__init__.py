@@ -40,6 +40,9 @@ _COMMANDS = {
     "record": ("worker.cli.record_cmd:record",
                "every local model on a shared question set, with live signals: the local benchmark file"),
     "feedback": ("worker.cli.feedback_cmd:feedback", "record graded outcomes of jobs; export them for re-tuning"),
+    "retune": ("worker.cli.retune_cmd:retune_cmd",
+               "refit the live policy on graded and top-tier-labelled live jobs; store a candidate version"),
+    "policy": ("worker.cli.policy_cmd:policy", "a portfolio's policy versions: list, add, shadow, promote, rollback"),
 }
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import click
 
@@ -26,3 +27,9 @@ def load_portfolio_option(path):
     if not path:
         raise click.ClickException("no portfolio: pass --portfolio FILE or set CASCADE_PORTFOLIO")
     return load_portfolio(path)
+
+
+def short(params: dict, width: int = 160) -> str:
+    """Knobs on one line (a router's weights run to thousands of characters)."""
+    text = json.dumps(params)
+    return text if len(text) <= width else text[:width - 3] + "..."

@@ -13,6 +13,7 @@ from worker.config.settings import get_settings
 from worker.ops.migrate import current
 from worker.service.views import signal_gap_view
 from worker.store.batches import BatchStore, finished
+from worker.store.policies import PolicyStore
 
 
 @click.command()
@@ -51,6 +52,7 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
         t["cost_usd"] += r["cost"] or 0.0
         t["model_ms"] += r["latency_ms"] or 0.0
     per_tier = sorted(tiers.values(), key=lambda t: t["index"])
+    versions = per_version(PolicyStore(settings.db_url).decisions_by_version(batch_id))
     checked = _drift(store, batch_id, policy_file, drift_level) if policy_file else None
     gaps, warnings = signal_gap_view(store.signal_gaps(batch_id))
     for t in per_tier:
@@ -60,6 +62,7 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
         out = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in b.items()}
         out["tiers"] = per_tier
         out["warnings"] = warnings
+        out["policy_versions"] = versions
         if checked is not None:
             out["drift"] = checked
         click.echo(json.dumps(out))
@@ -75,6 +78,10 @@ def status(batch_id, as_json, policy_file, drift_level) -> None:
                    f"{t['without_signal']:>8} ({t['without_signal_share']:.1%})")
     for w in warnings:
         click.echo(f"WARNING {w}")
+    if len(versions) > 1 or any(v["version"] not in (None, 1) for v in versions):
+        for v in versions:
+            click.echo(f"policy version {v['version'] or '1 (unrecorded)'}: {v['attempts']} decisions "
+                       f"({v['accept']} accept, {v['escalate']} escalate, {v['reject']} reject)")
     if checked is not None:
         for line in drift_lines(checked):
             click.echo(line)
@@ -89,6 +96,17 @@ def _gap_lines(gaps: dict, scope: str) -> None:
                + ", ".join(f"{t} {g['without_signal']}/{g['decisions']} ({g['share']:.1%})" for t, g in view.items()))
     for w in warnings:
         click.echo(f"WARNING {w}")
+
+
+def per_version(rows: list[dict]) -> list[dict]:
+    """Decisions per policy version (the version that decided each attempt)."""
+    out: dict = {}
+    for r in rows:
+        v = out.setdefault(r["version"], {"version": r["version"], "attempts": 0, "accept": 0, "escalate": 0,
+                                          "reject": 0})
+        v["attempts"] += r["n"]
+        v[r["decision"]] = v.get(r["decision"], 0) + r["n"]
+    return sorted(out.values(), key=lambda v: (v["version"] is not None, v["version"] or 0))
 
 
 def _drift(store: BatchStore, batch_id: str, policy_file: str, level: float) -> dict:
@@ -112,6 +130,11 @@ def drift_lines(checked: dict) -> list[str]:
         if f["drift"]:
             out.append(f"WARNING drift: tier {f['tier']} {f['test']}: {f['detail']} (p = {f['p_value']:.2g}); "
                        f"the tuned knobs and any risk guarantee assumed traffic like the tuning rows")
+    if checked["drifted"]:
+        out.append("drift: re-tune on live traffic with `cascade retune --portfolio PORTFOLIO` (grades from "
+                   "`cascade feedback`, else agreement with the top tier; `--audit-share` sends a share of jobs "
+                   "through every tier), compare with `cascade policy shadow VERSION`, then `cascade policy "
+                   "promote VERSION`")
     if not checked["drifted"]:
         out.append(f"drift: no tier moved beyond what sampling explains ({len(checked['tests'])} tests, "
                    f"Holm at {checked['level']:g})")

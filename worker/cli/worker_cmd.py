@@ -78,7 +78,7 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
             rt.add_portfolio(named)
         rt.jobs.save_portfolio(portfolio.digest, portfolio.spec())
         backend = rt.backend(tier)  # a local model loads once, here, before any job
-        needs = portfolio.built_policy.needs(portfolio.index(tier.name))
+        needs = rt.start_needs(portfolio, portfolio.index(tier.name))
         backend.check_needs(needs)
     pool = pool or backend.pool
     if backend.pool == "solo" and pool != "solo":
@@ -120,3 +120,4 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
     click.echo(f"tier {tier.name}: queues {', '.join(queues)}, backend {backend.kind}, pool {pool} x{conc}"
                + (f", metrics on :{port}" if port else ""), err=True)
     app.worker_main(argv)
+

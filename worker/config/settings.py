@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, le=100, description="stage runs of one job at one tier that end without a result (the stage raised, the worker died) before the job fails with its last error")
     job_timeout: float = Field(0, ge=0, description="seconds a job may stay unfinished after submission; past it the job expires (fails) instead of being re-sent; 0 = no deadline")
     store_content: bool = Field(True, description="false: for sensitive traffic, a job's prompt and its tiers' answers are erased when it finishes and its final answer once its results are collected (only ids ever travel through Redis)")
+    retune_audit_share: float = Field(0.0, ge=0, le=1, description="`cascade retune`: the share of the recent jobs that never reached the top tier sent again through every tier (the calibration path), so their answers can be labelled by agreement with the top tier; 0 = none")
+    retune_audit_max_usd: float = Field(1.0, ge=0, description="`cascade retune`: the most that audit may spend, in USD (its batch stops there)")
     metrics_port: int = Field(0, ge=0, le=65535, description="port of a tier worker's /metrics and /healthz endpoint; 0 = off")
     canary_interval: float = Field(15.0, gt=0, description="seconds between the canaries a tier worker sends itself")
     canary_max_age: float = Field(600.0, gt=0, description="/healthz fails when the worker's last canary was consumed longer ago; above the longest stage")

@@ -303,3 +303,10 @@ def check_portfolio(portfolio, tiers: list[str] | None = None, *, wait: float = 
         finally:
             backend.close()
     return out
+
+
+def both_needs(a: Needs, b: Needs) -> Needs:
+    """What two policies read at a tier, together (a worker serving jobs of both probes for it)."""
+    return Needs(signals=tuple(dict.fromkeys(a.signals + b.signals)), logprobs=a.logprobs or b.logprobs,
+                 top_logprobs=max(a.top_logprobs, b.top_logprobs), samples=max(a.samples, b.samples),
+                 verify=a.verify or b.verify)

@@ -22,7 +22,7 @@ import structlog
 from router.core import cascade
 from router.core.attempt import Query
 from router.core.errors import UserError
-from router.core.policy import Plan
+from router.core.policy import Plan, Policy
 from router.core.portfolio import Portfolio
 from worker.job.codec import FAILED, QUEUED, failed_job_row, plan_to_row, query_of
 from worker.job.request import RequestError
@@ -38,13 +38,17 @@ class BudgetExhausted(UserError):
 
 
 def new_job_row(job_id: str, item_key: str | None, seq: int, portfolio: Portfolio, data: dict[str, Any],
-                start: cascade.Start | None = None) -> dict[str, Any]:
+                start: cascade.Start | None = None, policy: Policy | None = None, version: int = 1) -> dict[str, Any]:
     """A queued job with its plan: the pre-call decision runs here, in the submitter,
-    before the first stage is sent (or was made for the whole batch: `start`). Raises
-    RequestError when a tier the plan may use cannot honour the request (a parameter, a chat)."""
+    before the first stage is sent (or was made for the whole batch: `start`), by the
+    portfolio's policy at `version` (the promoted one: Runtime.current_policy; 1, the
+    file's, by default), whose number the plan keeps: every stage of the job asks that
+    version. Raises RequestError when a tier the plan may use cannot honour the request
+    (a parameter, a chat)."""
     query = query_of(job_id, data)
+    policy = policy or portfolio.built_policy
     if start is None:
-        start = cascade.start(portfolio.built_policy, query)
+        start = cascade.start(policy, query)
     allowed = range(len(portfolio.tiers)) if start.plan.allowed is None else start.plan.allowed
     for i in allowed:
         tier = portfolio.tiers[i]
@@ -52,16 +56,17 @@ def new_job_row(job_id: str, item_key: str | None, seq: int, portfolio: Portfoli
         if refused is not None:
             raise RequestError(refused, f"tier {tier.name!r} ({tier.backend.kind} backend) cannot honour it")
     return {"id": job_id, "item_key": item_key, "seq": seq, "portfolio": portfolio.digest, "input": data,
-            "plan": plan_to_row(start.plan), "status": QUEUED, "current_tier": portfolio.tiers[start.tier].name,
-            "reserved_usd": max_cost(portfolio, query, start.plan)}
+            "plan": {**plan_to_row(start.plan), "policy_version": version}, "status": QUEUED,
+            "current_tier": portfolio.tiers[start.tier].name, "reserved_usd": max_cost(portfolio, query, start.plan,
+                                                                                        policy)}
 
 
-def max_cost(portfolio: Portfolio, query: Query, plan: Plan) -> float:
+def max_cost(portfolio: Portfolio, query: Query, plan: Plan, policy: Policy | None = None) -> float:
     """The most the job can cost: every tier its plan may call (a policy never calls a
     tier twice), each call at its backend's bound (worker.models.backends.base.Backend.max_cost),
     and the extra calls the policy's live signals need at that tier."""
     allowed = range(len(portfolio.tiers)) if plan.allowed is None else plan.allowed
-    policy = portfolio.built_policy
+    policy = policy or portfolio.built_policy
     total = 0.0
     for i in allowed:
         tier = portfolio.tiers[i]
@@ -76,12 +81,13 @@ def max_cost(portfolio: Portfolio, query: Query, plan: Plan) -> float:
 
 
 def job_row(job_id: str, item_key: str | None, seq: int, portfolio: Portfolio, data: dict[str, Any] | None,
-            error: str | None, where: str = "", start: cascade.Start | None = None) -> dict[str, Any]:
+            error: str | None, where: str = "", start: cascade.Start | None = None, policy: Policy | None = None,
+            version: int = 1) -> dict[str, Any]:
     """A batch item's row: queued, or failed naming the problem (a bad line, a
     parameter no tier of its plan can honour)."""
     if error is None:
         try:
-            return new_job_row(job_id, item_key, seq, portfolio, data, start)
+            return new_job_row(job_id, item_key, seq, portfolio, data, start, policy, version)
         except RequestError as e:
             error = f"{where}{e}"
     return failed_job_row(job_id, item_key, seq, portfolio, error)

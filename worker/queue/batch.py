@@ -107,12 +107,18 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
         # A new batch goes in slices: each slice's first stages leave as soon as its rows
         # are committed, so the workers start while the rest is planned and written.
         new = sent = messages = 0
-        joint = type(portfolio.built_policy).plan_batch is not Policy.plan_batch  # OptLLM plans them together
-        planned = job_rows(batch_id, items, portfolio) if joint else None
+        # the promoted policy version plans the batch's jobs (each keeps it to the end); read
+        # again per slice, so a version promoted while a long batch is submitted takes over
+        version, policy = runtime.current_policy(portfolio.digest)
+        joint = type(policy).plan_batch is not Policy.plan_batch  # OptLLM plans them together
+        planned = job_rows(batch_id, items, portfolio, policy=policy, version=version) if joint else None
         i, size = 0, SUBMIT_SLICE[0]
         stopped = False  # the tenant's budget stopped admitting (worker.queue.admission)
         while i < len(items):
-            rows = planned[i : i + size] if joint else job_rows(batch_id, items[i : i + size], portfolio)
+            if not joint:
+                version, policy = runtime.current_policy(portfolio.digest)
+            rows = planned[i : i + size] if joint else job_rows(batch_id, items[i : i + size], portfolio,
+                                                                policy=policy, version=version)
             i, size = i + size, min(size * 2, SUBMIT_SLICE[1])  # the first jobs leave soonest
             for r in rows if deadline else ():
                 r.setdefault("deadline", deadline)
@@ -131,7 +137,8 @@ def submit(runtime: Runtime, dispatcher: Dispatcher, portfolio: Portfolio, items
             new, sent, messages = new + len(ids), sent + len(first), messages + dispatcher.send(first)
         durable(lambda: batches.end_submission(batch_id), "submit: the batch")
         return Submitted(batch_id, new, sent, messages)
-    rows = job_rows(batch_id, items, portfolio)
+    version, policy = runtime.current_policy(portfolio.digest)
+    rows = job_rows(batch_id, items, portfolio, policy=policy, version=version)
     for r in rows if deadline else ():
         r.setdefault("deadline", deadline)
     new = durable(lambda: jobs.add_jobs(batch_id, rows, admit=Admission(TENANT)), "submit: the lines")
@@ -163,28 +170,29 @@ def _item_where(it: Item) -> str:
 
 
 def job_rows(batch_id: str, items: Sequence[Item], portfolio: Portfolio,
-             where: Callable[[Item], str] = _item_where) -> list[dict[str, Any]]:
+             where: Callable[[Item], str] = _item_where, *, policy: Policy | None = None,
+             version: int = 1) -> list[dict[str, Any]]:
     """The batch's job rows, the pre-call decisions made for the whole batch at once
     (OptLLM under a batch budget). If the policy cannot plan the batch, each item is
     planned alone, so that an input it cannot plan fails alone. `where`: the prefix of
     an item's error (a tier of its plan cannot honour it)."""
     good = [it for it in items if it.error is None]
     try:
-        starts = iter(cascade.start_batch(portfolio.built_policy,
+        starts = iter(cascade.start_batch(policy or portfolio.built_policy,
                                           [query_of(f"{batch_id}:{it.key}", it.data) for it in good]))
     except Exception:
         log.exception("submit.batch_plan_failed", batch=batch_id)
         starts = None
     return [_item_row(batch_id, it, portfolio, None if starts is None or it.error is not None else next(starts),
-                      where(it))
+                      where(it), policy, version)
             for it in items]
 
 
 def _item_row(batch_id: str, it: Item, portfolio: Portfolio, start: cascade.Start | None,
-              where: str) -> dict[str, Any]:
+              where: str, policy: Policy | None = None, version: int = 1) -> dict[str, Any]:
     job_id = f"{batch_id}:{it.key}"
     try:
-        return job_row(job_id, it.key, it.seq, portfolio, it.data, it.error, where, start)
+        return job_row(job_id, it.key, it.seq, portfolio, it.data, it.error, where, start, policy, version)
     except Exception as e:  # a policy that cannot plan this one input fails it, not the batch
         log.exception("submit.plan_failed", item=it.key)
         return job_row(job_id, it.key, it.seq, portfolio, None, f"item {it.key!r} (line {it.seq}): the policy "

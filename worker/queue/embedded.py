@@ -45,15 +45,16 @@ class EmbeddedWorkers:
 
     def __enter__(self) -> "EmbeddedWorkers":
         rt = self.runtime
-        policy = rt.add_portfolio(self.portfolio).built_policy
+        rt.add_portfolio(self.portfolio)
         for i, tier in enumerate(self.portfolio.tiers):
             # load models now, not inside the first job; refuse what the policy needs but cannot get
             backend = rt.backend(tier)
-            backend.check_needs(policy.needs(i))
+            needs = rt.start_needs(self.portfolio, i)  # the file's policy's, and a promoted version's
+            backend.check_needs(needs)
             # the tier worker's probe too, before any worker starts: a server whose answer lacks a signal the
             # policy reads is refused here as by `cascade worker`; one not reachable is not waited for (its
             # jobs fall back)
-            ensure_signals(backend, policy.needs(i), allow_missing=rt.settings.allow_missing_signals, wait=0)
+            ensure_signals(backend, needs, allow_missing=rt.settings.allow_missing_signals, wait=0)
         for tier in self.portfolio.tiers:
             for n in range(self.concurrency):
                 # One app per worker thread: a worker's queue selection is stored on

@@ -13,13 +13,20 @@ import threading
 import time
 from typing import Iterator, Sequence
 
+from router.core.errors import InternalError
+from router.core.policies import make_policy
+from router.core.policy import Needs, Policy, tier_infos
 from router.core.portfolio import Portfolio, Tier, portfolio_from_spec
 from worker.config.credentials import is_redacted
 from worker.config.settings import Settings
 from worker.models.backends import Backend, BackendConfigError, backend_class, build_backend
+from worker.models.preflight import both_needs
 from worker.store.batches import BatchStore
 from worker.store.jobs import JobStore
+from worker.store.policies import PolicyStore
 from worker.store.stages import StageStore
+
+PROMOTED_TTL = 1.0  # seconds a submitter keeps the promoted policy version it read
 
 
 class Runtime:
@@ -28,7 +35,10 @@ class Runtime:
         self.jobs = JobStore(settings.db_url, keep_content=settings.store_content)
         self.batches = BatchStore(settings.db_url, keep_content=settings.store_content)
         self.stages = StageStore(settings.db_url, keep_content=settings.store_content)
+        self.policies = PolicyStore(settings.db_url)
         self._portfolios: dict[str, Portfolio] = {}
+        self._policies: dict[tuple[str, int], Policy] = {}
+        self._promoted: dict[str, tuple[int, float]] = {}  # digest -> (promoted version, when read)
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._inflight: dict[str, int] = {}  # job id -> stages of this process working on it
@@ -64,6 +74,40 @@ class Runtime:
         got = self._portfolios.get(digest)
         if got is None:
             got = self.add_portfolio(portfolio_from_spec(self.jobs.portfolio_spec(digest)))
+        return got
+
+    def current_policy(self, digest: str) -> tuple[int, Policy]:
+        """The promoted version of the portfolio and its policy, for planning a new job.
+        Read at most once per PROMOTED_TTL seconds per portfolio: a promotion reaches new
+        jobs that much later, and nothing else depends on the delay (each job carries its
+        version from here on, and a version's policy never changes)."""
+        t = time.monotonic()
+        hit = self._promoted.get(digest)
+        if hit is None or t - hit[1] > PROMOTED_TTL:
+            hit = self._promoted[digest] = (self.policies.promoted(digest), t)
+        return hit[0], self.policy(digest, hit[0])
+
+    def start_needs(self, portfolio: Portfolio, index: int) -> Needs:
+        """What a tier worker probes for at start: what the portfolio file's policy reads at
+        tier `index`, with what the promoted version reads there (jobs of both may come)."""
+        needs = portfolio.built_policy.needs(index)
+        version, promoted = self.current_policy(portfolio.digest)
+        return needs if version == 1 else both_needs(needs, promoted.needs(index))
+
+    def policy(self, digest: str, version: int) -> Policy:
+        """The portfolio's policy at `version` (1: the file's own), built once: a stored
+        version never changes, so a worker keeps it while it runs (no expiry to get wrong)."""
+        if version == 1:
+            return self.portfolio(digest).built_policy
+        got = self._policies.get((digest, version))
+        if got is None:
+            row = self.policies.version(digest, version)
+            if row is None:
+                raise InternalError(f"policy version {version} of portfolio {digest} is not in the database")
+            p = self.portfolio(digest)
+            got = make_policy(row["policy"]["name"], tier_infos(p.tiers), dict(row["policy"].get("params") or {}))
+            with self._lock:
+                got = self._policies.setdefault((digest, version), got)
         return got
 
     def stage_size(self, tier: str, queue: str, cap: int) -> int:

@@ -314,14 +314,14 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
     """A first delivery: every job of the message called at once (per portfolio, one
     `generate_many`), then decided one by one; a job whose call or decision crashed
     gets its exception instead of an outcome."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple[str, int], list[dict]] = {}
     for job in todo:
-        groups.setdefault(job["portfolio"], []).append(job)
+        groups.setdefault((job["portfolio"], policy_version(job, prior[job["id"]])), []).append(job)
     out: list[tuple[dict, StageOutcome | Exception]] = []
     gave_up = False
-    for digest, group in groups.items():
+    for (digest, version), group in groups.items():
         portfolio = rt.portfolio(digest)
-        policy = portfolio.built_policy
+        policy = rt.policy(digest, version)
         tier = portfolio.tier(tier_name)
         index = portfolio.index(tier_name)
         queries = [query_of(j["id"], j["input"]) for j in group]
@@ -336,7 +336,8 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
             gave_up = gave_up or bool(meta.get("gave_up"))
             with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):
                 try:
-                    out.append((job, _decide(portfolio, tier_name, job, query, prior[job["id"]], attempt, meta)))
+                    out.append((job, _decide(portfolio, policy, version, tier_name, job, query, prior[job["id"]],
+                                             attempt, meta)))
                 except Exception as e:
                     out.append((job, e))
     return out
@@ -390,19 +391,27 @@ def _dead_letter(rt: Runtime, tier_name: str, job: dict, runs: int, cause: str) 
 def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries: int | None) -> StageOutcome:
     """Call this job's tier and ask its policy what follows."""
     portfolio = rt.portfolio(job["portfolio"])
-    policy = portfolio.built_policy
+    version = policy_version(job, prior)
+    policy = rt.policy(job["portfolio"], version)
     tier = portfolio.tier(tier_name)
     index = portfolio.index(tier_name)
     query = query_of(job["id"], job["input"])
     attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings,
                                  retries=retries)
-    return _decide(portfolio, tier_name, job, query, prior, attempt, meta)
+    return _decide(portfolio, policy, version, tier_name, job, query, prior, attempt, meta)
 
 
-def _decide(portfolio, tier_name: str, job: dict, query: Query, prior: list[dict], attempt: Attempt,
-            meta: dict[str, Any]) -> StageOutcome:
-    """Ask the job's policy what follows this attempt (router.core.cascade.step)."""
-    policy = portfolio.built_policy
+def policy_version(job: dict, prior: list[dict]) -> int:
+    """The policy version that decides this job: the one that planned it at submission
+    (`plan.policy_version`, worker.queue.admission), so a job finishes under the version it
+    started with; 1 (the portfolio file's) for a job planned before versions existed."""
+    return int((job["plan"] or {}).get("policy_version") or 1)
+
+
+def _decide(portfolio, policy, version: int, tier_name: str, job: dict, query: Query, prior: list[dict],
+            attempt: Attempt, meta: dict[str, Any]) -> StageOutcome:
+    """Ask the job's policy (at its version) what follows this attempt (router.core.cascade.step)."""
+    meta = {**meta, "policy_version": version}  # every attempt says which version decided it
     history = [attempt_from_row(a) for a in prior] + [attempt]
     d = cascade.step(policy, query, plan_of(job["plan"]), history)
     reason = d.reason

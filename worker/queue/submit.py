@@ -130,7 +130,8 @@ class Submitter:
         data.update(id=job_id, priority=priority)
         if meta:
             data["metadata"] = meta
-        row = new_job_row(job_id, key, 0, p, data)
+        version, policy = self.runtime.current_policy(p.digest)
+        row = new_job_row(job_id, key, 0, p, data, policy=policy, version=version)
         row["tenant"] = tenant
         return row, p
 
@@ -261,7 +262,9 @@ class BatchWriter:
         # pre-call decisions a chunk at a time: a policy that plans a batch as a whole
         # (OptLLM's budget) sees each chunk as its batch
         items = [it if it.data is None else replace(it, data={**it.data, "priority": self.priority}) for it in items]
-        rows = job_rows(self.batch_id, items, self.portfolio, lambda it: f"line {it.seq}: ")
+        version, policy = self.submitter.runtime.current_policy(self.portfolio.digest)
+        rows = job_rows(self.batch_id, items, self.portfolio, lambda it: f"line {it.seq}: ", policy=policy,
+                        version=version)
         for r in rows:
             r["tenant"] = self.tenant
         return rows

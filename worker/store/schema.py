@@ -145,6 +145,25 @@ feedback = Table(
     Column("updated_at", _ts, nullable=False),
 )
 
+# a portfolio's policy versions (migration 0009): version 1 is the portfolio file's own
+# policy; `cascade retune` adds candidates, `cascade policy promote` switches the one
+# workers use (at most one promoted per portfolio)
+policy_versions = Table(
+    "policy_versions",
+    metadata,
+    Column("portfolio", String(32), ForeignKey("portfolios.digest"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("policy", _json, nullable=False),
+    Column("source", String(32), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("info", _json, nullable=True),
+    Column("created_at", _ts, nullable=False),
+    Column("promoted_at", _ts, nullable=True),
+    Column("replaced", Integer, nullable=True),  # the version it replaced when last promoted (rollback's target)
+    Index("ux_policy_versions_promoted", "portfolio", unique=True, postgresql_where=text("state = 'promoted'"),
+          sqlite_where=text("state = 'promoted'")),
+)
+
 
 tenants = Table(
     "tenants",
