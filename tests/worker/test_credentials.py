@@ -17,7 +17,15 @@ from helpers.env import REPO
 from sqlalchemy import create_engine, text
 
 from router.core.portfolio import parse_portfolio
-from worker.config.credentials import SecretError, expand, is_redacted, redact_options, redact_spec, redact_text, redact_url
+from worker.config.credentials import (
+    SecretError,
+    expand,
+    is_redacted,
+    redact_options,
+    redact_spec,
+    redact_text,
+    redact_url,
+)
 from worker.config.logs import configure_logging
 from worker.config.settings import Settings
 from worker.models.backends import BackendConfigError, build_backend

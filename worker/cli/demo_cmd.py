@@ -21,6 +21,7 @@ import click
 
 from worker.cli.common import user_errors
 from worker.config.settings import get_settings
+from worker.labwork.cluster import ClusterOptions, run_cluster_demo
 from worker.labwork.demo import (
     CALIBRATION_SEED,
     DEFAULT_MIX,
@@ -34,7 +35,6 @@ from worker.labwork.demo import (
     export,
     run_demo,
 )
-from worker.labwork.cluster import ClusterOptions, run_cluster_demo
 from worker.labwork.demo_report import render_calibration
 
 

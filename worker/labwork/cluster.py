@@ -189,7 +189,7 @@ class Cluster:
         upgrade(self.db_url)
         for t in chain:
             self.procs.wait_http(f"model-{t}", f"{urls[t]}/models", timeout=300)
-        self.log(f"model servers: " + ", ".join(f"{t} {urls[t]}" for t in chain))
+        self.log("model servers: " + ", ".join(f"{t} {urls[t]}" for t in chain))
         for t in chain:
             self.procs.start(f"worker-{t}", "worker", "--tier", t, "-l", "WARNING")
         made = subprocess.run([sys.executable, "-m", "worker.cli", "keys", "create", "--tenant", "demo",

@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import case, func, select, update
 
-from worker.store.engine import Database, dialect_insert
 from worker.job.codec import OPEN
+from worker.store.engine import Database, dialect_insert
 from worker.store.jobs import open_reservations
 from worker.store.schema import api_keys, jobs, now, tenants
 
