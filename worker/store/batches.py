@@ -7,10 +7,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Sequence
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import case, func, select, update
 
 from worker.job.codec import CANCELLED, FAILED, OPEN, QUEUED
-from worker.store.engine import Database, dialect_insert
+from worker.store.engine import Database, dialect_insert, newest_first
 from worker.store.jobs import forget_content
 from worker.store.schema import attempts, batches, jobs, now
 
@@ -141,17 +141,8 @@ class BatchStore(Database):
 
     def tenant_page(self, tenant: str, *, after: str | None, limit: int) -> list[dict]:
         """The tenant's batches newest first, those after the batch `after` (a cursor)."""
-        q = select(batches).where(batches.c.tenant == tenant)
         with self.read() as c:
-            if after:
-                cur = c.execute(select(batches.c.created_at, batches.c.id).where(
-                    batches.c.id == after, batches.c.tenant == tenant)).one_or_none()
-                if cur is None:
-                    return []
-                q = q.where(or_(batches.c.created_at < cur.created_at,
-                                and_(batches.c.created_at == cur.created_at, batches.c.id < cur.id)))
-            q = q.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
-            return [dict(r) for r in c.execute(q).mappings()]
+            return newest_first(c, batches, select(batches).where(batches.c.tenant == tenant), tenant, after, limit)
 
     def signal_gaps(self, batch_id: str | Sequence[str]) -> dict[str, dict[str, int]]:
         """Per tier: decisions taken on an answer (`decisions`) and those of them taken

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from sqlalchemy import Table, create_engine, event, text
+from sqlalchemy import Table, and_, create_engine, event, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -100,3 +100,18 @@ class Database:
     def tx(self):
         """A write transaction (committed on success, rolled back on error)."""
         return self.engine.execution_options(write=True).begin()
+
+
+def newest_first(c: Connection, table: Table, q, tenant: str, after: str | None, limit: int) -> list[dict]:
+    """A page of a tenant's rows of `table` (a query `q` over it), newest first by
+    (created_at, id), those after the row `after` (a cursor: its id); [] for a cursor
+    that is not one of the tenant's rows."""
+    if after:
+        cur = c.execute(select(table.c.created_at, table.c.id).where(
+            table.c.id == after, table.c.tenant == tenant)).one_or_none()
+        if cur is None:
+            return []
+        q = q.where(or_(table.c.created_at < cur.created_at,
+                        and_(table.c.created_at == cur.created_at, table.c.id < cur.id)))
+    q = q.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit)
+    return [dict(r) for r in c.execute(q).mappings()]

@@ -9,9 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Iterator
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select, update
 
-from worker.store.engine import Database
+from worker.store.engine import Database, newest_first
 from worker.store.schema import file_chunks, files, now
 
 CHUNK = 1 << 20
@@ -49,15 +49,7 @@ class FileStore(Database):
         if purpose:
             q = q.where(files.c.purpose == purpose)
         with self.read() as c:
-            if after:
-                cur = c.execute(select(files.c.created_at, files.c.id).where(
-                    files.c.id == after, files.c.tenant == tenant)).one_or_none()
-                if cur is None:
-                    return []
-                q = q.where(or_(files.c.created_at < cur.created_at,
-                                and_(files.c.created_at == cur.created_at, files.c.id < cur.id)))
-            q = q.order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit)
-            return [dict(r) for r in c.execute(q).mappings()]
+            return newest_first(c, files, q, tenant, after, limit)
 
     def chunks(self, file_id: str) -> Iterator[bytes]:
         """The file's bytes a chunk at a time, one short read each."""
