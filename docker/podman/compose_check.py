@@ -179,7 +179,8 @@ def batch(key: str, n: int, offset: int = 0) -> str:
     while (b := json.loads(http("GET", f"{API}/v1/batches/{batch_id}", headers=auth)[1]))["status"] != "completed":
         assert time.monotonic() < deadline, f"batch {batch_id} unfinished after 300 s: {b}"
         time.sleep(1)
-    assert b["counts"]["done"] == n and b["counts"]["open"] == 0, b
+    counts = b["cascade"]["counts"]  # the project's own counts, beside OpenAI's request_counts
+    assert counts["done"] == n and counts["open"] == 0 and b["request_counts"]["total"] == n, b
     rows_db = psql(f"SELECT status, final_tier, count(*), round(sum(total_cost)::numeric, 6) FROM jobs "
                    f"WHERE batch_id = '{batch_id}' GROUP BY 1, 2 ORDER BY 2")
     total = sum(int(line.split("|")[2]) for line in rows_db.splitlines())

@@ -36,7 +36,7 @@ SECRETS = ("alice-pw-4242", "hdr-secret-777", "file-key-999", "env-tok-555")
 
 
 class RecordingServer:
-    """An OpenAI-style server that answers "4" and keeps every request's headers."""
+    """An OpenAI-style server that answers "4" (with its token log-prob) and keeps every request's headers."""
 
     def __init__(self):
         self.headers: list[dict] = []
@@ -49,7 +49,10 @@ class RecordingServer:
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 outer.headers.append(dict(self.headers))
-                body = json.dumps({"choices": [{"message": {"content": "4"}, "finish_reason": "stop"}],
+                # with token log-probs, as a real server sends them: the tier's start-up probe asks for them
+                body = json.dumps({"choices": [{"message": {"content": "4"}, "finish_reason": "stop",
+                                                "logprobs": {"content": [{"token": "4", "logprob": -0.1,
+                                                                          "top_logprobs": []}]}}],
                                    "usage": {"prompt_tokens": 5, "completion_tokens": 1}}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
