@@ -29,7 +29,7 @@ from router.core.portfolio import Tier
 from worker.config.logs import context
 from worker.config.settings import Settings
 from worker.job.codec import EXPIRED, FINAL, StageOutcome, attempt_from_row, plan_of, query_of
-from worker.models.backends import Backend, BackendFailure, BackendResult, TransientBackendError
+from worker.models.backends import Backend, BackendFailure, BackendResult, TransientBackendError, backend_class
 from worker.models.breaker import breaker_of
 from worker.models.extra_calls import with_extra_calls
 from worker.ops import metrics
@@ -239,7 +239,7 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
 
 
 def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple[str, str, str]]:
-    jobs, prior, started = rt.stages.start_stage(tier_name, job_ids)
+    jobs, prior, started = rt.stages.start_stage(tier_name, job_ids, rt.holder, rt.lease_until())
     if len(jobs) != len(set(job_ids)):
         log.error("stage.unknown_jobs", tier=tier_name, missing=sorted(set(job_ids) - {j["id"] for j in jobs}))
     todo: list[dict] = []
@@ -259,7 +259,10 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
     todo = _drop_overdue_and_dead(rt, tier_name, todo)
     careful = any(j["deliveries"] for j in todo)
     if not careful:
-        rt.stages.start_delivery([j["id"] for j in todo if j["id"] not in started])
+        rest = [j["id"] for j in todo if j["id"] not in started]
+        if rest:  # not started by start_stage (another delivery's start overtook it): only if the lease is free
+            started |= rt.stages.start_delivery(rest, rt.holder, rt.lease_until())
+            todo = _leased_elsewhere(tier_name, todo, started)
 
     applied: list[StageOutcome] = []
     if careful:
@@ -295,7 +298,9 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
     gave_up = False
     for job in todo:
         if job["id"] not in started:
-            rt.stages.start_delivery([job["id"]])
+            if not rt.stages.start_delivery([job["id"]], rt.holder, rt.lease_until()):
+                _leased_elsewhere(tier_name, [job], set())
+                continue
         with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):  # on every line
             try:
                 o = _run_job(rt, tier_name, job, prior[job["id"]], retries=0 if gave_up else None)
@@ -319,12 +324,15 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
         groups.setdefault(job["portfolio"], []).append(job)
     out: list[tuple[dict, StageOutcome | Exception]] = []
     gave_up = False
+    queries_of = {d: [query_of(j["id"], j["input"]) for j in group] for d, group in groups.items()}
+    calls = begin_calls(rt, tier_name, [(j, q, rt.portfolio(d)) for d, group in groups.items()
+                                        for j, q in zip(group, queries_of[d])])
     for digest, group in groups.items():
         portfolio = rt.portfolio(digest)
         policy = portfolio.built_policy
         tier = portfolio.tier(tier_name)
         index = portfolio.index(tier_name)
-        queries = [query_of(j["id"], j["input"]) for j in group]
+        queries = queries_of[digest]
         with context(tier=tier_name, jobs=len(group)):
             got = call_backend_many(rt.backend(tier), tier, index, queries, policy.needs(index), rt.settings,
                                     retries=0 if gave_up else None)
@@ -336,10 +344,37 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
             gave_up = gave_up or bool(meta.get("gave_up"))
             with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):
                 try:
-                    out.append((job, _decide(portfolio, tier_name, job, query, prior[job["id"]], attempt, meta)))
+                    o = _decide(portfolio, tier_name, job, query, prior[job["id"]], attempt, meta)
+                    o.call_id = calls.get(job["id"])
+                    out.append((job, o))
                 except Exception as e:
                     out.append((job, e))
     return out
+
+
+def begin_calls(rt: Runtime, tier_name: str, jobs: list[tuple[dict, Query, Any]]) -> dict[str, int]:
+    """Record the calls about to be made, (job, query, portfolio), as started with their
+    estimated cost (the tier's bound for the query, as the budget reserves it), in one
+    statement: a worker killed or cut off during the calls leaves them known and priced."""
+    calls = []
+    for job, query, portfolio in jobs:
+        tier = portfolio.tier(tier_name)
+        try:
+            est = backend_class(tier.backend.kind).max_cost(tier, query)
+        except Exception:  # noqa: BLE001 - a backend's own bound failed: the price's bound holds
+            est = Backend.max_cost(tier, query)
+        calls.append((job["id"], tier_name, est))
+    return rt.stages.begin_calls(calls, rt.holder)
+
+
+def _leased_elsewhere(tier_name: str, todo: list[dict], started: set[str]) -> list[dict]:
+    """The jobs this delivery started; the others are held by a live stage elsewhere
+    (their lease has not expired): left to it, never called a second time."""
+    for j in todo:
+        if j["id"] not in started:
+            log.warning("stage.leased_elsewhere", job=j["id"], tier=tier_name)
+            metrics.LEASED_ELSEWHERE.labels(tier_name).inc()
+    return [j for j in todo if j["id"] in started]
 
 
 def _crashed(rt: Runtime, tier_name: str, job: dict, e: BaseException, resend: dict[str, list[str]]) -> None:
@@ -352,7 +387,7 @@ def _crashed(rt: Runtime, tier_name: str, job: dict, e: BaseException, resend: d
     if runs >= rt.settings.max_deliveries:
         _dead_letter(rt, tier_name, job, runs, error)
     else:
-        rt.stages.note_error(job["id"], error)
+        rt.stages.note_error(job["id"], error, rt.holder)  # its lease given up: the re-send runs at once
         resend.setdefault(tier_name, []).append(job["id"])  # its next delivery counts
 
 
@@ -394,9 +429,12 @@ def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries:
     tier = portfolio.tier(tier_name)
     index = portfolio.index(tier_name)
     query = query_of(job["id"], job["input"])
+    calls = begin_calls(rt, tier_name, [(job, query, portfolio)])
     attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings,
                                  retries=retries)
-    return _decide(portfolio, tier_name, job, query, prior, attempt, meta)
+    o = _decide(portfolio, tier_name, job, query, prior, attempt, meta)
+    o.call_id = calls.get(job["id"])
+    return o
 
 
 def _decide(portfolio, tier_name: str, job: dict, query: Query, prior: list[dict], attempt: Attempt,
