@@ -12,8 +12,12 @@ ${NAME} references expanded from a secrets file.
 A scenario injects its fault mid-batch and waits, with no human step, until every
 job is final or its time is up, then reconciles the database with the model
 server: submitted, finished, lost (never finished), duplicated (a job with two
-final results, counters or costs that disagree with the attempts), and
-unrecorded_calls (requests the model server answered that no attempt records:
+final results, counters or costs that disagree with the attempts and the lost
+calls' estimates), and from the model calls recorded (model_calls) against the
+requests the model server counted: duplicate_model_calls (a job called twice at
+one tier: only after its first holder's lease expired), calls_started_not_finished
+with their estimated spend (est_unfinished_usd: in the jobs' costs), and
+unrecorded_calls (requests the model server answered that no call row records:
 spend missing from the books).
 """
 from __future__ import annotations
@@ -178,6 +182,7 @@ class FakeModels:
         self.latency = latency
         self.mode: dict[str, str] = {}
         self.requests: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
         outer = self
 
@@ -192,7 +197,13 @@ class FakeModels:
                 if not probe:  # a worker's start-up probe (worker.models.preflight) is no job's call
                     with outer._lock:
                         outer.requests[model] = outer.requests.get(model, 0) + 1
-                status, payload = outer.answer(model, body, self.headers.get("Authorization"))
+                        outer.in_flight[model] = outer.in_flight.get(model, 0) + 1
+                try:
+                    status, payload = outer.answer(model, body, self.headers.get("Authorization"))
+                finally:
+                    if not probe:
+                        with outer._lock:
+                            outer.in_flight[model] -= 1
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -235,9 +246,14 @@ class FakeModels:
         with self._lock:
             return sum(self.requests.values())
 
+    def busy(self, model: str) -> int:
+        with self._lock:
+            return self.in_flight.get(model, 0)
+
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.in_flight.clear()
             self.mode.clear()
 
     def close(self) -> None:
@@ -409,12 +425,14 @@ class Run:
         final = [r for r in rows if r.status in ("succeeded", "failed", "cancelled")]
         finals_per_job: dict[str, int] = {}
         cost_per_job: dict[str, list[float]] = {}
-        tries = 0
         for a in ats:
             if a.decision in ("accept", "reject"):
                 finals_per_job[a.job_id] = finals_per_job.get(a.job_id, 0) + 1
             cost_per_job.setdefault(a.job_id, []).append(a.cost_usd)
-            tries += int((a.meta or {}).get("tries", 1))
+        calls = self.jobs.calls()
+        for c in calls:  # a call lost on the way is in its job's cost at its estimate
+            if c.state in ("lost", "late"):
+                cost_per_job.setdefault(c.job_id, []).append(c.est_cost_usd)
         two_finals = sum(1 for v in finals_per_job.values() if v > 1)
         bad_cost = sum(1 for r in final if r.status != "cancelled"
                        and not math.isclose(r.total_cost, math.fsum(cost_per_job.get(r.id, [])), rel_tol=1e-9,
@@ -427,8 +445,30 @@ class Run:
         return {
             "submitted": submitted, "finished": len(final), "lost": submitted - len(final),
             "duplicated": two_finals + bad_cost + counters_off,
-            "unrecorded_calls": self.lab.models.total() - tries,
+            **call_accounts(calls, self.lab.models.total()),
         }
+
+
+def call_accounts(calls: list, requests: int) -> dict:
+    """The model calls recorded (JobStore.calls) against the requests the model server
+    answered: a call finished made `tries` requests; one started and never finished
+    (its worker killed or cut off), one at least."""
+    made: dict[tuple[str, str], int] = {}
+    unfinished = [c for c in calls if c.state in ("started", "lost")]
+    for c in calls:
+        if c.state in ("started", "lost") or (c.tries or 0) > 0:
+            made[(c.job_id, c.tier)] = made.get((c.job_id, c.tier), 0) + 1
+    recorded = sum(int(c.tries or 0) for c in calls if c.state in ("finished", "late")) + len(unfinished)
+    return {
+        "model_calls": len(calls),
+        "duplicate_model_calls": sum(n - 1 for n in made.values()),
+        "calls_started_not_finished": len(unfinished),
+        "est_unfinished_usd": round(math.fsum(c.est_cost_usd for c in unfinished), 9),
+        "late_calls": sum(1 for c in calls if c.state == "late"),
+        "unrecorded_calls": max(0, requests - recorded),
+        # started rows whose request never left (the worker died between the record and the send)
+        "unfinished_never_sent": max(0, recorded - requests),
+    }
 
 
 # -- the scenarios ------------------------------------------------------------------
@@ -448,6 +488,8 @@ def _worker_signal(tier: str, sig: int):
         run.write_input(_lines(cfg))
         run.submit()
         _after(run, tier, 8)
+        model = f"m{TIERS.index(tier)}"  # the signal lands while the tier has calls in flight
+        _wait(lambda: run.lab.models.busy(model) > 0, 60, f"a call in flight at {tier}", step=0.002)
         run.kill_worker(tier, sig)
         return 0.0
     return scenario
