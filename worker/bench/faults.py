@@ -177,8 +177,9 @@ class FakeModels:
     hang or to answer 503. Every request is counted, per model, as it arrives, but the
     workers' start-up probes (the signal preflight's PROBE_PROMPT)."""
 
-    def __init__(self, key: str, latency: float = 0.05):
+    def __init__(self, key: str, latency: float = 0.05, host: str = "127.0.0.1"):
         self.key = key
+        self.host = host
         self.latency = latency
         self.mode: dict[str, str] = {}
         self.requests: dict[str, int] = {}
@@ -213,7 +214,7 @@ class FakeModels:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (its read timeout)
 
-        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.server = _Server((host, 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -261,12 +262,12 @@ class FakeModels:
         self.server.server_close()
 
 
-def portfolio_text(port: int) -> str:
+def portfolio_text(port: int, host: str = "127.0.0.1") -> str:
     parts = ['[policy]\nname = "threshold"\nsignal = "mean_logprob"\n\n[policy.thresholds]\nt0 = -1.0\nt1 = -1.0\n']
     for i, t in enumerate(TIERS):
         parts.append(
             f'[[tiers]]\nname = "{t}"\n'
-            f'backend = {{ kind = "openai", model = "m{i}", base_url = "http://127.0.0.1:{port}/v1", '
+            f'backend = {{ kind = "openai", model = "m{i}", base_url = "http://{host}:{port}/v1", '
             f'api_key_env = "FAULTS_MODEL_KEY", read_timeout = 2, connect_timeout = 1 }}\n'
             f'price = {{ input_per_mtok = {10 ** i}, output_per_mtok = {2 * 10 ** i} }}\n')
     return "\n".join(parts)
@@ -576,12 +577,12 @@ SCENARIOS: dict[str, Callable[[Run, FaultConfig], float]] = {
 EXTRA_LINES = {"poison_item": 5}
 
 
-def run_scenario(lab: Lab, name: str) -> dict:
+def run_scenario(lab: Lab, name: str, scenarios: dict | None = None, run_cls: type | None = None) -> dict:
     cfg = lab.cfg
     submitted = cfg.jobs + EXTRA_LINES.get(name, 0)
-    with Run(lab, name) as run:
+    with (run_cls or Run)(lab, name) as run:
         t0 = time.monotonic()
-        outage = SCENARIOS[name](run, cfg)
+        outage = (scenarios or SCENARIOS)[name](run, cfg)
         fault_over = time.monotonic()
         run.wait_done(submitted, cfg.budget)  # the budget runs from the end of the fault
         done = time.monotonic()
@@ -589,6 +590,8 @@ def run_scenario(lab: Lab, name: str) -> dict:
         result = run.reconcile(submitted)
         result.update(seconds=round(done - t0, 1), after_fault_s=round(done - fault_over, 1),
                       outage_s=round(outage, 1), worker_restarts=len(run.exits))
+        if hasattr(run, "operator_saw"):
+            result["operator_saw"] = run.operator_saw()
         sub = run.submitters[-1]
         with contextlib.suppress(subprocess.TimeoutExpired):
             sub.wait(30)
