@@ -46,6 +46,7 @@ from worker.bench.netproxy import FaultProxy
 from worker.config.credentials import redact_text
 
 STALE_AFTER = 15.0
+MODEL_LATENCY = 0.2
 WORKERS = {"t0": "t0", "t1": "t1", "t1b": "t1", "t2": "t2"}  # worker host -> its tier
 HOSTS = {"redis": 10, "pg": 11, "t0": 20, "t1": 21, "t1b": 22, "t2": 23, "t2new": 24, "api": 30}
 REDIS_PORT, PG_PORT = 6379, 5432
@@ -219,7 +220,8 @@ class NetLab(Lab):
             self.redis = NetRedis(root, self.secrets["FAULTS_REDIS_PASSWORD"], self.net)
             self.pg = NetPostgres(self.secrets["FAULTS_PG_PASSWORD"], self.net)
             bridge = self.net.ip("bridge")
-            self.models = FakeModels(self.secrets["FAULTS_MODEL_KEY"], cfg.latency, host=bridge)
+            # calls of 200 ms at least: a batch lasts through the faults, with calls in flight at each
+            self.models = FakeModels(self.secrets["FAULTS_MODEL_KEY"], max(cfg.latency, MODEL_LATENCY), host=bridge)
             self.portfolio = root / "portfolio.toml"
             self.portfolio.write_text(portfolio_text(self.models.port, bridge))
             self.proxies = {"redis": FaultProxy((bridge, REDIS_PORT), (self.net.ip("redis"), REDIS_PORT)),
