@@ -455,14 +455,18 @@ def call_accounts(calls: list, requests: int) -> dict:
     answered: a call finished made `tries` requests; one started and never finished
     (its worker killed or cut off), one at least."""
     made: dict[tuple[str, str], int] = {}
+    rows: dict[tuple[str, str], list] = {}
     unfinished = [c for c in calls if c.state in ("started", "lost")]
     for c in calls:
         if c.state in ("started", "lost") or (c.tries or 0) > 0:
             made[(c.job_id, c.tier)] = made.get((c.job_id, c.tier), 0) + 1
+            rows.setdefault((c.job_id, c.tier), []).append(f"{c.holder}:{c.state}:{c.tries}")
     recorded = sum(int(c.tries or 0) for c in calls if c.state in ("finished", "late")) + len(unfinished)
     return {
         "model_calls": len(calls),
         "duplicate_model_calls": sum(n - 1 for n in made.values()),
+        # a few of them, each call as holder:state:tries, to tell a lease that expired from a bug
+        "duplicates_seen": dict([(f"{j}@{t}", rows[(j, t)]) for (j, t), n in made.items() if n > 1][:5]),
         "calls_started_not_finished": len(unfinished),
         "est_unfinished_usd": round(math.fsum(c.est_cost_usd for c in unfinished), 9),
         "late_calls": sum(1 for c in calls if c.state == "late"),
@@ -587,10 +591,14 @@ def run_scenario(lab: Lab, name: str, scenarios: dict | None = None, run_cls: ty
         run.wait_done(submitted, cfg.budget)  # the budget runs from the end of the fault
         done = time.monotonic()
         time.sleep(1.0)  # late duplicates, if any, land before the count
+        settle = run.settle(cfg.budget) if hasattr(run, "settle") else None
         result = run.reconcile(submitted)
+        if settle is not None:
+            result.update(settle)
         result.update(seconds=round(done - t0, 1), after_fault_s=round(done - fault_over, 1),
                       outage_s=round(outage, 1), worker_restarts=len(run.exits))
         if hasattr(run, "operator_saw"):
+            result.update(run.extra_result(cfg.budget))
             result["operator_saw"] = run.operator_saw()
         sub = run.submitters[-1]
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -38,12 +38,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import redis
 
 from worker.bench.faults import (REPO, TIERS, FakeModels, FaultConfig, Lab, OwnPostgres, OwnRedis, Run, _after,
                                  _lines, _pg_bin, _wait, portfolio_text, run_scenario)
 from worker.bench.netproxy import FaultProxy
 from worker.config.credentials import redact_text
+from worker.config.settings import Settings
+from worker.service.tenants import Tenants
+from worker.store.tenants import TenantStore
 
 STALE_AFTER = 15.0
 MODEL_LATENCY = 0.2
@@ -283,6 +287,20 @@ class NetRun(Run):
         self.wait_started(list(WORKERS))
         return self
 
+    def __exit__(self, *exc) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:  # the next scenario starts on a whole network: every cut healed, every link up
+            net = self.lab.net
+            net.heal()
+            for h in HOSTS:
+                if h in net.hosts:
+                    net.link(h, True)
+                    if h in WORKERS or h == "t2new":
+                        net.kill_all(h)  # anything a scenario left on a worker host
+            for p in self.lab.proxies.values():
+                p.clear()
+
     def wait_started(self, hosts: list[str] | None = None, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         for h in hosts or list(WORKERS):
@@ -291,6 +309,39 @@ class NetRun(Run):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the {h} worker did not start within {timeout:g}s")
                 time.sleep(0.2)
+
+    def settle(self, budget: float) -> dict:
+        """After the batch: a worker that was cut off may still hold calls it made and
+        will record once its connection gives up and comes back (tcp_user_timeout, 30 s);
+        wait for them (up to 60 s) before the count. Reports what was still open when
+        the batch finished and how long they took."""
+        open_at_finish = sum(1 for c in self.jobs.calls() if c.state in ("started", "lost"))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < min(60.0, budget):
+            with contextlib.suppress(Exception):
+                if not any(c.state in ("started", "lost") for c in self.jobs.calls()):
+                    break
+            time.sleep(1.0)
+        return {"unfinished_at_batch_end": open_at_finish, "settle_s": round(time.monotonic() - t0, 1)}
+
+    def extra_result(self, budget: float) -> dict:
+        """The task API's clients (the net_api_* scenarios): their answers, and the jobs of
+        the keys accepted: one each, every one finished (waited for within `budget`)."""
+        api = getattr(self, "api", None)
+        if api is None:
+            return {}
+        ids = api.pop("ids")
+        deadline = time.monotonic() + budget
+        final = set()
+        while time.monotonic() < deadline and len(final) < len(set(ids)):
+            for j in set(ids) - final:
+                with contextlib.suppress(Exception):
+                    row = self.jobs.job(j)
+                    if row is not None and row["status"] in ("succeeded", "failed", "cancelled"):
+                        final.add(j)
+            time.sleep(0.5)
+        api.update(distinct_jobs=len(set(ids)), jobs_finished=len(final), jobs_lost=len(set(ids)) - len(final))
+        return {"api": api}
 
     def operator_saw(self) -> dict[str, int]:
         """What the logs told an operator: the count of each warning and error event."""
@@ -402,6 +453,63 @@ def _host_gone(run: NetRun, cfg: FaultConfig) -> float:
     return cfg.outage_short
 
 
+API_PORT = 8000
+
+
+def _api_cut(port: int):
+    """`cascade serve` on the api host, clients on the bridge submitting jobs one after
+    another (each with its Idempotency-Key, a 503 or a broken request sent again with the
+    same key after Retry-After) while the api host is cut from Redis or PostgreSQL;
+    a batch through `cascade run` beside them. Counted after: every key accepted has
+    exactly one job, and each of those jobs finished."""
+    def scenario(run: NetRun, cfg: FaultConfig) -> float:
+        net = run.lab.net
+        serve = run.spawn(["serve", "--portfolio", str(run.lab.portfolio), "--host", net.ip("api"),
+                           "--port", str(API_PORT)], "serve")
+        run.submitters.append(serve)  # stopped with the run
+        url = f"http://{net.ip('api')}:{API_PORT}"
+        _wait(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 120, "the task API ready", step=0.2)
+        _, key = Tenants(TenantStore(run.url), Settings(database_url=run.url)).create_key("drill")
+        n = max(20, cfg.jobs // 5)
+        stats = run.api = {"requests": n, "accepted": 0, "answers": {}, "retries": 0, "slowest_accept_s": 0.0,
+                           "ids": []}
+        deadline = time.monotonic() + cfg.outage_short + cfg.budget
+
+        def clients() -> None:
+            with httpx.Client(base_url=url, timeout=40, headers={"Authorization": f"Bearer {key}"}) as h:
+                for i in range(n):
+                    while time.monotonic() < deadline:
+                        t = time.monotonic()
+                        try:
+                            r = h.post("/v1/jobs", json={"prompt": f"api question {i}: {i} * 3?"},
+                                       headers={"Idempotency-Key": f"drill-{i}"})
+                            code = str(r.status_code)
+                        except httpx.HTTPError as e:
+                            r, code = None, type(e).__name__
+                        stats["answers"][code] = stats["answers"].get(code, 0) + 1
+                        if r is not None and r.status_code in (200, 202):
+                            stats["accepted"] += 1
+                            stats["ids"].append(r.json()["id"])
+                            stats["slowest_accept_s"] = round(max(stats["slowest_accept_s"], time.monotonic() - t), 2)
+                            break
+                        stats["retries"] += 1
+                        wait = float(r.headers.get("Retry-After", 1)) if r is not None else 1.0
+                        time.sleep(min(wait, 5.0))
+                    time.sleep(0.2)  # a steady trickle of requests across the cut
+
+        client = threading.Thread(target=clients, daemon=True)
+        run.write_input(_lines(cfg))
+        run.submit()
+        client.start()
+        time.sleep(2.0)
+        net.cut("api", port)
+        time.sleep(cfg.outage_short)
+        net.heal("api")
+        client.join(cfg.budget)
+        return cfg.outage_short
+    return scenario
+
+
 NET_SCENARIOS: dict[str, Callable] = {
     "net_baseline": lambda run, cfg: (run.write_input(_lines(cfg)), run.submit(), 0.0)[-1],
     "net_worker_redis_cut": _cut_worker(lambda c: (REDIS_PORT,), lambda c: c.outage_short),
@@ -410,10 +518,12 @@ NET_SCENARIOS: dict[str, Callable] = {
     "net_worker_pg_cut_long": _cut_worker(lambda c: (PG_PORT,), lambda c: c.outage_long),
     "net_submitter_redis_cut": _cut_submitter(REDIS_PORT),
     "net_submitter_pg_cut": _cut_submitter(PG_PORT),
+    "net_api_redis_cut": _api_cut(REDIS_PORT),
+    "net_api_pg_cut": _api_cut(PG_PORT),
     "net_slow_links": _slow_links,
     "net_resets": _resets,
     "net_heal_after_resend": _heal_after_resend,
-    "net_host_gone": _host_gone,
+    "net_host_gone": _host_gone,  # last: the others need no host gone (each run restores the network all the same)
 }
 LONG = {"net_worker_redis_cut_long", "net_worker_pg_cut_long"}  # only with --long
 
