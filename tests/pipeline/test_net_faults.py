@@ -61,8 +61,8 @@ def test_the_api_cut_off_while_clients_submit(lab, name):
     # every request ended accepted (after 503s and retries with the same key), one job per key, all finished
     assert api["accepted"] == api["requests"] == api["distinct_jobs"] == api["jobs_finished"], r
     assert not {k for k in api["answers"] if k.startswith("5") and k != "503"}, r  # no 500s
-    if name == "net_api_pg_cut":
-        assert api["answers"].get("503", 0) > 0, r  # the cut was seen and answered 503, not hidden
+    # (a cut shorter than tcp_user_timeout, 30 s, is ridden out by TCP: the request in flight
+    # is answered late, not 503; the 503 itself: tests/api/test_api_outage.py)
 
 
 def test_a_tiers_host_gone_then_a_replacement(lab):

@@ -73,7 +73,7 @@ class FaultProxy:
                 _abort(w)
             if self._server is not None:
                 self._server.close()
-            self._loop.stop()
+            self._loop.call_later(0.2, self._loop.stop)  # the aborts (RSTs) go out first
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(stop)
             self._thread.join(10)
