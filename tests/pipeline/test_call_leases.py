@@ -26,9 +26,10 @@ from worker.store.schema import jobs, model_calls
 pytestmark = pytest.mark.services
 
 
-def _setup(distributed, tmp_path, server, name: str, stale_after: float):
+def _setup(distributed, tmp_path, server, name: str, stale_after: float, store_content: bool = True):
     settings, _ = distributed
-    settings = settings.model_copy(update={"stale_after": stale_after, "backend_breaker_cooldown": 0.0})
+    settings = settings.model_copy(update={"stale_after": stale_after, "backend_breaker_cooldown": 0.0,
+                                           "store_content": store_content})
     path = tmp_path / f"{name}.toml"
     path.write_text('[policy]\nname = "threshold"\nsignal = "mean_logprob"\n\n' + "".join(
         f'[[tiers]]\nname = "t{i}"\n' + ("threshold = 10.0\n" if i == 0 else "")  # t0 always escalates
@@ -73,12 +74,13 @@ def test_a_resent_stage_racing_its_holder_does_not_call_the_model_again(distribu
         assert rows == [("t1", None)] * 3  # escalated, the lease given back
 
 
-def test_a_holder_that_went_silent_leaves_its_calls_started_and_priced(distributed, tmp_path):
+@pytest.mark.parametrize("store_content", [True, False])  # the record in one statement, and step by step
+def test_a_holder_that_went_silent_leaves_its_calls_started_and_priced(distributed, tmp_path, store_content):
     """A worker killed -9 (or cut off) after it recorded its calls as started: the calls
     stay known; nobody calls again while its lease holds; after it expires the re-sent
     stage runs, and the job's cost carries the lost calls' estimate."""
     with ScriptedModel(slow=0.0) as server:
-        a, b, ids = _setup(distributed, tmp_path, server, "silent", stale_after=2)
+        a, b, ids = _setup(distributed, tmp_path, server, "silent", stale_after=2, store_content=store_content)
         # what the killed worker did before dying: it started the stage and its calls
         jobs_, _, started = a.stages.start_stage("t0", ids, a.holder, a.lease_until())
         assert started == set(ids)
