@@ -37,7 +37,8 @@ def run(lab, name: str) -> dict:
     return r
 
 
-@pytest.mark.parametrize("name", ["net_worker_redis_cut", "net_worker_pg_cut", "net_slow_links", "net_resets"])
+@pytest.mark.parametrize("name", ["net_worker_redis_cut", "net_worker_pg_cut", "net_slow_links", "net_resets",
+                                  "net_submitter_redis_cut", "net_submitter_pg_cut"])
 def test_a_cut_or_a_bad_link_loses_nothing_and_calls_nothing_twice(lab, name):
     r = run(lab, name)
     # the worker was cut for less than STALE_AFTER: its leases held, nobody called its jobs again
