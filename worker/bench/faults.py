@@ -462,17 +462,20 @@ def call_accounts(calls: list, requests: int) -> dict:
             made[(c.job_id, c.tier)] = made.get((c.job_id, c.tier), 0) + 1
             rows.setdefault((c.job_id, c.tier), []).append(f"{c.holder}:{c.state}:{c.tries}")
     recorded = sum(int(c.tries or 0) for c in calls if c.state in ("finished", "late")) + len(unfinished)
+    # started rows whose request never left (the worker died between the record and the send,
+    # or the record's reply was lost and its stage tried again): the model server says how many
+    never_sent = max(0, recorded - requests)
     return {
         "model_calls": len(calls),
-        "duplicate_model_calls": sum(n - 1 for n in made.values()),
+        # a job called twice at one tier, less the started rows that never reached the server
+        "duplicate_model_calls": max(0, sum(n - 1 for n in made.values()) - never_sent),
         # a few of them, each call as holder:state:tries, to tell a lease that expired from a bug
         "duplicates_seen": dict([(f"{j}@{t}", rows[(j, t)]) for (j, t), n in made.items() if n > 1][:5]),
         "calls_started_not_finished": len(unfinished),
         "est_unfinished_usd": round(math.fsum(c.est_cost_usd for c in unfinished), 9),
         "late_calls": sum(1 for c in calls if c.state == "late"),
         "unrecorded_calls": max(0, requests - recorded),
-        # started rows whose request never left (the worker died between the record and the send)
-        "unfinished_never_sent": max(0, recorded - requests),
+        "unfinished_never_sent": never_sent,
     }
 
 
