@@ -347,8 +347,7 @@ class NetRun(Run):
         """What the logs told an operator: the count of each warning and error event."""
         seen: dict[str, int] = {}
         for p in self.dir.glob("*.log"):
-            for m in re.finditer(rb"\b((?:stage|sweep|worker|backend|submit|publish|batch|dispatch)\.[a-z_]+)\b",
-                                 p.read_bytes()):
+            for m in re.finditer(rb'"event": "([a-z_]+\.[a-z_]+)"', p.read_bytes()):  # structlog's events
                 k = m.group(1).decode()
                 seen[k] = seen.get(k, 0) + 1
         return dict(sorted(seen.items()))
