@@ -41,8 +41,22 @@ from typing import Callable
 import httpx
 import redis
 
-from worker.bench.faults import (REPO, TIERS, FakeModels, FaultConfig, Lab, OwnPostgres, OwnRedis, Run, _after,
-                                 _lines, _pg_bin, _wait, portfolio_text, run_scenario)
+from worker.bench.faults import (
+    REPO,
+    TIERS,
+    FakeModels,
+    FaultConfig,
+    Lab,
+    OwnPostgres,
+    OwnRedis,
+    Run,
+    _after,
+    _lines,
+    _pg_bin,
+    _wait,
+    portfolio_text,
+    run_scenario,
+)
 from worker.bench.netproxy import FaultProxy
 from worker.config.credentials import redact_text
 from worker.config.settings import Settings

@@ -11,8 +11,8 @@ from router.lab.risk import PROCEDURES
 from router.lab.risk_check import render
 from worker.bench.api import ApiBenchConfig, run_api_bench
 from worker.bench.faults import SCENARIOS, FaultConfig, run_faults
-from worker.bench.netfaults import NET_SCENARIOS, network_unavailable, run_network_faults
 from worker.bench.llamacpp import LlamaBenchConfig, run_llamacpp_bench
+from worker.bench.netfaults import NET_SCENARIOS, network_unavailable, run_network_faults
 from worker.bench.pipeline import BenchConfig, HttpBenchConfig, run_http_bench, run_pipeline_bench
 from worker.bench.risk import RiskBenchConfig, run_risk_bench
 from worker.bench.shared import default_replay_data, shared_dir
