@@ -105,3 +105,20 @@ def test_a_holder_that_went_silent_leaves_its_calls_started_and_priced(distribut
         for job_id in ids:
             made = sum(c["cost_usd"] for c in calls if c["job_id"] == job_id and c["state"] == "finished")
             assert rows[job_id] == pytest.approx(made + lost[job_id], rel=1e-9)
+
+
+def test_a_stage_that_lost_its_lease_while_it_waited_calls_nothing(distributed, tmp_path):
+    """A worker started the stage, then waited (cut off from the database longer than
+    its lease); another worker took the jobs over and called them. When the first gets
+    through again, its record of the calls it is about to make finds the lease gone:
+    it calls nothing (seen in the network drill: both workers called the jobs)."""
+    with ScriptedModel(slow=0.0) as server:
+        a, b, ids = _setup(distributed, tmp_path, server, "lapsed", stale_after=2)
+        jobs_, _, started = a.stages.start_stage("t0", ids, a.holder, a.lease_until())
+        assert started == set(ids)
+        time.sleep(2.2)  # a's lease expired while it waited
+        sent = run_stage(b, "t0", ids)  # the re-sent stage on another worker
+        assert len(sent) == len(ids) and server.requests == len(ids)
+        portfolio = a.portfolio(jobs_[0]["portfolio"])
+        assert begin_calls(a, "t0", [(j, query_of(j["id"], j["input"]), portfolio) for j in jobs_]) == {}
+        assert [c["holder"] for c in _calls(a, ids)] == ["host-b:2"] * len(ids)

@@ -2,7 +2,8 @@
 hosts of their own in Linux network namespaces this suite creates (root needed: CI runs
 as root; elsewhere it is skipped, saying why), its own Redis and PostgreSQL, the model
 calls going on while a path is cut. Shorter than `cascade bench faults --network`: 80
-jobs, 8-second cuts (the bench: 300 jobs, 30 s, and 5 min with --long); the code paths
+jobs, 8-second cuts, STALE_AFTER 20 s (the bench: 300 jobs, 30 s, 15 s, and 5-minute cuts
+with --long); the code paths
 are the same. Every job finishes without a human step, none twice, every model call
 the model server answered is recorded, and a call is made twice only where its first
 holder's lease expired (it was cut from the database longer than STALE_AFTER)."""
@@ -22,7 +23,9 @@ THREADS = 4
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    cfg = FaultConfig(jobs=80, threads=THREADS, outage_short=8.0, budget=120.0, env={"CASCADE_STALE_AFTER": "10"},
+    # STALE_AFTER 20 s: an 8 s cut plus TCP's retransmission backoff after it stays inside one
+    # lease; net_heal_after_resend cuts for longer than it on purpose
+    cfg = FaultConfig(jobs=80, threads=THREADS, outage_short=8.0, budget=120.0, env={"CASCADE_STALE_AFTER": "20"},
                       log=print)
     with NetLab(tmp_path_factory.mktemp("netfaults"), cfg) as lab:
         yield lab

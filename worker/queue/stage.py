@@ -313,6 +313,8 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
             except Exception as e:
                 _crashed(rt, tier_name, job, e, resend)
                 continue
+        if o is None:  # its lease went to another worker while this stage waited
+            continue
         gave_up = gave_up or bool(o.meta.get("gave_up"))
         applied += record_durably(rt.stages, [o], rt.settings.record_wait)
     return applied
@@ -331,6 +333,12 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
     queries_of = {d: [query_of(j["id"], j["input"]) for j in group] for d, group in groups.items()}
     calls = begin_calls(rt, tier_name, [(j, q, rt.portfolio(d)) for d, group in groups.items()
                                         for j, q in zip(group, queries_of[d])])
+    for digest in list(groups):  # only the jobs whose lease is still this stage's are called
+        kept = [(j, q) for j, q in zip(groups[digest], queries_of[digest]) if j["id"] in calls]
+        _leased_elsewhere(tier_name, groups[digest], set(calls))
+        groups[digest], queries_of[digest] = [j for j, _ in kept], [q for _, q in kept]
+        if not kept:
+            del groups[digest]
     for digest, group in groups.items():
         portfolio = rt.portfolio(digest)
         policy = portfolio.built_policy
@@ -368,7 +376,7 @@ def begin_calls(rt: Runtime, tier_name: str, jobs: list[tuple[dict, Query, Any]]
         except Exception:  # noqa: BLE001 - a backend's own bound failed: the price's bound holds
             est = Backend.max_cost(tier, query)
         calls.append((job["id"], tier_name, est))
-    return rt.stages.begin_calls(calls, rt.holder)
+    return rt.stages.begin_calls(calls, rt.holder, rt.lease_until())
 
 
 def _leased_elsewhere(tier_name: str, todo: list[dict], started: set[str]) -> list[dict]:
@@ -426,14 +434,18 @@ def _dead_letter(rt: Runtime, tier_name: str, job: dict, runs: int, cause: str) 
     log.error("stage.dead_letter", job=job["id"], tier=tier_name, deliveries=runs, error=cause)
 
 
-def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries: int | None) -> StageOutcome:
-    """Call this job's tier and ask its policy what follows."""
+def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries: int | None) -> StageOutcome | None:
+    """Call this job's tier and ask its policy what follows (None: its lease went to
+    another worker meanwhile, nothing called)."""
     portfolio = rt.portfolio(job["portfolio"])
     policy = portfolio.built_policy
     tier = portfolio.tier(tier_name)
     index = portfolio.index(tier_name)
     query = query_of(job["id"], job["input"])
     calls = begin_calls(rt, tier_name, [(job, query, portfolio)])
+    if job["id"] not in calls:
+        _leased_elsewhere(tier_name, [job], set())
+        return None
     attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings,
                                  retries=retries)
     o = _decide(portfolio, tier_name, job, query, prior, attempt, meta)

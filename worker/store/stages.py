@@ -138,11 +138,19 @@ WITH x AS (
 SELECT id, total_cost FROM moved
 """)
 
-# The calls a delivery is about to make, one row each, in one statement.
+# The calls a delivery is about to make, one row each, in one statement: only for the
+# jobs whose lease this holder still has (renewed here): a stage that lost its lease
+# while it waited (cut off from the database longer than the lease, another worker
+# took the job over) calls nothing.
 _BEGIN_CALLS = text("""
+WITH held AS (
+  UPDATE jobs SET lease_until = :until
+  WHERE id = ANY(CAST(:ids AS text[])) AND lease_holder = :holder AND status IN ('queued', 'running')
+  RETURNING id
+)
 INSERT INTO model_calls (job_id, tier, holder, state, est_cost_usd, started_at)
-SELECT job_id, tier, :holder, 'started', est, :t
-FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, tier text, est float8)
+SELECT x.job_id, x.tier, :holder, 'started', x.est, :t
+FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, tier text, est float8) JOIN held ON held.id = x.job_id
 RETURNING id, job_id
 """)
 
@@ -208,22 +216,34 @@ class StageStore(Database):
                         deliveries=jobs.c.deliveries + 1, updated_at=t, lease_holder=holder, lease_until=until or t)
                 .returning(jobs.c.id)).scalars())
 
-    def begin_calls(self, calls: Sequence[tuple[str, str, float]], holder: str) -> dict[str, int]:
+    def begin_calls(self, calls: Sequence[tuple[str, str, float]], holder: str,
+                    until: datetime | None = None) -> dict[str, int]:
         """Record these model calls, (job id, tier, estimated cost), as started, before
-        they are made (one statement); their row ids by job."""
+        they are made (one statement), for the jobs whose lease `holder` still has (renewed
+        to `until`); their row ids by job. A job missing from the answer is held by
+        another worker now: its call must not be made."""
         if not calls:
             return {}
         t = now()
-        with (self.read() if self.engine.dialect.name == "postgresql" else self.tx()) as c:
-            if c.dialect.name == "postgresql":  # one statement, its own transaction: no BEGIN/COMMIT trips
-                rows = json.dumps([{"job_id": j, "tier": tier, "est": est if math.isfinite(est) else 0.0}
-                                   for j, tier, est in calls])
-                got = c.execute(_BEGIN_CALLS, {"rows": rows, "holder": holder, "t": t}).all()
-            else:
-                got = c.execute(insert(model_calls).returning(model_calls.c.id, model_calls.c.job_id, sort_by_parameter_order=True),
-                                [{"job_id": j, "tier": tier, "holder": holder, "state": "started",
-                                  "est_cost_usd": est if math.isfinite(est) else 0.0, "started_at": t}
-                                 for j, tier, est in calls]).all()
+        until = until or t
+        ests = [(j, tier, est if math.isfinite(est) else 0.0) for j, tier, est in calls]
+        if self.engine.dialect.name == "postgresql":
+            with self.read() as c:  # one statement, its own transaction: no BEGIN/COMMIT trips
+                rows = json.dumps([{"job_id": j, "tier": tier, "est": est} for j, tier, est in ests])
+                got = c.execute(_BEGIN_CALLS, {"rows": rows, "ids": [j for j, _, _ in ests], "holder": holder,
+                                               "until": until, "t": t}).all()
+            return {r.job_id: r.id for r in got}
+        with self.tx() as c:
+            held = set(c.execute(update(jobs).where(jobs.c.id.in_(sorted({j for j, _, _ in ests})),
+                                                    jobs.c.lease_holder == holder, jobs.c.status.in_(OPEN))
+                                 .values(lease_until=until).returning(jobs.c.id)).scalars())
+            mine = [(j, tier, est) for j, tier, est in ests if j in held]
+            if not mine:
+                return {}
+            got = c.execute(insert(model_calls).returning(model_calls.c.id, model_calls.c.job_id,
+                                                          sort_by_parameter_order=True),
+                            [{"job_id": j, "tier": tier, "holder": holder, "state": "started", "est_cost_usd": est,
+                              "started_at": t} for j, tier, est in mine]).all()
         return {r.job_id: r.id for r in got}
 
     def note_error(self, job_id: str, error: str, holder: str | None = None) -> None:
