@@ -37,10 +37,15 @@ def check(r: dict, unrecorded: int = 0) -> None:
 @pytest.mark.slow
 def test_tier_worker_killed_mid_batch(lab):
     r = run_scenario(lab, "worker_kill9_t1")  # SIGTERM and the other tiers: `cascade bench faults`
-    # the calls of the messages in progress at the kill (a stage calls its jobs together and
-    # records them together: at most one message per thread) die with the process, paid for
-    # and unrecorded
-    check(r, unrecorded=THREADS * lab.cfg.chunk)
+    # the kill lands with calls in flight (a stage calls its jobs together and records them
+    # together: at most one message per thread): each was recorded as started before it was
+    # made, so none is invisible; they stay started-not-finished, their estimate in their
+    # jobs' costs (reconciled in `duplicated`), and only they are called again, once their
+    # dead holder's lease expired
+    check(r)
+    assert 1 <= r["calls_started_not_finished"] <= THREADS * lab.cfg.chunk, r
+    assert r["est_unfinished_usd"] > 0, r
+    assert r["duplicate_model_calls"] <= r["calls_started_not_finished"], r
     assert r["worker_restarts"] == 1
 
 

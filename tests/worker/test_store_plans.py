@@ -20,6 +20,7 @@ def test_no_statement_is_prepared_on_the_server():
         store = StageStore(url)
         with store.engine.connect() as c:
             for i in range(12):  # psycopg's default prepares a statement at its 5th run
-                c.execute(_START_STAGE, {"ids": [f"job-{i}"], "tier": "t0", "t": now()}).all()
+                c.execute(_START_STAGE, {"ids": [f"job-{i}"], "tier": "t0", "t": now(), "holder": "h:1",
+                                         "until": now()}).all()
             prepared = c.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar()
             assert prepared == 0

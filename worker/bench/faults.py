@@ -12,8 +12,12 @@ ${NAME} references expanded from a secrets file.
 A scenario injects its fault mid-batch and waits, with no human step, until every
 job is final or its time is up, then reconciles the database with the model
 server: submitted, finished, lost (never finished), duplicated (a job with two
-final results, counters or costs that disagree with the attempts), and
-unrecorded_calls (requests the model server answered that no attempt records:
+final results, counters or costs that disagree with the attempts and the lost
+calls' estimates), and from the model calls recorded (model_calls) against the
+requests the model server counted: duplicate_model_calls (a job called twice at
+one tier: only after its first holder's lease expired), calls_started_not_finished
+with their estimated spend (est_unfinished_usd: in the jobs' costs), and
+unrecorded_calls (requests the model server answered that no call row records:
 spend missing from the books).
 """
 from __future__ import annotations
@@ -173,11 +177,13 @@ class FakeModels:
     hang or to answer 503. Every request is counted, per model, as it arrives, but the
     workers' start-up probes (the signal preflight's PROBE_PROMPT)."""
 
-    def __init__(self, key: str, latency: float = 0.05):
+    def __init__(self, key: str, latency: float = 0.05, host: str = "127.0.0.1"):
         self.key = key
+        self.host = host
         self.latency = latency
         self.mode: dict[str, str] = {}
         self.requests: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
         outer = self
 
@@ -192,7 +198,13 @@ class FakeModels:
                 if not probe:  # a worker's start-up probe (worker.models.preflight) is no job's call
                     with outer._lock:
                         outer.requests[model] = outer.requests.get(model, 0) + 1
-                status, payload = outer.answer(model, body, self.headers.get("Authorization"))
+                        outer.in_flight[model] = outer.in_flight.get(model, 0) + 1
+                try:
+                    status, payload = outer.answer(model, body, self.headers.get("Authorization"))
+                finally:
+                    if not probe:
+                        with outer._lock:
+                            outer.in_flight[model] -= 1
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -202,7 +214,7 @@ class FakeModels:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (its read timeout)
 
-        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.server = _Server((host, 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -235,9 +247,14 @@ class FakeModels:
         with self._lock:
             return sum(self.requests.values())
 
+    def busy(self, model: str) -> int:
+        with self._lock:
+            return self.in_flight.get(model, 0)
+
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.in_flight.clear()
             self.mode.clear()
 
     def close(self) -> None:
@@ -245,12 +262,12 @@ class FakeModels:
         self.server.server_close()
 
 
-def portfolio_text(port: int) -> str:
+def portfolio_text(port: int, host: str = "127.0.0.1") -> str:
     parts = ['[policy]\nname = "threshold"\nsignal = "mean_logprob"\n\n[policy.thresholds]\nt0 = -1.0\nt1 = -1.0\n']
     for i, t in enumerate(TIERS):
         parts.append(
             f'[[tiers]]\nname = "{t}"\n'
-            f'backend = {{ kind = "openai", model = "m{i}", base_url = "http://127.0.0.1:{port}/v1", '
+            f'backend = {{ kind = "openai", model = "m{i}", base_url = "http://{host}:{port}/v1", '
             f'api_key_env = "FAULTS_MODEL_KEY", read_timeout = 2, connect_timeout = 1 }}\n'
             f'price = {{ input_per_mtok = {10 ** i}, output_per_mtok = {2 * 10 ** i} }}\n')
     return "\n".join(parts)
@@ -409,12 +426,14 @@ class Run:
         final = [r for r in rows if r.status in ("succeeded", "failed", "cancelled")]
         finals_per_job: dict[str, int] = {}
         cost_per_job: dict[str, list[float]] = {}
-        tries = 0
         for a in ats:
             if a.decision in ("accept", "reject"):
                 finals_per_job[a.job_id] = finals_per_job.get(a.job_id, 0) + 1
             cost_per_job.setdefault(a.job_id, []).append(a.cost_usd)
-            tries += int((a.meta or {}).get("tries", 1))
+        calls = self.jobs.calls()
+        for c in calls:  # a call lost on the way is in its job's cost at its estimate
+            if c.state in ("lost", "late"):
+                cost_per_job.setdefault(c.job_id, []).append(c.est_cost_usd)
         two_finals = sum(1 for v in finals_per_job.values() if v > 1)
         bad_cost = sum(1 for r in final if r.status != "cancelled"
                        and not math.isclose(r.total_cost, math.fsum(cost_per_job.get(r.id, [])), rel_tol=1e-9,
@@ -427,8 +446,37 @@ class Run:
         return {
             "submitted": submitted, "finished": len(final), "lost": submitted - len(final),
             "duplicated": two_finals + bad_cost + counters_off,
-            "unrecorded_calls": self.lab.models.total() - tries,
+            **call_accounts(calls, self.lab.models.total()),
         }
+
+
+def call_accounts(calls: list, requests: int) -> dict:
+    """The model calls recorded (JobStore.calls) against the requests the model server
+    answered: a call finished made `tries` requests; one started and never finished
+    (its worker killed or cut off), one at least."""
+    made: dict[tuple[str, str], int] = {}
+    rows: dict[tuple[str, str], list] = {}
+    unfinished = [c for c in calls if c.state in ("started", "lost")]
+    for c in calls:
+        if c.state in ("started", "lost") or (c.tries or 0) > 0:
+            made[(c.job_id, c.tier)] = made.get((c.job_id, c.tier), 0) + 1
+            rows.setdefault((c.job_id, c.tier), []).append(f"{c.holder}:{c.state}:{c.tries}")
+    recorded = sum(int(c.tries or 0) for c in calls if c.state in ("finished", "late")) + len(unfinished)
+    # started rows whose request never left (the worker died between the record and the send,
+    # or the record's reply was lost and its stage tried again): the model server says how many
+    never_sent = max(0, recorded - requests)
+    return {
+        "model_calls": len(calls),
+        # a job called twice at one tier, less the started rows that never reached the server
+        "duplicate_model_calls": max(0, sum(n - 1 for n in made.values()) - never_sent),
+        # a few of them, each call as holder:state:tries, to tell a lease that expired from a bug
+        "duplicates_seen": dict([(f"{j}@{t}", rows[(j, t)]) for (j, t), n in made.items() if n > 1][:5]),
+        "calls_started_not_finished": len(unfinished),
+        "est_unfinished_usd": round(math.fsum(c.est_cost_usd for c in unfinished), 9),
+        "late_calls": sum(1 for c in calls if c.state == "late"),
+        "unrecorded_calls": max(0, requests - recorded),
+        "unfinished_never_sent": never_sent,
+    }
 
 
 # -- the scenarios ------------------------------------------------------------------
@@ -448,6 +496,8 @@ def _worker_signal(tier: str, sig: int):
         run.write_input(_lines(cfg))
         run.submit()
         _after(run, tier, 8)
+        model = f"m{TIERS.index(tier)}"  # the signal lands while the tier has calls in flight
+        _wait(lambda: run.lab.models.busy(model) > 0, 60, f"a call in flight at {tier}", step=0.002)
         run.kill_worker(tier, sig)
         return 0.0
     return scenario
@@ -534,19 +584,25 @@ SCENARIOS: dict[str, Callable[[Run, FaultConfig], float]] = {
 EXTRA_LINES = {"poison_item": 5}
 
 
-def run_scenario(lab: Lab, name: str) -> dict:
+def run_scenario(lab: Lab, name: str, scenarios: dict | None = None, run_cls: type | None = None) -> dict:
     cfg = lab.cfg
     submitted = cfg.jobs + EXTRA_LINES.get(name, 0)
-    with Run(lab, name) as run:
+    with (run_cls or Run)(lab, name) as run:
         t0 = time.monotonic()
-        outage = SCENARIOS[name](run, cfg)
+        outage = (scenarios or SCENARIOS)[name](run, cfg)
         fault_over = time.monotonic()
         run.wait_done(submitted, cfg.budget)  # the budget runs from the end of the fault
         done = time.monotonic()
         time.sleep(1.0)  # late duplicates, if any, land before the count
+        settle = run.settle(cfg.budget) if hasattr(run, "settle") else None
         result = run.reconcile(submitted)
+        if settle is not None:
+            result.update(settle)
         result.update(seconds=round(done - t0, 1), after_fault_s=round(done - fault_over, 1),
                       outage_s=round(outage, 1), worker_restarts=len(run.exits))
+        if hasattr(run, "operator_saw"):
+            result.update(run.extra_result(cfg.budget))
+            result["operator_saw"] = run.operator_saw()
         sub = run.submitters[-1]
         with contextlib.suppress(subprocess.TimeoutExpired):
             sub.wait(30)

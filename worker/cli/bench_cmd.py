@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -11,6 +12,7 @@ from router.lab.risk_check import render
 from worker.bench.api import ApiBenchConfig, run_api_bench
 from worker.bench.faults import SCENARIOS, FaultConfig, run_faults
 from worker.bench.llamacpp import LlamaBenchConfig, run_llamacpp_bench
+from worker.bench.netfaults import NET_SCENARIOS, network_unavailable, run_network_faults
 from worker.bench.pipeline import BenchConfig, HttpBenchConfig, run_http_bench, run_pipeline_bench
 from worker.bench.risk import RiskBenchConfig, run_risk_bench
 from worker.bench.shared import default_replay_data, shared_dir
@@ -143,25 +145,45 @@ def api(requests, concurrency, batch_items, drain_jobs, port, data, pg_admin_url
 @click.option("--scenario", "scenarios", multiple=True, help="run only these (repeatable; default: all)")
 @click.option("--jobs", "-n", type=click.IntRange(min=10), default=300, show_default=True, help="jobs per scenario")
 @click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True, help="threads per tier worker")
-@click.option("--short-outage", type=float, default=20.0, show_default=True, help="seconds PostgreSQL stays down (short)")
-@click.option("--long-outage", type=float, default=180.0, show_default=True, help="seconds PostgreSQL stays down (long)")
+@click.option("--short-outage", type=float, help="seconds of a short outage (PostgreSQL down: 20; --network: "
+                                                 "a cut, 30)")
+@click.option("--long-outage", type=float, help="seconds of a long outage (PostgreSQL down: 180; --network "
+                                                "--long: a cut, 300)")
 @click.option("--budget", type=float, default=120.0, show_default=True, help="seconds allowed beyond each fault")
+@click.option("--network", is_flag=True, help="every part on a host of its own (Linux network namespaces; root): "
+                                              "partitions, slow and lossy links, a host gone")
+@click.option("--long", "long_", is_flag=True, help="with --network: the 5-minute cuts too")
 @click.option("--json", "as_json", is_flag=True, help="last line: one JSON object")
-def faults(scenarios, jobs, threads, short_outage, long_outage, budget, as_json) -> None:
+def faults(scenarios, jobs, threads, short_outage, long_outage, budget, network, long_, as_json) -> None:
     """Faults injected mid-batch on a private Redis and PostgreSQL: workers killed, the
     broker restarted or emptied, the database stopped, backends hanging or failing, a
-    poison item, the submitter killed; each reconciled against the model server."""
-    unknown = [s for s in scenarios if s not in SCENARIOS]
+    poison item, the submitter killed; with --network, faults between hosts. Each is
+    reconciled against the model server."""
+    known = NET_SCENARIOS if network else SCENARIOS
+    unknown = [s for s in scenarios if s not in known]
     if unknown:
-        raise click.ClickException(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
-    cfg = FaultConfig(jobs=jobs, threads=threads, outage_short=short_outage, outage_long=long_outage, budget=budget,
+        raise click.ClickException(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if network:
+        why = network_unavailable()
+        if why:
+            raise click.ClickException(f"--network cannot run here: {why}")
+    short = short_outage if short_outage is not None else (30.0 if network else 20.0)
+    long_s = long_outage if long_outage is not None else (300.0 if network else 180.0)
+    cfg = FaultConfig(jobs=jobs, threads=threads, outage_short=short, outage_long=long_s, budget=budget,
                       log=lambda m: click.echo(m, err=True))
-    result = run_faults(cfg, list(scenarios) or None)
+    load_before = os.getloadavg()
+    if network:
+        result = run_network_faults(cfg, list(scenarios) or None, long=long_)
+    else:
+        result = run_faults(cfg, list(scenarios) or None)
+    result["load_average"] = {"start": [round(x, 2) for x in load_before],
+                              "end": [round(x, 2) for x in os.getloadavg()]}
     if as_json:
         click.echo(json.dumps(result))
     else:
-        for name, r in result["faults"].items():
-            click.echo(f"{name:>22}: {r}")
+        for name, r in result["network_faults" if network else "faults"].items():
+            click.echo(f"{name:>26}: {r}")
+        click.echo(f"{'load average':>26}: {result['load_average']}")
 
 
 @bench.command("llamacpp")

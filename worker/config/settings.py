@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     record_wait: float = Field(1800, ge=0, description="seconds a stage whose models were called waits for the "
                                                        "database to record them (an outage) before giving up")
     publish_wait: float = Field(600, ge=0, description="seconds a send keeps retrying while the broker is away")
+    api_publish_wait: float = Field(5, ge=0, description="seconds the task API's send of a new job's first stage "
+                                                         "retries while the broker is away; then the job, already "
+                                                         "committed, is answered 202 and sent by a tier worker's "
+                                                         "sweeper after stale_after")
     stale_after: float = Field(60, ge=2, description="seconds an open job may go without a heartbeat before a tier "
                                                      "worker re-sends its stage (its message was lost: a killed "
                                                      "worker, a broker restarted empty)")

@@ -88,6 +88,7 @@ class StageOutcome:
     total_cost: float = 0.0
     error: str | None = None
     top_tier_cost: float = 0.0  # a final outcome: what calling only the top tier would have cost (metrics)
+    call_id: int | None = None  # its model call's row (model_calls), finished with the record
 
     def unstorable(self, why: str) -> StageOutcome:
         """This outcome with what the database refused taken out: the job fails, and its
@@ -95,8 +96,9 @@ class StageOutcome:
         a = self.attempt
         error = f"the answer could not be stored: {why.splitlines()[0][:500]}"
         bare = Attempt(a.tier, a.tier_index, a.model[:200], None, {}, a.cost_usd, a.latency_ms, None, None, error=error)
-        return StageOutcome(self.job_id, self.batch_id, self.step, bare, "reject", error, {"unstorable": True},
-                            total_cost=self.total_cost, error=error)
+        return StageOutcome(self.job_id, self.batch_id, self.step, bare, "reject", error,
+                            {"unstorable": True},
+                            total_cost=self.total_cost, error=error, call_id=self.call_id)
 
     def attempt_row(self, t: datetime) -> dict[str, Any]:
         """The attempt as a row the database accepts whatever the model sent back

@@ -38,6 +38,8 @@ CALLS = Counter("cascade_calls", "model calls recorded, per tier", ["tier"])
 DECISIONS = Counter("cascade_decisions", "policy decisions after a call: accept, escalate or reject", ["tier", "decision"])
 FAILURES = Counter("cascade_call_failures", "calls that failed for good (the job fell back or failed)", ["tier"])
 DEAD_LETTERS = Counter("cascade_dead_letters", "jobs failed because their stage kept crashing", ["tier"])
+LEASED_ELSEWHERE = Counter("cascade_leased_elsewhere", "jobs a delivery left alone: another worker's stage holds "
+                           "their lease (a re-sent or duplicate message)", ["tier"])
 EXPIRED = Counter("cascade_expired_jobs", "jobs failed because they were open past their deadline", ["tier"])
 LATENCY = Histogram("cascade_call_latency_seconds", "model call latency", ["tier"],
                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))

@@ -15,7 +15,11 @@ import secrets
 import time
 from typing import Callable, Iterable, Sequence
 
+import structlog
 from celery import Celery
+from kombu.exceptions import OperationalError as BrokerError
+
+log = structlog.get_logger("cascade.dispatch")
 
 STAGE_TASK = "cascade.stage"
 MAX_STAGE_JOBS = 1000  # the largest chunk_size; a message with more is refused
@@ -67,6 +71,7 @@ class Dispatcher:
         self.chunk_size = chunk_size
         # (tier, queue, chunk_size) -> jobs per message to that queue (Runtime.stage_size: the tier's backend)
         self.size_of = size_of
+        self.publish_wait = publish_wait
         # intervals 0, 0.5, 1, 1.5, 2, 2, ...: about publish_wait seconds in all
         self.retry_policy = {"interval_start": 0, "interval_step": 0.5, "interval_max": 2.0,
                              "max_retries": max(3, int(publish_wait / 2) + 3)}
@@ -74,9 +79,25 @@ class Dispatcher:
     def send_one(self, tier: str, queue: str, job_ids: Sequence[str]) -> None:
         # sent_at: the age of a queue's oldest message (worker.ops.metrics) is read from it;
         # argsrepr: what Flower shows as the task's arguments (the tier and job count, not every id)
-        self.app.send_task(STAGE_TASK, args=[tier, list(job_ids)], queue=queue, routing_key=queue,
-                           task_id=task_id(tier, job_ids), headers={"sent_at": time.time()},
-                           argsrepr=stage_repr(tier, job_ids), retry=True, retry_policy=self.retry_policy)
+        # kombu's retry policy covers a publish that fails; a connection that cannot be made
+        # (a broker cut off by the network: the connect times out) is raised from outside it,
+        # so the send is tried again here too, for the same publish_wait in all
+        deadline = time.monotonic() + self.publish_wait
+        delay = 0.5
+        task = task_id(tier, job_ids)  # one id for every try: a duplicate delivery is a duplicate, stages are idempotent
+        while True:
+            try:
+                self.app.send_task(STAGE_TASK, args=[tier, list(job_ids)], queue=queue, routing_key=queue,
+                                   task_id=task, headers={"sent_at": time.time()},
+                                   argsrepr=stage_repr(tier, job_ids), retry=True, retry_policy=self.retry_policy)
+                return
+            except (BrokerError, OSError) as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("dispatch.send_retry", tier=tier, queue=queue, jobs=len(job_ids), error=str(e)[:200],
+                            retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def send(self, targets: Iterable[tuple[str, str, str]]) -> int:
         """Send the stage of each (job id, tier, queue); returns the number of messages."""

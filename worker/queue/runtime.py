@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import threading
 import time
+from datetime import datetime, timedelta
 from typing import Iterator, Sequence
 
 from router.core.errors import InternalError
@@ -24,6 +27,7 @@ from worker.models.preflight import both_needs
 from worker.store.batches import BatchStore
 from worker.store.jobs import JobStore
 from worker.store.policies import PolicyStore
+from worker.store.schema import now
 from worker.store.stages import StageStore
 
 PROMOTED_TTL = 1.0  # seconds a submitter keeps the promoted policy version it read
@@ -43,6 +47,14 @@ class Runtime:
         self._lock = threading.Lock()
         self._inflight: dict[str, int] = {}  # job id -> stages of this process working on it
         self.last_stage_at = time.monotonic()  # when a stage last started here (the sweeper's watchdog)
+        # who holds a job's lease: this process (its threads share it; `running` keeps them apart)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+
+    def lease_until(self) -> datetime:
+        """A lease taken or renewed now ends `stale_after` seconds on: the heartbeat renews
+        it every sweep (a quarter of that); a holder gone silent that long has lost it,
+        exactly when the sweeper re-sends its jobs (worker.store.stages)."""
+        return now() + timedelta(seconds=self.settings.stale_after)
 
     @contextlib.contextmanager
     def running(self, job_ids: Sequence[str]) -> Iterator[list[str]]:

@@ -10,7 +10,11 @@ here: the task wraps this.
 
 Redelivery is safe by construction: a job already final is skipped; a job that
 already has an attempt at this tier is not called again (its stored decision
-stands, and its next message is sent again, which is harmless).
+stands, and its next message is sent again, which is harmless); a job another
+worker's stage holds the lease of (worker.store.stages: until that worker went
+`stale_after` without a heartbeat) is left to it. Every call is recorded as started,
+with its estimated cost, before it is made (one statement per delivery), and
+finished by the record, so a worker killed mid-call leaves its calls known.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from router.core.portfolio import Tier
 from worker.config.logs import context
 from worker.config.settings import Settings
 from worker.job.codec import EXPIRED, FINAL, StageOutcome, attempt_from_row, plan_of, query_of
-from worker.models.backends import Backend, BackendFailure, BackendResult, TransientBackendError
+from worker.models.backends import Backend, BackendFailure, BackendResult, TransientBackendError, backend_class
 from worker.models.breaker import breaker_of
 from worker.models.extra_calls import with_extra_calls
 from worker.ops import metrics
@@ -239,7 +243,7 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
 
 
 def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple[str, str, str]]:
-    jobs, prior, started = rt.stages.start_stage(tier_name, job_ids)
+    jobs, prior, started = rt.stages.start_stage(tier_name, job_ids, rt.holder, rt.lease_until())
     if len(jobs) != len(set(job_ids)):
         log.error("stage.unknown_jobs", tier=tier_name, missing=sorted(set(job_ids) - {j["id"] for j in jobs}))
     todo: list[dict] = []
@@ -259,7 +263,10 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
     todo = _drop_overdue_and_dead(rt, tier_name, todo)
     careful = any(j["deliveries"] for j in todo)
     if not careful:
-        rt.stages.start_delivery([j["id"] for j in todo if j["id"] not in started])
+        rest = [j["id"] for j in todo if j["id"] not in started]
+        if rest:  # not started by start_stage (another delivery's start overtook it): only if the lease is free
+            started |= rt.stages.start_delivery(rest, rt.holder, rt.lease_until())
+            todo = _leased_elsewhere(tier_name, todo, started)
 
     applied: list[StageOutcome] = []
     if careful:
@@ -295,7 +302,9 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
     gave_up = False
     for job in todo:
         if job["id"] not in started:
-            rt.stages.start_delivery([job["id"]])
+            if not rt.stages.start_delivery([job["id"]], rt.holder, rt.lease_until()):
+                _leased_elsewhere(tier_name, [job], set())
+                continue
         with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):  # on every line
             try:
                 o = _run_job(rt, tier_name, job, prior[job["id"]], retries=0 if gave_up else None)
@@ -304,6 +313,8 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
             except Exception as e:
                 _crashed(rt, tier_name, job, e, resend)
                 continue
+        if o is None:  # its lease went to another worker while this stage waited
+            continue
         gave_up = gave_up or bool(o.meta.get("gave_up"))
         applied += record_durably(rt.stages, [o], rt.settings.record_wait)
     return applied
@@ -319,12 +330,21 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
         groups.setdefault((job["portfolio"], policy_version(job, prior[job["id"]])), []).append(job)
     out: list[tuple[dict, StageOutcome | Exception]] = []
     gave_up = False
+    queries_of = {k: [query_of(j["id"], j["input"]) for j in group] for k, group in groups.items()}
+    calls = begin_calls(rt, tier_name, [(j, q, rt.portfolio(k[0])) for k, group in groups.items()
+                                        for j, q in zip(group, queries_of[k])])
+    for k in list(groups):  # only the jobs whose lease is still this stage's are called
+        kept = [(j, q) for j, q in zip(groups[k], queries_of[k]) if j["id"] in calls]
+        _leased_elsewhere(tier_name, groups[k], set(calls))
+        groups[k], queries_of[k] = [j for j, _ in kept], [q for _, q in kept]
+        if not kept:
+            del groups[k]
     for (digest, version), group in groups.items():
         portfolio = rt.portfolio(digest)
         policy = rt.policy(digest, version)
         tier = portfolio.tier(tier_name)
         index = portfolio.index(tier_name)
-        queries = [query_of(j["id"], j["input"]) for j in group]
+        queries = queries_of[(digest, version)]
         with context(tier=tier_name, jobs=len(group)):
             got = call_backend_many(rt.backend(tier), tier, index, queries, policy.needs(index), rt.settings,
                                     retries=0 if gave_up else None)
@@ -336,11 +356,37 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
             gave_up = gave_up or bool(meta.get("gave_up"))
             with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):
                 try:
-                    out.append((job, _decide(portfolio, policy, version, tier_name, job, query, prior[job["id"]],
-                                             attempt, meta)))
+                    o = _decide(portfolio, policy, version, tier_name, job, query, prior[job["id"]], attempt, meta)
+                    o.call_id = calls.get(job["id"])
+                    out.append((job, o))
                 except Exception as e:
                     out.append((job, e))
     return out
+
+
+def begin_calls(rt: Runtime, tier_name: str, jobs: list[tuple[dict, Query, Any]]) -> dict[str, int]:
+    """Record the calls about to be made, (job, query, portfolio), as started with their
+    estimated cost (the tier's bound for the query, as the budget reserves it), in one
+    statement: a worker killed or cut off during the calls leaves them known and priced."""
+    calls = []
+    for job, query, portfolio in jobs:
+        tier = portfolio.tier(tier_name)
+        try:
+            est = backend_class(tier.backend.kind).max_cost(tier, query)
+        except Exception:  # noqa: BLE001 - a backend's own bound failed: the price's bound holds
+            est = Backend.max_cost(tier, query)
+        calls.append((job["id"], tier_name, est))
+    return rt.stages.begin_calls(calls, rt.holder, rt.lease_until())
+
+
+def _leased_elsewhere(tier_name: str, todo: list[dict], started: set[str]) -> list[dict]:
+    """The jobs this delivery started; the others are held by a live stage elsewhere
+    (their lease has not expired): left to it, never called a second time."""
+    for j in todo:
+        if j["id"] not in started:
+            log.warning("stage.leased_elsewhere", job=j["id"], tier=tier_name)
+            metrics.LEASED_ELSEWHERE.labels(tier_name).inc()
+    return [j for j in todo if j["id"] in started]
 
 
 def _crashed(rt: Runtime, tier_name: str, job: dict, e: BaseException, resend: dict[str, list[str]]) -> None:
@@ -353,7 +399,7 @@ def _crashed(rt: Runtime, tier_name: str, job: dict, e: BaseException, resend: d
     if runs >= rt.settings.max_deliveries:
         _dead_letter(rt, tier_name, job, runs, error)
     else:
-        rt.stages.note_error(job["id"], error)
+        rt.stages.note_error(job["id"], error, rt.holder)  # its lease given up: the re-send runs at once
         resend.setdefault(tier_name, []).append(job["id"])  # its next delivery counts
 
 
@@ -388,17 +434,24 @@ def _dead_letter(rt: Runtime, tier_name: str, job: dict, runs: int, cause: str) 
     log.error("stage.dead_letter", job=job["id"], tier=tier_name, deliveries=runs, error=cause)
 
 
-def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries: int | None) -> StageOutcome:
-    """Call this job's tier and ask its policy what follows."""
+def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries: int | None) -> StageOutcome | None:
+    """Call this job's tier and ask its policy what follows (None: its lease went to
+    another worker meanwhile, nothing called)."""
     portfolio = rt.portfolio(job["portfolio"])
     version = policy_version(job, prior)
     policy = rt.policy(job["portfolio"], version)
     tier = portfolio.tier(tier_name)
     index = portfolio.index(tier_name)
     query = query_of(job["id"], job["input"])
+    calls = begin_calls(rt, tier_name, [(job, query, portfolio)])
+    if job["id"] not in calls:
+        _leased_elsewhere(tier_name, [job], set())
+        return None
     attempt, meta = call_backend(rt.backend(tier), tier, index, query, policy.needs(index), rt.settings,
                                  retries=retries)
-    return _decide(portfolio, policy, version, tier_name, job, query, prior, attempt, meta)
+    o = _decide(portfolio, policy, version, tier_name, job, query, prior, attempt, meta)
+    o.call_id = calls.get(job["id"])
+    return o
 
 
 def policy_version(job: dict, prior: list[dict]) -> int:

@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
+import structlog
+
 from router.core.errors import InternalError, UserError
 from router.core.portfolio import Portfolio
 from worker.job.codec import JobStatus, failed_job_row
@@ -30,6 +32,8 @@ from worker.queue.catalog import Catalog
 from worker.queue.dispatch import BATCH, INTERACTIVE, PRIORITIES, Dispatcher, queue_for
 from worker.queue.items import MAX_KEY, Item, Keys, item_from
 from worker.queue.runtime import Runtime
+
+log = structlog.get_logger("cascade.submit")
 
 MAX_METADATA_BYTES = 16_384
 TENANT_DEFAULT = "default"
@@ -156,7 +160,13 @@ class Submitter:
                 new = bool(jobs.insert_jobs(None, [row], admit=Admission(row["tenant"], strict=True)))
         if new:
             tier = row["current_tier"]
-            self.dispatcher.send([(row["id"], tier, queue_for(p.tier(tier).queue_name, row["input"]["priority"]))])
+            try:
+                self.dispatcher.send([(row["id"], tier, queue_for(p.tier(tier).queue_name, row["input"]["priority"]))])
+            except Exception as e:  # noqa: BLE001 - the broker is away (kombu's or a socket's error)
+                # Accepted all the same: the job is committed in PostgreSQL, the source of truth,
+                # and a tier worker's sweeper sends a queued job nothing touched for stale_after.
+                # Refusing it now would have a client without an idempotency key submit it twice.
+                log.warning("submit.send_deferred", job=row["id"], tier=tier, error=str(e)[:200])
             return Submission(row["id"], True, row["status"])
         old = jobs.job(row["id"])
         if old["input"] != row["input"] or old["portfolio"] != row["portfolio"]:

@@ -54,7 +54,8 @@ class Sweeper(threading.Thread):
         while True:  # a daemon thread: it ends with the worker process
             time.sleep(self.interval)
             try:
-                self.runtime.stages.touch(self.runtime.inflight())  # the heartbeat of the jobs held here
+                rt = self.runtime  # the heartbeat of the jobs held here, and their leases renewed
+                rt.stages.touch(rt.inflight(), rt.holder, rt.lease_until())
                 self.sweep()
             except Exception as e:  # the database or broker is away: try again next time
                 log.warning("sweep.failed", tier=self.tier.name, error=redact_text(str(e))[:300])

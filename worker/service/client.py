@@ -69,7 +69,9 @@ class Client:
         prepare_database(self.settings)
         self.runtime = Runtime(self.settings)
         self.app = base_app(self.settings)  # sends stages by task name; runs none
-        dispatcher = Dispatcher(self.app, self.settings.chunk_size, size_of=self.runtime.stage_size)
+        # a request does not wait out a broker outage: what it committed is sent later (Submitter.submit)
+        dispatcher = Dispatcher(self.app, self.settings.chunk_size, publish_wait=self.settings.api_publish_wait,
+                                size_of=self.runtime.stage_size)
         self.submitter = Submitter(self.runtime, dispatcher, self.catalog)
         self.jobs, self.batches = self.runtime.jobs, self.runtime.batches
         self.waiter = Waiter(self.settings.db_url)

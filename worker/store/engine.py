@@ -53,8 +53,15 @@ def engine_for(url: str) -> Engine:
                 # hash-joins the whole jobs table for a single job (a stage's statements took
                 # 5-7 ms instead of 1 after a 20,000-job batch). A custom plan costs ~0.3 ms;
                 # this also works behind PgBouncer's transaction pooling.
+                # A network cut (a partition, a host gone) must surface as an error, not hang:
+                # without these a statement sent into a dead link waits out TCP's retransmissions
+                # (~15 min) and a connect waits for ever. A connect gives up after 10 s, an idle
+                # connection is probed by keepalives, and data unacknowledged for 30 s ends the
+                # connection (a long query is not unacknowledged data: it is not cut).
                 eng = create_engine(url, pool_recycle=1800, pool_size=5, max_overflow=10,
-                                    connect_args={"prepare_threshold": None})
+                                    connect_args={"prepare_threshold": None, "connect_timeout": 10,
+                                                  "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                                                  "keepalives_count": 3, "tcp_user_timeout": 30000})
             _engines[url] = eng
         return eng
 

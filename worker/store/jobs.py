@@ -14,11 +14,12 @@ from sqlalchemy.engine import Connection, Row
 from worker.config.credentials import redact_spec
 from worker.job.codec import CANCELLED, FAILED, FINAL, OPEN
 from worker.store.engine import Database, dialect_insert
-from worker.store.schema import attempts, batches, jobs, now, portfolios, tenants
+from worker.store.schema import attempts, batches, jobs, model_calls, now, portfolios, tenants
 
 # what a finished job's input becomes when content is not kept
 ERASED_INPUT = {"erased": True}
-_JOB_COLUMNS = [c.name for c in jobs.columns]
+# a new job holds no lease (worker.store.stages): the submitter never writes those columns
+_JOB_COLUMNS = [c.name for c in jobs.columns if c.name not in ("lease_holder", "lease_until")]
 _COPY_FROM = 50  # rows; fewer (a single job) go in one plain INSERT, one round trip
 _JSON_COLUMNS = {"input", "plan"}
 # (the tenant's row: budget_usd, spent_usd, reserved_usd; or None) -> the rows to insert
@@ -312,6 +313,16 @@ class JobStore(Database):
             ats = c.execute(select(attempts.c.job_id, attempts.c.decision, attempts.c.cost_usd,
                                    attempts.c.meta)).all()
         return rows, ats
+
+    def calls(self, batch_id: str | None = None) -> list[Row]:
+        """The model calls recorded (model_calls) of a batch's jobs, or of every job: job_id,
+        tier, holder, state, est_cost_usd, cost_usd, tries, in the order they started."""
+        q = select(model_calls.c.job_id, model_calls.c.tier, model_calls.c.holder, model_calls.c.state,
+                   model_calls.c.est_cost_usd, model_calls.c.cost_usd, model_calls.c.tries)
+        if batch_id is not None:
+            q = q.join(jobs, jobs.c.id == model_calls.c.job_id).where(jobs.c.batch_id == batch_id)
+        with self.read() as c:
+            return c.execute(q.order_by(model_calls.c.id)).all()
 
     def durable(self, batch_id: str) -> dict[str, int]:
         """What PostgreSQL holds of the batch, read back: succeeded jobs with an answer, attempts."""

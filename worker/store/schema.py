@@ -100,6 +100,10 @@ jobs = Table(
     Column("deadline", _ts, nullable=True),  # an open job past it expires (fails), never re-sent
     # the most it can cost, reserved against its tenant's budget while it is open (migration 0006)
     Column("reserved_usd", Float(53), nullable=False, default=0.0, server_default="0"),
+    # the worker process whose stage holds the job at its current tier, until lease_until
+    # (renewed by its heartbeat): a re-sent stage leaves a held job alone (migration 0008)
+    Column("lease_holder", String(200), nullable=True),
+    Column("lease_until", _ts, nullable=True),
     UniqueConstraint("batch_id", "item_key", name="uq_jobs_batch_item"),
     Index("ix_jobs_batch_status", "batch_id", "status"),
     Index("ix_jobs_status_deadline", "status", "deadline"),
@@ -130,6 +134,29 @@ attempts = Table(
     Column("meta", _json, nullable=False),
     Column("created_at", _ts, nullable=False),
     UniqueConstraint("job_id", "tier", name="uq_attempts_job_tier"),
+)
+
+# every model call of a stage, recorded as started (with its estimated cost: the tier's
+# bound for the query) before it is made and finished after, so a call whose worker was
+# killed or cut off is known and priced, never invisible (migration 0008). state:
+# started -> finished; or started -> lost (the job became final without it: its estimate
+# is in the job's cost) -> late (it answered after all).
+model_calls = Table(
+    "model_calls",
+    metadata,
+    Column("id", Integer().with_variant(BigInteger(), "postgresql"), primary_key=True, autoincrement=True),
+    Column("job_id", String(200), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("tier", String(64), nullable=False),
+    Column("holder", String(200), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("est_cost_usd", Float(53), nullable=False, default=0.0),
+    Column("cost_usd", Float(53), nullable=True),
+    Column("tries", Integer, nullable=True),
+    Column("started_at", _ts, nullable=False),
+    Column("finished_at", _ts, nullable=True),
+    Index("ix_model_calls_job", "job_id"),
+    Index("ix_model_calls_open", "state", postgresql_where=text("state IN ('started', 'lost')"),
+          sqlite_where=text("state IN ('started', 'lost')")),
 )
 
 # graded outcomes (`cascade feedback`): one row per job, a re-grade replaces it

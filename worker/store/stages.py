@@ -6,7 +6,22 @@ whose stage went quiet. On PostgreSQL the start and the record are one statement
 each (_START_STAGE, _RECORD_STAGE); elsewhere the same steps one by one.
 
 Every write to a job is guarded (`WHERE status IN ('queued', 'running')`): only
-the first final write wins, and the batch counters move only when it did."""
+the first final write wins, and the batch counters move only when it did.
+
+Every model call is accounted for (model_calls): `begin_calls` writes a row per
+call, started with its estimated cost, before the calls are made (one statement per
+delivery), and the record finishes it with the real cost, even when the attempt
+itself lost a race and was dropped. A job that becomes final while a call of it is
+still started (its worker was killed or cut off) has that call marked lost and its
+estimate added to the job's cost; if the call answers later it becomes `late`.
+
+The lease: a stage that starts a job holds it (jobs.lease_holder, lease_until =
+now + the lease, `stale_after` seconds), and its worker's heartbeat renews the
+lease every sweep. Another delivery of the same stage (a sweeper re-send, a
+broker redelivery, a duplicate message) starts the job only if it holds no lease,
+the lease has expired, or it is its own: so the model is called a second time only
+after the holder went `stale_after` seconds without a heartbeat, which is also when
+the sweeper re-sends. The lease ends when the job moves on or its stage crashed."""
 from __future__ import annotations
 
 import json
@@ -14,14 +29,14 @@ import math
 from datetime import datetime
 from typing import Sequence
 
-from sqlalchemy import bindparam, func, or_, select, text, update
+from sqlalchemy import bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection
 
 from worker.job.codec import EXPIRED, FAILED, OPEN, RUNNING, SUCCEEDED, StageOutcome
 from worker.job.storable import clean_text
 from worker.store.engine import Database, dialect_insert
 from worker.store.jobs import forget_content
-from worker.store.schema import attempts, batches, jobs, now
+from worker.store.schema import attempts, batches, jobs, model_calls, now
 
 # (status = .. OR status = ..): an IN list cannot be used with executemany
 _OPEN_GUARD = or_(*(jobs.c.status == s for s in OPEN))
@@ -29,7 +44,7 @@ _ESCALATE = (
     update(jobs)
     .where(jobs.c.id == bindparam("b_id"), _OPEN_GUARD)
     .values(status=bindparam("b_status"), current_tier=bindparam("b_tier"), updated_at=bindparam("b_t"),
-            deliveries=0, error=None)  # a new tier: its own count of deliveries
+            deliveries=0, error=None, lease_holder=None, lease_until=None)  # a new tier: its own count of deliveries
 )
 _FINALIZE = (
     update(jobs)
@@ -49,7 +64,7 @@ _FINALIZE = (
 _START_STAGE = text("""
 WITH started AS (
   UPDATE jobs SET status = 'running', started_at = coalesce(started_at, :t), deliveries = deliveries + 1,
-                  updated_at = :t
+                  updated_at = :t, lease_holder = :holder, lease_until = :until
   WHERE (SELECT set_config('synchronous_commit', 'off', true)) = 'off' AND id = ANY(CAST(:ids AS text[])) AND status IN ('queued', 'running') AND current_tier = :tier
     AND deliveries = 0 AND (deadline IS NULL OR deadline >= :t)
     AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = jobs.id AND a.tier = :tier)
@@ -75,7 +90,13 @@ WITH x AS (
   SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
     AS x(job_id text, tier text, tier_index int, step int, model text, answer text, signals jsonb, tokens_in int,
          tokens_out int, cost_usd float8, latency_ms float8, decision text, reason text, error text, meta jsonb,
-         status text, next_tier text, final_answer text, final_tier text, total_cost float8, job_error text)
+         status text, next_tier text, final_answer text, final_tier text, total_cost float8, job_error text,
+         call_id bigint, tries int)
+), fin AS (  -- the calls made: finished, with their cost, whether or not their attempt is new
+  UPDATE model_calls c SET state = CASE WHEN c.state = 'lost' THEN 'late' ELSE 'finished' END, finished_at = :t,
+                           cost_usd = x.cost_usd, tries = x.tries
+  FROM x WHERE c.id = x.call_id AND c.state IN ('started', 'lost')
+  RETURNING c.id
 ), ins AS (
   INSERT INTO attempts (job_id, tier, tier_index, step, model, answer, signals, tokens_in, tokens_out, cost_usd,
                         latency_ms, decision, reason, error, meta, created_at)
@@ -91,12 +112,20 @@ WITH x AS (
     error = CASE WHEN x.decision = 'escalate' THEN NULL ELSE x.job_error END,
     final_answer = CASE WHEN x.decision = 'escalate' THEN j.final_answer ELSE x.final_answer END,
     final_tier = CASE WHEN x.decision = 'escalate' THEN j.final_tier ELSE x.final_tier END,
-    total_cost = CASE WHEN x.decision = 'escalate' THEN j.total_cost ELSE x.total_cost END,
+    total_cost = CASE WHEN x.decision = 'escalate' THEN j.total_cost ELSE x.total_cost + x.lost_cost END,
     finished_at = CASE WHEN x.decision = 'escalate' THEN j.finished_at ELSE :t END,
-    updated_at = :t
-  FROM (SELECT x.* FROM x JOIN ins ON ins.job_id = x.job_id) AS x  -- the new attempts' jobs, found by their key
+    updated_at = :t, lease_holder = NULL, lease_until = NULL
+  FROM (SELECT x.*, coalesce((SELECT sum(c.est_cost_usd) FROM model_calls c  -- calls started and never finished
+                              WHERE c.job_id = x.job_id AND c.state = 'started'
+                                AND c.id IS DISTINCT FROM x.call_id), 0) AS lost_cost
+        FROM x JOIN ins ON ins.job_id = x.job_id) AS x  -- the new attempts' jobs, found by their key
   WHERE j.id = x.job_id AND j.status IN ('queued', 'running')
-  RETURNING j.id, j.batch_id, x.decision, x.total_cost
+  RETURNING j.id, j.batch_id, x.decision, x.total_cost + x.lost_cost AS total_cost, x.call_id
+), lost AS (  -- a final job's calls still started: lost (their estimate is in its cost above)
+  UPDATE model_calls c SET state = 'lost'
+  FROM moved m WHERE c.job_id = m.id AND m.decision <> 'escalate' AND c.state = 'started'
+    AND c.id IS DISTINCT FROM m.call_id
+  RETURNING c.id
 ), counted AS (
   UPDATE batches b SET done = b.done + n.done, succeeded = b.succeeded + n.succeeded, failed = b.failed + n.failed,
                        total_cost = b.total_cost + n.cost, updated_at = :t
@@ -106,7 +135,23 @@ WITH x AS (
   WHERE b.id = n.batch_id
   RETURNING b.id
 )
-SELECT id FROM moved
+SELECT id, total_cost FROM moved
+""")
+
+# The calls a delivery is about to make, one row each, in one statement: only for the
+# jobs whose lease this holder still has (renewed here): a stage that lost its lease
+# while it waited (cut off from the database longer than the lease, another worker
+# took the job over) calls nothing.
+_BEGIN_CALLS = text("""
+WITH held AS (
+  UPDATE jobs SET lease_until = :until
+  WHERE id = ANY(CAST(:ids AS text[])) AND lease_holder = :holder AND status IN ('queued', 'running')
+  RETURNING id
+)
+INSERT INTO model_calls (job_id, tier, holder, state, est_cost_usd, started_at)
+SELECT x.job_id, x.tier, :holder, 'started', x.est, :t
+FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, tier text, est float8) JOIN held ON held.id = x.job_id
+RETURNING id, job_id
 """)
 
 
@@ -128,18 +173,22 @@ class StageStore(Database):
         rows.sort(key=lambda r: order[r["id"]])
         return rows, ats
 
-    def start_stage(self, tier: str, job_ids: Sequence[str]) -> tuple[list[dict], dict[str, list[dict]], set[str]]:
+    def start_stage(self, tier: str, job_ids: Sequence[str], holder: str = "", until: datetime | None = None
+                    ) -> tuple[list[dict], dict[str, list[dict]], set[str]]:
         """`load_stage`, and `start_delivery` of the jobs a first delivery will run (open,
         waiting at `tier`, never delivered here, not answered here, not past their
-        deadline), in one statement on PostgreSQL (its own transaction): the rows show
-        the values from before it (`deliveries` as it was), the set says which started.
+        deadline), in one statement on PostgreSQL (its own transaction), each taking the
+        lease (`holder` until `until`): the rows show the values from before it
+        (`deliveries` as it was), the set says which started.
         Elsewhere the two steps, the set empty (the stage starts its jobs itself)."""
         if self.engine.dialect.name != "postgresql":
             rows, ats = self.load_stage(job_ids)
             return rows, ats, set()
         ids = list(dict.fromkeys(job_ids))
+        t = now()
         with self.read() as c:
-            got = c.execute(_START_STAGE, {"ids": ids, "tier": tier, "t": now()}).mappings().all()
+            got = c.execute(_START_STAGE, {"ids": ids, "tier": tier, "t": t, "holder": holder,
+                                           "until": until or t}).mappings().all()
         rows, ats, started = [], {}, set()
         for r in got:
             r = dict(r)
@@ -151,32 +200,78 @@ class StageStore(Database):
         rows.sort(key=lambda r: order[r["id"]])
         return rows, ats, started
 
-    def start_delivery(self, job_ids: Sequence[str]) -> None:
-        """These jobs' stage starts: running, and one more delivery at their tier
-        (reset when they move on), so a job that keeps crashing its stage is counted."""
+    def start_delivery(self, job_ids: Sequence[str], holder: str = "", until: datetime | None = None) -> set[str]:
+        """These jobs' stage starts: running, one more delivery at their tier (reset
+        when they move on), so a job that keeps crashing its stage is counted, and
+        the lease taken. Returns the jobs started: not one whose lease another holder
+        still has (its stage may be running: it is left to it)."""
+        if not job_ids:
+            return set()
+        t = now()
+        free = or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < t, jobs.c.lease_holder == holder)
+        with self.tx() as c:
+            return set(c.execute(
+                update(jobs).where(jobs.c.id.in_(sorted(job_ids)), jobs.c.status.in_(OPEN), free)
+                .values(status=RUNNING, started_at=func.coalesce(jobs.c.started_at, t),
+                        deliveries=jobs.c.deliveries + 1, updated_at=t, lease_holder=holder, lease_until=until or t)
+                .returning(jobs.c.id)).scalars())
+
+    def begin_calls(self, calls: Sequence[tuple[str, str, float]], holder: str,
+                    until: datetime | None = None) -> dict[str, int]:
+        """Record these model calls, (job id, tier, estimated cost), as started, before
+        they are made (one statement), for the jobs whose lease `holder` still has (renewed
+        to `until`); their row ids by job. A job missing from the answer is held by
+        another worker now: its call must not be made."""
+        if not calls:
+            return {}
+        t = now()
+        until = until or t
+        ests = [(j, tier, est if math.isfinite(est) else 0.0) for j, tier, est in calls]
+        if self.engine.dialect.name == "postgresql":
+            with self.read() as c:  # one statement, its own transaction: no BEGIN/COMMIT trips
+                rows = json.dumps([{"job_id": j, "tier": tier, "est": est} for j, tier, est in ests])
+                got = c.execute(_BEGIN_CALLS, {"rows": rows, "ids": [j for j, _, _ in ests], "holder": holder,
+                                               "until": until, "t": t}).all()
+            return {r.job_id: r.id for r in got}
+        with self.tx() as c:
+            held = set(c.execute(update(jobs).where(jobs.c.id.in_(sorted({j for j, _, _ in ests})),
+                                                    jobs.c.lease_holder == holder, jobs.c.status.in_(OPEN))
+                                 .values(lease_until=until).returning(jobs.c.id)).scalars())
+            mine = [(j, tier, est) for j, tier, est in ests if j in held]
+            if not mine:
+                return {}
+            got = c.execute(insert(model_calls).returning(model_calls.c.id, model_calls.c.job_id,
+                                                          sort_by_parameter_order=True),
+                            [{"job_id": j, "tier": tier, "holder": holder, "state": "started", "est_cost_usd": est,
+                              "started_at": t} for j, tier, est in mine]).all()
+        return {r.job_id: r.id for r in got}
+
+    def note_error(self, job_id: str, error: str, holder: str | None = None) -> None:
+        """The last error of a still-open job (its stage crashed; it will be tried again),
+        and its lease given up, so the stage sent again runs at once."""
+        values: dict = {"error": error}
+        if holder is not None:
+            values.update(lease_holder=None, lease_until=None)
+        with self.tx() as c:
+            cond = [jobs.c.id == job_id, jobs.c.status.in_(OPEN)]
+            if holder is not None:
+                cond.append(or_(jobs.c.lease_holder == holder, jobs.c.lease_holder.is_(None)))
+            c.execute(update(jobs).where(*cond).values(**values))
+
+    def touch(self, job_ids: Sequence[str], holder: str | None = None, until: datetime | None = None) -> None:
+        """A heartbeat: these open jobs are being worked on (the sweeper leaves them be),
+        and the leases `holder` has on them last until `until`."""
         if not job_ids:
             return
         t = now()
-        with self.tx() as c:
-            c.execute(update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.status.in_(OPEN))
-                      .values(status=RUNNING, started_at=func.coalesce(jobs.c.started_at, t),
-                              deliveries=jobs.c.deliveries + 1, updated_at=t))
-
-    def note_error(self, job_id: str, error: str) -> None:
-        """The last error of a still-open job (its stage crashed; it will be tried again)."""
-        with self.tx() as c:
-            c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(OPEN)).values(error=error))
-
-    def touch(self, job_ids: Sequence[str]) -> None:
-        """A heartbeat: these open jobs are being worked on (the sweeper leaves them be)."""
-        if not job_ids:
-            return
-        t = now()
+        values: dict = {"updated_at": t}
+        if holder is not None and until is not None:
+            values["lease_until"] = case((jobs.c.lease_holder == holder, until), else_=jobs.c.lease_until)
         with self.tx() as c:
             if c.dialect.name == "postgresql":
                 c.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")  # a heartbeat, not a result
             c.execute(update(jobs).where(jobs.c.id.in_(sorted(job_ids)), jobs.c.status.in_(OPEN))
-                      .values(updated_at=t))
+                      .values(**values))
 
     def record_stage(self, outcomes: Sequence[StageOutcome]) -> list[StageOutcome]:
         """Write one stage's attempts and their consequences in one transaction.
@@ -192,16 +287,26 @@ class StageStore(Database):
         if self.engine.dialect.name == "postgresql" and self.keep_content:
             return self._record_stage_at_once(outcomes, t)
         with self.tx() as c:
+            self._finish_calls(c, outcomes, t)
             ins = dialect_insert(c, attempts).on_conflict_do_nothing(index_elements=["job_id", "tier"]).returning(attempts.c.job_id)
             inserted = {r.job_id for r in c.execute(ins, [o.attempt_row(t) for o in outcomes]).all()}
             # lock order: job ids sorted, then the batch row, so writers never deadlock
             won = sorted((o for o in outcomes if o.job_id in inserted), key=lambda o: o.job_id)
             moves = [o for o in won if o.decision == "escalate"]
             finals = [o for o in won if o.decision != "escalate"]
+            lost = self._lost_calls(c, finals)
+            for o in finals:  # a final job's cost includes the estimate of its calls never finished
+                o.total_cost += lost.get(o.job_id, 0.0)
             applied = self._guarded(c, moves, t, lambda o: {"b_status": RUNNING, "b_tier": o.next_tier}, _ESCALATE)
-            applied += self._guarded(c, finals, t, lambda o: {
+            done = self._guarded(c, finals, t, lambda o: {
                 "b_status": SUCCEEDED if o.decision == "accept" else FAILED, "b_answer": clean_text(o.final_answer),
                 "b_final": o.final_tier, "b_cost": o.total_cost, "b_error": clean_text(o.error)}, _FINALIZE)
+            applied += done
+            if done:
+                c.execute(update(model_calls).where(
+                    model_calls.c.job_id.in_([o.job_id for o in done]), model_calls.c.state == "started",
+                    model_calls.c.id.notin_([o.call_id for o in done if o.call_id is not None] or [-1]))
+                    .values(state="lost"))
             if not self.keep_content:
                 forget_content(c, [o.job_id for o in applied if o.decision != "escalate"])
             counters: dict[str, dict[str, float]] = {}
@@ -219,6 +324,29 @@ class StageStore(Database):
                     updated_at=t))
         return applied
 
+    @staticmethod
+    def _finish_calls(c: Connection, outcomes: Sequence[StageOutcome], t: datetime) -> None:
+        rows = [{"b_id": o.call_id, "b_cost": o.attempt.cost_usd if math.isfinite(o.attempt.cost_usd) else None,
+                 "b_tries": int(o.meta.get("tries", 1)), "b_t": t} for o in outcomes if o.call_id is not None]
+        if rows:
+            c.execute(update(model_calls).where(model_calls.c.id == bindparam("b_id"),
+                                                or_(model_calls.c.state == "started", model_calls.c.state == "lost"))
+                      .values(state=case((model_calls.c.state == "lost", "late"), else_="finished"),
+                              finished_at=bindparam("b_t"), cost_usd=bindparam("b_cost"), tries=bindparam("b_tries")),
+                      rows)
+
+    @staticmethod
+    def _lost_calls(c: Connection, finals: Sequence[StageOutcome]) -> dict[str, float]:
+        """The estimated cost, by job, of these jobs' calls started and never finished
+        (not the outcomes' own)."""
+        if not finals:
+            return {}
+        own = [o.call_id for o in finals if o.call_id is not None] or [-1]
+        return {r.job_id: float(r.est or 0.0) for r in c.execute(
+            select(model_calls.c.job_id, func.sum(model_calls.c.est_cost_usd).label("est"))
+            .where(model_calls.c.job_id.in_([o.job_id for o in finals]), model_calls.c.state == "started",
+                   model_calls.c.id.notin_(own)).group_by(model_calls.c.job_id))}
+
     def _record_stage_at_once(self, outcomes: Sequence[StageOutcome], t: datetime) -> list[StageOutcome]:
         """record_stage on PostgreSQL: one statement, one round trip (_RECORD_STAGE)."""
         rows = []
@@ -229,13 +357,17 @@ class StageStore(Database):
             row.update(status=RUNNING if not final else SUCCEEDED if o.decision == "accept" else FAILED,
                        next_tier=o.next_tier, final_answer=clean_text(o.final_answer) if final else None,
                        final_tier=o.final_tier, total_cost=o.total_cost,
-                       job_error=clean_text(o.error) if final else None)
+                       job_error=clean_text(o.error) if final else None, call_id=o.call_id,
+                       tries=int(o.meta.get("tries", 1)))
             for k in ("cost_usd", "total_cost"):
                 if not math.isfinite(row[k]):
                     row[k] = str(row[k]).replace("inf", "Infinity").replace("nan", "NaN")
             rows.append(row)
         with self.read() as c:
-            moved = set(c.execute(_RECORD_STAGE, {"rows": json.dumps(rows), "t": t}).scalars())
+            moved = dict(c.execute(_RECORD_STAGE, {"rows": json.dumps(rows), "t": t}).all())
+        for o in outcomes:
+            if o.job_id in moved and o.decision != "escalate":
+                o.total_cost = moved[o.job_id]  # with the estimate of calls lost on the way
         return [o for o in outcomes if o.job_id in moved]
 
     @staticmethod

@@ -20,6 +20,7 @@ from worker.service.api.common import ApiError, error_response
 from worker.service.client import Client, JobNotFound
 from worker.service.tenants import AuthError, BudgetExhausted, RateLimited, Tenants
 from worker.service.webhooks import BatchUpkeep
+from worker.store.errors import InterfaceError, OperationalError
 from worker.store.tenants import TenantStore
 from worker.store.webhooks import WebhookStore
 
@@ -146,6 +147,16 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
     async def rate(_req, e: RateLimited):
         return error_response(429, str(e), code="rate_limited", type_="rate_limit_exceeded",
                               headers={"Retry-After": str(e.retry_after)})
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def database_away(_req, e: Exception):
+        # The database is unreachable: a job is accepted only once its row is committed, so the
+        # answer is 503 and the client sends the request again; a commit cut off mid-way may
+        # have taken effect, which the same Idempotency-Key then finds instead of a second job
+        return error_response(503, "the database is unreachable; send the request again (with the same "
+                                   "Idempotency-Key, a request that was committed after all is not made twice)",
+                              code="database_unavailable", type_="unavailable", headers={"Retry-After": "5"})
 
     @app.exception_handler(UserError)
     async def user_error(_req, e: UserError):

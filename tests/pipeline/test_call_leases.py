@@ -1,0 +1,124 @@
+"""Every model call accounted for, and the lease that keeps a re-sent stage from
+calling a model a second time (worker.store.stages, worker.queue.stage).
+
+Two Runtimes in this process stand for two worker processes (each its own lease
+holder) against a real PostgreSQL and the scripted OpenAI-compatible server: the
+stages run as the Celery task runs them (`run_stage`), without a broker; the batch is
+submitted by the real submitter (its messages go to a private Redis prefix nobody
+consumes)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from helpers.servers import ScriptedModel
+from sqlalchemy import select
+
+from router.core.portfolio import load_portfolio
+from worker.job.codec import query_of
+from worker.queue.items import Item
+from worker.queue.run import run_batch
+from worker.queue.runtime import Runtime
+from worker.queue.stage import begin_calls, run_stage
+from worker.store.schema import jobs, model_calls
+
+pytestmark = pytest.mark.services
+
+
+def _setup(distributed, tmp_path, server, name: str, stale_after: float, store_content: bool = True):
+    settings, _ = distributed
+    settings = settings.model_copy(update={"stale_after": stale_after, "backend_breaker_cooldown": 0.0,
+                                           "store_content": store_content})
+    path = tmp_path / f"{name}.toml"
+    path.write_text('[policy]\nname = "threshold"\nsignal = "mean_logprob"\n\n' + "".join(
+        f'[[tiers]]\nname = "t{i}"\n' + ("threshold = 10.0\n" if i == 0 else "")  # t0 always escalates
+        + f'backend = {{ kind = "openai", base_url = "{server.base_url}", model = "m{i}", max_tokens = 8 }}\n'
+          f'price = {{ input_per_mtok = 1, output_per_mtok = 2 }}\n\n' for i in range(2)))
+    portfolio = load_portfolio(path)
+    items = [Item(f"q{i}", i + 1, {"id": f"q{i}", "prompt": f"question {i} [slow]"}) for i in range(3)]
+    run_batch(items, portfolio, settings=settings, batch_id=name, progress=False, wait=False)
+    ids = [f"{name}:q{i}" for i in range(3)]
+    a, b = Runtime(settings), Runtime(settings)
+    for rt, who in ((a, "host-a:1"), (b, "host-b:2")):
+        rt.holder = who
+        rt.add_portfolio(portfolio)
+    return a, b, ids
+
+
+def _calls(rt: Runtime, ids: list[str]) -> list[dict]:
+    with rt.stages.engine.connect() as c:
+        return [dict(r) for r in c.execute(select(model_calls).where(model_calls.c.job_id.in_(ids))
+                                           .order_by(model_calls.c.id)).mappings()]
+
+
+def test_a_resent_stage_racing_its_holder_does_not_call_the_model_again(distributed, tmp_path):
+    with ScriptedModel(slow=1.5) as server:
+        a, b, ids = _setup(distributed, tmp_path, server, "race", stale_after=60)
+        first = threading.Thread(target=run_stage, args=(a, "t0", ids))
+        first.start()
+        deadline = time.monotonic() + 20
+        while server.in_flight < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.in_flight == len(ids), "the holder's calls never started"
+        # the sweeper's re-send (or a redelivery) of the same stage, on another worker, mid-call
+        assert run_stage(b, "t0", ids) == []
+        first.join(30)
+        seen = {p: n for (m, p), n in server.seen.items() if m == "m0"}
+        assert sorted(seen.values()) == [1, 1, 1], seen  # each job's t0 model called once
+        calls = _calls(a, ids)
+        assert [(c["tier"], c["holder"], c["state"], c["tries"]) for c in calls] == [("t0", "host-a:1", "finished", 1)] * 3
+        assert all(c["est_cost_usd"] > 0 and c["cost_usd"] > 0 for c in calls)
+        with a.stages.engine.connect() as c:
+            rows = c.execute(select(jobs.c.current_tier, jobs.c.lease_holder).where(jobs.c.id.in_(ids))).all()
+        assert rows == [("t1", None)] * 3  # escalated, the lease given back
+
+
+@pytest.mark.parametrize("store_content", [True, False])  # the record in one statement, and step by step
+def test_a_holder_that_went_silent_leaves_its_calls_started_and_priced(distributed, tmp_path, store_content):
+    """A worker killed -9 (or cut off) after it recorded its calls as started: the calls
+    stay known; nobody calls again while its lease holds; after it expires the re-sent
+    stage runs, and the job's cost carries the lost calls' estimate."""
+    with ScriptedModel(slow=0.0) as server:
+        a, b, ids = _setup(distributed, tmp_path, server, "silent", stale_after=2, store_content=store_content)
+        # what the killed worker did before dying: it started the stage and its calls
+        jobs_, _, started = a.stages.start_stage("t0", ids, a.holder, a.lease_until())
+        assert started == set(ids)
+        portfolio = a.portfolio(jobs_[0]["portfolio"])
+        begin_calls(a, "t0", [(j, query_of(j["id"], j["input"]), portfolio) for j in jobs_])
+        lost = {c["job_id"]: c["est_cost_usd"] for c in _calls(a, ids)}
+        assert set(lost) == set(ids) and all(v > 0 for v in lost.values())
+
+        assert run_stage(b, "t0", ids) == []  # the lease holds: nothing called
+        assert server.requests == 0
+        time.sleep(2.2)  # the holder silent for `stale_after`: its lease expired
+        sent = run_stage(b, "t0", ids)
+        assert sorted(j for j, *_ in sent) == sorted(ids)  # called once each, escalated to t1
+        for job_id in ids:  # the last tier (threshold at its default) finishes them
+            run_stage(b, "t1", [job_id])
+        calls = _calls(a, ids)
+        states = sorted((c["holder"], c["tier"], c["state"]) for c in calls)
+        assert states == sorted([("host-a:1", "t0", "lost")] * 3 + [("host-b:2", "t0", "finished")] * 3
+                                + [("host-b:2", "t1", "finished")] * 3)
+        with a.stages.engine.connect() as c:
+            rows = dict(c.execute(select(jobs.c.id, jobs.c.total_cost).where(jobs.c.id.in_(ids))).all())
+        for job_id in ids:
+            made = sum(c["cost_usd"] for c in calls if c["job_id"] == job_id and c["state"] == "finished")
+            assert rows[job_id] == pytest.approx(made + lost[job_id], rel=1e-9)
+
+
+def test_a_stage_that_lost_its_lease_while_it_waited_calls_nothing(distributed, tmp_path):
+    """A worker started the stage, then waited (cut off from the database longer than
+    its lease); another worker took the jobs over and called them. When the first gets
+    through again, its record of the calls it is about to make finds the lease gone:
+    it calls nothing (seen in the network drill: both workers called the jobs)."""
+    with ScriptedModel(slow=0.0) as server:
+        a, b, ids = _setup(distributed, tmp_path, server, "lapsed", stale_after=2)
+        jobs_, _, started = a.stages.start_stage("t0", ids, a.holder, a.lease_until())
+        assert started == set(ids)
+        time.sleep(2.2)  # a's lease expired while it waited
+        sent = run_stage(b, "t0", ids)  # the re-sent stage on another worker
+        assert len(sent) == len(ids) and server.requests == len(ids)
+        portfolio = a.portfolio(jobs_[0]["portfolio"])
+        assert begin_calls(a, "t0", [(j, query_of(j["id"], j["input"]), portfolio) for j in jobs_]) == {}
+        assert [c["holder"] for c in _calls(a, ids)] == ["host-b:2"] * len(ids)
