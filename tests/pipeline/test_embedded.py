@@ -134,8 +134,15 @@ def test_killed_run_resumes_without_duplicates(bench, tmp_path):
     portfolio = load_portfolio(path)
     rows = load_dataset(bench / "rc-mmlu.jsonl.gz").split("test")[:40]
     outcomes = simulate(portfolio.built_policy, tiers_of(portfolio), rows)
-    assert [(r["final_tier"], r["answer"], r["cost_usd"]) for r in results(out)] == [
-        (o.final_tier, o.answer, o.cost_usd) for o in outcomes]
+    with sqlite3.connect(db) as c:
+        # the killed run's calls in flight were recorded as started: now lost, their estimate in their job's cost
+        lost = dict(c.execute("select j.item_key, sum(m.est_cost_usd) from model_calls m join jobs j on j.id = m.job_id "
+                              "where m.state = 'lost' group by j.item_key").fetchall())
+        assert all(state in ("finished", "lost") for (state,) in c.execute("select state from model_calls"))
+    got = results(out)
+    assert [(r["final_tier"], r["answer"]) for r in got] == [(o.final_tier, o.answer) for o in outcomes]
+    assert [r["cost_usd"] for r in got] == pytest.approx(
+        [o.cost_usd + lost.get(r["id"], 0.0) for r, o in zip(got, outcomes)])
     with sqlite3.connect(db) as c:
         assert c.execute("select count(*) from jobs").fetchone()[0] == 40
         assert c.execute("select count(*), count(distinct job_id || tier) from attempts").fetchone() == (

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -204,6 +206,21 @@ def check_batch_id(batch_id: str) -> None:
         raise BatchError(f"batch name {batch_id[:60]!r}: use 1 to {MAX_BATCH_ID} characters, no spaces or NUL")
 
 
+def holder_gone(holder: str) -> bool:
+    """Whether a lease holder (`host:pid`, worker.queue.runtime) is a process of this host
+    that no longer runs. One of another host, or a pid alive again, is not known gone."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def resend_open(runtime: Runtime, dispatcher: Dispatcher, batch_id: str, *, idle_before=None) -> tuple[int, int]:
     """Send the current stage of the batch's unfinished jobs (of those idle since
     `idle_before`, if given). Safe at any time: a stage is idempotent, so a job
@@ -211,6 +228,10 @@ def resend_open(runtime: Runtime, dispatcher: Dispatcher, batch_id: str, *, idle
     batch = runtime.batches.batch(batch_id)
     if batch is None:
         raise BatchError(f"no batch {batch_id!r}")
+    # a process of this host that held jobs and is gone (a `cascade run` killed mid-batch) cannot
+    # renew its leases: give them up, or the stages sent again would wait out the lease (in the
+    # embedded mode no sweeper sends them a second time, and the run would wait for ever)
+    runtime.jobs.release_leases(batch_id, [h for h in runtime.jobs.lease_holders(batch_id) if holder_gone(h)])
     open_jobs = runtime.jobs.open_jobs(batch_id, idle_before=idle_before)
     digest = batch["portfolio"]
     messages = dispatcher.send((job_id, tier, runtime.queue_of(digest, tier)) for job_id, tier in open_jobs)

@@ -204,6 +204,22 @@ class JobStore(Database):
                 q = q.where(jobs.c.updated_at < idle_before)
             return [(r.id, r.current_tier) for r in c.execute(q)]
 
+    def lease_holders(self, batch_id: str) -> list[str]:
+        """Who holds a lease on the batch's unfinished jobs."""
+        with self.read() as c:
+            return list(c.execute(select(jobs.c.lease_holder).distinct().where(
+                jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN), jobs.c.lease_holder.is_not(None))).scalars())
+
+    def release_leases(self, batch_id: str, holders: Sequence[str]) -> int:
+        """Give up the leases these holders have on the batch's unfinished jobs (holders
+        known to be gone: a stage sent again then runs at once, not after the lease)."""
+        if not holders:
+            return 0
+        with self.tx() as c:
+            return c.execute(update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_(OPEN),
+                                                jobs.c.lease_holder.in_(list(holders)))
+                             .values(lease_holder=None, lease_until=None)).rowcount
+
     def job_ids(self, batch_id: str, item_keys: Sequence[str]) -> dict[str, str]:
         """item key -> job id, for the keys that are jobs of the batch."""
         return self._by_item_key(batch_id, item_keys, jobs.c.id)
