@@ -122,3 +122,29 @@ def test_a_stage_that_lost_its_lease_while_it_waited_calls_nothing(distributed, 
         portfolio = a.portfolio(jobs_[0]["portfolio"])
         assert begin_calls(a, "t0", [(j, query_of(j["id"], j["input"]), portfolio) for j in jobs_]) == {}
         assert [c["holder"] for c in _calls(a, ids)] == ["host-b:2"] * len(ids)
+
+
+def test_a_call_record_whose_reply_was_lost_is_voided_not_charged(distributed, tmp_path):
+    """The start record committed but its reply never reached the worker (a reset): the
+    stage tried again and made one call with a new record. The first record was never
+    a call: it becomes `void` when the same holder records again, and its estimate is
+    not in the job's cost."""
+    with ScriptedModel() as server:
+        a, _, ids = _setup(distributed, tmp_path, server, "void", stale_after=60)
+        job = a.stages.load_stage(ids[:1])[0][0]
+        a.stages.start_stage("t0", [job["id"]], holder=a.holder, until=a.lease_until())
+        query = query_of(job["id"], job["input"])
+        # the record made, its answer lost on the way back: the runtime never learns its id
+        a.stages.begin_calls([(job["id"], "t0", 0.5)], a.holder, a.lease_until(), known=a.known_calls())
+        [phantom] = [c for c in _calls(a, [job["id"]]) if c["state"] == "started"]
+        # a call it learned of stays started (it may have been made) when it records again
+        got = begin_calls(a, "t0", [(job, query, a.portfolio(job["portfolio"]))])
+        assert a.known_calls() == [got[job["id"]]]
+        rows = {c["id"]: c["state"] for c in _calls(a, [job["id"]])}
+        assert rows == {phantom["id"]: "void", got[job["id"]]: "started"}
+        again = begin_calls(a, "t0", [(job, query, a.portfolio(job["portfolio"]))])
+        rows = {c["id"]: c["state"] for c in _calls(a, [job["id"]])}
+        assert rows == {phantom["id"]: "void", got[job["id"]]: "started", again[job["id"]]: "started"}
+        # a voided record is no call: never lost, never in a cost
+        with a.stages.engine.connect() as c:
+            assert c.execute(select(model_calls.c.state).where(model_calls.c.id == phantom["id"])).scalar() == "void"

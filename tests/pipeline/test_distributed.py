@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 from helpers.portfolios import write_portfolio
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from router.core.portfolio import load_portfolio
 from router.core.records import load_dataset
@@ -35,20 +35,30 @@ def offline(portfolio, bench, split, n):
     return rows, simulate(portfolio.built_policy, tiers_of(portfolio), rows)
 
 
-def assert_matches_offline(db_jobs, outcomes):
+def lost_calls(store) -> dict[str, float]:
+    """job id -> the estimated spend of its calls a killed worker started and never finished
+    (model_calls rows `lost`): in the job's cost, beside what the offline replay gives."""
+    with store.engine.connect() as c:
+        return {r.job_id: r.est for r in c.execute(text(
+            "SELECT job_id, sum(est_cost_usd) AS est FROM model_calls WHERE state = 'lost' GROUP BY job_id"))}
+
+
+def assert_matches_offline(db_jobs, outcomes, lost: dict[str, float] | None = None):
+    lost = lost or {}
     assert [j["id"] for j in db_jobs] == [o.id for o in outcomes]
     for j, o in zip(db_jobs, outcomes):
-        assert (j["status"], j["final_tier"], j["answer"], j["cost_usd"], j["correct"]) == (
-            o.status, o.final_tier, o.answer, o.cost_usd, o.correct), j["id"]
+        assert (j["status"], j["final_tier"], j["answer"], j["correct"]) == (
+            o.status, o.final_tier, o.answer, o.correct), j["id"]
+        assert j["cost_usd"] == pytest.approx(o.cost_usd + lost.get(j["job_id"], 0.0)), j["id"]
         assert [a["tier"] for a in j["attempts"]] == o.calls
     db_counts = Counter(j["final_tier"] for j in db_jobs)
     assert db_counts == Counter(o.final_tier for o in outcomes)
     db_cost = sum(j["cost_usd"] for j in db_jobs)
-    assert db_cost == sum(o.cost_usd for o in outcomes)
+    assert db_cost == pytest.approx(sum(o.cost_usd for o in outcomes) + sum(lost.values()))
     assert sum(j["correct"] for j in db_jobs) == sum(o.correct for o in outcomes)
 
 
-def assert_exactly_once(store: BatchStore, batch_id: str, n: int):
+def assert_exactly_once(store: BatchStore, batch_id: str, n: int, lost: dict[str, float] | None = None):
     b = store.batch(batch_id)
     assert (b["total"], b["done"]) == (n, n)
     with store.engine.connect() as c:
@@ -60,8 +70,10 @@ def assert_exactly_once(store: BatchStore, batch_id: str, n: int):
         accepts = c.execute(select(attempts.c.job_id, func.count()).where(attempts.c.decision == "accept")
                             .group_by(attempts.c.job_id).having(func.count() > 1)).all()
         assert accepts == []
-        # each job's cost is the sum of its attempts, counted once
+        # each job's cost is the sum of its attempts, counted once (and of its lost calls' estimates)
         per_job = dict(c.execute(select(attempts.c.job_id, func.sum(attempts.c.cost_usd)).group_by(attempts.c.job_id)).all())
+        for jid, est in (lost or {}).items():
+            per_job[jid] = per_job.get(jid, 0.0) + est
         for jid, cost in c.execute(select(jobs.c.id, jobs.c.total_cost).where(jobs.c.batch_id == batch_id)).all():
             assert cost == pytest.approx(per_job[jid], rel=1e-12, abs=1e-15)
         assert b["total_cost"] == pytest.approx(sum(per_job.values()), rel=1e-9)
@@ -122,8 +134,10 @@ def test_kill9_worker_mid_batch_then_another_finishes(bench, distributed, worker
     w.start("t1")
     wait_for(store, "crash", progress=False, timeout=300)
     _, outcomes = offline(portfolio, bench, "test", n)
-    assert_matches_offline(job_results(JobStore(store.url), "crash"), outcomes)
-    assert_exactly_once(store, "crash", n)
+    # the killed worker's calls in flight are known (started, never finished) and priced at their estimate
+    lost = lost_calls(store)
+    assert_matches_offline(job_results(JobStore(store.url), "crash"), outcomes, lost)
+    assert_exactly_once(store, "crash", n, lost)
 
 
 @pytest.mark.slow

@@ -49,6 +49,19 @@ class Runtime:
         self.last_stage_at = time.monotonic()  # when a stage last started here (the sweeper's watchdog)
         # who holds a job's lease: this process (its threads share it; `running` keeps them apart)
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        # ids of this process's call records it learned of and has not recorded finished (StageStore.begin_calls)
+        self._calls: set[int] = set()
+
+    def known_calls(self) -> list[int]:
+        with self._lock:
+            return list(self._calls)
+
+    def note_calls(self, ids, *, finished: bool = False) -> None:
+        with self._lock:
+            if finished:
+                self._calls.difference_update(ids)
+            else:
+                self._calls.update(ids)
 
     def lease_until(self) -> datetime:
         """A lease taken or renewed now ends `stale_after` seconds on: the heartbeat renews

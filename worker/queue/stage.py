@@ -279,6 +279,7 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
             else:
                 _crashed(rt, tier_name, job, o, resend)
         applied = record_durably(rt.stages, outcomes, rt.settings.record_wait)
+        rt.note_calls([o.call_id for o in outcomes if o.call_id is not None], finished=True)
     metrics.observe_stage(tier_name, applied)
     without = [o for o in applied if o.meta.get("missing_signals")]
     if without:
@@ -317,6 +318,7 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
             continue
         gave_up = gave_up or bool(o.meta.get("gave_up"))
         applied += record_durably(rt.stages, [o], rt.settings.record_wait)
+        rt.note_calls([o.call_id] if o.call_id is not None else [], finished=True)
     return applied
 
 
@@ -376,7 +378,9 @@ def begin_calls(rt: Runtime, tier_name: str, jobs: list[tuple[dict, Query, Any]]
         except Exception:  # noqa: BLE001 - a backend's own bound failed: the price's bound holds
             est = Backend.max_cost(tier, query)
         calls.append((job["id"], tier_name, est))
-    return rt.stages.begin_calls(calls, rt.holder, rt.lease_until())
+    got = rt.stages.begin_calls(calls, rt.holder, rt.lease_until(), known=rt.known_calls())
+    rt.note_calls(got.values())
+    return got
 
 
 def _leased_elsewhere(tier_name: str, todo: list[dict], started: set[str]) -> list[dict]:

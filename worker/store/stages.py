@@ -147,6 +147,11 @@ WITH held AS (
   UPDATE jobs SET lease_until = :until
   WHERE id = ANY(CAST(:ids AS text[])) AND lease_holder = :holder AND status IN ('queued', 'running')
   RETURNING id
+), void AS (
+  UPDATE model_calls SET state = 'void', finished_at = :t
+  WHERE holder = :holder AND state = 'started' AND job_id = ANY(CAST(:ids AS text[]))
+    AND NOT (id = ANY(CAST(:known AS bigint[])))
+  RETURNING id
 )
 INSERT INTO model_calls (job_id, tier, holder, state, est_cost_usd, started_at)
 SELECT x.job_id, x.tier, :holder, 'started', x.est, :t
@@ -217,11 +222,16 @@ class StageStore(Database):
                 .returning(jobs.c.id)).scalars())
 
     def begin_calls(self, calls: Sequence[tuple[str, str, float]], holder: str,
-                    until: datetime | None = None) -> dict[str, int]:
+                    until: datetime | None = None, known: Sequence[int] = ()) -> dict[str, int]:
         """Record these model calls, (job id, tier, estimated cost), as started, before
         they are made (one statement), for the jobs whose lease `holder` still has (renewed
         to `until`); their row ids by job. A job missing from the answer is held by
-        another worker now: its call must not be made."""
+        another worker now: its call must not be made.
+
+        `known`: the ids of this holder's started rows that it learned of (a call it may
+        have made). Its other started rows of these jobs are records whose reply never
+        reached it (the connection was reset after the commit): no call was made for
+        them, and they become `void` here instead of being charged as lost calls."""
         if not calls:
             return {}
         t = now()
@@ -231,9 +241,13 @@ class StageStore(Database):
             with self.read() as c:  # one statement, its own transaction: no BEGIN/COMMIT trips
                 rows = json.dumps([{"job_id": j, "tier": tier, "est": est} for j, tier, est in ests])
                 got = c.execute(_BEGIN_CALLS, {"rows": rows, "ids": [j for j, _, _ in ests], "holder": holder,
-                                               "until": until, "t": t}).all()
+                                               "until": until, "t": t, "known": list(known)}).all()
             return {r.job_id: r.id for r in got}
         with self.tx() as c:
+            c.execute(update(model_calls).where(model_calls.c.holder == holder, model_calls.c.state == "started",
+                                                model_calls.c.job_id.in_(sorted({j for j, _, _ in ests})),
+                                                model_calls.c.id.not_in(list(known)))
+                      .values(state="void", finished_at=t))
             held = set(c.execute(update(jobs).where(jobs.c.id.in_(sorted({j for j, _, _ in ests})),
                                                     jobs.c.lease_holder == holder, jobs.c.status.in_(OPEN))
                                  .values(lease_until=until).returning(jobs.c.id)).scalars())
