@@ -617,13 +617,19 @@ def run_faults(cfg: FaultConfig, names: list[str] | None = None, root: Path | No
     if unknown:
         raise ValueError(f"unknown fault scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
     root = root or Path(tempfile.mkdtemp(prefix="cascade-faults-"))
-    out: dict[str, dict] = {}
     with Lab(root, cfg) as lab:
-        for name in names:
-            try:
-                out[name] = run_scenario(lab, name)
-            except Exception as e:  # a harness failure is reported for its scenario; the others still run
-                cfg.log(f"{name}: harness error: {redact_text(str(e))}")
-                out[name] = {"error": redact_text(f"{type(e).__name__}: {e}")}
-    return {"faults": out}
+        return {"faults": run_each(names, lambda name: run_scenario(lab, name), cfg.log)}
+
+
+def run_each(names: list[str], run: Callable[[str], dict], log: Callable[[str], None]) -> dict[str, dict]:
+    """Each scenario's result by name; a harness failure is reported for its scenario and
+    the others still run."""
+    out: dict[str, dict] = {}
+    for name in names:
+        try:
+            out[name] = run(name)
+        except Exception as e:
+            log(f"{name}: harness error: {redact_text(str(e))}")
+            out[name] = {"error": redact_text(f"{type(e).__name__}: {e}")}
+    return out
 

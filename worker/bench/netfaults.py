@@ -55,10 +55,10 @@ from worker.bench.faults import (
     _pg_bin,
     _wait,
     portfolio_text,
+    run_each,
     run_scenario,
 )
 from worker.bench.netproxy import FaultProxy
-from worker.config.credentials import redact_text
 from worker.config.settings import Settings
 from worker.service.tenants import Tenants
 from worker.store.tenants import TenantStore
@@ -548,12 +548,6 @@ def run_network_faults(cfg: FaultConfig, names: list[str] | None = None, root: P
     if unknown:
         raise ValueError(f"unknown network scenario(s) {unknown}; known: {', '.join(NET_SCENARIOS)}")
     root = root or Path(tempfile.mkdtemp(prefix="cascade-netfaults-"))
-    out: dict[str, dict] = {}
     with NetLab(root, cfg) as lab:
-        for name in names:
-            try:
-                out[name] = run_scenario(lab, name, NET_SCENARIOS, NetRun)
-            except Exception as e:  # a harness failure is reported for its scenario; the others still run
-                cfg.log(f"{name}: harness error: {redact_text(str(e))}")
-                out[name] = {"error": redact_text(f"{type(e).__name__}: {e}")}
-    return {"network_faults": out}
+        return {"network_faults": run_each(names, lambda name: run_scenario(lab, name, NET_SCENARIOS, NetRun),
+                                           cfg.log)}

@@ -61,13 +61,17 @@ def _admission_view(c: Connection, tenant: str) -> dict[str, Any] | None:
     SQLite: one writer at a time already (BEGIN IMMEDIATE)."""
     if c.dialect.name == "postgresql":
         c.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:t))"), {"k": _ADMISSION_LOCK, "t": tenant})
-    open_sum = (select(func.coalesce(func.sum(jobs.c.reserved_usd), 0.0))
-                .where(jobs.c.tenant == tenant, jobs.c.status.in_(OPEN)).scalar_subquery())
-    # no budget: nothing to hold the jobs to, and their sum is not read
-    reserved = case((tenants.c.budget_usd.is_(None), 0.0), else_=open_sum)
-    row = c.execute(select(tenants.c.budget_usd, tenants.c.spent_usd, reserved.label("reserved_usd"))
+    row = c.execute(select(tenants.c.budget_usd, tenants.c.spent_usd, reserved_if_budgeted())
                     .where(tenants.c.id == tenant)).mappings().one_or_none()
     return None if row is None else dict(row)
+
+
+def reserved_if_budgeted():
+    """A tenants row's `reserved_usd` column: what its open jobs have reserved, summed only
+    when it has a budget (without one there is nothing to hold the jobs to)."""
+    open_sum = (select(func.coalesce(func.sum(jobs.c.reserved_usd), 0.0))
+                .where(jobs.c.tenant == tenants.c.id, jobs.c.status.in_(OPEN)).scalar_subquery())
+    return case((tenants.c.budget_usd.is_(None), 0.0), else_=open_sum).label("reserved_usd")
 
 
 def open_reservations(c: Connection, tenant: str) -> float:

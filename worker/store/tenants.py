@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import select, update
 
-from worker.job.codec import OPEN
 from worker.store.engine import Database, dialect_insert
-from worker.store.jobs import open_reservations
-from worker.store.schema import api_keys, jobs, now, tenants
+from worker.store.jobs import open_reservations, reserved_if_budgeted
+from worker.store.schema import api_keys, now, tenants
 
 
 class TenantStore(Database):
@@ -34,10 +33,7 @@ class TenantStore(Database):
         spent_usd, rate_per_min and reserved_usd (summed over its open jobs only when it
         has a budget); with `key_id`, that key's tenant, hash and revoked_at too (the
         tenant's columns None when it has no row). None: no such tenant (or key)."""
-        open_sum = (select(func.coalesce(func.sum(jobs.c.reserved_usd), 0.0))
-                    .where(jobs.c.tenant == tenants.c.id, jobs.c.status.in_(OPEN)).scalar_subquery())
-        cols = [tenants.c.budget_usd, tenants.c.spent_usd, tenants.c.rate_per_min,
-                case((tenants.c.budget_usd.is_(None), 0.0), else_=open_sum).label("reserved_usd")]
+        cols = [tenants.c.budget_usd, tenants.c.spent_usd, tenants.c.rate_per_min, reserved_if_budgeted()]
         if key_id is None:
             q = select(*cols).where(tenants.c.id == tenant)
         else:
