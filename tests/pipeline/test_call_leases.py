@@ -20,7 +20,8 @@ from worker.job.codec import query_of
 from worker.queue.items import Item
 from worker.queue.run import run_batch
 from worker.queue.runtime import Runtime
-from worker.queue.stage import begin_calls, run_stage
+from worker.queue.admission import call_bound
+from worker.queue.stage import begin_calls, keep_calls, run_stage
 from worker.store.schema import jobs, model_calls
 
 pytestmark = pytest.mark.services
@@ -81,13 +82,15 @@ def test_a_holder_that_went_silent_leaves_its_calls_started_and_priced(distribut
     stage runs, and the job's cost carries the lost calls' estimate."""
     with ScriptedModel(slow=0.0) as server:
         a, b, ids = _setup(distributed, tmp_path, server, "silent", stale_after=2, store_content=store_content)
-        # what the killed worker did before dying: it started the stage and its calls
+        # what the killed worker did before dying: it started the stage, which recorded its calls
         jobs_, _, started = a.stages.start_stage("t0", ids, a.holder, a.lease_until())
         assert started == set(ids)
-        portfolio = a.portfolio(jobs_[0]["portfolio"])
-        begin_calls(a, "t0", [(j, query_of(j["id"], j["input"]), portfolio) for j in jobs_])
         lost = {c["job_id"]: c["est_cost_usd"] for c in _calls(a, ids)}
+        assert {j["id"]: j["call_id"] for j in jobs_} == {c["job_id"]: c["id"] for c in _calls(a, ids)}
         assert set(lost) == set(ids) and all(v > 0 for v in lost.values())
+        portfolio = a.portfolio(jobs_[0]["portfolio"])
+        tier = portfolio.tier("t0")  # at the bound the budget reserves for that call
+        assert lost == {j["id"]: pytest.approx(call_bound(tier, query_of(j["id"], j["input"]))) for j in jobs_}
 
         assert run_stage(b, "t0", ids) == []  # the lease holds: nothing called
         assert server.requests == 0
@@ -108,20 +111,44 @@ def test_a_holder_that_went_silent_leaves_its_calls_started_and_priced(distribut
 
 
 def test_a_stage_that_lost_its_lease_while_it_waited_calls_nothing(distributed, tmp_path):
-    """A worker started the stage, then waited (cut off from the database longer than
-    its lease); another worker took the jobs over and called them. When the first gets
-    through again, its record of the calls it is about to make finds the lease gone:
-    it calls nothing (seen in the network drill: both workers called the jobs)."""
+    """A worker started the stage (recording its calls), then waited (cut off from the
+    database longer than its lease: the start's answer came late); another worker took
+    the jobs over and called them. When the first gets through again, the check of its
+    lease before the calls finds it gone: it calls nothing, and its records are void, not
+    charged (seen in the network drill: both workers called the jobs)."""
     with ScriptedModel(slow=0.0) as server:
         a, b, ids = _setup(distributed, tmp_path, server, "lapsed", stale_after=2)
         jobs_, _, started = a.stages.start_stage("t0", ids, a.holder, a.lease_until())
         assert started == set(ids)
+        mine = {j["id"]: j["call_id"] for j in jobs_}
         time.sleep(2.2)  # a's lease expired while it waited
         sent = run_stage(b, "t0", ids)  # the re-sent stage on another worker
         assert len(sent) == len(ids) and server.requests == len(ids)
+        assert keep_calls(a, mine) == {}
         portfolio = a.portfolio(jobs_[0]["portfolio"])
         assert begin_calls(a, "t0", [(j, query_of(j["id"], j["input"]), portfolio) for j in jobs_]) == {}
-        assert [c["holder"] for c in _calls(a, ids)] == ["host-b:2"] * len(ids)
+        assert server.requests == len(ids)
+        states = sorted((c["holder"], c["state"]) for c in _calls(a, ids))
+        assert states == [("host-a:1", "void")] * len(ids) + [("host-b:2", "finished")] * len(ids)
+
+
+def test_a_start_answered_late_checks_the_lease_before_calling(distributed, tmp_path, monkeypatch):
+    """The stage itself: when the start's answer took half a lease or more, the lease is
+    checked again before any call; a lease another worker took meanwhile means no call."""
+    with ScriptedModel(slow=0.0) as server:
+        a, b, ids = _setup(distributed, tmp_path, server, "late", stale_after=2)
+        start = a.stages.start_stage
+
+        def late_start(*args, **kw):
+            got = start(*args, **kw)
+            time.sleep(2.2)  # the answer on its way while the lease expires ...
+            b.stages.start_delivery(ids, b.holder, b.lease_until())  # ... and another worker takes the jobs
+            return got
+
+        monkeypatch.setattr(a.stages, "start_stage", late_start)
+        assert run_stage(a, "t0", ids) == []
+        assert server.requests == 0
+        assert [c["state"] for c in _calls(a, ids)] == ["void"] * len(ids)
 
 
 def test_a_call_record_whose_reply_was_lost_is_voided_not_charged(distributed, tmp_path):
@@ -132,10 +159,10 @@ def test_a_call_record_whose_reply_was_lost_is_voided_not_charged(distributed, t
     with ScriptedModel() as server:
         a, _, ids = _setup(distributed, tmp_path, server, "void", stale_after=60)
         job = a.stages.load_stage(ids[:1])[0][0]
+        # the start (and its record of the call) made, its answer lost on the way back: the
+        # runtime never learns the record's id
         a.stages.start_stage("t0", [job["id"]], holder=a.holder, until=a.lease_until())
         query = query_of(job["id"], job["input"])
-        # the record made, its answer lost on the way back: the runtime never learns its id
-        a.stages.begin_calls([(job["id"], "t0", 0.5)], a.holder, a.lease_until(), known=a.known_calls())
         [phantom] = [c for c in _calls(a, [job["id"]]) if c["state"] == "started"]
         # a call it learned of stays started (it may have been made) when it records again
         got = begin_calls(a, "t0", [(job, query, a.portfolio(job["portfolio"]))])

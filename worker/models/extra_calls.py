@@ -84,8 +84,11 @@ ANSWER_BYTES_PER_TOKEN = 8
 def extra_queries_bound(query: Query, needs: Needs, answer_tokens: int) -> list[Query]:
     """The extra calls a job's answer may bring (the live signals `needs` reads), their
     prompts quoting an answer of `answer_tokens` tokens at ANSWER_BYTES_PER_TOKEN each."""
+    kinds = calls_needed(needs.signals)
+    if not kinds:
+        return []
     answer = "x" * (answer_tokens * ANSWER_BYTES_PER_TOKEN)
-    return [q for kind in calls_needed(needs.signals) for q in derived_queries(query, answer, kind, needs)]
+    return [q for kind in kinds for q in derived_queries(query, answer, kind, needs)]
 
 
 def _one_line(text: str) -> str:

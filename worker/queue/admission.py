@@ -23,7 +23,7 @@ from router.core import cascade
 from router.core.attempt import Query
 from router.core.errors import UserError
 from router.core.policy import Plan, Policy
-from router.core.portfolio import Portfolio
+from router.core.portfolio import Portfolio, Tier
 from worker.job.codec import FAILED, QUEUED, failed_job_row, plan_to_row, query_of
 from worker.job.request import RequestError
 from worker.models.backends import backend_class
@@ -55,29 +55,41 @@ def new_job_row(job_id: str, item_key: str | None, seq: int, portfolio: Portfoli
         refused = backend_class(tier.backend.kind).refuses(tier, query)
         if refused is not None:
             raise RequestError(refused, f"tier {tier.name!r} ({tier.backend.kind} backend) cannot honour it")
+    # each tier's bound on the call a stage makes there: the stage's start writes its call record with
+    # it in the same statement (worker.store.stages), so the stage needs no round trip of its own for it
+    bounds = {portfolio.tiers[i].name: call_bound(portfolio.tiers[i], query) for i in allowed}
     return {"id": job_id, "item_key": item_key, "seq": seq, "portfolio": portfolio.digest, "input": data,
-            "plan": {**plan_to_row(start.plan), "policy_version": version}, "status": QUEUED,
-            "current_tier": portfolio.tiers[start.tier].name, "reserved_usd": max_cost(portfolio, query, start.plan,
-                                                                                        policy)}
+            "plan": {**plan_to_row(start.plan), "policy_version": version, "call_bounds": bounds}, "status": QUEUED,
+            "current_tier": portfolio.tiers[start.tier].name,
+            "reserved_usd": max_cost(portfolio, query, start.plan, policy, bounds)}
 
 
-def max_cost(portfolio: Portfolio, query: Query, plan: Plan, policy: Policy | None = None) -> float:
+def call_bound(tier: Tier, query: Query) -> float:
+    """The most one answer call of `tier` can cost for this query (the backend's bound,
+    else the price's); 0.0 where no finite bound exists."""
+    try:
+        est = backend_class(tier.backend.kind).max_cost(tier, query)
+    except Exception:  # noqa: BLE001 - a backend's own bound failed: the price's bound holds
+        log.exception("admission.max_cost_failed", tier=tier.name)
+        est = Backend.max_cost(tier, query)
+    return float(est) if math.isfinite(est) else 0.0
+
+
+def max_cost(portfolio: Portfolio, query: Query, plan: Plan, policy: Policy | None = None,
+             bounds: dict[str, float] | None = None) -> float:
     """The most the job can cost: every tier its plan may call (a policy never calls a
-    tier twice), each call at its backend's bound (worker.models.backends.base.Backend.max_cost),
-    and the extra calls the policy's live signals need at that tier."""
+    tier twice), each call at its backend's bound (`call_bound`; `bounds`: the answer
+    calls' bounds by tier, already computed), and the extra calls the policy's live
+    signals need at that tier."""
     allowed = range(len(portfolio.tiers)) if plan.allowed is None else plan.allowed
     policy = policy or portfolio.built_policy
     total = 0.0
     for i in allowed:
         tier = portfolio.tiers[i]
-        cls = backend_class(tier.backend.kind)
-        for q in [query, *extra_queries_bound(query, policy.needs(i), answer_limit(tier, query))]:
-            try:
-                total += cls.max_cost(tier, q)
-            except Exception:  # noqa: BLE001 - a backend's own bound failed: the price's bound holds
-                log.exception("admission.max_cost_failed", tier=tier.name)
-                total += Backend.max_cost(tier, q)
-    return total if math.isfinite(total) else 0.0
+        total += bounds[tier.name] if bounds is not None else call_bound(tier, query)
+        for q in extra_queries_bound(query, policy.needs(i), answer_limit(tier, query)):
+            total += call_bound(tier, q)
+    return total
 
 
 def job_row(job_id: str, item_key: str | None, seq: int, portfolio: Portfolio, data: dict[str, Any] | None,

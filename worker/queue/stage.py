@@ -33,10 +33,11 @@ from router.core.portfolio import Tier
 from worker.config.logs import context
 from worker.config.settings import Settings
 from worker.job.codec import EXPIRED, FINAL, StageOutcome, attempt_from_row, plan_of, query_of
-from worker.models.backends import Backend, BackendFailure, BackendResult, TransientBackendError, backend_class
+from worker.models.backends import Backend, BackendFailure, BackendResult, TransientBackendError
 from worker.models.breaker import breaker_of
 from worker.models.extra_calls import with_extra_calls
 from worker.ops import metrics
+from worker.queue.admission import call_bound
 from worker.queue.dispatch import queue_for
 from worker.queue.runtime import Runtime
 from worker.store.errors import InterfaceError, OperationalError, StatementError
@@ -243,7 +244,14 @@ def run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple
 
 
 def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tuple[str, str, str]]:
+    took = time.monotonic()
     jobs, prior, started = rt.stages.start_stage(tier_name, job_ids, rt.holder, rt.lease_until())
+    # the calls the start recorded (PostgreSQL); if its answer came late, half a lease or more,
+    # the lease may have gone to another worker since: checked again before any call is made
+    recorded = {j["id"]: j["call_id"] for j in jobs if j.get("call_id") is not None}
+    rt.note_calls(recorded.values())
+    if recorded and time.monotonic() - took > rt.settings.stale_after / 2:
+        recorded = keep_calls(rt, recorded)
     if len(jobs) != len(set(job_ids)):
         log.error("stage.unknown_jobs", tier=tier_name, missing=sorted(set(job_ids) - {j["id"] for j in jobs}))
     todo: list[dict] = []
@@ -261,6 +269,11 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
             continue
         todo.append(job)
     todo = _drop_overdue_and_dead(rt, tier_name, todo)
+    kept = {job["id"] for job in todo}
+    unused = [i for j, i in recorded.items() if j not in kept]
+    if unused:  # recorded by the start, then expired before their call: never made
+        rt.stages.void_calls(unused)
+        rt.note_calls(unused, finished=True)
     careful = any(j["deliveries"] for j in todo)
     if not careful:
         rest = [j["id"] for j in todo if j["id"] not in started]
@@ -270,10 +283,10 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
 
     applied: list[StageOutcome] = []
     if careful:
-        applied = _run_careful(rt, tier_name, todo, prior, resend, started)
+        applied = _run_careful(rt, tier_name, todo, prior, resend, started, recorded)
     else:
         outcomes = []
-        for job, o in _run_together(rt, tier_name, todo, prior):
+        for job, o in _run_together(rt, tier_name, todo, prior, recorded):
             if isinstance(o, StageOutcome):
                 outcomes.append(o)
             else:
@@ -295,7 +308,7 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
 
 
 def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str, list[dict]],
-                 resend: dict[str, list[str]], started: set[str]) -> list[StageOutcome]:
+                 resend: dict[str, list[str]], started: set[str], recorded: dict[str, int]) -> list[StageOutcome]:
     """A redelivered message (its worker died mid-stage): one job at a time, each
     counted (unless the stage's start counted it) and recorded at once, so a job that
     kills its worker is the only one whose deliveries grow."""
@@ -308,7 +321,8 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
                 continue
         with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):  # on every line
             try:
-                o = _run_job(rt, tier_name, job, prior[job["id"]], retries=0 if gave_up else None)
+                o = _run_job(rt, tier_name, job, prior[job["id"]], retries=0 if gave_up else None,
+                             recorded=recorded.get(job["id"]))
             except OperationalError:
                 raise  # the database is away: the task retries the whole (idempotent) stage
             except Exception as e:
@@ -322,11 +336,12 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
     return applied
 
 
-def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
-                  prior: dict[str, list[dict]]) -> list[tuple[dict, StageOutcome | Exception]]:
+def _run_together(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str, list[dict]],
+                  recorded: dict[str, int]) -> list[tuple[dict, StageOutcome | Exception]]:
     """A first delivery: every job of the message called at once (per portfolio, one
     `generate_many`), then decided one by one; a job whose call or decision crashed
-    gets its exception instead of an outcome."""
+    gets its exception instead of an outcome. The calls the start did not record
+    (`recorded`: job id -> call record) are recorded here first."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for job in todo:
         groups.setdefault((job["portfolio"], policy_version(job, prior[job["id"]])), []).append(job)
@@ -334,7 +349,8 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
     gave_up = False
     queries_of = {k: [query_of(j["id"], j["input"]) for j in group] for k, group in groups.items()}
     calls = begin_calls(rt, tier_name, [(j, q, rt.portfolio(k[0])) for k, group in groups.items()
-                                        for j, q in zip(group, queries_of[k])])
+                                        for j, q in zip(group, queries_of[k]) if j["id"] not in recorded])
+    calls.update({j["id"]: recorded[j["id"]] for j in todo if j["id"] in recorded})
     for k in list(groups):  # only the jobs whose lease is still this stage's are called
         kept = [(j, q) for j, q in zip(groups[k], queries_of[k]) if j["id"] in calls]
         _leased_elsewhere(tier_name, groups[k], set(calls))
@@ -356,31 +372,36 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict],
                 continue
             attempt, meta = r
             gave_up = gave_up or bool(meta.get("gave_up"))
-            with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):
-                try:
-                    o = _decide(portfolio, policy, version, tier_name, job, query, prior[job["id"]], attempt, meta)
-                    o.call_id = calls.get(job["id"])
-                    out.append((job, o))
-                except Exception as e:
-                    out.append((job, e))
+            # the decision (router.core: pure, it logs nothing) needs no per-job log context; a
+            # crash is logged with it by _crashed
+            try:
+                o = _decide(portfolio, policy, version, tier_name, job, query, prior[job["id"]], attempt, meta)
+                o.call_id = calls.get(job["id"])
+                out.append((job, o))
+            except Exception as e:
+                out.append((job, e))
     return out
 
 
 def begin_calls(rt: Runtime, tier_name: str, jobs: list[tuple[dict, Query, Any]]) -> dict[str, int]:
     """Record the calls about to be made, (job, query, portfolio), as started with their
     estimated cost (the tier's bound for the query, as the budget reserves it), in one
-    statement: a worker killed or cut off during the calls leaves them known and priced."""
-    calls = []
-    for job, query, portfolio in jobs:
-        tier = portfolio.tier(tier_name)
-        try:
-            est = backend_class(tier.backend.kind).max_cost(tier, query)
-        except Exception:  # noqa: BLE001 - a backend's own bound failed: the price's bound holds
-            est = Backend.max_cost(tier, query)
-        calls.append((job["id"], tier_name, est))
+    statement: a worker killed or cut off during the calls leaves them known and priced.
+    (A stage's start records them itself where it can: StageStore.start_stage.)"""
+    if not jobs:
+        return {}
+    calls = [(job["id"], tier_name, call_bound(portfolio.tier(tier_name), query)) for job, query, portfolio in jobs]
     got = rt.stages.begin_calls(calls, rt.holder, rt.lease_until(), known=rt.known_calls())
     rt.note_calls(got.values())
     return got
+
+
+def keep_calls(rt: Runtime, recorded: dict[str, int]) -> dict[str, int]:
+    """The recorded calls whose job's lease this worker still has (renewed); the others'
+    records are void: another worker took those jobs over while this one waited."""
+    kept = rt.stages.keep_calls(recorded, rt.holder, rt.lease_until())
+    rt.note_calls([i for j, i in recorded.items() if j not in kept], finished=True)
+    return kept
 
 
 def _leased_elsewhere(tier_name: str, todo: list[dict], started: set[str]) -> list[dict]:
@@ -438,16 +459,21 @@ def _dead_letter(rt: Runtime, tier_name: str, job: dict, runs: int, cause: str) 
     log.error("stage.dead_letter", job=job["id"], tier=tier_name, deliveries=runs, error=cause)
 
 
-def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries: int | None) -> StageOutcome | None:
+def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries: int | None,
+             recorded: int | None = None) -> StageOutcome | None:
     """Call this job's tier and ask its policy what follows (None: its lease went to
-    another worker meanwhile, nothing called)."""
+    another worker meanwhile, nothing called). `recorded`: its call's record, made by
+    the stage's start (its lease is checked again: the jobs before it took their time)."""
     portfolio = rt.portfolio(job["portfolio"])
     version = policy_version(job, prior)
     policy = rt.policy(job["portfolio"], version)
     tier = portfolio.tier(tier_name)
     index = portfolio.index(tier_name)
     query = query_of(job["id"], job["input"])
-    calls = begin_calls(rt, tier_name, [(job, query, portfolio)])
+    if recorded is not None:
+        calls = keep_calls(rt, {job["id"]: recorded})
+    else:
+        calls = begin_calls(rt, tier_name, [(job, query, portfolio)])
     if job["id"] not in calls:
         _leased_elsewhere(tier_name, [job], set())
         return None

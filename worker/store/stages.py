@@ -55,6 +55,20 @@ _FINALIZE = (
 )
 
 
+# The guards of the stage statements below are written as expressions no index
+# serves (`status || ''`, `state || ''`, `coalesce(deadline >= :t, true)`): the planner must then reach a message's jobs
+# by primary key and their calls by job. Written plainly, it may instead read every
+# open job (the status indexes) or every open call, and it does so whenever the
+# statistics are stale, as they are after a bulk insert: every stage of a 20,000-job
+# batch read all 20,000 rows until autovacuum analysed the table.
+def _open_job(alias: str) -> str:
+    return f"({alias}status || '') IN ('queued', 'running')"
+
+
+def _call_state(alias: str, *states: str) -> str:
+    return f"({alias}state || '') IN ({', '.join(repr(s) for s in states)})"
+
+
 # A stage's start on PostgreSQL, in one statement: the message's jobs and their
 # attempts so far, and a delivery counted on those a first delivery runs. The outer
 # SELECT reads the snapshot from before the UPDATE (the deliveries as they were).
@@ -65,18 +79,24 @@ _START_STAGE = text("""
 WITH started AS (
   UPDATE jobs SET status = 'running', started_at = coalesce(started_at, :t), deliveries = deliveries + 1,
                   updated_at = :t, lease_holder = :holder, lease_until = :until
-  WHERE (SELECT set_config('synchronous_commit', 'off', true)) = 'off' AND id = ANY(CAST(:ids AS text[])) AND status IN ('queued', 'running') AND current_tier = :tier
-    AND deliveries = 0 AND (deadline IS NULL OR deadline >= :t)
+  WHERE (SELECT set_config('synchronous_commit', 'off', true)) = 'off' AND id = ANY(CAST(:ids AS text[]))
+    AND """ + _open_job("") + """ AND current_tier = :tier
+    AND deliveries = 0 AND coalesce(deadline >= :t, true)
     AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = jobs.id AND a.tier = :tier)
-  RETURNING id)
+  RETURNING id, plan
+), calls AS (  -- the call each started job's stage makes, recorded before it is made, at the plan's bound
+  INSERT INTO model_calls (job_id, tier, holder, state, est_cost_usd, started_at)
+  SELECT s.id, :tier, :holder, 'started', CAST(s.plan->'call_bounds'->>:tier AS float8), :t
+  FROM started s WHERE s.plan->'call_bounds'->>:tier IS NOT NULL
+  RETURNING id, job_id)
 SELECT j.id, j.batch_id, j.tenant, j.portfolio, j.input, j.plan, j.status, j.current_tier, j.deliveries, j.deadline,
-       j.error, j.updated_at, s.id IS NOT NULL AS started,
+       j.error, j.updated_at, s.id IS NOT NULL AS started, c.id AS call_id,
        coalesce((SELECT jsonb_agg(jsonb_build_object(
                   'tier', a.tier, 'tier_index', a.tier_index, 'step', a.step, 'model', a.model, 'answer', a.answer,
                   'signals', a.signals, 'tokens_in', a.tokens_in, 'tokens_out', a.tokens_out, 'cost_usd', a.cost_usd,
                   'latency_ms', a.latency_ms, 'decision', a.decision, 'error', a.error) ORDER BY a.step)
                  FROM attempts a WHERE a.job_id = j.id), '[]'::jsonb) AS attempts
-FROM jobs j LEFT JOIN started s ON s.id = j.id
+FROM jobs j LEFT JOIN started s ON s.id = j.id LEFT JOIN calls c ON c.job_id = j.id
 WHERE j.id = ANY(CAST(:ids AS text[]))
 """)
 
@@ -95,7 +115,8 @@ WITH x AS (
 ), fin AS (  -- the calls made: finished, with their cost, whether or not their attempt is new
   UPDATE model_calls c SET state = CASE WHEN c.state = 'lost' THEN 'late' ELSE 'finished' END, finished_at = :t,
                            cost_usd = x.cost_usd, tries = x.tries
-  FROM x WHERE c.id = x.call_id AND c.state IN ('started', 'lost')
+  FROM x WHERE c.id = ANY(CAST(:call_ids AS bigint[])) AND c.id = x.call_id
+    AND """ + _call_state("c.", "started", "lost") + """
   RETURNING c.id
 ), ins AS (
   INSERT INTO attempts (job_id, tier, tier_index, step, model, answer, signals, tokens_in, tokens_out, cost_usd,
@@ -104,6 +125,11 @@ WITH x AS (
          decision, reason, error, meta, :t FROM x ORDER BY job_id
   ON CONFLICT (job_id, tier) DO NOTHING
   RETURNING job_id
+), new AS MATERIALIZED (  -- the new attempts' rows, each with the estimate of its job's calls lost
+  SELECT x.*, coalesce((SELECT sum(c.est_cost_usd) FROM model_calls c  -- started and never finished
+                        WHERE c.job_id = x.job_id AND """ + _call_state("c.", "started") + """
+                          AND c.id IS DISTINCT FROM x.call_id), 0) AS lost_cost
+  FROM x JOIN ins ON ins.job_id = x.job_id
 ), moved AS (
   UPDATE jobs j SET
     status = x.status,
@@ -115,15 +141,12 @@ WITH x AS (
     total_cost = CASE WHEN x.decision = 'escalate' THEN j.total_cost ELSE x.total_cost + x.lost_cost END,
     finished_at = CASE WHEN x.decision = 'escalate' THEN j.finished_at ELSE :t END,
     updated_at = :t, lease_holder = NULL, lease_until = NULL
-  FROM (SELECT x.*, coalesce((SELECT sum(c.est_cost_usd) FROM model_calls c  -- calls started and never finished
-                              WHERE c.job_id = x.job_id AND c.state = 'started'
-                                AND c.id IS DISTINCT FROM x.call_id), 0) AS lost_cost
-        FROM x JOIN ins ON ins.job_id = x.job_id) AS x  -- the new attempts' jobs, found by their key
-  WHERE j.id = x.job_id AND j.status IN ('queued', 'running')
+  FROM new x
+  WHERE j.id = x.job_id AND """ + _open_job("j.") + """
   RETURNING j.id, j.batch_id, x.decision, x.total_cost + x.lost_cost AS total_cost, x.call_id
 ), lost AS (  -- a final job's calls still started: lost (their estimate is in its cost above)
   UPDATE model_calls c SET state = 'lost'
-  FROM moved m WHERE c.job_id = m.id AND m.decision <> 'escalate' AND c.state = 'started'
+  FROM moved m WHERE c.job_id = m.id AND m.decision <> 'escalate' AND """ + _call_state("c.", "started") + """
     AND c.id IS DISTINCT FROM m.call_id
   RETURNING c.id
 ), counted AS (
@@ -145,11 +168,11 @@ SELECT id, total_cost FROM moved
 _BEGIN_CALLS = text("""
 WITH held AS (
   UPDATE jobs SET lease_until = :until
-  WHERE id = ANY(CAST(:ids AS text[])) AND lease_holder = :holder AND status IN ('queued', 'running')
+  WHERE id = ANY(CAST(:ids AS text[])) AND lease_holder = :holder AND """ + _open_job("") + """
   RETURNING id
 ), void AS (
   UPDATE model_calls SET state = 'void', finished_at = :t
-  WHERE holder = :holder AND state = 'started' AND job_id = ANY(CAST(:ids AS text[]))
+  WHERE holder = :holder AND """ + _call_state("", "started") + """ AND job_id = ANY(CAST(:ids AS text[]))
     AND NOT (id = ANY(CAST(:known AS bigint[])))
   RETURNING id
 )
@@ -183,12 +206,14 @@ class StageStore(Database):
         """`load_stage`, and `start_delivery` of the jobs a first delivery will run (open,
         waiting at `tier`, never delivered here, not answered here, not past their
         deadline), in one statement on PostgreSQL (its own transaction), each taking the
-        lease (`holder` until `until`): the rows show the values from before it
-        (`deliveries` as it was), the set says which started.
-        Elsewhere the two steps, the set empty (the stage starts its jobs itself)."""
+        lease (`holder` until `until`) and recording the call its stage is about to make
+        (model_calls, started at the bound its plan holds: the row's `call_id`): the rows
+        show the values from before it (`deliveries` as it was), the set says which started.
+        Elsewhere the two steps, the set empty (the stage starts its jobs and records
+        their calls itself: `start_delivery`, `begin_calls`)."""
         if self.engine.dialect.name != "postgresql":
             rows, ats = self.load_stage(job_ids)
-            return rows, ats, set()
+            return [{**r, "call_id": None} for r in rows], ats, set()
         ids = list(dict.fromkeys(job_ids))
         t = now()
         with self.read() as c:
@@ -259,6 +284,33 @@ class StageStore(Database):
                             [{"job_id": j, "tier": tier, "holder": holder, "state": "started", "est_cost_usd": est,
                               "started_at": t} for j, tier, est in mine]).all()
         return {r.job_id: r.id for r in got}
+
+    def keep_calls(self, calls: dict[str, int], holder: str, until: datetime) -> dict[str, int]:
+        """Before recorded calls (job id -> call record) are made: the jobs whose lease
+        `holder` still has, renewed to `until`, with their records; the records of the
+        others become `void` (their lease went to another worker while this one waited:
+        their calls must not be made, and were not)."""
+        if not calls:
+            return {}
+        t = now()
+        with self.tx() as c:
+            held = set(c.execute(update(jobs).where(jobs.c.id.in_(sorted(calls)), jobs.c.lease_holder == holder,
+                                                    jobs.c.status.in_(OPEN))
+                                 .values(lease_until=until).returning(jobs.c.id)).scalars())
+            self._void(c, [i for j, i in calls.items() if j not in held], t)
+        return {j: i for j, i in calls.items() if j in held}
+
+    def void_calls(self, call_ids: Sequence[int]) -> None:
+        """Recorded calls that were never made (their job expired before its call)."""
+        if call_ids:
+            with self.tx() as c:
+                self._void(c, call_ids, now())
+
+    @staticmethod
+    def _void(c: Connection, call_ids: Sequence[int], t: datetime) -> None:
+        if call_ids:
+            c.execute(update(model_calls).where(model_calls.c.id.in_(sorted(call_ids)), model_calls.c.state == "started")
+                      .values(state="void", finished_at=t))
 
     def note_error(self, job_id: str, error: str, holder: str | None = None) -> None:
         """The last error of a still-open job (its stage crashed; it will be tried again),
@@ -378,7 +430,8 @@ class StageStore(Database):
                     row[k] = str(row[k]).replace("inf", "Infinity").replace("nan", "NaN")
             rows.append(row)
         with self.read() as c:
-            moved = dict(c.execute(_RECORD_STAGE, {"rows": json.dumps(rows), "t": t}).all())
+            moved = dict(c.execute(_RECORD_STAGE, {"rows": json.dumps(rows), "t": t, "call_ids": [
+                r["call_id"] for r in rows if r["call_id"] is not None]}).all())
         for o in outcomes:
             if o.job_id in moved and o.decision != "escalate":
                 o.total_cost = moved[o.job_id]  # with the estimate of calls lost on the way

@@ -25,14 +25,21 @@ __all__ = ["Backend", "BackendConfigError", "BackendFailure", "BackendResult", "
            "backend_class", "build_backend", "validate_portfolio"]
 
 
+_LOADED: dict[str, type[Backend]] = {}
+
+
 def backend_class(kind: str) -> type[Backend]:
+    loaded = _LOADED.get(kind)  # the submitter asks once per tier per job: no import machinery each time
+    if loaded is not None:
+        return loaded
     target = _KINDS.get(kind)
     if target is None:
         near = difflib.get_close_matches(kind, list(_KINDS), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise BackendConfigError(f"unknown backend kind {kind!r}{hint}; known: {', '.join(_KINDS)}")
     mod, _, cls = target.partition(":")
-    return getattr(importlib.import_module(mod), cls)
+    _LOADED[kind] = getattr(importlib.import_module(mod), cls)
+    return _LOADED[kind]
 
 
 def build_backend(tier: Tier) -> Backend:
