@@ -8,7 +8,7 @@ import json
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import case, exists, func, literal, select, text, update
+from sqlalchemy import bindparam, case, func, select, text, update
 from sqlalchemy.engine import Connection, Row
 
 from worker.config.credentials import redact_spec
@@ -22,6 +22,17 @@ ERASED_INPUT = {"erased": True}
 _JOB_COLUMNS = [c.name for c in jobs.columns if c.name not in ("lease_holder", "lease_until")]
 _COPY_FROM = 50  # rows; fewer (a single job) go in one plain INSERT, one round trip
 _JSON_COLUMNS = {"input", "plan"}
+# One job of no batch when its tenant has no budget (JobStore.insert_unless_budgeted): one fixed
+# statement, compiled once, its values bound as parameters (built per job with a literal per
+# column, its construction and compilation cost more than its round trip)
+_INSERT_UNLESS_BUDGETED = text(f"""
+WITH budgeted AS (SELECT EXISTS (SELECT 1 FROM tenants WHERE id = :tenant AND budget_usd IS NOT NULL) AS b),
+ins AS (
+  INSERT INTO jobs ({", ".join(_JOB_COLUMNS)})
+  SELECT {", ".join(":" + k for k in _JOB_COLUMNS)} WHERE NOT (SELECT b FROM budgeted)
+  ON CONFLICT DO NOTHING RETURNING id)
+SELECT (SELECT b FROM budgeted) AS budgeted, (SELECT count(*) FROM ins) AS new
+""").bindparams(*[bindparam(k, type_=jobs.c[k].type) for k in _JOB_COLUMNS])
 # (the tenant's row: budget_usd, spent_usd, reserved_usd; or None) -> the rows to insert
 Admit = Callable[[dict[str, Any] | None, Sequence[dict[str, Any]]], Sequence[dict[str, Any]]]
 
@@ -168,14 +179,8 @@ class JobStore(Database):
         if self.engine.dialect.name != "postgresql":
             return None
         full = self._full(None, [row])[0]
-        budgeted = select(tenants.c.id).where(tenants.c.id == full["tenant"], tenants.c.budget_usd.is_not(None))
-        values = select(*[literal(full[k], type_=jobs.c[k].type).label(k) for k in _JOB_COLUMNS]).where(
-            ~exists(budgeted))
-        ins = (dialect_insert(self.engine, jobs).from_select(_JOB_COLUMNS, values).on_conflict_do_nothing()
-               .returning(jobs.c.id).cte("ins"))
-        q = select(exists(budgeted).label("budgeted"), select(func.count()).select_from(ins).scalar_subquery())
         with self.read() as c:
-            has_budget, new = c.execute(q).one()
+            has_budget, new = c.execute(_INSERT_UNLESS_BUDGETED, {k: full[k] for k in _JOB_COLUMNS}).one()
         return None if has_budget else new == 1
 
     @staticmethod
