@@ -13,7 +13,8 @@ already has an attempt at this tier is not called again (its stored decision
 stands, and its next message is sent again, which is harmless); a job another
 worker's stage holds the lease of (worker.store.stages: until that worker went
 `stale_after` without a heartbeat) is left to it. Every call is recorded as started,
-with its estimated cost, before it is made (one statement per delivery), and
+with its estimated cost, before it is made (by the stage's start statement, else one
+statement per delivery), and
 finished by the record, so a worker killed mid-call leaves its calls known.
 """
 from __future__ import annotations

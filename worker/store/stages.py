@@ -8,9 +8,10 @@ each (_START_STAGE, _RECORD_STAGE); elsewhere the same steps one by one.
 Every write to a job is guarded (`WHERE status IN ('queued', 'running')`): only
 the first final write wins, and the batch counters move only when it did.
 
-Every model call is accounted for (model_calls): `begin_calls` writes a row per
-call, started with its estimated cost, before the calls are made (one statement per
-delivery), and the record finishes it with the real cost, even when the attempt
+Every model call is accounted for (model_calls): a row per call, started with its
+estimated cost, is written before the calls are made (by the start statement on
+PostgreSQL, at the bound the job's plan holds; else by `begin_calls`, one statement
+per delivery), and the record finishes it with the real cost, even when the attempt
 itself lost a race and was dropped. A job that becomes final while a call of it is
 still started (its worker was killed or cut off) has that call marked lost and its
 estimate added to the job's cost; if the call answers later it becomes `late`.
@@ -70,16 +71,16 @@ def _call_state(alias: str, *states: str) -> str:
 
 
 # A stage's start on PostgreSQL, in one statement: the message's jobs and their
-# attempts so far, and a delivery counted on those a first delivery runs. The outer
-# SELECT reads the snapshot from before the UPDATE (the deliveries as they were).
-# Its commit does not wait for the disk (synchronous_commit off for this statement's
-# transaction, as the heartbeat's): a count lost to a database crash costs at most one
-# more delivery before a dead letter, and a flush per stage start costs milliseconds.
+# attempts so far, a delivery counted and the lease taken on those a first delivery
+# runs, and the record of the call each of those is about to make. The outer SELECT
+# reads the snapshot from before the UPDATE (the deliveries as they were). Its commit
+# waits for the disk: the calls follow at once, and a record of a call made must
+# outlive a database crash (the delivery count alone could do without).
 _START_STAGE = text("""
 WITH started AS (
   UPDATE jobs SET status = 'running', started_at = coalesce(started_at, :t), deliveries = deliveries + 1,
                   updated_at = :t, lease_holder = :holder, lease_until = :until
-  WHERE (SELECT set_config('synchronous_commit', 'off', true)) = 'off' AND id = ANY(CAST(:ids AS text[]))
+  WHERE id = ANY(CAST(:ids AS text[]))
     AND """ + _open_job("") + """ AND current_tier = :tier
     AND deliveries = 0 AND coalesce(deadline >= :t, true)
     AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = jobs.id AND a.tier = :tier)
