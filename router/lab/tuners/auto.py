@@ -28,19 +28,19 @@ The rule for parity (`Target.match_best()`, the default): a (family, point)
 qualifies when the lower confidence bound of its held-out accuracy difference with
 the reference on the same rows, mean - `confidence` x its paired standard error
 (default 0.5: a one-sided bound at about 69%), is at least minus `tolerance`
-(default half a point) plus `margin`. Why the bound: the cheapest of a hundred-odd
-qualifying (family, point) pairs is, more often than not, one whose held-out
-accuracy was lucky, and what it loses out of sample is about the size of that
-standard error; the bound scales with it, so with a few hundred rows (a standard
-error near a point) it asks for a clear margin and with thousands (a few tenths)
-it is nearly the plain mean. Among qualifying points the
-cheapest held-out cost wins, except that a simpler family (`Candidate.simplicity`:
-the reference alone < one or two knobs < per-tier thresholds < learned predictors)
-whose cost is within one standard error (paired, per row) of the cheapest is
-preferred: with few rows the standard error is large and the simpler family wins,
-with many it is small and the cheapest does. The reference is always a candidate
-(it qualifies against itself), so where nothing saves, auto deploys the reference.
-For an accuracy target a: held-out accuracy - `confidence` x its standard error >= a. For a budget: the family whose
+(default half a point) plus `margin`. Why the bound: the cheapest qualifying pair,
+picked from a hundred-odd, tends to be one whose held-out accuracy was lucky (a
+selection effect whose size follows the standard error); the bound scales with it,
+so with a few hundred rows (a standard error near a point) it asks for a clear
+margin and with thousands (a few tenths) it is nearly the plain mean. Among
+qualifying points the cheapest held-out cost wins, except that a simpler family
+(`Candidate.simplicity`: the reference alone < one or two knobs < per-tier
+thresholds < learned predictors) whose cost is within one standard error (paired,
+per row) of the cheapest is preferred: with few rows the standard error is large
+and the simpler family wins, with many it is small and the cheapest does. The
+reference is always a candidate (it qualifies against itself), so where nothing
+saves, auto deploys the reference. For an accuracy target a: held-out accuracy -
+`confidence` x its standard error >= a. For a budget: the family whose
 cross-validated points are most accurate within the budget, then fitted on every
 row to that budget. For a risk bound (Learn then Test): every family with a
 risk-controlled tuner is certified at delta / F (F families: a union bound, so
