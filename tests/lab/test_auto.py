@@ -245,3 +245,51 @@ def test_auto_reaches_parity_with_a_named_reference(fast, small, tmp_path):
     # against m (0.8 accurate, cost 3), not l (0.9, cost 12): the reference's cost is m's
     assert info["cv"]["reference_cost"] == pytest.approx(3.0)
     assert tuned.fitted["target"]["resolved_accuracy"] < 0.88
+
+
+# -- the lower confidence bound -----------------------------------------------------------
+def _scored(delta_rows: int, n: int, cost: float) -> "auto._Scored":
+    """n held-out rows where the reference is right on all and the candidate misses `delta_rows` of them."""
+    import numpy as np
+
+    correct = np.ones(n)
+    correct[:delta_rows] = 0.0
+    return auto._Scored(correct, np.full(n, cost), np.ones(n), np.full(n, 10.0))
+
+
+def _bare(tmp_path, **kw) -> "auto.AutoTuner":
+    """An AutoTuner with too few rows to fit anything: only its choosing rule is exercised."""
+    L = prepare(write(tmp_path / "tiny.jsonl", rows(30, 0)))
+    tiers = L.tiers(L.records)
+    return auto.AutoTuner(build_table(L.records, tiers), tier_infos(tiers), **kw)
+
+
+def test_a_lucky_cheap_point_on_few_rows_needs_its_lower_bound_to_meet_the_tolerance(tmp_path):
+    """0.4 point under the reference on 250 rows (one miss) is inside the half-point tolerance
+    by its mean but not by its lower bound; the same 0.4 point on 25,000 rows is."""
+    cheap = next(c for c in auto.CANDIDATES if c.name == "rational")
+    dear = next(c for c in auto.CANDIDATES if c.name == "single")
+    few = [(cheap, 0, _scored(1, 250, 2.0)), (dear, 2, _scored(0, 250, 10.0))]
+    many = [(cheap, 0, _scored(100, 25000, 2.0)), (dear, 2, _scored(0, 25000, 10.0))]
+    t = Target.match_best()
+    plain, bound = _bare(tmp_path, confidence=0.0), _bare(tmp_path)  # the default bounds
+    assert bound.z > 0
+    assert plain._choose(few, t)[0][0] is cheap
+    got, why = bound._choose(few, t)
+    assert got[0] is dear and "standard error" in why
+    assert bound._choose(many, t)[0][0] is cheap
+    # an accuracy target the same way: 0.996 on 250 rows is not surely >= 0.995, on 25,000 it is
+    a = Target.accuracy(0.995)
+    assert bound._choose(few, a)[0][0] is dear and plain._choose(few, a)[0][0] is cheap
+    assert bound._choose(many, a)[0][0] is cheap
+
+
+def test_the_confidence_is_recorded_and_checked(fast, small, tmp_path):
+    L = prepare(small)
+    train, _ = L.train_test()
+    tiers = L.tiers(train)
+    table = build_table(train, tiers)
+    f = make_tuner("auto", table, tier_infos(tiers), signal="logprob", confidence=1.0).select(Target.match_best())
+    assert f.search["auto"]["target"]["confidence"] == 1.0
+    with pytest.raises(Exception, match="confidence"):
+        make_tuner("auto", table, tier_infos(tiers), confidence=-1)

@@ -25,15 +25,22 @@ acc(ref_S) + m). A point a fit cannot reach is skipped; a point counts only if
 every fold's fit reaches it.
 
 The rule for parity (`Target.match_best()`, the default): a (family, point)
-qualifies when its held-out accuracy is at least the reference's on the same rows
-minus `tolerance` (default half a point) plus `margin`; among qualifying points the
-cheapest held-out cost wins, except that a simpler family (`Candidate.simplicity`:
-the reference alone < one or two knobs < per-tier thresholds < learned predictors)
-whose cost is within one standard error (paired, per row) of the cheapest is
-preferred: with few rows the standard error is large and the simpler family wins,
-with many it is small and the cheapest does. The reference is always a candidate
-(it qualifies against itself), so where nothing saves, auto deploys the reference.
-For an accuracy target a: held-out accuracy >= a. For a budget: the family whose
+qualifies when the lower confidence bound of its held-out accuracy difference with
+the reference on the same rows, mean - `confidence` x its paired standard error
+(default 0.5: a one-sided bound at about 69%), is at least minus `tolerance`
+(default half a point) plus `margin`. Why the bound: the cheapest qualifying pair,
+picked from a hundred-odd, tends to be one whose held-out accuracy was lucky (a
+selection effect whose size follows the standard error); the bound scales with it,
+so with a few hundred rows (a standard error near a point) it asks for a clear
+margin and with thousands (a few tenths) it is nearly the plain mean. Among
+qualifying points the cheapest held-out cost wins, except that a simpler family
+(`Candidate.simplicity`: the reference alone < one or two knobs < per-tier
+thresholds < learned predictors) whose cost is within one standard error (paired,
+per row) of the cheapest is preferred: with few rows the standard error is large
+and the simpler family wins, with many it is small and the cheapest does. The
+reference is always a candidate (it qualifies against itself), so where nothing
+saves, auto deploys the reference. For an accuracy target a: held-out accuracy -
+`confidence` x its standard error >= a. For a budget: the family whose
 cross-validated points are most accurate within the budget, then fitted on every
 row to that budget. For a risk bound (Learn then Test): every family with a
 risk-controlled tuner is certified at delta / F (F families: a union bound, so
@@ -153,7 +160,8 @@ class AutoTuner(Tuner):
 
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, signal: str | None = None,
                  candidates: Sequence[str] | None = None, folds: int = 4, tolerance: float = 0.005,
-                 margin: float | str = 0.0, max_rows: int = 3000, seed: int = 0, risk: Any = None,
+                 margin: float | str = 0.0, confidence: float = 0.5, max_rows: int = 3000, seed: int = 0,
+                 risk: Any = None,
                  reference: str | None = None,
                  progress: Callable[[str], None] | None = None, **options: Any):
         super().__init__(table, infos, **options)
@@ -166,6 +174,9 @@ class AutoTuner(Tuner):
                 self.margins = (float(margin),)
             except (TypeError, ValueError):
                 raise TuningError(f"auto: margin must be a number or 'outer', got {margin!r}") from None
+        self.z = float(confidence)
+        if not (math.isfinite(self.z) and self.z >= 0):
+            raise TuningError(f"auto: confidence must be a number >= 0 (standard errors), got {confidence!r}")
         self.risk = risk
         self.progress = progress
         names = [t.name for t in self.infos]
@@ -323,9 +334,10 @@ class AutoTuner(Tuner):
         return rows
 
     def _qualifies(self, s: _Scored, target: Target, mu: float = 0.0) -> bool:
+        """The lower confidence bound (`confidence` standard errors under the mean) meets the target."""
         if target.kind == "match_best":
-            return s.acc >= s.ref_acc - self.tol + mu - 1e-12
-        return s.acc >= float(target.value) + mu - 1e-12
+            return s.acc - s.ref_acc - self.z * _se(s.correct - s.ref_correct) >= -self.tol + mu - 1e-12
+        return s.acc - self.z * _se(s.correct) >= float(target.value) + mu - 1e-12
 
     def _meets(self, est: dict[str, Any], target: Target) -> bool:
         if target.kind == "match_best":
@@ -384,10 +396,11 @@ class AutoTuner(Tuner):
         pick = min(near, key=lambda r: (r[0].simplicity, r[2].mean_cost, -r[2].acc))
         ref_cost = cheapest[2].ref_mean_cost
         ratio = (lambda x: x / ref_cost) if ref_cost > 0 else (lambda x: float("nan"))
+        lcb = f" - {self.z:g} standard error" if self.z else ""
         if target.kind == "match_best":
-            cond = (f"held-out accuracy >= the reference's - {self.tol:g}" + (f" + margin {mu:g}" if mu else ""))
+            cond = (f"held-out accuracy{lcb} >= the reference's - {self.tol:g}" + (f" + margin {mu:g}" if mu else ""))
         else:
-            cond = f"held-out accuracy >= {target.value:.4f}" + (f" + margin {mu:g}" if mu else "")
+            cond = f"held-out accuracy{lcb} >= {target.value:.4f}" + (f" + margin {mu:g}" if mu else "")
         why = (f"{len(ok)} of {len(rows)} (family, operating point) pairs meet {cond} over {n} held-out rows; "
                f"cheapest: {cheapest[0].name} (cost ratio {ratio(cheapest[2].mean_cost):.3f}, "
                f"accuracy {cheapest[2].acc:.4f} vs reference {cheapest[2].ref_acc:.4f})")
@@ -494,7 +507,8 @@ class AutoTuner(Tuner):
             "chosen": c.name, "family": fitted.policy, "simplicity": SIMPLICITY_WORDS[c.simplicity],
             "operating_point": _point_name(point) if point is not None else "the reference",
             "why": why,
-            "target": target.as_json() | ({"tolerance": self.tol} if target.kind == "match_best" else {}),
+            "target": target.as_json() | ({"tolerance": self.tol} if target.kind == "match_best" else {})
+            | ({"confidence": self.z} if target.kind != "budget" else {}),
             "cross_validation": {"folds": self.K, "rows": int(self.cv.n), "train_rows": int(self.n_all),
                                  "sampled": bool(self.cv.n < self.n_all), "seed": self.seed,
                                  "fits_per_candidate": len(self._splits())},
@@ -590,6 +604,11 @@ class AutoTuner(Tuner):
 def _ref_index(acc: np.ndarray, cost: np.ndarray) -> int:
     """The best single model: highest accuracy, ties the cheaper, then the earlier."""
     return min(range(len(acc)), key=lambda i: (-acc[i], cost[i], i))
+
+
+def _se(x: np.ndarray) -> float:
+    """Standard error of the mean of per-row values (0 for fewer than two rows)."""
+    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
 
 
 def _point_name(p: int | None) -> str:
