@@ -345,7 +345,7 @@ def _run_together(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str
     (`recorded`: job id -> call record) are recorded here first."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for job in todo:
-        groups.setdefault((job["portfolio"], policy_version(job, prior[job["id"]])), []).append(job)
+        groups.setdefault((job["portfolio"], policy_version(job)), []).append(job)
     out: list[tuple[dict, StageOutcome | Exception]] = []
     gave_up = False
     queries_of = {k: [query_of(j["id"], j["input"]) for j in group] for k, group in groups.items()}
@@ -466,7 +466,7 @@ def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries:
     another worker meanwhile, nothing called). `recorded`: its call's record, made by
     the stage's start (its lease is checked again: the jobs before it took their time)."""
     portfolio = rt.portfolio(job["portfolio"])
-    version = policy_version(job, prior)
+    version = policy_version(job)
     policy = rt.policy(job["portfolio"], version)
     tier = portfolio.tier(tier_name)
     index = portfolio.index(tier_name)
@@ -485,7 +485,7 @@ def _run_job(rt: Runtime, tier_name: str, job: dict, prior: list[dict], retries:
     return o
 
 
-def policy_version(job: dict, prior: list[dict]) -> int:
+def policy_version(job: dict) -> int:
     """The policy version that decides this job: the one that planned it at submission
     (`plan.policy_version`, worker.queue.admission), so a job finishes under the version it
     started with; 1 (the portfolio file's) for a job planned before versions existed."""

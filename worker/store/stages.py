@@ -274,9 +274,7 @@ class StageStore(Database):
                                                 model_calls.c.job_id.in_(sorted({j for j, _, _ in ests})),
                                                 model_calls.c.id.not_in(list(known)))
                       .values(state="void", finished_at=t))
-            held = set(c.execute(update(jobs).where(jobs.c.id.in_(sorted({j for j, _, _ in ests})),
-                                                    jobs.c.lease_holder == holder, jobs.c.status.in_(OPEN))
-                                 .values(lease_until=until).returning(jobs.c.id)).scalars())
+            held = self._renew_leases(c, {j for j, _, _ in ests}, holder, until)
             mine = [(j, tier, est) for j, tier, est in ests if j in held]
             if not mine:
                 return {}
@@ -295,9 +293,7 @@ class StageStore(Database):
             return {}
         t = now()
         with self.tx() as c:
-            held = set(c.execute(update(jobs).where(jobs.c.id.in_(sorted(calls)), jobs.c.lease_holder == holder,
-                                                    jobs.c.status.in_(OPEN))
-                                 .values(lease_until=until).returning(jobs.c.id)).scalars())
+            held = self._renew_leases(c, calls, holder, until)
             self._void(c, [i for j, i in calls.items() if j not in held], t)
         return {j: i for j, i in calls.items() if j in held}
 
@@ -306,6 +302,13 @@ class StageStore(Database):
         if call_ids:
             with self.tx() as c:
                 self._void(c, call_ids, now())
+
+    @staticmethod
+    def _renew_leases(c: Connection, job_ids, holder: str, until: datetime) -> set[str]:
+        """The open jobs among these whose lease `holder` still has, renewed to `until`."""
+        return set(c.execute(update(jobs).where(jobs.c.id.in_(sorted(job_ids)), jobs.c.lease_holder == holder,
+                                                jobs.c.status.in_(OPEN))
+                             .values(lease_until=until).returning(jobs.c.id)).scalars())
 
     @staticmethod
     def _void(c: Connection, call_ids: Sequence[int], t: datetime) -> None:
