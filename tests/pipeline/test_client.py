@@ -13,7 +13,8 @@ from celery import Celery
 from helpers.env import REDIS
 from helpers.portfolios import write_portfolio
 from helpers.workers import Workers
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
 
 from router.core.errors import UserError
 from router.core.records import load_dataset
@@ -157,6 +158,32 @@ def test_run_subscribes_before_the_insert_and_reads_the_job_once_it_is_final(ben
     # a job already final when it is asked for again (an idempotency key repeated) is read at once
     first = client.run(rec.prompt, idempotency_key="run-twice", timeout=60)
     assert client.run(rec.prompt, idempotency_key="run-twice", timeout=5)["id"] == first["id"]
+
+
+def test_a_runs_insert_waits_for_no_disk_and_a_timeout_that_names_the_job_makes_it_durable(bench, deployment):
+    """Client.run gives the job's id to no one before its result (committed durably by its
+    stage), so its insert does not wait for the disk; the setting must end with the insert
+    (the connection's next write waits again), and a run that times out, naming the job,
+    first has it written out."""
+    settings, client, w, _ = deployment
+    url = make_url(settings.database_url).update_query_dict({"application_name": "durability-probe"})
+    store = JobStore(url.render_as_string(hide_password=False))  # an engine of its own: one connection
+    row = {**client.submitter.prepare({"prompt": "durability probe"}, portfolio=None)[0], "id": "durable-probe"}
+    with store.read() as c:
+        pid = c.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    assert store.insert_unless_budgeted(row, durable=False) is True
+    with store.read() as c:  # the same connection (one in the pool), back to waiting for the disk
+        assert c.exec_driver_sql("SELECT pg_backend_pid()").scalar() == pid
+        assert c.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+        written = c.exec_driver_sql("SELECT pg_current_wal_insert_lsn()").scalar()
+    store.make_durable(row["id"])
+    with store.read() as c:
+        assert c.execute(text("SELECT pg_current_wal_flush_lsn() >= CAST(:l AS pg_lsn)"), {"l": written}).scalar()
+    store.engine.dispose()
+    # out of time before the job could finish: the error names a job that exists
+    with pytest.raises(TimeoutError, match="not finished") as e:
+        client.run(rows(bench, 1)[0].prompt, timeout=0.001)
+    assert client.jobs.job(str(e.value).split()[1]) is not None
 
 
 def test_batch_streams_in_and_results_out_in_order(bench, deployment, tmp_path):

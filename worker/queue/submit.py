@@ -140,24 +140,29 @@ class Submitter:
         return row, p
 
     def submit(self, request: Mapping[str, Any], *, before_insert: Callable[[str], Any] | None = None,
-               budgeted: bool | None = None, **kw) -> Submission:
+               budgeted: bool | None = None, durable: bool = True, **kw) -> Submission:
         """One job, written and sent. before_insert(job id): called before the row is
         written (a waiter subscribing to its completion). budgeted: whether the caller
         has just read that the tenant has a budget (worker.service.tenants); None: not
         known. A job of a tenant without a budget goes in as one statement; one with a
         budget reserves its most under the tenant's admission lock (four), or raises
         BudgetExhausted with nothing written. A budget set at that very moment applies
-        from the next job on, as it would have had this one come a moment earlier."""
+        from the next job on, as it would have had this one come a moment earlier.
+        durable=False: for a caller that waits for the result and gives the job's id to no
+        one before (JobStore.insert_unless_budgeted says why the insert need not wait for
+        the disk then); a caller that names the job earlier (a timeout) calls
+        `runtime.jobs.make_durable(job_id)` first."""
         row, p = self.prepare(request, **kw)
         jobs = self.runtime.jobs
         if before_insert is not None:
             before_insert(row["id"])
-        if budgeted is False:
+        if budgeted is False and durable:
             new = bool(jobs.insert_jobs(None, [row]))
         else:
-            new = None if budgeted else jobs.insert_unless_budgeted(row)
+            new = None if budgeted else jobs.insert_unless_budgeted(row, durable=durable)
             if new is None:
-                new = bool(jobs.insert_jobs(None, [row], admit=Admission(row["tenant"], strict=True)))
+                new = bool(jobs.insert_jobs(None, [row], admit=Admission(row["tenant"], strict=True),
+                                            durable=durable))
         if new:
             tier = row["current_tier"]
             try:

@@ -129,15 +129,18 @@ class Client:
 
     def run(self, prompt: str | None = None, *, timeout: float | None = None, **kw) -> dict[str, Any]:
         """Submit and wait: subscribed to the job's completion before its row is written,
-        so the first read is the one after the job's notice (worker.store.notify.Expectation)."""
+        so the first read is the one after the job's notice (worker.store.notify.Expectation).
+        The job's id reaches the caller with its result (durably committed by its stage), so
+        its insert does not wait for the disk; a timeout names the job, so it waits then."""
         expect = self.waiter.expect(JOB_CHANNEL)
         try:
-            sub = self._submit(prompt, before_insert=expect.subscribe, **kw)
+            sub = self._submit(prompt, before_insert=expect.subscribe, durable=False, **kw)
             deadline = None if timeout is None else time.monotonic() + timeout
             job = self.get(sub.job_id) if not sub.created or sub.status in FINAL else None
             while job is None or job["status"] not in FINAL:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
+                    self.jobs.make_durable(sub.job_id)
                     raise TimeoutError(f"job {sub.job_id} not finished after {timeout}s")
                 expect.wait(left)  # woken, or out of time: read either way
                 job = self.get(sub.job_id)

@@ -22,17 +22,28 @@ ERASED_INPUT = {"erased": True}
 _JOB_COLUMNS = [c.name for c in jobs.columns if c.name not in ("lease_holder", "lease_until")]
 _COPY_FROM = 50  # rows; fewer (a single job) go in one plain INSERT, one round trip
 _JSON_COLUMNS = {"input", "plan"}
-# One job of no batch when its tenant has no budget (JobStore.insert_unless_budgeted): one fixed
-# statement, compiled once, its values bound as parameters (built per job with a literal per
-# column, its construction and compilation cost more than its round trip)
-_INSERT_UNLESS_BUDGETED = text(f"""
-WITH budgeted AS (SELECT EXISTS (SELECT 1 FROM tenants WHERE id = :tenant AND budget_usd IS NOT NULL) AS b),
+
+
+def _insert_unless_budgeted(durable: bool):
+    # One job of no batch when its tenant has no budget (JobStore.insert_unless_budgeted): one fixed
+    # statement, compiled once, its values bound as parameters (built per job with a literal per
+    # column, its construction and compilation cost more than its round trip).
+    # not durable: the commit does not wait for the disk (set_config's `true`: for this
+    # statement's own transaction only, see JobStore.insert_unless_budgeted)
+    nowait = "nowait AS (SELECT set_config('synchronous_commit', 'off', true) AS s)," if not durable else ""
+    guard = " AND (SELECT s FROM nowait) = 'off'" if not durable else ""
+    return text(f"""
+WITH {nowait} budgeted AS (SELECT EXISTS (SELECT 1 FROM tenants WHERE id = :tenant AND budget_usd IS NOT NULL) AS b),
 ins AS (
   INSERT INTO jobs ({", ".join(_JOB_COLUMNS)})
-  SELECT {", ".join(":" + k for k in _JOB_COLUMNS)} WHERE NOT (SELECT b FROM budgeted)
+  SELECT {", ".join(":" + k for k in _JOB_COLUMNS)} WHERE NOT (SELECT b FROM budgeted){guard}
   ON CONFLICT DO NOTHING RETURNING id)
 SELECT (SELECT b FROM budgeted) AS budgeted, (SELECT count(*) FROM ins) AS new
 """).bindparams(*[bindparam(k, type_=jobs.c[k].type) for k in _JOB_COLUMNS])
+
+
+_INSERT_UNLESS_BUDGETED = {durable: _insert_unless_budgeted(durable) for durable in (True, False)}
+
 # (the tenant's row: budget_usd, spent_usd, reserved_usd; or None) -> the rows to insert
 Admit = Callable[[dict[str, Any] | None, Sequence[dict[str, Any]]], Sequence[dict[str, Any]]]
 
@@ -128,7 +139,7 @@ class JobStore(Database):
         return len(self.insert_jobs(batch_id, rows, admit=admit))
 
     def insert_jobs(self, batch_id: str | None, rows: Sequence[dict[str, Any]], *,
-                    admit: Admit | None = None) -> set[str]:
+                    admit: Admit | None = None, durable: bool = True) -> set[str]:
         """`add_jobs`, returning the ids of the rows that were new.
 
         admit(tenant or None, rows) -> rows: called in the insert's transaction with the
@@ -138,10 +149,12 @@ class JobStore(Database):
         and nothing is written. The tenant it gets: budget_usd, spent_usd, and
         reserved_usd, the sum of the tenant's open jobs' reservations (a job stops
         counting once final, its real cost then in spent_usd). Every row of one call is
-        of one tenant."""
+        of one tenant. durable=False: the commit does not wait for the disk
+        (`insert_unless_budgeted` says when that is safe)."""
         if not rows:
             return set()
-        if admit is None and batch_id is None and len(rows) <= _COPY_FROM and self.engine.dialect.name == "postgresql":
+        if durable and admit is None and batch_id is None and len(rows) <= _COPY_FROM \
+                and self.engine.dialect.name == "postgresql":
             # jobs of no batch, no budget to hold them to: one INSERT, one round trip
             with self.read() as c:
                 ins = dialect_insert(c, jobs).on_conflict_do_nothing().returning(jobs.c.id)
@@ -149,6 +162,8 @@ class JobStore(Database):
         new: set[str] = set()
         failed = 0
         with self.tx() as c:
+            if not durable and c.dialect.name == "postgresql":
+                c.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             if admit is not None:
                 names = {r.get("tenant", "default") for r in rows}
                 if len(names) != 1:
@@ -170,18 +185,35 @@ class JobStore(Database):
                     failed=batches.c.failed + failed, updated_at=full[0]["updated_at"]))
         return new
 
-    def insert_unless_budgeted(self, row: dict[str, Any]) -> bool | None:
+    def insert_unless_budgeted(self, row: dict[str, Any], *, durable: bool = True) -> bool | None:
         """One job of no batch, in one statement when its tenant has no budget: whether
         it was new (False: its id existed), or None, nothing written, when the tenant
         has a budget (insert it with `insert_jobs(.., admit=..)`, under the admission
         lock). A budget set at that very moment applies from the next job on, as if this
-        one had come a moment earlier. PostgreSQL only (None elsewhere)."""
+        one had come a moment earlier. PostgreSQL only (None elsewhere).
+
+        durable=False, for a job whose caller waits for its result and gives its id to
+        no one before (`Client.run`, a chat completion): the commit does not wait for the
+        disk. Its first stage's start commits durably before any call is made, and a
+        durable commit writes out everything committed before it, this insert included;
+        should the database crash before that, the job is gone and so is the caller's
+        connection: it was never told the job exists. A caller that does give the id out
+        first (a timeout naming it) calls `make_durable(job_id)`."""
         if self.engine.dialect.name != "postgresql":
             return None
         full = self._full(None, [row])[0]
         with self.read() as c:
-            has_budget, new = c.execute(_INSERT_UNLESS_BUDGETED, {k: full[k] for k in _JOB_COLUMNS}).one()
+            has_budget, new = c.execute(_INSERT_UNLESS_BUDGETED[durable], {k: full[k] for k in _JOB_COLUMNS}).one()
         return None if has_budget else new == 1
+
+    def make_durable(self, job_id: str) -> None:
+        """Wait until the job's row, and everything committed before now, is on disk (a job
+        inserted with durable=False): its row rewritten in a durable commit, which writes
+        the log out up to its own record. (A transaction that writes nothing commits
+        without waiting for the disk, an id assigned or not.)"""
+        if self.engine.dialect.name == "postgresql":
+            with self.read() as c:
+                c.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=jobs.c.updated_at))
 
     @staticmethod
     def _full(batch_id: str | None, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
