@@ -146,12 +146,18 @@ class OwnPostgres:
         if check and p.returncode != 0:
             raise RuntimeError(f"{Path(cmd[0]).name} failed: {p.stderr.strip()[-500:]}")
 
-    def start(self) -> None:
+    def start(self, *settings: str) -> None:
+        """settings: more `name=value` server settings."""
         opts = f"-p {self.port} -k {self.home} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        opts += "".join(f" -c {s}" for s in settings)
         self._run(_pg_bin("pg_ctl"), "-D", str(self.dir), "-l", str(self.log), "-o", opts, "-w", "start")
 
     def stop(self) -> None:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.dir), "-m", "fast", "-w", "stop", check=False)
+
+    def crash(self) -> None:
+        """Stop as a crash does: no checkpoint, what the log had not flushed is gone at restart."""
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.dir), "-m", "immediate", "-w", "stop")
 
     def remove(self) -> None:
         self.stop()

@@ -34,6 +34,13 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
 
 
+# A statement whose own transaction commits without waiting for the disk (PostgreSQL): a
+# CTE setting synchronous_commit for that transaction only (set_config's `true`), and the
+# condition that makes the statement read it (a CTE nothing reads is never run).
+NO_DISK_WAIT = "nowait AS (SELECT set_config('synchronous_commit', 'off', true) AS s)"
+NO_DISK_WAIT_READ = "(SELECT s FROM nowait) = 'off'"
+
+
 def engine_for(url: str) -> Engine:
     with _engines_lock:
         eng = _engines.get(url)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Row
 
 from worker.config.credentials import redact_spec
 from worker.job.codec import CANCELLED, FAILED, FINAL, OPEN
-from worker.store.engine import Database, dialect_insert
+from worker.store.engine import NO_DISK_WAIT, NO_DISK_WAIT_READ, Database, dialect_insert
 from worker.store.schema import attempts, batches, jobs, model_calls, now, portfolios, tenants
 
 # what a finished job's input becomes when content is not kept
@@ -28,10 +28,9 @@ def _insert_unless_budgeted(durable: bool):
     # One job of no batch when its tenant has no budget (JobStore.insert_unless_budgeted): one fixed
     # statement, compiled once, its values bound as parameters (built per job with a literal per
     # column, its construction and compilation cost more than its round trip).
-    # not durable: the commit does not wait for the disk (set_config's `true`: for this
-    # statement's own transaction only, see JobStore.insert_unless_budgeted)
-    nowait = "nowait AS (SELECT set_config('synchronous_commit', 'off', true) AS s)," if not durable else ""
-    guard = " AND (SELECT s FROM nowait) = 'off'" if not durable else ""
+    # not durable: the commit does not wait for the disk (see JobStore.insert_unless_budgeted)
+    nowait = f"{NO_DISK_WAIT}," if not durable else ""
+    guard = f" AND {NO_DISK_WAIT_READ}" if not durable else ""
     return text(f"""
 WITH {nowait} budgeted AS (SELECT EXISTS (SELECT 1 FROM tenants WHERE id = :tenant AND budget_usd IS NOT NULL) AS b),
 ins AS (

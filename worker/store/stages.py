@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection
 
 from worker.job.codec import EXPIRED, FAILED, OPEN, RUNNING, SUCCEEDED, StageOutcome
 from worker.job.storable import clean_text
-from worker.store.engine import Database, dialect_insert
+from worker.store.engine import NO_DISK_WAIT, NO_DISK_WAIT_READ, Database, dialect_insert
 from worker.store.jobs import forget_content
 from worker.store.schema import attempts, batches, jobs, model_calls, now
 
@@ -161,6 +161,14 @@ WITH x AS (
 )
 SELECT id, total_cost FROM moved
 """)
+# A stage whose jobs all escalate commits its record without waiting for the disk: the next
+# tier's start commits durably before its call, and that commit writes this one out with it.
+# Lost in a crash before that, the jobs are back at this tier, their calls here recorded as
+# started (by the durable start): after the lease they are priced in and the tier is called
+# again, as after a worker killed mid-call; no result is lost or given twice (a final record,
+# which a client reads as soon as it commits, always waits for the disk).
+_RECORD_ESCALATIONS = text(_RECORD_STAGE.text.replace("WITH x AS (", f"WITH {NO_DISK_WAIT}, x AS (", 1)
+                           .replace("SELECT id, total_cost FROM moved\n", f"SELECT id, total_cost FROM moved WHERE {NO_DISK_WAIT_READ}\n"))
 
 # The calls a delivery is about to make, one row each, in one statement: only for the
 # jobs whose lease this holder still has (renewed here): a stage that lost its lease
@@ -434,7 +442,8 @@ class StageStore(Database):
                     row[k] = str(row[k]).replace("inf", "Infinity").replace("nan", "NaN")
             rows.append(row)
         with self.read() as c:
-            moved = dict(c.execute(_RECORD_STAGE, {"rows": json.dumps(rows), "t": t, "call_ids": [
+            stmt = _RECORD_ESCALATIONS if all(o.decision == "escalate" for o in outcomes) else _RECORD_STAGE
+            moved = dict(c.execute(stmt, {"rows": json.dumps(rows), "t": t, "call_ids": [
                 r["call_id"] for r in rows if r["call_id"] is not None]}).all())
         for o in outcomes:
             if o.job_id in moved and o.decision != "escalate":
