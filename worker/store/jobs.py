@@ -4,7 +4,6 @@ writes outside a stage (cancel one job, forget collected answers). The batch
 counters move in the transaction that inserts or cancels a job."""
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
@@ -13,6 +12,7 @@ from sqlalchemy.engine import Connection, Row
 
 from worker.config.credentials import redact_spec
 from worker.job.codec import CANCELLED, FAILED, FINAL, OPEN
+from worker.store import jsontext
 from worker.store.engine import NO_DISK_WAIT, NO_DISK_WAIT_READ, Database, dialect_insert
 from worker.store.schema import attempts, batches, jobs, model_calls, now, portfolios, tenants
 
@@ -57,7 +57,7 @@ def _copy_jobs(c: Connection, rows: Sequence[dict[str, Any]]) -> list[tuple[str,
         cur.execute("CREATE TEMP TABLE IF NOT EXISTS jobs_in (LIKE jobs) ON COMMIT DELETE ROWS")
         with cur.copy(f"COPY jobs_in ({cols}) FROM STDIN") as cp:
             for r in rows:
-                cp.write_row([json.dumps(r[k]) if k in _JSON_COLUMNS and r[k] is not None else r[k]
+                cp.write_row([jsontext.dumps(r[k]) if k in _JSON_COLUMNS and r[k] is not None else r[k]
                               for k in _JOB_COLUMNS])
         cur.execute(f"INSERT INTO jobs ({cols}) SELECT {cols} FROM jobs_in ORDER BY seq "
                     f"ON CONFLICT DO NOTHING RETURNING id, status")

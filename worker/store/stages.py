@@ -25,7 +25,6 @@ after the holder went `stale_after` seconds without a heartbeat, which is also w
 the sweeper re-sends. The lease ends when the job moves on or its stage crashed."""
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime
 from typing import Sequence
@@ -35,6 +34,7 @@ from sqlalchemy.engine import Connection
 
 from worker.job.codec import EXPIRED, FAILED, OPEN, RUNNING, SUCCEEDED, StageOutcome
 from worker.job.storable import clean_text
+from worker.store import jsontext
 from worker.store.engine import NO_DISK_WAIT, NO_DISK_WAIT_READ, Database, dialect_insert
 from worker.store.jobs import forget_content
 from worker.store.schema import attempts, batches, jobs, model_calls, now
@@ -75,7 +75,8 @@ def _call_state(alias: str, *states: str) -> str:
 # runs, and the record of the call each of those is about to make. The outer SELECT
 # reads the snapshot from before the UPDATE (the deliveries as they were). Its commit
 # waits for the disk: the calls follow at once, and a record of a call made must
-# outlive a database crash (the delivery count alone could do without).
+# outlive a database crash (the delivery count alone could do without). The JSON
+# columns come as text, decoded by `jsontext.loads`.
 _START_STAGE = text("""
 WITH started AS (
   UPDATE jobs SET status = 'running', started_at = coalesce(started_at, :t), deliveries = deliveries + 1,
@@ -90,13 +91,13 @@ WITH started AS (
   SELECT s.id, :tier, :holder, 'started', CAST(s.plan->'call_bounds'->>:tier AS float8), :t
   FROM started s WHERE s.plan->'call_bounds'->>:tier IS NOT NULL
   RETURNING id, job_id)
-SELECT j.id, j.batch_id, j.tenant, j.portfolio, j.input, j.plan, j.status, j.current_tier, j.deliveries, j.deadline,
-       j.error, j.updated_at, s.id IS NOT NULL AS started, c.id AS call_id,
-       coalesce((SELECT jsonb_agg(jsonb_build_object(
+SELECT j.id, j.batch_id, j.tenant, j.portfolio, CAST(j.input AS text) AS input, CAST(j.plan AS text) AS plan,
+       j.status, j.current_tier, j.deliveries, j.deadline, j.error, j.updated_at, s.id IS NOT NULL AS started,
+       c.id AS call_id, CAST(coalesce((SELECT jsonb_agg(jsonb_build_object(
                   'tier', a.tier, 'tier_index', a.tier_index, 'step', a.step, 'model', a.model, 'answer', a.answer,
                   'signals', a.signals, 'tokens_in', a.tokens_in, 'tokens_out', a.tokens_out, 'cost_usd', a.cost_usd,
                   'latency_ms', a.latency_ms, 'decision', a.decision, 'error', a.error) ORDER BY a.step)
-                 FROM attempts a WHERE a.job_id = j.id), '[]'::jsonb) AS attempts
+                 FROM attempts a WHERE a.job_id = j.id), '[]'::jsonb) AS text) AS attempts
 FROM jobs j LEFT JOIN started s ON s.id = j.id LEFT JOIN calls c ON c.job_id = j.id
 WHERE j.id = ANY(CAST(:ids AS text[]))
 """)
@@ -231,7 +232,8 @@ class StageStore(Database):
         rows, ats, started = [], {}, set()
         for r in got:
             r = dict(r)
-            ats[r["id"]] = r.pop("attempts")
+            r["input"], r["plan"] = jsontext.loads(r["input"]), jsontext.loads(r["plan"])
+            ats[r["id"]] = jsontext.loads(r.pop("attempts"))
             if r.pop("started"):
                 started.add(r["id"])
             rows.append(r)
@@ -273,7 +275,7 @@ class StageStore(Database):
         ests = [(j, tier, est if math.isfinite(est) else 0.0) for j, tier, est in calls]
         if self.engine.dialect.name == "postgresql":
             with self.read() as c:  # one statement, its own transaction: no BEGIN/COMMIT trips
-                rows = json.dumps([{"job_id": j, "tier": tier, "est": est} for j, tier, est in ests])
+                rows = jsontext.dumps([{"job_id": j, "tier": tier, "est": est} for j, tier, est in ests])
                 got = c.execute(_BEGIN_CALLS, {"rows": rows, "ids": [j for j, _, _ in ests], "holder": holder,
                                                "until": until, "t": t, "known": list(known)}).all()
             return {r.job_id: r.id for r in got}
@@ -443,7 +445,7 @@ class StageStore(Database):
             rows.append(row)
         with self.read() as c:
             stmt = _RECORD_ESCALATIONS if all(o.decision == "escalate" for o in outcomes) else _RECORD_STAGE
-            moved = dict(c.execute(stmt, {"rows": json.dumps(rows), "t": t, "call_ids": [
+            moved = dict(c.execute(stmt, {"rows": jsontext.dumps(rows), "t": t, "call_ids": [
                 r["call_id"] for r in rows if r["call_id"] is not None]}).all())
         for o in outcomes:
             if o.job_id in moved and o.decision != "escalate":
