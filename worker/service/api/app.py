@@ -8,6 +8,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.core.errors import PortfolioError, UserError
@@ -16,7 +17,7 @@ from worker.config.settings import Settings, get_settings
 from worker.job.request import RequestError
 from worker.queue.submit import IdempotencyConflict
 from worker.service.api import batches, chat, files, jobs
-from worker.service.api.common import ApiError, error_response
+from worker.service.api.common import ApiError, error_response, refusal
 from worker.service.client import Client, JobNotFound
 from worker.service.tenants import AuthError, BudgetExhausted, RateLimited, Tenants
 from worker.service.webhooks import BatchUpkeep
@@ -58,6 +59,10 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
         db_url = app.state.client.settings.db_url
         app.state.tenants = Tenants(TenantStore(db_url), settings)
         app.state.webhooks = WebhookStore(db_url)
+        if app.state.client.waiter.listens:
+            # the process's LISTEN connection made now, in a thread: a request's first wait
+            # would otherwise open it on the event loop, blocking every other request
+            await run_in_threadpool(app.state.client.waiter.listener)
         upkeep = BatchUpkeep(app.state.webhooks, app.state.client.batches, secret=settings.webhook_secret,
                              backoff=settings.webhook_backoff, attempts=settings.webhook_attempts).start()
         try:
@@ -111,7 +116,10 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
                               code="not_found" if e.status_code == 404 else None)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_req, e: RequestValidationError):
+    async def invalid(req: Request, e: RequestValidationError):
+        refused = await refusal(req)
+        if refused is not None:
+            return await _answer(req, refused)
         first = e.errors()[0]
         if first.get("type") == "json_invalid":
             return error_response(422, f"body: not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})",
@@ -163,3 +171,12 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
         return error_response(400, str(e))
 
     return app
+
+
+async def _answer(request: Request, e: Exception):
+    """The answer this app's handlers give to `e` (looked up by its class, as Starlette does)."""
+    for cls in type(e).__mro__:
+        handler = request.app.exception_handlers.get(cls)
+        if handler is not None and cls is not Exception:
+            return await handler(request, e)
+    raise e

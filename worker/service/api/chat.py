@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from worker.job.codec import FINAL
 from worker.queue.dispatch import INTERACTIVE
-from worker.service.api.common import caller, error_response, submitter
+from worker.queue.submit import Submission
+from worker.service.api.common import admits_in_handler, admitted, caller, error_response, service
 from worker.service.api.jobs import Message
 from worker.service.client import Client
 from worker.service.openai_format import chat_request, chunks, completion
@@ -50,17 +51,16 @@ def models(c: Client = Depends(caller)) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, c: Client = Depends(submitter),
+@admits_in_handler
+async def chat_completions(request: Request, body: ChatCompletionRequest,
                            idempotency_key: str | None = Header(None, max_length=200)):
-    model, request = chat_request(body.model_dump(exclude_none=True))
-    c.catalog.get(model)  # an unknown model is a 404 naming it, before anything is written
     loop = asyncio.get_running_loop()
-    # subscribed to the job's completion before its row is written: no read before the notice comes
-    expect = c.waiter.expect(JOB_CHANNEL, loop)
+    # subscribed to the job's completion before its row is written: no read before the notice comes;
+    # made here, on the loop, so that it is closed below even if this request is cancelled mid-way
+    expect = service(request).waiter.expect(JOB_CHANNEL, loop)
     try:
-        sub = await run_in_threadpool(c.submitter.submit, request, portfolio=model, tenant=c.tenant,
-                                      idempotency_key=idempotency_key, priority=INTERACTIVE, metadata=body.metadata,
-                                      before_insert=expect.subscribe, budgeted=c.budgeted)
+        # the caller admitted, then its job written and sent, on one trip to the thread pool
+        c, model, sub = await run_in_threadpool(_submit, request, body, idempotency_key, expect.subscribe)
         deadline = loop.time() + WAIT_S
         job = await run_in_threadpool(c.get, sub.job_id) if not sub.created or sub.status in FINAL else None
         while job is None or job["status"] not in FINAL:
@@ -80,3 +80,16 @@ async def chat_completions(body: ChatCompletionRequest, c: Client = Depends(subm
         lines = [f"data: {json.dumps(ch)}\n\n" for ch in chunks(job, model)] + ["data: [DONE]\n\n"]
         return StreamingResponse(iter(lines), media_type="text/event-stream")
     return JSONResponse(completion(job, model))
+
+
+def _submit(request: Request, body: ChatCompletionRequest, idempotency_key: str | None,
+            before_insert: Callable[[str], Any]) -> tuple[Client, str, Submission]:
+    """In the thread pool: the caller admitted (401, 402, 429 before anything is written
+    or said about the request), the model known (a 404 naming it), then the job committed
+    and its first stage sent."""
+    c = admitted(request)
+    model, job_request = chat_request(body.model_dump(exclude_none=True))
+    c.catalog.get(model)
+    return c, model, c.submitter.submit(job_request, portfolio=model, tenant=c.tenant,
+                                        idempotency_key=idempotency_key, priority=INTERACTIVE,
+                                        metadata=body.metadata, before_insert=before_insert, budgeted=c.budgeted)
