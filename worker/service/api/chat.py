@@ -66,6 +66,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest,
         while job is None or job["status"] not in FINAL:
             left = deadline - loop.time()
             if left <= 0:
+                # the answer names the job: it must outlive a crash from now on
+                await run_in_threadpool(c.jobs.make_durable, sub.job_id)
                 return error_response(504, f"job {sub.job_id} is not finished after {WAIT_S:.0f}s; "
                                            f"GET /v1/jobs/{sub.job_id} for its result", type_="timeout",
                                       code="timeout")
@@ -86,10 +88,14 @@ def _submit(request: Request, body: ChatCompletionRequest, idempotency_key: str 
             before_insert: Callable[[str], Any]) -> tuple[Client, str, Submission]:
     """In the thread pool: the caller admitted (401, 402, 429 before anything is written
     or said about the request), the model known (a 404 naming it), then the job committed
-    and its first stage sent."""
+    and its first stage sent. Without an Idempotency-Key the job's id reaches the caller
+    only with its result (or a 504 that makes it durable first), so its insert does not
+    wait for the disk (JobStore.insert_unless_budgeted); with one, the id follows from the
+    key, and another request with that key (POST /v1/jobs) could be told it sooner."""
     c = admitted(request)
     model, job_request = chat_request(body.model_dump(exclude_none=True))
     c.catalog.get(model)
     return c, model, c.submitter.submit(job_request, portfolio=model, tenant=c.tenant,
                                         idempotency_key=idempotency_key, priority=INTERACTIVE,
-                                        metadata=body.metadata, before_insert=before_insert, budgeted=c.budgeted)
+                                        metadata=body.metadata, before_insert=before_insert, budgeted=c.budgeted,
+                                        durable=idempotency_key is not None)
