@@ -4,6 +4,7 @@ routes, health checks, and every error as a 4xx in the OpenAI shape naming the f
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,8 @@ from worker.store.tenants import TenantStore
 from worker.store.webhooks import WebhookStore
 
 _BODY_PARSE_ERROR = "There was an error parsing the body"
+# threads reading chat completions' jobs on their notices: a read takes a millisecond or two
+READ_THREADS = 16
 
 
 def _parse_problem(cause: BaseException | None) -> str:
@@ -63,12 +66,15 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
             # the process's LISTEN connection made now, in a thread: a request's first wait
             # would otherwise open it on the event loop, blocking every other request
             await run_in_threadpool(app.state.client.waiter.listener)
+        # the threads that read a chat completion's job as soon as its notice is heard (reads.JobReads)
+        app.state.reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cascade-read")
         upkeep = BatchUpkeep(app.state.webhooks, app.state.client.batches, secret=settings.webhook_secret,
                              backoff=settings.webhook_backoff, attempts=settings.webhook_attempts).start()
         try:
             yield
         finally:
             upkeep.stop()
+            app.state.reads.shutdown(wait=False, cancel_futures=True)
             app.state.tenants.close()
             if own:
                 app.state.client.close()
