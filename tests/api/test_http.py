@@ -464,9 +464,10 @@ def test_a_caller_without_a_valid_key_hears_401_before_what_is_wrong_with_its_bo
     before = count(d, jobs)
     with httpx.Client(base_url=d.url) as anon:
         for auth in ({}, {"Authorization": "Bearer csk_000000000000_forged"}):
-            r = anon.post(path, json=body, headers=auth)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
-            assert r.headers["WWW-Authenticate"] == "Bearer"
+            for content in (json.dumps(body).encode(), b'{"model": "caf\xe9"}'):  # invalid; not UTF-8
+                r = anon.post(path, content=content, headers={**auth, "Content-Type": "application/json"})
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+                assert r.headers["WWW-Authenticate"] == "Bearer"
     with d.http() as h:  # admitted, the body's fault is named
         r = h.post(path, json=body)
         assert r.status_code == 422 and r.json()["error"]["param"] in ("model", "colour"), r.text

@@ -110,12 +110,15 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
                               headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_req, e: StarletteHTTPException):
+    async def http_error(req: Request, e: StarletteHTTPException):
         # FastAPI answers a body it could not parse (not UTF-8, nested too deep for the
         # parser, an integer of thousands of digits) with 400 {"detail": ...}: here it is
         # a 422 in the OpenAI shape like any other body that is not JSON; every other
         # HTTP error (404 route, 405 method) takes the same shape
         if e.status_code == 400 and e.detail == _BODY_PARSE_ERROR:
+            refused = await refusal(req)
+            if refused is not None:
+                return await _answer(req, refused)
             return error_response(422, f"body: not valid JSON ({_parse_problem(e.__cause__)})", param="body",
                                   code="json_invalid")
         return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None),

@@ -73,7 +73,8 @@ def admits_in_handler(endpoint):
 
 
 async def refusal(request: Request) -> Exception | None:
-    """For a request whose parameters failed validation: why its route's admission refuses
+    """For a request whose body could not be parsed or whose parameters failed validation
+    (both found before the handler runs): why its route's admission refuses
     it (AuthError, BudgetExhausted, RateLimited, the database away), None when it is
     admitted or its route admits in a dependency (which ran before validation)."""
     route = request.scope.get("route")

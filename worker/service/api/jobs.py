@@ -87,8 +87,8 @@ def create_job(request: Request, body: JobCreate, response: Response,
                idempotency_key: str | None = Header(None, max_length=200)) -> dict:
     c = admitted(request)  # on the handler's own trip to the thread pool
     d = body.model_dump(exclude_none=True)
-    request = {k: d[k] for k in ("prompt", "messages", "params") if k in d}
-    sub = c.submitter.submit(request, portfolio=body.portfolio, tenant=c.tenant, idempotency_key=idempotency_key,
+    job_request = {k: d[k] for k in ("prompt", "messages", "params") if k in d}
+    sub = c.submitter.submit(job_request, portfolio=body.portfolio, tenant=c.tenant, idempotency_key=idempotency_key,
                              priority=body.priority, metadata=body.metadata, budgeted=c.budgeted)
     response.headers["Location"] = f"/v1/jobs/{sub.job_id}"
     if not sub.created:
