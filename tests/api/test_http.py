@@ -457,6 +457,23 @@ def test_tenants_see_only_their_own_jobs_and_batches(bench, deployment):
         assert bad.status_code == 401
 
 
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", {"model": 3, "messages": []}),
+                                        ("/v1/jobs", {"prompt": "hi", "colour": "red"})])
+def test_a_caller_without_a_valid_key_hears_401_before_what_is_wrong_with_its_body(deployment, path, body):
+    d = deployment
+    before = count(d, jobs)
+    with httpx.Client(base_url=d.url) as anon:
+        for auth in ({}, {"Authorization": "Bearer csk_000000000000_forged"}):
+            for content in (json.dumps(body).encode(), b'{"model": "caf\xe9"}'):  # invalid; not UTF-8
+                r = anon.post(path, content=content, headers={**auth, "Content-Type": "application/json"})
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+    with d.http() as h:  # admitted, the body's fault is named
+        r = h.post(path, json=body)
+        assert r.status_code == 422 and r.json()["error"]["param"] in ("model", "colour"), r.text
+    assert count(d, jobs) == before
+
+
 def test_keys_cli_revokes_a_key_at_once(deployment):
     d = deployment
     env = {**os.environ, **d.env}

@@ -43,6 +43,10 @@ SELECT (SELECT b FROM budgeted) AS budgeted, (SELECT count(*) FROM ins) AS new
 
 _INSERT_UNLESS_BUDGETED = {durable: _insert_unless_budgeted(durable) for durable in (True, False)}
 
+# built once (an interactive caller's read of its finished job; building it took longer than running it)
+_JOB_WITH_ATTEMPTS = (select(jobs, *[c.label(f"a__{c.name}") for c in attempts.columns])
+                      .select_from(jobs.outerjoin(attempts, attempts.c.job_id == jobs.c.id))
+                      .where(jobs.c.id == bindparam("job_id")).order_by(attempts.c.step))
 # (the tenant's row: budget_usd, spent_usd, reserved_usd; or None) -> the rows to insert
 Admit = Callable[[dict[str, Any] | None, Sequence[dict[str, Any]]], Sequence[dict[str, Any]]]
 
@@ -292,11 +296,8 @@ class JobStore(Database):
     def job_with_attempts(self, job_id: str) -> tuple[dict | None, list[dict]]:
         """A job and its attempts in step order, in one statement (an interactive caller
         reads a finished job this way: one round trip, not two)."""
-        acols = [c.label(f"a__{c.name}") for c in attempts.columns]
-        q = (select(jobs, *acols).select_from(jobs.outerjoin(attempts, attempts.c.job_id == jobs.c.id))
-             .where(jobs.c.id == job_id).order_by(attempts.c.step))
         with self.read() as c:
-            found = c.execute(q).mappings().all()
+            found = c.execute(_JOB_WITH_ATTEMPTS, {"job_id": job_id}).mappings().all()
         if not found:
             return None, []
         job = {k: v for k, v in found[0].items() if not k.startswith("a__")}

@@ -6,11 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from worker.store.engine import Database, dialect_insert
 from worker.store.jobs import open_reservations, reserved_if_budgeted
 from worker.store.schema import api_keys, now, tenants
+
+# built once: every submission over HTTP reads one of these, and building the statement
+# (and its cache key) on each call cost more than the database took to answer it
+_LIMIT_COLUMNS = [tenants.c.budget_usd, tenants.c.spent_usd, tenants.c.rate_per_min, reserved_if_budgeted()]
+_LIMITS = select(*_LIMIT_COLUMNS).where(tenants.c.id == bindparam("tenant"))
+_KEY_LIMITS = (select(api_keys.c.tenant, api_keys.c.hash, api_keys.c.revoked_at, *_LIMIT_COLUMNS)
+               .select_from(api_keys.outerjoin(tenants, tenants.c.id == api_keys.c.tenant))
+               .where(api_keys.c.id == bindparam("key_id")))
 
 
 class TenantStore(Database):
@@ -33,15 +41,9 @@ class TenantStore(Database):
         spent_usd, rate_per_min and reserved_usd (summed over its open jobs only when it
         has a budget); with `key_id`, that key's tenant, hash and revoked_at too (the
         tenant's columns None when it has no row). None: no such tenant (or key)."""
-        cols = [tenants.c.budget_usd, tenants.c.spent_usd, tenants.c.rate_per_min, reserved_if_budgeted()]
-        if key_id is None:
-            q = select(*cols).where(tenants.c.id == tenant)
-        else:
-            q = (select(api_keys.c.tenant, api_keys.c.hash, api_keys.c.revoked_at, *cols)
-                 .select_from(api_keys.outerjoin(tenants, tenants.c.id == api_keys.c.tenant))
-                 .where(api_keys.c.id == key_id))
         with self.read() as c:
-            r = c.execute(q).mappings().one_or_none()
+            r = (c.execute(_LIMITS, {"tenant": tenant}) if key_id is None else
+                 c.execute(_KEY_LIMITS, {"key_id": key_id})).mappings().one_or_none()
             return dict(r) if r else None
 
     def add_key(self, key_id: str, tenant: str, digest: str, name: str | None) -> None:

@@ -4,10 +4,12 @@ routes, health checks, and every error as a 4xx in the OpenAI shape naming the f
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.core.errors import PortfolioError, UserError
@@ -16,7 +18,7 @@ from worker.config.settings import Settings, get_settings
 from worker.job.request import RequestError
 from worker.queue.submit import IdempotencyConflict
 from worker.service.api import batches, chat, files, jobs
-from worker.service.api.common import ApiError, error_response
+from worker.service.api.common import ApiError, error_response, refusal
 from worker.service.client import Client, JobNotFound
 from worker.service.tenants import AuthError, BudgetExhausted, RateLimited, Tenants
 from worker.service.webhooks import BatchUpkeep
@@ -25,6 +27,8 @@ from worker.store.tenants import TenantStore
 from worker.store.webhooks import WebhookStore
 
 _BODY_PARSE_ERROR = "There was an error parsing the body"
+# threads reading chat completions' jobs on their notices: a read takes a millisecond or two
+READ_THREADS = 16
 
 
 def _parse_problem(cause: BaseException | None) -> str:
@@ -58,12 +62,19 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
         db_url = app.state.client.settings.db_url
         app.state.tenants = Tenants(TenantStore(db_url), settings)
         app.state.webhooks = WebhookStore(db_url)
+        if app.state.client.waiter.listens:
+            # the process's LISTEN connection made now, in a thread: a request's first wait
+            # would otherwise open it on the event loop, blocking every other request
+            await run_in_threadpool(app.state.client.waiter.listener)
+        # the threads that read a chat completion's job as soon as its notice is heard (reads.JobReads)
+        app.state.reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cascade-read")
         upkeep = BatchUpkeep(app.state.webhooks, app.state.client.batches, secret=settings.webhook_secret,
                              backoff=settings.webhook_backoff, attempts=settings.webhook_attempts).start()
         try:
             yield
         finally:
             upkeep.stop()
+            app.state.reads.shutdown(wait=False, cancel_futures=True)
             app.state.tenants.close()
             if own:
                 app.state.client.close()
@@ -99,19 +110,25 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
                               headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_req, e: StarletteHTTPException):
+    async def http_error(req: Request, e: StarletteHTTPException):
         # FastAPI answers a body it could not parse (not UTF-8, nested too deep for the
         # parser, an integer of thousands of digits) with 400 {"detail": ...}: here it is
         # a 422 in the OpenAI shape like any other body that is not JSON; every other
         # HTTP error (404 route, 405 method) takes the same shape
         if e.status_code == 400 and e.detail == _BODY_PARSE_ERROR:
+            refused = await refusal(req)
+            if refused is not None:
+                return await _answer(req, refused)
             return error_response(422, f"body: not valid JSON ({_parse_problem(e.__cause__)})", param="body",
                                   code="json_invalid")
         return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None),
                               code="not_found" if e.status_code == 404 else None)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_req, e: RequestValidationError):
+    async def invalid(req: Request, e: RequestValidationError):
+        refused = await refusal(req)
+        if refused is not None:
+            return await _answer(req, refused)
         first = e.errors()[0]
         if first.get("type") == "json_invalid":
             return error_response(422, f"body: not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})",
@@ -163,3 +180,12 @@ def create_app(settings: Settings | None = None, portfolio: Portfolio | None = N
         return error_response(400, str(e))
 
     return app
+
+
+async def _answer(request: Request, e: Exception):
+    """The answer this app's handlers give to `e` (looked up by its class, as Starlette does)."""
+    for cls in type(e).__mro__:
+        handler = request.app.exception_handlers.get(cls)
+        if handler is not None and cls is not Exception:
+            return await handler(request, e)
+    raise e

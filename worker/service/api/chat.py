@@ -8,18 +8,19 @@ import asyncio
 import json
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from worker.job.codec import FINAL
 from worker.queue.dispatch import INTERACTIVE
-from worker.service.api.common import caller, error_response, submitter
+from worker.queue.submit import Submission
+from worker.service.api.common import admits_in_handler, admitted, caller, error_response, service
 from worker.service.api.jobs import Message
+from worker.service.api.reads import JobReads
 from worker.service.client import Client
 from worker.service.openai_format import chat_request, chunks, completion
-from worker.store.notify import JOB_CHANNEL
 
 # how long a chat completion waits for its job before answering 504 (the job goes on)
 WAIT_S = 300.0
@@ -50,29 +51,30 @@ def models(c: Client = Depends(caller)) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, c: Client = Depends(submitter),
+@admits_in_handler
+async def chat_completions(request: Request, body: ChatCompletionRequest,
                            idempotency_key: str | None = Header(None, max_length=200)):
-    model, request = chat_request(body.model_dump(exclude_none=True))
-    c.catalog.get(model)  # an unknown model is a 404 naming it, before anything is written
     loop = asyncio.get_running_loop()
-    # subscribed to the job's completion before its row is written: no read before the notice comes
-    expect = c.waiter.expect(JOB_CHANNEL, loop)
+    waiter = service(request).waiter
+    # subscribed to the job's completion before its row is written: no read before the notice comes;
+    # made here, on the loop, so that it is closed below even if this request is cancelled mid-way
+    reads = JobReads(waiter.listener() if waiter.listens else None, loop, request.app.state.reads)
     try:
-        sub = await run_in_threadpool(c.submitter.submit, request, portfolio=model, tenant=c.tenant,
-                                      idempotency_key=idempotency_key, priority=INTERACTIVE, metadata=body.metadata,
-                                      before_insert=expect.subscribe, budgeted=c.budgeted)
+        # the caller admitted, then its job written and sent, on one trip to the thread pool
+        c, model, sub = await run_in_threadpool(_submit, request, body, idempotency_key, reads)
         deadline = loop.time() + WAIT_S
-        job = await run_in_threadpool(c.get, sub.job_id) if not sub.created or sub.status in FINAL else None
+        job = await reads.now() if not sub.created or sub.status in FINAL else None
         while job is None or job["status"] not in FINAL:
             left = deadline - loop.time()
             if left <= 0:
+                # the answer names the job: it must outlive a crash from now on
+                await run_in_threadpool(c.jobs.make_durable, sub.job_id)
                 return error_response(504, f"job {sub.job_id} is not finished after {WAIT_S:.0f}s; "
                                            f"GET /v1/jobs/{sub.job_id} for its result", type_="timeout",
                                       code="timeout")
-            await expect.wait_async(left)  # woken, or out of time: read either way
-            job = await run_in_threadpool(c.get, sub.job_id)
+            job = await reads.next(left)  # read after its notice, or once out of time
     finally:
-        expect.close()
+        reads.close()
     if job["status"] != "succeeded":
         return error_response(502, f"job {job['id']} {job['status']}: {job['error']}", type_="cascade_error",
                               code=f"job_{job['status']}")
@@ -80,3 +82,21 @@ async def chat_completions(body: ChatCompletionRequest, c: Client = Depends(subm
         lines = [f"data: {json.dumps(ch)}\n\n" for ch in chunks(job, model)] + ["data: [DONE]\n\n"]
         return StreamingResponse(iter(lines), media_type="text/event-stream")
     return JSONResponse(completion(job, model))
+
+
+def _submit(request: Request, body: ChatCompletionRequest, idempotency_key: str | None,
+            reads: JobReads) -> tuple[Client, str, Submission]:
+    """In the thread pool: the caller admitted (401, 402, 429 before anything is written
+    or said about the request), the model known (a 404 naming it), then the job committed
+    and its first stage sent. Without an Idempotency-Key the job's id reaches the caller
+    only with its result (or a 504 that makes it durable first), so its insert does not
+    wait for the disk (JobStore.insert_unless_budgeted); with one, the id follows from the
+    key, and another request with that key (POST /v1/jobs) could be told it sooner."""
+    c = admitted(request)
+    model, job_request = chat_request(body.model_dump(exclude_none=True))
+    c.catalog.get(model)
+    return c, model, c.submitter.submit(job_request, portfolio=model, tenant=c.tenant,
+                                        idempotency_key=idempotency_key, priority=INTERACTIVE,
+                                        metadata=body.metadata, budgeted=c.budgeted,
+                                        before_insert=lambda job_id: reads.subscribe(job_id, lambda: c.get(job_id)),
+                                        durable=idempotency_key is not None)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from worker.service.api.common import caller, not_found, submitter
+from worker.service.api.common import admits_in_handler, admitted, caller, not_found
 from worker.service.client import Client, JobNotFound
 from worker.store.notify import JOB_CHANNEL
 
@@ -82,11 +82,13 @@ def _get(c: Client, job_id: str) -> dict:
 
 
 @router.post("", status_code=202, response_model=Job)
-def create_job(body: JobCreate, response: Response, c: Client = Depends(submitter),
+@admits_in_handler
+def create_job(request: Request, body: JobCreate, response: Response,
                idempotency_key: str | None = Header(None, max_length=200)) -> dict:
+    c = admitted(request)  # on the handler's own trip to the thread pool
     d = body.model_dump(exclude_none=True)
-    request = {k: d[k] for k in ("prompt", "messages", "params") if k in d}
-    sub = c.submitter.submit(request, portfolio=body.portfolio, tenant=c.tenant, idempotency_key=idempotency_key,
+    job_request = {k: d[k] for k in ("prompt", "messages", "params") if k in d}
+    sub = c.submitter.submit(job_request, portfolio=body.portfolio, tenant=c.tenant, idempotency_key=idempotency_key,
                              priority=body.priority, metadata=body.metadata, budgeted=c.budgeted)
     response.headers["Location"] = f"/v1/jobs/{sub.job_id}"
     if not sub.created:
