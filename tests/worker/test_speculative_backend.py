@@ -11,7 +11,13 @@ from router.core.speculative import DeferralRule
 from worker.models.backends import BackendConfigError, backend_class, build_backend
 
 SHORT = dict(n_threads=2, n_ctx=256, max_tokens=10, prompt_template="Question: {prompt}\nAnswer:")
-QUESTION = "What is 36 + 47 + 18? Think step by step."  # a short prompt whose answer runs past one block
+# a short prompt whose answer runs past one block, with no near-tie in either model's first greedy tokens
+# (the earlier "What is 36 + 47 + 18? Think step by step." opens with a three-way tie in the drafter, 0.02
+# apart, which the two decode paths broke differently on an AVX2-only host)
+QUESTION = "Add 36, 47 and 18. Explain each step."
+# llama.cpp's numerics differ between scoring a block at once and one token at a time: the top two's gap
+# moved by up to 0.07 on one host and a gap of 0.108 fell the other way on another; a smaller gap is a near-tie
+NEAR_TIE = 0.3
 
 
 def tier(kind="speculative", price=Price(), **opts) -> Tier:
@@ -56,14 +62,17 @@ def _margin(token) -> float:
     return values[-1] - values[-2] if len(values) > 1 else float("inf")
 
 
+def _first_near_tie(result) -> int:
+    return next((i for i, t in enumerate(result.tokens) if _margin(t) < NEAR_TIE), len(result.tokens))
+
+
 @pytest.mark.models
 def test_a_cascade_that_always_defers_gives_the_verifiers_greedy_output_token_for_token(spec):
     want = alone("medium", Query("q", QUESTION), Needs(logprobs=True, top_logprobs=2))
     got = spec.generate(Query("q", QUESTION), Needs(logprobs=True))
-    # every token was decided by the verifier, so its log-prob is the verifier's (up to llama.cpp's numerics,
-    # which differ a little between scoring a block at once and one token at a time: the top two's gap by up
-    # to 0.07 seen); a near-tie may fall either way, and the answers part there
-    tie = next((i for i, t in enumerate(want.tokens) if _margin(t) < 0.1), len(want.tokens))
+    # every token was decided by the verifier, so its log-prob is the verifier's (up to llama.cpp's numerics);
+    # a near-tie may fall either way, and the answers part there
+    tie = _first_near_tie(want)
     assert tie >= 5
     assert [t.token for t in got.tokens][:tie] == [t.token for t in want.tokens][:tie]
     if tie == len(want.tokens):
@@ -78,10 +87,12 @@ def test_a_cascade_that_always_defers_gives_the_verifiers_greedy_output_token_fo
 
 @pytest.mark.models
 def test_a_cascade_that_never_defers_gives_the_drafters_greedy_output(spec, rule):
-    want = alone("small", Query("q", QUESTION), Needs())
+    want = alone("small", Query("q", QUESTION), Needs(logprobs=True, top_logprobs=2))
     rule("never")
     got = spec.generate(Query("q", QUESTION), Needs())
-    assert [t.token for t in got.tokens] == [t.token for t in want.tokens]
+    tie = _first_near_tie(want)  # as above: the drafter's own decode loop against the llamacpp backend's
+    assert tie >= 5
+    assert [t.token for t in got.tokens][:tie] == [t.token for t in want.tokens][:tie]
     assert got.meta["deferred"] == 0 and got.meta["corrected"] == 0
 
 
