@@ -93,3 +93,31 @@ def test_a_crash_may_take_back_an_escalation_never_a_started_call_or_a_result(di
         assert sorted(a["tier"] for a in _rows(rt, attempts, ids)) == ["t0"] * 3 + ["t1"] * 3
         assert {c["state"] for c in _rows(rt, model_calls, ids)} == {"finished"}
     dispose_all()
+
+
+def test_a_crash_may_take_back_only_an_insert_no_caller_was_told_of(distributed, tmp_path, pg):
+    """Inserted for a caller who learns the job only with its result (durable=False), a job
+    may be lost to a crash; inserted otherwise, or made durable once named, it may not."""
+    from worker.store.jobs import JobStore
+
+    pg.create_db("inserts")
+    url = pg.url("inserts")
+    upgrade(url)
+    store = JobStore(url)
+    spec = {"policy": {"name": "single"}, "tiers": []}
+    store.save_portfolio("p" * 32, spec)
+
+    def row(job_id: str) -> dict:
+        return {"id": job_id, "portfolio": "p" * 32, "input": {"prompt": job_id}, "status": "queued",
+                "current_tier": "t0"}
+
+    assert store.insert_unless_budgeted(row("waited-on"), durable=False) is True
+    assert store.insert_unless_budgeted(row("named"), durable=False) is True
+    store.make_durable("named")
+    assert store.insert_unless_budgeted(row("told"), durable=True) is True
+    assert store.insert_unless_budgeted(row("unsaved"), durable=False) is True  # after the last durable commit
+    _restart(pg)
+    store = JobStore(url)
+    assert {i: store.job(i) is not None for i in ("waited-on", "named", "told", "unsaved")} == {
+        "waited-on": True, "named": True, "told": True, "unsaved": False}
+    dispose_all()

@@ -34,11 +34,17 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
 
 
-# A statement whose own transaction commits without waiting for the disk (PostgreSQL): a
-# CTE setting synchronous_commit for that transaction only (set_config's `true`), and the
-# condition that makes the statement read it (a CTE nothing reads is never run).
-NO_DISK_WAIT = "nowait AS (SELECT set_config('synchronous_commit', 'off', true) AS s)"
-NO_DISK_WAIT_READ = "(SELECT s FROM nowait) = 'off'"
+def no_disk_wait(sql: str) -> str:
+    """The statement `sql` (`WITH .. SELECT ..`, its final SELECT without a WHERE) made to
+    commit its own transaction without waiting for the disk (PostgreSQL): a CTE setting
+    synchronous_commit for that transaction only (set_config's `true`), and a condition on
+    the final SELECT that reads it (a CTE nothing reads is never run; the condition is
+    always true)."""
+    head, _, final = sql.strip().rpartition("\nSELECT ")
+    if not sql.lstrip().startswith("WITH ") or not head or " WHERE " in final or "\n" in final:
+        raise ValueError(f"no_disk_wait takes WITH .. and a one-line final SELECT without WHERE, got: {sql[:80]!r}")
+    head = head.strip().replace("WITH ", "WITH nowait AS (SELECT set_config('synchronous_commit', 'off', true) AS s), ", 1)
+    return f"{head}\nSELECT {final} WHERE (SELECT s FROM nowait) = 'off'\n"
 
 
 def engine_for(url: str) -> Engine:

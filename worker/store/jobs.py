@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Row
 from worker.config.credentials import redact_spec
 from worker.job.codec import CANCELLED, FAILED, FINAL, OPEN
 from worker.store import jsontext
-from worker.store.engine import NO_DISK_WAIT, NO_DISK_WAIT_READ, Database, dialect_insert
+from worker.store.engine import Database, dialect_insert, no_disk_wait
 from worker.store.schema import attempts, batches, jobs, model_calls, now, portfolios, tenants
 
 # what a finished job's input becomes when content is not kept
@@ -24,24 +24,21 @@ _COPY_FROM = 50  # rows; fewer (a single job) go in one plain INSERT, one round 
 _JSON_COLUMNS = {"input", "plan"}
 
 
-def _insert_unless_budgeted(durable: bool):
-    # One job of no batch when its tenant has no budget (JobStore.insert_unless_budgeted): one fixed
-    # statement, compiled once, its values bound as parameters (built per job with a literal per
-    # column, its construction and compilation cost more than its round trip).
-    # not durable: the commit does not wait for the disk (see JobStore.insert_unless_budgeted)
-    nowait = f"{NO_DISK_WAIT}," if not durable else ""
-    guard = f" AND {NO_DISK_WAIT_READ}" if not durable else ""
-    return text(f"""
-WITH {nowait} budgeted AS (SELECT EXISTS (SELECT 1 FROM tenants WHERE id = :tenant AND budget_usd IS NOT NULL) AS b),
+# One job of no batch when its tenant has no budget (JobStore.insert_unless_budgeted): one fixed
+# statement, compiled once, its values bound as parameters (built per job with a literal per
+# column, its construction and compilation cost more than its round trip); by durability, the
+# one not waiting for the disk for a job whose caller alone will know it (see that method)
+_INSERT_UNLESS_BUDGETED_SQL = f"""
+WITH budgeted AS (SELECT EXISTS (SELECT 1 FROM tenants WHERE id = :tenant AND budget_usd IS NOT NULL) AS b),
 ins AS (
   INSERT INTO jobs ({", ".join(_JOB_COLUMNS)})
-  SELECT {", ".join(":" + k for k in _JOB_COLUMNS)} WHERE NOT (SELECT b FROM budgeted){guard}
+  SELECT {", ".join(":" + k for k in _JOB_COLUMNS)} WHERE NOT (SELECT b FROM budgeted)
   ON CONFLICT DO NOTHING RETURNING id)
 SELECT (SELECT b FROM budgeted) AS budgeted, (SELECT count(*) FROM ins) AS new
-""").bindparams(*[bindparam(k, type_=jobs.c[k].type) for k in _JOB_COLUMNS])
-
-
-_INSERT_UNLESS_BUDGETED = {durable: _insert_unless_budgeted(durable) for durable in (True, False)}
+"""
+_INSERT_UNLESS_BUDGETED = {
+    durable: text(sql).bindparams(*[bindparam(k, type_=jobs.c[k].type) for k in _JOB_COLUMNS])
+    for durable, sql in ((True, _INSERT_UNLESS_BUDGETED_SQL), (False, no_disk_wait(_INSERT_UNLESS_BUDGETED_SQL)))}
 
 # built once (an interactive caller's read of its finished job; building it took longer than running it)
 _JOB_WITH_ATTEMPTS = (select(jobs, *[c.label(f"a__{c.name}") for c in attempts.columns])

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection
 from worker.job.codec import EXPIRED, FAILED, OPEN, RUNNING, SUCCEEDED, StageOutcome
 from worker.job.storable import clean_text
 from worker.store import jsontext
-from worker.store.engine import NO_DISK_WAIT, NO_DISK_WAIT_READ, Database, dialect_insert
+from worker.store.engine import Database, dialect_insert, no_disk_wait
 from worker.store.jobs import forget_content
 from worker.store.schema import attempts, batches, jobs, model_calls, now
 
@@ -168,8 +168,7 @@ SELECT id, total_cost FROM moved
 # started (by the durable start): after the lease they are priced in and the tier is called
 # again, as after a worker killed mid-call; no result is lost or given twice (a final record,
 # which a client reads as soon as it commits, always waits for the disk).
-_RECORD_ESCALATIONS = text(_RECORD_STAGE.text.replace("WITH x AS (", f"WITH {NO_DISK_WAIT}, x AS (", 1)
-                           .replace("SELECT id, total_cost FROM moved\n", f"SELECT id, total_cost FROM moved WHERE {NO_DISK_WAIT_READ}\n"))
+_RECORD_ESCALATIONS = text(no_disk_wait(_RECORD_STAGE.text))
 
 # The calls a delivery is about to make, one row each, in one statement: only for the
 # jobs whose lease this holder still has (renewed here): a stage that lost its lease
