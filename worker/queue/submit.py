@@ -140,7 +140,7 @@ class Submitter:
         return row, p
 
     def submit(self, request: Mapping[str, Any], *, before_insert: Callable[[str], Any] | None = None,
-               budgeted: bool | None = None, durable: bool = True, **kw) -> Submission:
+               budgeted: bool | None = None, awaited: bool = False, **kw) -> Submission:
         """One job, written and sent. before_insert(job id): called before the row is
         written (a waiter subscribing to its completion). budgeted: whether the caller
         has just read that the tenant has a budget (worker.service.tenants); None: not
@@ -148,11 +148,13 @@ class Submitter:
         budget reserves its most under the tenant's admission lock (four), or raises
         BudgetExhausted with nothing written. A budget set at that very moment applies
         from the next job on, as it would have had this one come a moment earlier.
-        durable=False: for a caller that waits for the result and gives the job's id to no
-        one before (JobStore.insert_unless_budgeted says why the insert need not wait for
-        the disk then); a caller that names the job earlier (a timeout) calls
-        `runtime.jobs.make_durable(job_id)` first."""
+        awaited: the caller waits for the result and gives the job's id to no one before
+        (`Client.run`, a chat completion): without an idempotency key nobody else can know
+        the id, so the insert does not wait for the disk (JobStore.insert_unless_budgeted
+        says why); with a key the id follows from it, and the insert waits. A caller that
+        names the job before its result (a timeout) calls `runtime.jobs.make_durable(job_id)`."""
         row, p = self.prepare(request, **kw)
+        durable = not awaited or row["item_key"] is not None
         jobs = self.runtime.jobs
         if before_insert is not None:
             before_insert(row["id"])

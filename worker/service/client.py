@@ -130,14 +130,12 @@ class Client:
     def run(self, prompt: str | None = None, *, timeout: float | None = None, **kw) -> dict[str, Any]:
         """Submit and wait: subscribed to the job's completion before its row is written,
         so the first read is the one after the job's notice (worker.store.notify.Expectation).
-        Without an idempotency key, the job's id reaches the caller only with its result
-        (durably committed by its stage), so its insert does not wait for the disk; a timeout
-        names the job, so it waits then. With a key the caller knows the id beforehand: the
-        insert waits."""
+        The job's id reaches the caller with its result (`awaited`: without an idempotency
+        key its insert does not wait for the disk, Submitter.submit); a timeout names the
+        job, so it is made durable first."""
         expect = self.waiter.expect(JOB_CHANNEL)
         try:
-            durable = kw.get("idempotency_key") is not None
-            sub = self._submit(prompt, before_insert=expect.subscribe, durable=durable, **kw)
+            sub = self._submit(prompt, before_insert=expect.subscribe, awaited=True, **kw)
             deadline = None if timeout is None else time.monotonic() + timeout
             job = self.get(sub.job_id) if not sub.created or sub.status in FINAL else None
             while job is None or job["status"] not in FINAL:

@@ -88,10 +88,9 @@ def _submit(request: Request, body: ChatCompletionRequest, idempotency_key: str 
             reads: JobReads) -> tuple[Client, str, Submission]:
     """In the thread pool: the caller admitted (401, 402, 429 before anything is written
     or said about the request), the model known (a 404 naming it), then the job committed
-    and its first stage sent. Without an Idempotency-Key the job's id reaches the caller
-    only with its result (or a 504 that makes it durable first), so its insert does not
-    wait for the disk (JobStore.insert_unless_budgeted); with one, the id follows from the
-    key, and another request with that key (POST /v1/jobs) could be told it sooner."""
+    and its first stage sent. The job's id reaches the caller only with its result (or a
+    504 that makes it durable first): `awaited` (Submitter.submit: without an
+    Idempotency-Key its insert does not wait for the disk)."""
     c = admitted(request)
     model, job_request = chat_request(body.model_dump(exclude_none=True))
     c.catalog.get(model)
@@ -99,4 +98,4 @@ def _submit(request: Request, body: ChatCompletionRequest, idempotency_key: str 
                                         idempotency_key=idempotency_key, priority=INTERACTIVE,
                                         metadata=body.metadata, budgeted=c.budgeted,
                                         before_insert=lambda job_id: reads.subscribe(job_id, lambda: c.get(job_id)),
-                                        durable=idempotency_key is not None)
+                                        awaited=True)
