@@ -81,6 +81,11 @@ class Settings(BaseSettings):
                                                          "serves without it (its jobs fall back while the server "
                                                          "is down) and probes again in the background")
     model_threads: int | None = Field(None, ge=1, description="llama.cpp threads per worker process")
+    db_prepared: bool = Field(True, description="PostgreSQL: keep a statement run again and again prepared on its "
+                                                "connection (parsed once, still planned for each run's values); "
+                                                "false behind a pooler that cannot keep them (PgBouncer before "
+                                                "1.21 in transaction pooling, or one refusing the `options` "
+                                                "start-up parameter)")
 
     @property
     def embedded(self) -> bool:

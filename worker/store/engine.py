@@ -9,7 +9,9 @@ from pathlib import Path
 
 from sqlalchemy import Table, and_, create_engine, event, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from worker.config.settings import get_settings
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
@@ -47,6 +49,28 @@ def no_disk_wait(sql: str) -> str:
     return f"{head}\nSELECT {final} WHERE (SELECT s FROM nowait) = 'off'\n"
 
 
+def _postgres_connect_args(url: str) -> dict:
+    # A network cut (a partition, a host gone) must surface as an error, not hang:
+    # without these a statement sent into a dead link waits out TCP's retransmissions
+    # (~15 min) and a connect waits for ever. A connect gives up after 10 s, an idle
+    # connection is probed by keepalives, and data unacknowledged for 30 s ends the
+    # connection (a long query is not unacknowledged data: it is not cut).
+    args: dict = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                  "keepalives_count": 3, "tcp_user_timeout": 30000}
+    if get_settings().db_prepared:
+        # psycopg prepares a statement at its 5th run on a connection: PostgreSQL then skips
+        # its parse and rewrite (the stage statements' CTEs: a third of their time on a
+        # single job). It must still plan each run for its own values: a generic plan, made
+        # for a 256-job message, hash-joined the whole jobs table for a single job (a
+        # stage's statements took 5-7 ms instead of 1 after a 20,000-job batch).
+        given = make_url(url).query.get("options")
+        given = " ".join(given) if isinstance(given, tuple) else given
+        args["options"] = " ".join(filter(None, [given, "-c plan_cache_mode=force_custom_plan"]))
+    else:
+        args["prepare_threshold"] = None  # nothing prepared: each statement parsed and planned every run
+    return args
+
+
 def engine_for(url: str) -> Engine:
     with _engines_lock:
         eng = _engines.get(url)
@@ -61,20 +85,8 @@ def engine_for(url: str) -> Engine:
             else:
                 # no pre-ping round trip per checkout: a dropped connection surfaces as an
                 # OperationalError, and the stage task retries the whole (idempotent) stage.
-                # No server-side prepared statements (psycopg prepares a statement run 5 times):
-                # PostgreSQL then reuses a generic plan, and the one made for a 256-job message
-                # hash-joins the whole jobs table for a single job (a stage's statements took
-                # 5-7 ms instead of 1 after a 20,000-job batch). A custom plan costs ~0.3 ms;
-                # this also works behind PgBouncer's transaction pooling.
-                # A network cut (a partition, a host gone) must surface as an error, not hang:
-                # without these a statement sent into a dead link waits out TCP's retransmissions
-                # (~15 min) and a connect waits for ever. A connect gives up after 10 s, an idle
-                # connection is probed by keepalives, and data unacknowledged for 30 s ends the
-                # connection (a long query is not unacknowledged data: it is not cut).
                 eng = create_engine(url, pool_recycle=1800, pool_size=5, max_overflow=10,
-                                    connect_args={"prepare_threshold": None, "connect_timeout": 10,
-                                                  "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-                                                  "keepalives_count": 3, "tcp_user_timeout": 30000})
+                                    connect_args=_postgres_connect_args(url))
             _engines[url] = eng
         return eng
 
