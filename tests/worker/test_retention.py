@@ -21,7 +21,7 @@ from worker.queue.items import read_items
 from worker.queue.run import run_batch
 from worker.store.batches import BatchStore
 from worker.store.jobs import ERASED_INPUT, JobStore
-from worker.store.schema import attempts, batches, jobs
+from worker.store.schema import attempts, batches, jobs, model_calls
 
 pytestmark = pytest.mark.services
 
@@ -38,6 +38,12 @@ def cascade(env, *args):
 def counts(store: JobStore) -> tuple[int, int, int]:
     with store.engine.connect() as c:
         return tuple(c.execute(select(func.count()).select_from(t)).scalar() for t in (batches, jobs, attempts))
+
+
+def calls_of(store: JobStore, job_ids_like: str) -> int:
+    with store.engine.connect() as c:
+        return c.execute(select(func.count()).select_from(model_calls)
+                         .where(model_calls.c.job_id.like(job_ids_like))).scalar()
 
 
 def wait_until_none_at(store: JobStore, batch_id: str, tier: str, timeout: float = 60) -> None:
@@ -76,11 +82,14 @@ def test_purge_deletes_finished_work_and_never_open_work(bench, distributed, wor
     assert counts(store) == before
 
     old_attempts = sum(len(a) for a in store.attempts_of([f"old:{it.key}" for it in items[:20]]).values())
+    assert calls_of(store, "old:%") > 0
     out = cascade(env, "purge", "--older-than", "0s")
     assert out.startswith(f"deleted 1 batches, 21 jobs, {old_attempts} attempts")
     assert batch_store.batch("old") is None and store.job("loose-1") is None
     assert store.attempts_of([f"old:{it.key}" for it in items[:20]]) == {f"old:{it.key}": [] for it in items[:20]}
+    assert calls_of(store, "old:%") == 0  # the calls of its jobs with them: no foreign key deletes them
     assert batch_store.batch("open") == open_batch  # untouched, finished jobs included
+    assert calls_of(store, "open:%") > 0
     assert len(store.batch_jobs("open")) == 20
     # and its open jobs still finish
     w.start("t1")

@@ -13,7 +13,7 @@ from worker.job.codec import FINAL, OPEN
 from worker.store.batches import FINISHED
 from worker.store.engine import Database
 from worker.store.files import FileStore
-from worker.store.schema import attempts, batches, jobs
+from worker.store.schema import attempts, batches, jobs, model_calls
 
 
 class RetentionStore(Database):
@@ -67,5 +67,7 @@ class RetentionStore(Database):
             n_att = c.execute(select(func.count()).select_from(attempts).where(attempts.c.job_id.in_(sub))).scalar()
             return n_jobs, n_att
         n_att = c.execute(attempts.delete().where(attempts.c.job_id.in_(sub))).rowcount
+        # no foreign key deletes them with their jobs on PostgreSQL (migration 0011)
+        c.execute(model_calls.delete().where(model_calls.c.job_id.in_(sub)))
         n_jobs = c.execute(jobs.delete().where(jobs.c.id.in_(sub))).rowcount
         return n_jobs, n_att

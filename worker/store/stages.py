@@ -124,7 +124,9 @@ WITH x AS (
   INSERT INTO attempts (job_id, tier, tier_index, step, model, answer, signals, tokens_in, tokens_out, cost_usd,
                         latency_ms, decision, reason, error, meta, created_at)
   SELECT job_id, tier, tier_index, step, model, answer, signals, tokens_in, tokens_out, cost_usd, latency_ms,
-         decision, reason, error, meta, :t FROM x ORDER BY job_id
+         decision, reason, error, meta, :t FROM x
+  WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = x.job_id)  -- no foreign key checks it (migration 0011)
+  ORDER BY job_id
   ON CONFLICT (job_id, tier) DO NOTHING
   RETURNING job_id
 ), new AS MATERIALIZED (  -- the new attempts' rows, each with the estimate of its job's calls lost
