@@ -46,3 +46,32 @@ def test_stage_rows_are_written_only_for_jobs_that_exist():
             assert c.execute(select(attempts.c.job_id)).scalars().all() == ["kept"]
             assert c.execute(select(func.count()).select_from(model_calls)).scalar() == 1
         assert store.job("kept")["status"] == "succeeded"
+
+
+def test_a_record_moves_each_tenants_spend_once_and_other_paths_still_count():
+    from worker.store.tenants import TenantStore
+
+    with private_database() as url:
+        upgrade(url)
+        store, stages, tenants = JobStore(url), StageStore(url), TenantStore(url)
+        store.save_portfolio("p" * 32, {})
+        for t in ("a", "b"):
+            tenants.upsert_tenant(t, budget_usd=10.0)
+        ids = {"a1": "a", "a2": "a", "b1": "b", "b2": "b", "b3": "b"}
+        store.add_jobs(None, [{"id": j, "portfolio": "p" * 32, "input": {"prompt": "?"}, "status": "queued",
+                               "current_tier": "t0", "tenant": t} for j, t in ids.items()])
+        stages.start_stage("t0", list(ids), "h:1", now())
+        costs = {"a1": 0.25, "a2": 0.5, "b1": 1.0, "b2": 0.0, "b3": 2.0}
+        outs = [StageOutcome(j, None, 0, Attempt("t0", 0, "m", "4", {}, c, 5.0), "accept", "sure", {},
+                             final_answer="4", final_tier="t0", total_cost=c) for j, c in costs.items()]
+        outs[-1] = StageOutcome("b3", None, 0, Attempt("t0", 0, "m", "4", {}, 2.0, 5.0), "escalate", "unsure", {},
+                                next_tier="t1", total_cost=2.0)  # not final: nothing spent yet
+        assert len(stages.record_stage(outs)) == 5
+        assert tenants.tenant("a")["spent_usd"] == pytest.approx(0.75)
+        assert tenants.tenant("b")["spent_usd"] == pytest.approx(1.0)
+        # the setting that kept the row trigger out ended with the record's transaction: a job
+        # finished another way, on the same pooled connection, is counted by the trigger
+        for _ in range(3):
+            with store.engine.begin() as c:
+                c.execute(jobs.update().where(jobs.c.id == "b3").values(status="cancelled", total_cost=2.0))
+        assert tenants.tenant("b")["spent_usd"] == pytest.approx(3.0)

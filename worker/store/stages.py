@@ -145,9 +145,15 @@ WITH x AS (
     total_cost = CASE WHEN x.decision = 'escalate' THEN j.total_cost ELSE x.total_cost + x.lost_cost END,
     finished_at = CASE WHEN x.decision = 'escalate' THEN j.finished_at ELSE :t END,
     updated_at = :t, lease_holder = NULL, lease_until = NULL
-  FROM new x
+  FROM new x, (SELECT set_config('cascade.spend_counted', 'yes', true)) AS spend  -- set before any row moves
   WHERE j.id = x.job_id AND """ + _open_job("j.") + """
-  RETURNING j.id, j.batch_id, x.decision, x.total_cost + x.lost_cost AS total_cost, x.call_id
+  RETURNING j.id, j.batch_id, j.tenant, x.decision, x.total_cost + x.lost_cost AS total_cost, x.call_id
+), spent AS (  -- the final jobs' cost, once per tenant; the row trigger stays out (migration 0012)
+  UPDATE tenants t SET spent_usd = t.spent_usd + n.cost
+  FROM (SELECT tenant, sum(total_cost) AS cost FROM moved WHERE decision <> 'escalate' AND total_cost > 0
+        GROUP BY tenant) n
+  WHERE t.id = n.tenant
+  RETURNING t.id
 ), lost AS (  -- a final job's calls still started: lost (their estimate is in its cost above)
   UPDATE model_calls c SET state = 'lost'
   FROM moved m WHERE c.job_id = m.id AND m.decision <> 'escalate' AND """ + _call_state("c.", "started") + """
