@@ -98,9 +98,11 @@ class Dispatcher:
                 lean.send(STAGE_TASK, task, [tier, list(job_ids)], queue, stage_repr(tier, job_ids), time.time())
                 return
             except publish.ERRORS as e:
+                lean.forget()
+                if time.monotonic() > deadline:  # the LPUSH waited out the socket timeout past publish_wait
+                    raise BrokerError(str(e)) from e
                 # tried again at once through send_task, as kombu's retry policy would (its first
                 # interval is 0), which reconnects and declares the queue again
-                lean.forget()
                 log.warning("dispatch.send_retry", tier=tier, queue=queue, jobs=len(job_ids), error=str(e)[:200],
                             retry_in_s=0)
         while True:
