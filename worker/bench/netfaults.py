@@ -513,6 +513,9 @@ def _api_cut(port: int):
         client = threading.Thread(target=clients, daemon=True)
         run.write_input(_lines(cfg))
         run.submit()
+        # the batch beside the clients has begun (its row is in) before the cut, whatever this
+        # machine's speed: a `cascade run` cut before its first connection is another scenario
+        _wait(lambda: run.batches.batch_count() > 0, 60, "the batch row", step=0.01)
         client.start()
         time.sleep(2.0)
         net.cut("api", port)
