@@ -1,8 +1,9 @@
 """the stage statements' rows without foreign-key checks on PostgreSQL: attempts.job_id and
 model_calls.job_id no longer reference jobs. Each row's check was a query of its own, run
-by a trigger, locking the job's row (FOR KEY SHARE): with auto_explain, a third of the start
-and record statements' time in a 3,000-job batch, and without them PostgreSQL spent 20-30%
-less CPU per job. The statements write these rows only for jobs they read or update in the
+by a trigger, locking the job's row (FOR KEY SHARE). auto_explain put a third of the start
+and record statements' time in those triggers, but its per-node timing inflates them; in a
+loop of 256-job stages, with this and migration 0012, the start took 11% less time and the
+record 6% less (docs/throughput.md, 2026-12-07 evening). The statements write these rows only for jobs they read or update in the
 same statement (worker.store.stages), and the purge deletes a job's calls and attempts
 itself (worker.store.retention). SQLite (the embedded mode) keeps its constraints.
 
