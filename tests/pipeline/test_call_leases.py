@@ -75,6 +75,30 @@ def test_a_resent_stage_racing_its_holder_does_not_call_the_model_again(distribu
         assert rows == [("t1", None)] * 3  # escalated, the lease given back
 
 
+def test_a_delivery_overtaken_by_its_holders_record_does_not_call_again(distributed, tmp_path, monkeypatch):
+    """Seen under connection resets: a duplicate delivery (the broker gives back an
+    unacknowledged message when its connection drops) reads the jobs while their holder
+    is mid-call, then the holder records them and gives the lease back before the
+    duplicate takes it. The duplicate must not take a lease on jobs that have moved on:
+    that was a second model call at this tier, and a lease on the next tier's job that
+    held its stage up until the lease ran out."""
+    with ScriptedModel() as server:
+        a, b, ids = _setup(distributed, tmp_path, server, "overtaken", stale_after=60)
+        _, _, started = a.stages.start_stage("t0", ids, a.holder, a.lease_until())  # a starts them ...
+        assert started == set(ids)
+        seen_by_b = b.stages.start_stage("t0", ids, b.holder, b.lease_until())  # ... b's start reads them ...
+        assert seen_by_b[2] == set() and [j["deliveries"] for j in seen_by_b[0]] == [1] * len(ids)
+        assert len(run_stage(a, "t0", ids)) == len(ids)  # ... a calls and records them: escalated to t1
+        assert server.requests == len(ids)
+        monkeypatch.setattr(b.stages, "start_stage", lambda *args, **kw: seen_by_b)
+        assert run_stage(b, "t0", ids) == []  # b goes on from what it read
+        assert server.requests == len(ids), "a job was called twice at t0"
+        with a.stages.engine.connect() as c:
+            rows = c.execute(select(jobs.c.current_tier, jobs.c.deliveries, jobs.c.lease_holder)
+                             .where(jobs.c.id.in_(ids))).all()
+        assert rows == [("t1", 0, None)] * len(ids)  # t1's stage finds them free and undelivered
+
+
 @pytest.mark.parametrize("store_content", [True, False])  # the record in one statement, and step by step
 def test_a_holder_that_went_silent_leaves_its_calls_started_and_priced(distributed, tmp_path, store_content):
     """A worker killed -9 (or cut off) after it recorded its calls as started: the calls
@@ -142,7 +166,7 @@ def test_a_start_answered_late_checks_the_lease_before_calling(distributed, tmp_
         def late_start(*args, **kw):
             got = start(*args, **kw)
             time.sleep(2.2)  # the answer on its way while the lease expires ...
-            b.stages.start_delivery(ids, b.holder, b.lease_until())  # ... and another worker takes the jobs
+            b.stages.start_delivery("t0", ids, b.holder, b.lease_until())  # ... and another worker takes the jobs
             return got
 
         monkeypatch.setattr(a.stages, "start_stage", late_start)

@@ -456,6 +456,10 @@ class Run:
         }
 
 
+def _hms(t) -> str:
+    return "" if t is None else t.strftime("%H:%M:%S.%f")[:-3]
+
+
 def call_accounts(calls: list, requests: int) -> dict:
     """The model calls recorded (JobStore.calls) against the requests the model server
     answered: a call finished made `tries` requests; one started and never finished
@@ -466,7 +470,8 @@ def call_accounts(calls: list, requests: int) -> dict:
     for c in calls:
         if c.state in ("started", "lost") or (c.tries or 0) > 0:
             made[(c.job_id, c.tier)] = made.get((c.job_id, c.tier), 0) + 1
-            rows.setdefault((c.job_id, c.tier), []).append(f"{c.holder}:{c.state}:{c.tries}")
+            rows.setdefault((c.job_id, c.tier), []).append(f"{c.holder}:{c.state}:{c.tries}:{_hms(c.started_at)}-"
+                                                           f"{_hms(c.finished_at)}")
     recorded = sum(int(c.tries or 0) for c in calls if c.state in ("finished", "late")) + len(unfinished)
     # started rows whose request never left (the worker died between the record and the send,
     # or the record's reply was lost and its stage tried again): the model server says how many
@@ -475,7 +480,7 @@ def call_accounts(calls: list, requests: int) -> dict:
         "model_calls": len(calls),
         # a job called twice at one tier, less the started rows that never reached the server
         "duplicate_model_calls": max(0, sum(n - 1 for n in made.values()) - never_sent),
-        # a few of them, each call as holder:state:tries, to tell a lease that expired from a bug
+        # a few of them, each call as holder:state:tries:started-finished, to tell a lease that expired from a bug
         "duplicates_seen": dict([(f"{j}@{t}", rows[(j, t)]) for (j, t), n in made.items() if n > 1][:5]),
         "calls_started_not_finished": len(unfinished),
         "est_unfinished_usd": round(math.fsum(c.est_cost_usd for c in unfinished), 9),

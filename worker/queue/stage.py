@@ -279,7 +279,7 @@ def _run_stage(rt: Runtime, tier_name: str, job_ids: Sequence[str]) -> list[tupl
     if not careful:
         rest = [j["id"] for j in todo if j["id"] not in started]
         if rest:  # not started by start_stage (another delivery's start overtook it): only if the lease is free
-            started |= rt.stages.start_delivery(rest, rt.holder, rt.lease_until())
+            started |= rt.stages.start_delivery(tier_name, rest, rt.holder, rt.lease_until())
             todo = _leased_elsewhere(tier_name, todo, started)
 
     applied: list[StageOutcome] = []
@@ -317,7 +317,7 @@ def _run_careful(rt: Runtime, tier_name: str, todo: list[dict], prior: dict[str,
     gave_up = False
     for job in todo:
         if job["id"] not in started:
-            if not rt.stages.start_delivery([job["id"]], rt.holder, rt.lease_until()):
+            if not rt.stages.start_delivery(tier_name, [job["id"]], rt.holder, rt.lease_until()):
                 _leased_elsewhere(tier_name, [job], set())
                 continue
         with context(job=job["id"], batch=job["batch_id"], tier=tier_name, tenant=job["tenant"]):  # on every line
@@ -407,7 +407,8 @@ def keep_calls(rt: Runtime, recorded: dict[str, int]) -> dict[str, int]:
 
 def _leased_elsewhere(tier_name: str, todo: list[dict], started: set[str]) -> list[dict]:
     """The jobs this delivery started; the others are held by a live stage elsewhere
-    (their lease has not expired): left to it, never called a second time."""
+    (their lease has not expired), or were recorded here by another delivery since this
+    one read them: left to it, never called a second time."""
     for j in todo:
         if j["id"] not in started:
             log.warning("stage.leased_elsewhere", job=j["id"], tier=tier_name)

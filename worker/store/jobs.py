@@ -370,9 +370,11 @@ class JobStore(Database):
 
     def calls(self, batch_id: str | None = None) -> list[Row]:
         """The model calls recorded (model_calls) of a batch's jobs, or of every job: job_id,
-        tier, holder, state, est_cost_usd, cost_usd, tries, in the order they started."""
+        tier, holder, state, est_cost_usd, cost_usd, tries, started_at, finished_at, in the order
+        they started."""
         q = select(model_calls.c.job_id, model_calls.c.tier, model_calls.c.holder, model_calls.c.state,
-                   model_calls.c.est_cost_usd, model_calls.c.cost_usd, model_calls.c.tries)
+                   model_calls.c.est_cost_usd, model_calls.c.cost_usd, model_calls.c.tries,
+                   model_calls.c.started_at, model_calls.c.finished_at)
         if batch_id is not None:
             q = q.join(jobs, jobs.c.id == model_calls.c.job_id).where(jobs.c.batch_id == batch_id)
         with self.read() as c:

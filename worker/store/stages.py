@@ -248,18 +248,24 @@ class StageStore(Database):
         rows.sort(key=lambda r: order[r["id"]])
         return rows, ats, started
 
-    def start_delivery(self, job_ids: Sequence[str], holder: str = "", until: datetime | None = None) -> set[str]:
-        """These jobs' stage starts: running, one more delivery at their tier (reset
-        when they move on), so a job that keeps crashing its stage is counted, and
+    def start_delivery(self, tier: str, job_ids: Sequence[str], holder: str = "", until: datetime | None = None
+                       ) -> set[str]:
+        """These jobs' stage at `tier` starts: running, one more delivery at their tier
+        (reset when they move on), so a job that keeps crashing its stage is counted, and
         the lease taken. Returns the jobs started: not one whose lease another holder
-        still has (its stage may be running: it is left to it)."""
+        still has (its stage may be running: it is left to it), nor one no longer waiting
+        at `tier` (another delivery recorded it there since this stage read it: it is at
+        the next tier, where a lease taken now would hold up that tier's stage and a call
+        made now would be a second one)."""
         if not job_ids:
             return set()
         t = now()
         free = or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < t, jobs.c.lease_holder == holder)
+        answered = select(attempts.c.job_id).where(attempts.c.job_id == jobs.c.id, attempts.c.tier == tier).exists()
         with self.tx() as c:
             return set(c.execute(
-                update(jobs).where(jobs.c.id.in_(sorted(job_ids)), jobs.c.status.in_(OPEN), free)
+                update(jobs).where(jobs.c.id.in_(sorted(job_ids)), jobs.c.status.in_(OPEN), jobs.c.current_tier == tier,
+                                   ~answered, free)
                 .values(status=RUNNING, started_at=func.coalesce(jobs.c.started_at, t),
                         deliveries=jobs.c.deliveries + 1, updated_at=t, lease_holder=holder, lease_until=until or t)
                 .returning(jobs.c.id)).scalars())
