@@ -20,7 +20,7 @@ from router.core.scorers import AnswerScorer, feature_count
 from router.lab.labelled import build_table, prepare
 from router.lab.simulate import simulate
 from router.lab.tuners import auto, confirm, make_tuner
-from router.lab.tuning import Target, TargetUnreachable
+from router.lab.tuning import NotApplicable, Target, TargetUnreachable
 
 
 def test_a_slip_is_found_and_sound_arithmetic_is_not():
@@ -106,7 +106,7 @@ def _on_test(path: Path, options: dict) -> tuple[float, float, float]:
             float(np.mean([o.correct for o in ref])))
 
 
-CHECKED = {"text": [], "words": 4096, "checks": None, "max_tiers": 2, "Cs": (0.1, 1.0, 10.0)}
+CHECKED = next(c.options for c in auto.CANDIDATES if c.name == "frugalgpt-checked")
 
 
 def test_the_scorer_saves_with_checks_and_words_and_not_without(problems):
@@ -118,7 +118,7 @@ def test_the_scorer_saves_with_checks_and_words_and_not_without(problems):
         assert acc0 < ref - 0.01 or ratio0 > 0.9
     except TargetUnreachable:
         pass
-    for half in ({**CHECKED, "words": 0}, {**CHECKED, "checks": False}):  # each block alone falls short
+    for half in ({**CHECKED, "words": 0}, {**CHECKED, "checks": False, "require_checks": False}):  # each alone falls short
         try:
             acc1, ratio1, _ = _on_test(problems, half)
             assert acc1 < ref - 0.01 or ratio1 > ratio + 0.1
@@ -136,3 +136,16 @@ def test_auto_takes_the_checked_cascade_from_the_train_rows(problems, monkeypatc
     assert f.search["auto"]["chosen"] == "frugalgpt-checked" and f.policy == "frugalgpt"
     sc = f.params["scorers"]["s"]
     assert sc["checks"] is True and sc["words"] == 4096
+
+
+def test_the_checked_candidate_is_not_applicable_without_worked_numbers(tmp_path):
+    rows = word_problems(60, 2, "train")
+    for r in rows:
+        for m in ("s", "l"):
+            r["responses"][m]["text"] = "ABCD"[int(r["responses"][m]["correct"])]  # letters, no arithmetic
+    path = tmp_path / "letters.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    L = prepare(path)
+    tiers = L.tiers(L.records)
+    with pytest.raises(NotApplicable, match="not worked numbers"):
+        make_tuner("frugalgpt", build_table(L.records, tiers), tier_infos(tiers), **CHECKED)

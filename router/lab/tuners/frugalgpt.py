@@ -26,6 +26,7 @@ Two optional blocks beyond FrugalGPT's: `checks` (the answer's arithmetic and us
 of the question's numbers, `router.core.worked`; None: on when the answers are
 worked numbers) and `words` (the query's hashed words in that many buckets, not
 standardised: a scorer that also knows which questions a tier tends to miss).
+With `require_checks` the tuner is not applicable unless the checks are on.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class FrugalGPTTuner(Tuner):
                  max_tiers: int = 3, prune: bool = True, text: Sequence[str] | None = None,
                  signals: Sequence[str] | None = None, components: int = 32, folds: int = 5,
                  Cs: Sequence[float] = CS, seed: int = 0, checks: bool | None = False, words: int = 0,
-                 **options: Any):
+                 require_checks: bool = False, **options: Any):
         super().__init__(table, infos, **options)
         if not 2 <= max_tiers <= 3:
             raise TuningError(f"frugalgpt: max_tiers must be 2 or 3, got {max_tiers}")
@@ -90,6 +91,8 @@ class FrugalGPTTuner(Tuner):
                 self.search["note"] = "sentence embeddings unavailable: scorers read answer form and agreement only"
         self.text = tuple(text)
         self.checks = bool(self.kind == "number" if checks is None else checks)
+        if require_checks and not self.checks:
+            raise NotApplicable(f"the answers are not worked numbers (read as {self.kind}): no arithmetic to check")
         self.words = int(words)
         if not 0 <= self.words <= MAX_WORDS:
             raise TuningError(f"frugalgpt: words must be a number of hash buckets from 0 to {MAX_WORDS}, got {words}")
