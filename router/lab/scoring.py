@@ -13,6 +13,7 @@ Bad input is a `ScorerError` naming the count: too few rows, or one class only.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
@@ -44,8 +45,13 @@ def check_labels(y: np.ndarray, what: str) -> np.ndarray:
     return (y >= 0.5).astype(int)
 
 
-def fit_logistic_scorer(X: np.ndarray, y: np.ndarray, C: float = 0.1, what: str = "scorer") -> tuple[float, np.ndarray]:
-    """(bias, weights) on raw features: P(right) = sigmoid(X @ w + bias)."""
+def fit_logistic_scorer(X: np.ndarray, y: np.ndarray, C: float = 0.1, what: str = "scorer",
+                        raw: int = 0) -> tuple[float, np.ndarray]:
+    """(bias, weights) on raw features: P(right) = sigmoid(X @ w + bias).
+
+    The last `raw` columns (hashed words, rows already L2-normalised and mostly
+    zero) are not standardised, which would blow a word seen on two rows up to the
+    size of a whole feature; they are fitted as a sparse block."""
     X = np.asarray(X, dtype=float)
     labels = check_labels(y, what)
     if X.shape[0] != labels.size:
@@ -53,10 +59,16 @@ def fit_logistic_scorer(X: np.ndarray, y: np.ndarray, C: float = 0.1, what: str 
     mu = X.mean(axis=0)
     sd = X.std(axis=0)
     sd[sd < 1e-12] = 1.0
-    model = LogisticRegression(C=C, solver="newton-cholesky", max_iter=200)
+    if raw:
+        mu[-raw:], sd[-raw:] = 0.0, 1.0
+        Z = sp.csr_matrix((X - mu) / sd)
+        model = LogisticRegression(C=C, solver="lbfgs", max_iter=1000)
+    else:
+        Z = (X - mu) / sd
+        model = LogisticRegression(C=C, solver="newton-cholesky", max_iter=200)
     # small problems: one BLAS thread is faster than several fighting over the cores
     with threadpool_limits(1):
-        model.fit((X - mu) / sd, labels)
+        model.fit(Z, labels)
     w = model.coef_[0] / sd
     return float(model.intercept_[0] - (w * mu).sum()), w
 
@@ -68,14 +80,14 @@ def fold_ids(n: int, k: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
-def oof_scores(X: np.ndarray, y: np.ndarray, fold: np.ndarray, C: float, what: str) -> np.ndarray:
+def oof_scores(X: np.ndarray, y: np.ndarray, fold: np.ndarray, C: float, what: str, raw: int = 0) -> np.ndarray:
     """Out-of-fold P(right) per row; a fold whose training rows hold one class
     predicts that class's share (a constant scorer)."""
     out = np.empty(len(y))
     for f in np.unique(fold):
         tr, te = fold != f, fold == f
         try:
-            b, w = fit_logistic_scorer(X[tr], y[tr], C, what)
+            b, w = fit_logistic_scorer(X[tr], y[tr], C, what, raw)
             out[te] = 1.0 / (1.0 + np.exp(-np.clip(X[te] @ w + b, -700, 700)))
         except ScorerError:
             out[te] = float(np.mean(np.asarray(y)[tr] >= 0.5))

@@ -4,8 +4,9 @@ tier whose score reaches its threshold, the last tier always answers.
 
 The scorers (`router.core.scorers.AnswerScorer`, one per non-last tier of the
 chain) read only text: the answer's form, whether it agrees with the earlier
-tiers' answers, and optionally sentence embeddings of query and answer. So the
-policy runs where no log-probs exist. `cascade tune --policy frugalgpt` fits the
+tiers' answers, and optionally sentence embeddings of query and answer, checks of
+a worked numeric answer's arithmetic (`router.core.worked`) and the query's hashed
+words. So the policy runs where no log-probs exist. `cascade tune --policy frugalgpt` fits the
 scorers and searches the chain and thresholds on train rows (FrugalGPT's
 budgeted chain search, `router.lab.tuners.frugalgpt`).
 """

@@ -98,6 +98,12 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("routellm-classifier", "routellm", {"scorer": "linear"}, 3),
     Candidate("hybrid-llm", "hybrid-llm", {}, 3),
     Candidate("frugalgpt", "frugalgpt", {"text": []}, 3),  # answer form, agreement, confidences; no embeddings
+    # the same cascade whose scorer also reads the query's hashed words and the answer's
+    # arithmetic (router.core.worked); only on worked numeric answers (the words alone won
+    # nowhere in the cross-validation of the other files); two tiers, for time
+    Candidate("frugalgpt-checked", "frugalgpt",
+              {"text": [], "words": 4096, "checks": None, "require_checks": True, "max_tiers": 2,
+               "Cs": (0.1, 1.0, 10.0)}, 3),
 )
 SIMPLICITY_WORDS = {0: "the reference alone", 1: "one or two knobs", 2: "per-tier thresholds or shortlists",
                     3: "a learned predictor"}

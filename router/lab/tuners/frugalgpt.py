@@ -21,6 +21,12 @@ query, and of the answer where answers are short free text, when
 `text=[]` turns them off); the tier's recorded confidence signals
 (logprob, p_true) where the rows carry them (`signals=[]` turns them off, which
 is FrugalGPT's text-only scorer).
+
+Two optional blocks beyond FrugalGPT's: `checks` (the answer's arithmetic and use
+of the question's numbers, `router.core.worked`; None: on when the answers are
+worked numbers) and `words` (the query's hashed words in that many buckets, not
+standardised: a scorer that also knows which questions a tier tends to miss).
+With `require_checks` the tuner is not applicable unless the checks are on.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import numpy as np
 from router.core import embeddings
 from router.core.answers import infer_kind
 from router.core.policy import TierInfo
-from router.core.scorers import EMBED_DIM, AnswerScorer, feature_matrix, text_vectors
+from router.core.scorers import EMBED_DIM, MAX_WORDS, AnswerScorer, feature_matrix, text_vectors
 from router.lab.labelled import CONFIDENCE_SIGNALS, Table
 from router.lab.scoring import MIN_ROWS, ScorerError, fit_logistic_scorer, fold_ids, oof_scores
 from router.lab.tuning import (
@@ -63,7 +69,8 @@ class FrugalGPTTuner(Tuner):
     def __init__(self, table: Table, infos: Sequence[TierInfo], *, chain: Sequence[str] | None = None,
                  max_tiers: int = 3, prune: bool = True, text: Sequence[str] | None = None,
                  signals: Sequence[str] | None = None, components: int = 32, folds: int = 5,
-                 Cs: Sequence[float] = CS, seed: int = 0, **options: Any):
+                 Cs: Sequence[float] = CS, seed: int = 0, checks: bool | None = False, words: int = 0,
+                 require_checks: bool = False, **options: Any):
         super().__init__(table, infos, **options)
         if not 2 <= max_tiers <= 3:
             raise TuningError(f"frugalgpt: max_tiers must be 2 or 3, got {max_tiers}")
@@ -83,6 +90,12 @@ class FrugalGPTTuner(Tuner):
                 text = ()
                 self.search["note"] = "sentence embeddings unavailable: scorers read answer form and agreement only"
         self.text = tuple(text)
+        self.checks = bool(self.kind == "number" if checks is None else checks)
+        if require_checks and not self.checks:
+            raise NotApplicable(f"the answers are not worked numbers (read as {self.kind}): no arithmetic to check")
+        self.words = int(words)
+        if not 0 <= self.words <= MAX_WORDS:
+            raise TuningError(f"frugalgpt: words must be a number of hash buckets from 0 to {MAX_WORDS}, got {words}")
         if signals is None:  # the confidences the rows record, if any
             signals = [s for s in CONFIDENCE_SIGNALS if np.isfinite(table.conf[s]).any()]
         bad = [s for s in signals if s not in table.conf]
@@ -125,6 +138,7 @@ class FrugalGPTTuner(Tuner):
         self._cost = np.concatenate([g[2] for g in grids])
         self._offsets = np.cumsum([0] + [g[1].size for g in grids])
         self.search.update({"answer_kind": self.kind, "text": list(self.text), "signals": list(self.signals),
+                            "checks": self.checks, "words": self.words,
                             "chains": len(chains),
                             "scorers": len(self._oof), "configurations": int(self._acc.size),
                             "chosen_on": f"out-of-fold scores ({len(np.unique(self.fold))} folds of {n} train rows)"})
@@ -137,21 +151,22 @@ class FrugalGPTTuner(Tuner):
         t = prefix[-1]
         earlier = [[self.texts[e][j] for e in prefix[:-1]] for j in range(self.table.n)]
         X = feature_matrix(self.prompts, self.texts[t], earlier, self._confidences(t), self.kind,
-                           len(prefix) - 1, self.signals, self.text)
-        head = X.shape[1] - EMBED_DIM * len(self.text)
+                           len(prefix) - 1, self.signals, self.text, self.checks, self.words)
+        head = X.shape[1] - EMBED_DIM * len(self.text) - self.words
         blocks = [X[:, :head]] + [(X[:, head + b * EMBED_DIM: head + (b + 1) * EMBED_DIM] - mu) @ P
                                   for b, (mu, P) in enumerate(self.bases)]
-        return np.hstack(blocks)
+        return np.hstack(blocks + [X[:, X.shape[1] - self.words:]])  # the words last, as `raw` columns
 
     def _full_weights(self, b: float, w: np.ndarray) -> tuple[float, np.ndarray]:
         """Weights on the projected features -> weights on the raw features."""
-        head = w.size - sum(P.shape[1] for _, P in self.bases)
+        head = w.size - sum(P.shape[1] for _, P in self.bases) - self.words
         out, at = [w[:head]], head
         for mu, P in self.bases:
             wb = P @ w[at: at + P.shape[1]]
             out.append(wb)
             b -= float(mu @ wb)
             at += P.shape[1]
+        out.append(w[at:])
         return b, np.concatenate(out)
 
     def oof(self, prefix: tuple[int, ...]) -> np.ndarray:
@@ -160,19 +175,22 @@ class FrugalGPTTuner(Tuner):
             what = f"scorer of tier {self.infos[prefix[-1]].name!r}"
             best = None
             for C in self.Cs:
-                p = oof_scores(X, y, self.fold, C, what)
+                p = oof_scores(X, y, self.fold, C, what, self.words)
                 loss = log_loss(p, (y >= 0.5).astype(float))
                 if best is None or loss < best[0]:
                     best = (loss, C, p)
             self._oof[prefix] = best[2]
             try:
-                b, w = self._full_weights(*fit_logistic_scorer(X, y, best[1], what))
+                b, w = self._full_weights(*fit_logistic_scorer(X, y, best[1], what, self.words))
             except ScorerError:  # one class on train: a constant scorer at that class's share
                 share = float(np.mean(y >= 0.5))
                 b, w = (30.0 if share >= 0.5 else -30.0), np.zeros(X.shape[1] - sum(P.shape[1] for _, P in self.bases)
                                                                     + EMBED_DIM * len(self.bases))
+            extra: dict[str, Any] = {"checks": True} if self.checks else {}
+            if self.words:
+                extra["words"] = self.words
             self._final[prefix] = {"kind": self.kind, "agree": len(prefix) - 1, "signals": list(self.signals),
-                                   "text": list(self.text),
+                                   **extra, "text": list(self.text),
                                    "bias": float(b), "w": [float(x) for x in w]}
         return self._oof[prefix]
 
