@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from helpers.servers import ScriptedModel
@@ -17,10 +18,10 @@ from sqlalchemy import select
 
 from router.core.portfolio import load_portfolio
 from worker.job.codec import query_of
+from worker.queue.admission import call_bound
 from worker.queue.items import Item
 from worker.queue.run import run_batch
 from worker.queue.runtime import Runtime
-from worker.queue.admission import call_bound
 from worker.queue.stage import begin_calls, keep_calls, run_stage
 from worker.store.schema import jobs, model_calls
 
@@ -97,6 +98,30 @@ def test_a_delivery_overtaken_by_its_holders_record_does_not_call_again(distribu
             rows = c.execute(select(jobs.c.current_tier, jobs.c.deliveries, jobs.c.lease_holder)
                              .where(jobs.c.id.in_(ids))).all()
         assert rows == [("t1", 0, None)] * len(ids)  # t1's stage finds them free and undelivered
+
+
+def test_a_dead_letter_verdict_from_a_stale_read_leaves_a_job_that_moved_on(distributed, tmp_path, monkeypatch):
+    """The stage judges a job dead (max_deliveries runs, untouched for half a visibility
+    timeout) from the row it read; if another delivery records the job in between, the
+    verdict is stale and the job goes on, not failed."""
+    with ScriptedModel() as server:
+        a, b, ids = _setup(distributed, tmp_path, server, "deadstale", stale_after=60)
+        old = a.stages.engine  # the jobs as a crashed worker's runs left them: delivered max times, quiet
+        with old.begin() as c:
+            c.execute(jobs.update().where(jobs.c.id.in_(ids)).values(
+                deliveries=a.settings.max_deliveries, updated_at=jobs.c.updated_at - timedelta(hours=1)))
+        seen_by_b = b.stages.start_stage("t0", ids, b.holder, b.lease_until())
+        assert seen_by_b[2] == set()
+        with old.begin() as c:  # meanwhile another delivery answers the first job there: escalated to t1
+            c.execute(jobs.update().where(jobs.c.id == ids[0]).values(
+                current_tier="t1", deliveries=0, updated_at=jobs.c.updated_at + timedelta(hours=1)))
+        monkeypatch.setattr(b.stages, "start_stage", lambda *args, **kw: seen_by_b)
+        run_stage(b, "t0", ids)
+        with old.connect() as c:
+            rows = dict(c.execute(select(jobs.c.id, jobs.c.status).where(jobs.c.id.in_(ids))).all())
+        assert rows[ids[0]] != "failed", "a job another delivery moved on was failed as a dead letter"
+        assert [rows[i] for i in ids[1:]] == ["failed"] * (len(ids) - 1)  # the others were dead indeed
+        assert server.requests == 0
 
 
 @pytest.mark.parametrize("store_content", [True, False])  # the record in one statement, and step by step

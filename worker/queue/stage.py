@@ -448,15 +448,22 @@ def _drop_overdue_and_dead(rt: Runtime, tier_name: str, todo: list[dict]) -> lis
             keep.append(job)
         elif job["updated_at"] < quiet_since:
             _dead_letter(rt, tier_name, job, job["deliveries"],
-                         job["error"] or "the worker stopped while running it (killed, out of memory or crashed)")
+                         job["error"] or "the worker stopped while running it (killed, out of memory or crashed)",
+                         unchanged_since=job["updated_at"])
         else:
             log.warning("stage.maybe_running_elsewhere", job=job["id"], tier=tier_name, deliveries=job["deliveries"])
     return keep
 
 
-def _dead_letter(rt: Runtime, tier_name: str, job: dict, runs: int, cause: str) -> None:
-    rt.stages.fail_open_jobs([job["id"]], f"dead letter: its stage at tier {tier_name} ran {runs} times "
-                                          f"without a result; last error: {cause}")
+def _dead_letter(rt: Runtime, tier_name: str, job: dict, runs: int, cause: str,
+                 unchanged_since=None) -> None:
+    """`unchanged_since`: the job's `updated_at` as this stage read it, when the verdict
+    rests on that read alone: a delivery that recorded the job since wins."""
+    if not rt.stages.fail_open_jobs([job["id"]], f"dead letter: its stage at tier {tier_name} ran {runs} times "
+                                                 f"without a result; last error: {cause}",
+                                    unchanged_since=unchanged_since):
+        log.warning("stage.dead_letter_overtaken", job=job["id"], tier=tier_name)
+        return
     metrics.DEAD_LETTERS.labels(tier_name).inc()
     log.error("stage.dead_letter", job=job["id"], tier=tier_name, deliveries=runs, error=cause)
 

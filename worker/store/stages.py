@@ -29,7 +29,7 @@ import math
 from datetime import datetime
 from typing import Sequence
 
-from sqlalchemy import bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection
 
 from worker.job.codec import EXPIRED, FAILED, OPEN, RUNNING, SUCCEEDED, StageOutcome
@@ -478,10 +478,16 @@ class StageStore(Database):
                                                         jobs.c.updated_at == t)).scalars())
         return [o for o in outs if o.job_id in stamped]
 
-    def fail_open_jobs(self, job_ids: Sequence[str], error: str) -> int:
-        """Fail the still-open ones of these jobs (an internal error): nothing hangs forever."""
+    def fail_open_jobs(self, job_ids: Sequence[str], error: str, *, unchanged_since: datetime | None = None) -> int:
+        """Fail the still-open ones of these jobs (an internal error): nothing hangs forever.
+        `unchanged_since`: only if nothing has written the job since it was read then (its
+        `updated_at`): a stage deciding from what it read leaves alone a job another
+        delivery has moved on meanwhile."""
+        cond = jobs.c.id.in_(sorted(job_ids))
+        if unchanged_since is not None:
+            cond = and_(cond, jobs.c.updated_at == unchanged_since)
         with self.tx() as c:
-            return len(self._fail_where(c, jobs.c.id.in_(sorted(job_ids)), error))
+            return len(self._fail_where(c, cond, error))
 
     def expire_overdue(self, at: datetime | None = None, limit: int = 1000) -> list[tuple[str, str | None]]:
         """Fail the open jobs whose deadline has passed (never re-sent again); their
