@@ -20,7 +20,7 @@ finished by the record, so a worker killed mid-call leaves its calls known.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Sequence
 
 import structlog
@@ -456,7 +456,7 @@ def _drop_overdue_and_dead(rt: Runtime, tier_name: str, todo: list[dict]) -> lis
 
 
 def _dead_letter(rt: Runtime, tier_name: str, job: dict, runs: int, cause: str,
-                 unchanged_since=None) -> None:
+                 unchanged_since: datetime | None = None) -> None:
     """`unchanged_since`: the job's `updated_at` as this stage read it, when the verdict
     rests on that read alone: a delivery that recorded the job since wins."""
     if not rt.stages.fail_open_jobs([job["id"]], f"dead letter: its stage at tier {tier_name} ran {runs} times "
