@@ -43,7 +43,7 @@ def check_broker_credentials(settings) -> None:
 @click.option("--tier", "tier_name", required=True, help="the tier whose queue this pool consumes")
 @click.option("--portfolio", "portfolio_path", type=click.Path(dir_okay=False), help="portfolio file (default: $CASCADE_PORTFOLIO)")
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), help="parallel jobs (threads pool; default $CASCADE_WORKER_CONCURRENCY)")
-@click.option("--pool", type=click.Choice(["threads", "solo"]), help="default: what the backend suits (solo for in-process models)")
+@click.option("--pool", type=click.Choice(["threads", "solo"]), help="default: solo for in-process models and for one thread, else threads")
 @click.option("--events", is_flag=True, help="send task events (for Flower; costs throughput)")
 @click.option("--metrics-port", type=click.IntRange(0, 65535),
               help="serve /metrics and /healthz on this port (default $CASCADE_METRICS_PORT; 0 = off)")
@@ -80,11 +80,16 @@ def worker(tier_name, portfolio_path, concurrency, pool, events, metrics_port, l
         backend = rt.backend(tier)  # a local model loads once, here, before any job
         needs = rt.start_needs(portfolio, portfolio.index(tier.name))
         backend.check_needs(needs)
-    pool = pool or backend.pool
+    threads = concurrency or max(settings.worker_concurrency, backend.stage_threads)
+    # One stage at a time (one thread asked for): the consumer runs it in its own thread
+    # (solo), one hand-over between threads fewer per message (0.2-0.3 ms of every stage
+    # and escalation here, docs/throughput.md); a remote-control command (ping, inspect)
+    # then waits for the stage in progress, as the next message does anyway
+    pool = pool or ("solo" if backend.pool == "solo" or threads == 1 else "threads")
     if backend.pool == "solo" and pool != "solo":
         raise click.ClickException(f"the {backend.kind} backend holds one model per process: use --pool solo "
                                    "and start more processes to scale")
-    conc = 1 if pool == "solo" else (concurrency or max(settings.worker_concurrency, backend.stage_threads))
+    conc = 1 if pool == "solo" else threads
     limit_remote_control(settings.remote_control)
     app.set_default()
     app.set_current()
