@@ -162,6 +162,32 @@ def test_duplicated_messages_change_nothing(bench, distributed, workers, tmp_pat
     assert_exactly_once(store, "dup", n)
 
 
+def test_a_one_thread_worker_runs_stages_in_its_consumer_and_more_threads_in_a_pool(bench, distributed, workers,
+                                                                                   tmp_path):
+    # one thread (the default): the solo pool, no hand-over between threads per stage; more
+    # threads asked for: the threads pool; both finish every job exactly once
+    settings, _ = distributed
+    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
+    portfolio = load_portfolio(path)
+    w = workers(path)
+    for t in portfolio.tiers:
+        w.start(t.name, *(["--concurrency", "3"] if t.name == "t1" else []))
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=60)
+    try:
+        report = run_batch(items, portfolio, settings=settings, batch_id="it-pools", progress=False, timeout=120)
+    except Exception:
+        print(w.logs())
+        raise
+    _, outcomes = offline(portfolio, bench, "test", 60)
+    assert set(Counter(o.final_tier for o in outcomes)) == {"t0", "t1", "t2"}
+    assert_matches_offline(report.jobs, outcomes)
+    assert_exactly_once(BatchStore(settings.db_url), "it-pools", 60)
+    logs = w.logs()
+    banner = {t: logs.split(f"tier {t}: ", 1)[1].split("\n")[0] for t in ("t0", "t1", "t2")}
+    assert banner["t0"].endswith("backend replay, pool solo x1") and banner["t2"].endswith("pool solo x1"), banner
+    assert banner["t1"].endswith("backend replay, pool threads x3"), banner
+
+
 def test_worker_for_an_unknown_tier_names_it(bench, distributed, tmp_path):
     import subprocess
     import sys
