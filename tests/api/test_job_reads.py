@@ -60,3 +60,36 @@ def test_without_a_listener_each_wait_is_a_short_poll():
             return [await reads.next(5), await reads.next(5), await reads.now()]
 
         assert asyncio.run(scenario()) == [{"read": 1}, {"read": 2}, {"read": 3}]
+
+
+def test_a_notice_that_carries_the_job_is_the_answer_without_a_read():
+    with private_database() as url, ThreadPoolExecutor(2, thread_name_prefix="reader") as pool:
+        listener = Listener(url)
+        reads_done: list[str] = []
+
+        def read() -> dict:
+            reads_done.append("read")
+            return {"read": len(reads_done)}
+
+        def notify(payload: str) -> None:
+            with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+                conn.execute("SELECT pg_notify(%s, %s)", (JOB_CHANNEL, payload))
+
+        async def scenario() -> list[dict]:
+            reads = JobReads(listener, asyncio.get_running_loop(), pool)
+            # the job from a notice that carried it (a stand-in for Client.from_notice), else nothing
+            reads.subscribe("job-1", read, lambda notice: None if notice is None else {"notice": notice["status"]})
+            await asyncio.to_thread(notify, '{"id": "job-1", "status": "succeeded"}')
+            first = await reads.next(30)
+            await asyncio.to_thread(notify, "job-1")  # a bare notice: read
+            second = await reads.next(30)
+            await asyncio.to_thread(notify, '{"id": "job-2", "status": "failed"}')  # not this job's
+            third = await reads.next(0.3)  # no notice of its own: read once the time is up
+            reads.close()
+            return [first, second, third]
+
+        try:
+            got = asyncio.run(scenario())
+        finally:
+            listener.close()
+        assert got == [{"notice": "succeeded"}, {"read": 1}, {"read": 2}]

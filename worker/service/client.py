@@ -33,7 +33,7 @@ from worker.queue.dispatch import BATCH, INTERACTIVE, Dispatcher
 from worker.queue.items import iter_records
 from worker.queue.runtime import Runtime
 from worker.queue.submit import TENANT_DEFAULT, Submission, Submitter
-from worker.service.views import batch_view, job_view
+from worker.service.views import batch_view, job_view, notice_view
 from worker.store.batches import finished
 from worker.store.notify import BATCH_CHANNEL, JOB_CHANNEL, Waiter
 
@@ -115,6 +115,14 @@ class Client:
             raise JobNotFound(f"no job {job_id!r}")
         return job_view(job, tries)
 
+    def from_notice(self, job_id: str, notice: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The job as `get` shows it, from its completion notice when the notice carried
+        it (worker.service.views.notice_view), this tenant's and final; else None."""
+        got = notice_view(notice)
+        if got is None or got[0] != self.tenant or got[1]["id"] != job_id or got[1]["status"] not in FINAL:
+            return None
+        return got[1]
+
     def _final(self, job_id: str) -> bool:
         job = self.jobs.job(job_id)
         if job is None or job["tenant"] != self.tenant:
@@ -143,8 +151,8 @@ class Client:
                 if left is not None and left <= 0:
                     self.jobs.make_durable(sub.job_id)
                     raise TimeoutError(f"job {sub.job_id} not finished after {timeout}s")
-                expect.wait(left)  # woken, or out of time: read either way
-                job = self.get(sub.job_id)
+                expect.wait(left)  # woken, or out of time: read either way (unless the notice carried the job)
+                job = self.from_notice(sub.job_id, expect.notice) or self.get(sub.job_id)
             return job
         finally:
             expect.close()

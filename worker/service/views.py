@@ -29,6 +29,39 @@ def job_view(job: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[str, A
     }
 
 
+_NOTICE_FLOATS = ("total_cost",)
+_NOTICE_ATTEMPT_FLOATS = ("cost_usd", "latency_ms")
+
+
+def notice_view(notice: dict[str, Any] | None) -> tuple[str, dict[str, Any]] | None:
+    """(its tenant, the job as `job_view` shows it) from the notice of a job that became
+    final, when the notice carried the job (migration 0013); None for a bare id or a
+    notice without every field job_view reads (the caller reads the row instead).
+    A non-finite float comes as its text ("NaN", "Infinity"), as PostgreSQL writes it
+    in JSON."""
+    if not notice:
+        return None
+    try:
+        job = {k: notice[k] for k in ("id", "tenant", "status", "final_answer", "final_tier", "total_cost", "error",
+                                      "batch_id", "item_key", "current_tier")}
+        job["input"] = {"priority": notice["priority"], "metadata": notice["metadata"]}
+        for k in ("created_at", "finished_at"):
+            job[k] = None if notice[k] is None else datetime.fromisoformat(notice[k])
+        for k in _NOTICE_FLOATS:
+            job[k] = _float(job[k])
+        attempts = [{k: a[k] for k in ATTEMPT_FIELDS} for a in notice["attempts"]]
+        for a in attempts:
+            for k in _NOTICE_ATTEMPT_FLOATS:
+                a[k] = _float(a[k])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return job["tenant"], job_view(job, attempts)
+
+
+def _float(v: Any) -> Any:
+    return float(v) if isinstance(v, str) else v
+
+
 # a tier deciding without a signal its policy reads more often than this is warned about
 GAP_WARN = 0.01
 

@@ -102,6 +102,14 @@ def open_reservations(c: Connection, tenant: str) -> float:
                            .where(jobs.c.tenant == tenant, jobs.c.status.in_(OPEN))).scalar())
 
 
+def bare_notices(c: Connection) -> None:
+    """The completion notices of this transaction carry job ids only, not the jobs
+    (migration 0013): it erases the content it finishes (forget_content), after the
+    UPDATE whose trigger builds the notice."""
+    if c.dialect.name == "postgresql":
+        c.execute(text("SELECT set_config('cascade.notice_bare', 'yes', true)"))
+
+
 def forget_content(c: Connection, job_ids: Sequence[str]) -> None:
     """Erase these finished jobs' prompts and their tiers' answers, in the caller's
     transaction (the one that finishes them), when content is not kept."""

@@ -5,7 +5,10 @@ On PostgreSQL one listener thread per process holds a LISTEN connection
 migration 0003) and wakes every waiter registered for the id it hears. A waiter
 registers first and then reads the row, so a completion that lands in between is
 never missed. If the listening connection drops, every waiter is woken to read
-again while the thread reconnects.
+again while the thread reconnects. A job's notice may carry the job itself (migration
+0013: a JSON object with its `id`, when it fits the payload limit); each waiter is
+handed it (`wake(notice)`, None for a bare id or a reconnect) and may use it instead
+of reading the row.
 
 SQLite (the embedded mode) has no notifications: waiters read the row every
 `SQLITE_POLL` seconds.
@@ -13,6 +16,7 @@ SQLite (the embedded mode) has no notifications: waiters read the row every
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from typing import Callable
@@ -26,6 +30,7 @@ log = structlog.get_logger("cascade.notify")
 JOB_CHANNEL = "cascade_job_final"
 BATCH_CHANNEL = "cascade_batch_done"
 SQLITE_POLL = 0.05
+Wake = Callable[[dict | None], None]
 _RECONNECT_S = 1.0
 
 
@@ -38,7 +43,7 @@ class Listener:
 
     def __init__(self, db_url: str):
         self.dsn = libpq_url(db_url)
-        self._waiters: dict[tuple[str, str], list[Callable[[], None]]] = {}
+        self._waiters: dict[tuple[str, str], list[Wake]] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._closed = threading.Event()
@@ -47,9 +52,10 @@ class Listener:
         if not self._ready.wait(10):
             raise ConnectionError(f"cannot LISTEN on {make_url(db_url).render_as_string()}")
 
-    def subscribe(self, channel: str, key: str, wake: Callable[[], None]) -> Callable[[], None]:
-        """Call `wake` (from the listener thread) when `key` is notified on `channel`;
-        returns the function that unsubscribes."""
+    def subscribe(self, channel: str, key: str, wake: Wake) -> Callable[[], None]:
+        """Call `wake(notice)` (from the listener thread) when `key` is notified on
+        `channel` (`notice`: the object the notice carried, or None); returns the
+        function that unsubscribes."""
         with self._lock:
             self._waiters.setdefault((channel, key), []).append(wake)
 
@@ -62,14 +68,14 @@ class Listener:
                         del self._waiters[(channel, key)]
         return unsubscribe
 
-    def _wake(self, channel: str | None, key: str | None) -> None:
+    def _wake(self, channel: str | None, key: str | None, notice: dict | None = None) -> None:
         with self._lock:
             if channel is None:  # reconnecting: everyone reads again
                 targets = [w for ws in self._waiters.values() for w in ws]
             else:
                 targets = list(self._waiters.get((channel, key), ()))
         for w in targets:
-            w()
+            w(notice)
 
     def _run(self) -> None:
         while not self._closed.is_set():
@@ -81,7 +87,7 @@ class Listener:
                     self._wake(None, None)
                     while not self._closed.is_set():
                         for n in conn.notifies(timeout=0.5):
-                            self._wake(n.channel, n.payload)
+                            self._wake(n.channel, *parse_notice(n.payload))
             except psycopg.Error as e:
                 if self._closed.is_set():
                     return
@@ -92,6 +98,19 @@ class Listener:
     def close(self) -> None:
         self._closed.set()
         self._thread.join(5)
+
+
+def parse_notice(payload: str) -> tuple[str, dict | None]:
+    """(the key a notice is about, the object it carried or None): a bare id, or a JSON
+    object with its `id` (migration 0013). Anything else is taken as a bare key."""
+    if payload.startswith("{"):
+        try:
+            notice = json.loads(payload)
+        except ValueError:
+            return payload, None
+        if isinstance(notice, dict) and isinstance(notice.get("id"), str):
+            return notice["id"], notice
+    return payload, None
 
 
 class Waiter:
@@ -119,7 +138,7 @@ class Waiter:
                 time.sleep(SQLITE_POLL)
             return True
         event = threading.Event()
-        unsubscribe = self.listener().subscribe(channel, key, event.set)
+        unsubscribe = self.listener().subscribe(channel, key, lambda _notice: event.set())
         try:
             while not done():
                 left = None if deadline is None else deadline - time.monotonic()
@@ -144,7 +163,7 @@ class Waiter:
             return True
         event = asyncio.Event()
         listener = await loop.run_in_executor(None, self.listener)
-        unsubscribe = listener.subscribe(channel, key, lambda: loop.call_soon_threadsafe(event.set))
+        unsubscribe = listener.subscribe(channel, key, lambda _notice: loop.call_soon_threadsafe(event.set))
         try:
             while not await check():
                 left = None if deadline is None else deadline - loop.time()
@@ -175,16 +194,19 @@ class Expectation:
     """A wake-up for one key, subscribed before the key's row is written (`subscribe`,
     called by the writer with the new id): its notice cannot come before someone
     listens, so the waiter need not read the row before its first wake-up (one read
-    fewer per interactive job). A wake-up is a hint, never the result: the caller reads
-    the row after each one (a listener that reconnects wakes everyone). Without a
-    listener (SQLite), each wait is a short poll."""
+    fewer per interactive job). A bare wake-up is a hint, never the result: the caller
+    reads the row after it (a listener that reconnects wakes everyone), unless the
+    notice carried the job (`notice`). Without a listener (SQLite), each wait is a
+    short poll."""
 
     def __init__(self, listener: Listener | None, channel: str, loop: asyncio.AbstractEventLoop | None = None):
         self.listener, self.channel, self.loop = listener, channel, loop
         self._event: threading.Event | asyncio.Event = asyncio.Event() if loop is not None else threading.Event()
         self._unsubscribe: Callable[[], None] | None = None
+        self.notice: dict | None = None  # what the last wake-up's notice carried, if anything
 
-    def _wake(self) -> None:
+    def _wake(self, notice: dict | None) -> None:
+        self.notice = notice
         if isinstance(self._event, asyncio.Event):
             self.loop.call_soon_threadsafe(self._event.set)
         else:

@@ -36,7 +36,7 @@ from worker.job.codec import EXPIRED, FAILED, OPEN, RUNNING, SUCCEEDED, StageOut
 from worker.job.storable import clean_text
 from worker.store import jsontext
 from worker.store.engine import Database, dialect_insert, no_disk_wait
-from worker.store.jobs import forget_content
+from worker.store.jobs import bare_notices, forget_content
 from worker.store.schema import attempts, batches, jobs, model_calls, now
 
 # (status = .. OR status = ..): an IN list cannot be used with executemany
@@ -380,6 +380,8 @@ class StageStore(Database):
         if self.engine.dialect.name == "postgresql" and self.keep_content:
             return self._record_stage_at_once(outcomes, t)
         with self.tx() as c:
+            if not self.keep_content:
+                bare_notices(c)
             self._finish_calls(c, outcomes, t)
             ins = dialect_insert(c, attempts).on_conflict_do_nothing(index_elements=["job_id", "tier"]).returning(attempts.c.job_id)
             inserted = {r.job_id for r in c.execute(ins, [o.attempt_row(t) for o in outcomes]).all()}
@@ -500,6 +502,8 @@ class StageStore(Database):
 
     def _fail_where(self, c: Connection, cond, error: str) -> list[tuple[str, str | None]]:
         t = now()
+        if not self.keep_content:
+            bare_notices(c)
         rows = c.execute(update(jobs).where(cond, jobs.c.status.in_(OPEN))
                          .values(status=FAILED, error=clean_text(error), finished_at=t, updated_at=t)
                          .returning(jobs.c.id, jobs.c.batch_id, jobs.c.current_tier)).all()

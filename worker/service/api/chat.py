@@ -97,5 +97,6 @@ def _submit(request: Request, body: ChatCompletionRequest, idempotency_key: str 
     return c, model, c.submitter.submit(job_request, portfolio=model, tenant=c.tenant,
                                         idempotency_key=idempotency_key, priority=INTERACTIVE,
                                         metadata=body.metadata, budgeted=c.budgeted,
-                                        before_insert=lambda job_id: reads.subscribe(job_id, lambda: c.get(job_id)),
+                                        before_insert=lambda job_id: reads.subscribe(
+                                            job_id, lambda: c.get(job_id), lambda n: c.from_notice(job_id, n)),
                                         awaited=True)
