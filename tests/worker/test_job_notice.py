@@ -6,6 +6,7 @@ without a read, and from a read when the notice is bare."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 from helpers.env import private_database
@@ -61,19 +62,26 @@ def _run(stages: StageStore, job_id: str, answers: tuple[str, str], cost=0.001):
                                       final_tier="t1", total_cost=cost * 11, call_id=started[0]["call_id"])])
 
 
-def test_the_notice_carries_the_job_a_read_gives_and_a_long_one_only_its_id():
+@contextmanager
+def listening(ids, keep_content: bool = True):
+    """A migrated private database with jobs `ids` queued at t0, its stores, and the
+    notices of those jobs as the listener hands them to waiters."""
     with private_database() as url:
         upgrade(url)
-        store, stages = JobStore(url), StageStore(url)
+        store, stages = JobStore(url), StageStore(url, keep_content=keep_content)
+        _jobs(store, ids)
         listener = Listener(url)
         try:
-            _jobs(store, ["short", "long"])
-            notices = Notices(listener, ["short", "long"])
-            _run(stages, "short", ("5", "4"), cost=1e-05)
-            _run(stages, "long", ("5", "x" * 9000))
-            notices.wait(2)
+            yield store, stages, Notices(listener, ids)
         finally:
             listener.close()
+
+
+def test_the_notice_carries_the_job_a_read_gives_and_a_long_one_only_its_id():
+    with listening(["short", "long"]) as (store, stages, notices):
+        _run(stages, "short", ("5", "4"), cost=1e-05)
+        _run(stages, "long", ("5", "x" * 9000))
+        notices.wait(2)
         read = job_view(*store.job_with_attempts("short"))
         assert read["answer"] == "4" and len(read["attempts"]) == 2 and read["attempts"][0]["tokens_out"] is None
         assert notices.got["short"][0]["id"] == "short"
@@ -82,18 +90,10 @@ def test_the_notice_carries_the_job_a_read_gives_and_a_long_one_only_its_id():
 
 
 def test_a_transaction_that_erases_the_content_it_finishes_notifies_ids_only():
-    with private_database() as url:
-        upgrade(url)
-        store, stages = JobStore(url), StageStore(url, keep_content=False)
-        listener = Listener(url)
-        try:
-            _jobs(store, ["kept-out", "failed"])
-            notices = Notices(listener, ["kept-out", "failed"])
-            _run(stages, "kept-out", ("5", "4"))
-            stages.fail_open_jobs(["failed"], "given up")
-            notices.wait(2)
-        finally:
-            listener.close()
+    with listening(["kept-out", "failed"], keep_content=False) as (store, stages, notices):
+        _run(stages, "kept-out", ("5", "4"))
+        stages.fail_open_jobs(["failed"], "given up")
+        notices.wait(2)
         assert notices.got == {"kept-out": [None], "failed": [None]}
         assert job_view(*store.job_with_attempts("kept-out"))["attempts"][0]["answer"] is None  # erased
 
@@ -106,17 +106,9 @@ def test_a_notice_without_every_field_gives_no_view():
 def test_the_client_takes_from_a_notice_only_its_tenants_final_job():
     from worker.service.client import Client
 
-    with private_database() as url:
-        upgrade(url)
-        store, stages = JobStore(url), StageStore(url)
-        listener = Listener(url)
-        try:
-            _jobs(store, ["j"])
-            notices = Notices(listener, ["j"])
-            _run(stages, "j", ("5", "4"))
-            notices.wait(1)
-        finally:
-            listener.close()
+    with listening(["j"]) as (store, stages, notices):
+        _run(stages, "j", ("5", "4"))
+        notices.wait(1)
         notice = notices.got["j"][0]
         client = Client.__new__(Client)  # from_notice reads nothing: no database, queue or worker needed
         client.tenant = "acme"
