@@ -79,15 +79,15 @@ def assert_exactly_once(store: BatchStore, batch_id: str, n: int, lost: dict[str
         assert b["total_cost"] == pytest.approx(sum(per_job.values()), rel=1e-9)
 
 
-def three_tiers(bench, tmp_path, workers, *worker_args, slow_middle=False):
+def three_tiers(bench, tmp_path, workers, *worker_args, slow_middle=False, tier_args=None):
     """A 3-tier replay portfolio (the middle tier waiting its recorded latency if
-    slow_middle) and one worker process per tier."""
+    slow_middle) and one worker process per tier (`tier_args`: more arguments of some)."""
     path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
     if slow_middle:
         path.write_text(path.read_text().replace('model = "llama3.1-70b" }', 'model = "llama3.1-70b", sleep = true }'))
     portfolio = load_portfolio(path)
     w = workers(path)
-    procs = {t.name: w.start(t.name, *worker_args) for t in portfolio.tiers}
+    procs = {t.name: w.start(t.name, *worker_args, *(tier_args or {}).get(t.name, ())) for t in portfolio.tiers}
     return portfolio, w, procs
 
 
@@ -95,18 +95,24 @@ def three_tiers(bench, tmp_path, workers, *worker_args, slow_middle=False):
 def test_1000_rows_three_tiers_equal_offline(bench, distributed, workers, tmp_path):
     settings, _ = distributed
     portfolio, w, _ = three_tiers(bench, tmp_path, workers)
-    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=1000)
+    batch_equals_offline(settings, portfolio, w, bench, "it-1000", 1000, timeout=300)
+
+
+def batch_equals_offline(settings, portfolio, w, bench, batch_id: str, n: int, timeout: float) -> None:
+    """n test rows of rc-mmlu as one batch through the workers `w`: every tier answers
+    some, each job's outcome is the offline one, and each is recorded exactly once."""
+    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=n)
     try:
-        report = run_batch(items, portfolio, settings=settings, batch_id="it-1000", progress=False, timeout=300)
+        report = run_batch(items, portfolio, settings=settings, batch_id=batch_id, progress=False, timeout=timeout)
     except Exception:
         print(w.logs())
         raise
-    _, outcomes = offline(portfolio, bench, "test", 1000)
-    assert len(report.jobs) == 1000
+    _, outcomes = offline(portfolio, bench, "test", n)
+    assert len(report.jobs) == n
     # the cascade really cascades here: every tier answers some
     assert set(Counter(o.final_tier for o in outcomes)) == {"t0", "t1", "t2"}
     assert_matches_offline(report.jobs, outcomes)
-    assert_exactly_once(BatchStore(settings.db_url), "it-1000", 1000)
+    assert_exactly_once(BatchStore(settings.db_url), batch_id, n)
 
 
 @pytest.mark.slow
@@ -167,21 +173,8 @@ def test_a_one_thread_worker_runs_stages_in_its_consumer_and_more_threads_in_a_p
     # one thread (the default): the solo pool, no hand-over between threads per stage; more
     # threads asked for: the threads pool; both finish every job exactly once
     settings, _ = distributed
-    path = write_portfolio(tmp_path / "p.toml", bench, MODELS, [-0.3, -0.2])
-    portfolio = load_portfolio(path)
-    w = workers(path)
-    for t in portfolio.tiers:
-        w.start(t.name, *(["--concurrency", "3"] if t.name == "t1" else []))
-    items = read_items(bench / "rc-mmlu.jsonl.gz", split="test", limit=60)
-    try:
-        report = run_batch(items, portfolio, settings=settings, batch_id="it-pools", progress=False, timeout=120)
-    except Exception:
-        print(w.logs())
-        raise
-    _, outcomes = offline(portfolio, bench, "test", 60)
-    assert set(Counter(o.final_tier for o in outcomes)) == {"t0", "t1", "t2"}
-    assert_matches_offline(report.jobs, outcomes)
-    assert_exactly_once(BatchStore(settings.db_url), "it-pools", 60)
+    portfolio, w, _ = three_tiers(bench, tmp_path, workers, tier_args={"t1": ["--concurrency", "3"]})
+    batch_equals_offline(settings, portfolio, w, bench, "it-pools", 60, timeout=120)
     logs = w.logs()
     banner = {t: logs.split(f"tier {t}: ", 1)[1].split("\n")[0] for t in ("t0", "t1", "t2")}
     assert banner["t0"].endswith("backend replay, pool solo x1") and banner["t2"].endswith("pool solo x1"), banner
