@@ -161,6 +161,33 @@ def test_run_subscribes_before_the_insert_and_takes_the_finished_job_from_its_no
     assert client.run(rec.prompt, idempotency_key="run-twice", timeout=5)["id"] == first["id"]
 
 
+def test_async_run_takes_the_finished_job_from_its_notice_and_a_timeout_names_a_durable_job(bench, deployment):
+    """AsyncClient.run as Client.run: no read before the notice nor after it, the insert not
+    waiting for the disk; jobs awaited together on one loop; out of time, it names a job
+    that exists."""
+    settings, _, _, path = deployment
+    recs = rows(bench, 4)
+
+    async def main():
+        async with AsyncClient(settings, portfolio=path) as c:
+            await c.run(recs[0].prompt, timeout=60)  # the listener connected, the portfolio saved
+            seen: list[str] = []
+            c.sync.jobs.on_statement(seen.append)
+            job = await c.run(recs[1].prompt, timeout=60)
+            together = await asyncio.gather(*(c.run(r.prompt, timeout=60) for r in recs[2:]))
+            reads = [x for x in seen if x.lstrip().upper().startswith("SELECT") and "WHERE jobs.id = " in x]
+            assert reads == [], seen
+            assert job == await c.get(job["id"])
+            assert [j["status"] for j in together] == ["succeeded"] * 2
+            with pytest.raises(TimeoutError, match="job .* not finished after 0") as e:
+                await c.run(recs[0].prompt, timeout=0)
+            return job, e.value.args[0].split()[1]
+
+    job, timed_out = asyncio.run(main())
+    assert job["status"] == "succeeded" and job["answer"]
+    assert JobStore(settings.database_url).job(timed_out) is not None
+
+
 def test_a_runs_insert_waits_for_no_disk_and_a_timeout_that_names_the_job_makes_it_durable(bench, deployment):
     """Client.run gives the job's id to no one before its result (committed durably by its
     stage), so its insert does not wait for the disk; the setting must end with the insert
@@ -261,10 +288,11 @@ def test_embedded_client_and_async_client(bench, tmp_path):
     async def main():
         async with AsyncClient(settings, portfolio=path) as c:
             ids = [await c.submit(x.prompt) for x in r]
-            return await asyncio.gather(*(c.wait(i, timeout=60) for i in ids))
+            return await asyncio.gather(*(c.wait(i, timeout=60) for i in ids)), await c.run(r[0].prompt, timeout=60)
 
-    done = asyncio.run(main())
+    done, ran = asyncio.run(main())
     assert [d["status"] for d in done] == ["succeeded"] * 3
+    assert ran["status"] == "succeeded"  # run without notifications: short polls
 
     # a file streamed in, results out in input order (a line that is not JSON fails, named)
     inp = tmp_path / "in.jsonl"

@@ -252,7 +252,27 @@ class AsyncClient:
         return await self.get(job_id)
 
     async def run(self, prompt: str | None = None, *, timeout: float | None = None, **kw) -> dict[str, Any]:
-        return await self.wait(await self.submit(prompt, **kw), timeout)
+        """`Client.run` for the loop: subscribed before the insert, the insert not waiting
+        for the disk (the id reaches no one before its result; a timeout makes it durable
+        first), the job taken from its notice when the notice carries it. Only the submit
+        and a read run in threads: the wait itself holds none."""
+        s = self.sync
+        loop = asyncio.get_running_loop()
+        expect = await asyncio.to_thread(s.waiter.expect, JOB_CHANNEL, loop)  # may open the LISTEN connection
+        try:
+            sub = await asyncio.to_thread(s._submit, prompt, before_insert=expect.subscribe, awaited=True, **kw)
+            deadline = None if timeout is None else loop.time() + timeout
+            job = await self.get(sub.job_id) if not sub.created or sub.status in FINAL else None
+            while job is None or job["status"] not in FINAL:
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    await asyncio.to_thread(s.jobs.make_durable, sub.job_id)
+                    raise TimeoutError(f"job {sub.job_id} not finished after {timeout}s")
+                await expect.wait_async(left)  # woken, or out of time: read either way (unless the notice carried it)
+                job = s.from_notice(sub.job_id, expect.notice) or await self.get(sub.job_id)
+            return job
+        finally:
+            expect.close()
 
     async def cancel(self, job_id: str) -> bool:
         return await asyncio.to_thread(self.sync.cancel, job_id)
